@@ -1,0 +1,108 @@
+"""GrpcService: grpcio's threaded server as a Twisted service.
+
+Owns the grpc.Server: its thread pool, its port and its graceful stop. Start binds and serves;
+stop refuses new calls at once and lets in-flight ones finish within the grace period, returning
+a Deferred the parent MultiService waits on. Knows nothing of entitlements.
+"""
+
+from __future__ import annotations
+
+from concurrent import futures
+from typing import Callable, Sequence
+
+import grpc
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+log = Logger()
+
+Registration = Callable[[grpc.Server], None]
+
+
+class GrpcBindError(RuntimeError):
+    pass
+
+
+class GrpcService(Service):
+    """Serve gRPC on `address:port`; `port` is the bound port once running (useful with port 0)."""
+
+    name = "grpc"
+
+    def __init__(
+        self,
+        registrations: Sequence[Registration],
+        address: str,
+        port: int,
+        max_workers: int,
+        max_message_bytes: int,
+        grace: float,
+        reactor=None,
+        on_serving: Callable[[int], None] | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self._reactor = reactor
+        self._registrations = registrations
+        self._address = address
+        self._requested_port = port
+        self._max_workers = max_workers
+        self._max_message_bytes = max_message_bytes
+        self._grace = grace
+        self._on_serving = on_serving
+        self._server: grpc.Server | None = None
+        self.port: int | None = None
+
+    def _build(self) -> grpc.Server:
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="grpc-handler"),
+            options=[
+                ("grpc.max_receive_message_length", self._max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=None,
+        )
+        for register in self._registrations:
+            register(server)
+        return server
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        server = self._build()
+        target = f"{self._address}:{self._requested_port}"
+        if ":" in self._address and not self._address.startswith("["):
+            target = f"[{self._address}]:{self._requested_port}"
+        try:
+            port = server.add_insecure_port(target)
+        except RuntimeError as e:
+            raise GrpcBindError(f"cannot listen for gRPC on {target}: {e}") from None
+        if port == 0:
+            raise GrpcBindError(f"cannot listen for gRPC on {target}")
+        self._server = server
+        self.port = port
+
+    def startService(self) -> None:
+        super().startService()
+        if self._server is None:
+            self.privilegedStartService()
+        assert self._server is not None
+        self._server.start()
+        log.info("gRPC listening on {address}:{port}", address=self._address, port=self.port)
+        if self._on_serving is not None:
+            self._on_serving(self.port)
+
+    def stopService(self) -> Deferred | None:
+        super().stopService()
+        server, self._server = self._server, None
+        if server is None:
+            return None
+        log.info("gRPC stopping: refusing new calls, {grace}s for in-flight ones", grace=self._grace)
+        done = server.stop(self._grace)
+        # Waiting on the event blocks, so it happens on the reactor's thread pool (still running
+        # while "before shutdown" triggers, which stop services, are pending).
+        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), done.wait, self._grace + 5)
+        d.addCallback(lambda _: log.info("gRPC stopped"))
+        return d

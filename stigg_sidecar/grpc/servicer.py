@@ -1,0 +1,330 @@
+"""The twelve RPCs of stigg.sidecar.v1.SidecarService.
+
+Runs on grpcio's handler threads. Validates requests (INVALID_ARGUMENT naming the field), asks the
+EntitlementSource for an immutable entry, decides with the pure rules and converts the decision.
+Reads never fail: anything unexpected answers the fallback. Writes go to the Writer and fail with
+a precise status. Never mutates shared state: that is the reactor's job, behind the source/writer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, NoReturn, TypeVar
+
+import grpc
+from google.protobuf.empty_pb2 import Empty
+from twisted.logger import Logger
+
+from stigg_sidecar._proto import sidecar_pb2 as pb
+from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceServicer
+from stigg_sidecar.entitlements.decide import (
+    Decision,
+    decide_credit,
+    decide_feature,
+    fallback_decision,
+    fallback_state,
+    state_v1,
+    state_v2,
+)
+from stigg_sidecar.entitlements.fallback import FallbackValues
+from stigg_sidecar.grpc import convert
+from stigg_sidecar.reports import EntitlementSource, EventReport, UsageReport, WriteError, Writer
+
+log = Logger()
+R = TypeVar("R")
+
+# Time kept back from the caller's deadline so a late lookup still leaves room to answer.
+_DEADLINE_MARGIN = 0.02
+
+
+class _InvalidArgument(Exception):
+    pass
+
+
+def _required(value: str, name: str) -> str:
+    if not value:
+        raise _InvalidArgument(f"{name} must not be empty")
+    return value
+
+
+def _optional_id(message: Any, name: str) -> str | None:
+    """An `optional string` field; unset and empty both mean absent."""
+    if not message.HasField(name):
+        return None
+    return getattr(message, name) or None
+
+
+def _finite(value: float, name: str) -> float:
+    if not math.isfinite(value):
+        raise _InvalidArgument(f"{name} must be a finite number")
+    return value
+
+
+def _generic_kind(requested_usage: float | None, requested_values: tuple[str, ...], fb: FallbackValues | None) -> str:
+    """The type a generic check answers when there is no data: from the request's shape (Stigg's rule)."""
+    if requested_values:
+        return "enum"
+    if requested_usage is not None:
+        return "metered"
+    return fb.kind() if fb is not None else "boolean"
+
+
+class SidecarServicer(SidecarServiceServicer):
+    def __init__(
+        self,
+        source: EntitlementSource,
+        writer: Writer,
+        fallbacks: Mapping[str, FallbackValues],
+        read_timeout: float,
+        write_timeout: float,
+    ) -> None:
+        self._source = source
+        self._writer = writer
+        self._fallbacks = fallbacks
+        self._read_timeout = read_timeout
+        self._write_timeout = write_timeout
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _budget(self, context: grpc.ServicerContext, limit: float) -> float:
+        remaining = context.time_remaining()
+        if remaining is None:
+            return limit
+        return max(0.0, min(limit, remaining - _DEADLINE_MARGIN))
+
+    def _fallback_for(self, feature_id: str, options: Any) -> FallbackValues | None:
+        if options is not None and options.HasField("fallback"):
+            return convert.fallback_values(options.fallback)
+        return self._fallbacks.get(feature_id)
+
+    def _read(self, context: grpc.ServicerContext, answer: Callable[[], R], fallback: Callable[[], R]) -> R:
+        """Run a read; bad input aborts with INVALID_ARGUMENT, anything else answers the fallback."""
+        try:
+            return answer()
+        except _InvalidArgument as e:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception:
+            log.failure("Read failed; answering the fallback")
+            return fallback()
+
+    def _abort(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+        context.abort(code, message)
+        raise AssertionError("context.abort returned")  # pragma: no cover
+
+    def _entry(self, context: grpc.ServicerContext, customer_id: str, resource_id: str | None):
+        return self._source.lookup(customer_id, resource_id, self._budget(context, self._read_timeout))
+
+    def _feature_decision(
+        self,
+        context: grpc.ServicerContext,
+        request: Any,
+        kind: str | None,
+        requested_usage: float | None = None,
+        requested_values: tuple[str, ...] = (),
+    ) -> Decision:
+        customer_id = _required(request.customer_id, "customer_id")
+        feature_id = _required(request.feature_id, "feature_id")
+        resource_id = _optional_id(request, "resource_id")
+        options = request.options if request.HasField("options") else None
+        fb = self._fallback_for(feature_id, options)
+        entry = self._entry(context, customer_id, resource_id)
+        if entry is None:
+            fallback_kind = kind or _generic_kind(requested_usage, requested_values, fb)
+            return fallback_decision(fallback_kind, feature_id, fb, requested_usage, requested_values)
+        return decide_feature(entry, feature_id, kind, requested_usage, requested_values, fb, self._source.now_ms())
+
+    def _typed(self, context, request, kind, build, requested_usage=None, requested_values=()):
+        def fallback():
+            fb = self._fallback_for(request.feature_id, request.options if request.HasField("options") else None)
+            return build(fallback_decision(kind, request.feature_id, fb, requested_usage, requested_values))
+
+        return self._read(
+            context,
+            lambda: build(self._feature_decision(context, request, kind, requested_usage, requested_values)),
+            fallback,
+        )
+
+    # -- typed checks ---------------------------------------------------------------------------
+
+    def GetBooleanEntitlement(self, request, context):
+        return self._typed(context, request, "boolean", convert.boolean_response)
+
+    def GetNumericEntitlement(self, request, context):
+        return self._typed(context, request, "numeric", convert.numeric_response)
+
+    def GetMeteredEntitlement(self, request, context):
+        requested = None
+        if request.HasField("options") and request.options.HasField("requested_usage"):
+            try:
+                requested = _finite(request.options.requested_usage, "options.requested_usage")
+            except _InvalidArgument as e:
+                self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return self._typed(context, request, "metered", convert.metered_response, requested_usage=requested)
+
+    def GetEnumEntitlement(self, request, context):
+        values = tuple(request.options.requested_values) if request.HasField("options") else ()
+        return self._typed(context, request, "enum", convert.enum_response, requested_values=values)
+
+    def GetEntitlement(self, request, context):
+        options = request.options if request.HasField("options") else None
+        requested = None
+        values: tuple[str, ...] = ()
+        if options is not None:
+            if options.HasField("requested_usage"):
+                try:
+                    requested = _finite(options.requested_usage, "options.requested_usage")
+                except _InvalidArgument as e:
+                    self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            values = tuple(options.requested_values)
+
+        def fallback():
+            fb = self._fallback_for(request.feature_id, options)
+            kind = _generic_kind(requested, values, fb)
+            return convert.generic_response(fallback_decision(kind, request.feature_id, fb, requested, values))
+
+        return self._read(
+            context,
+            lambda: convert.generic_response(self._feature_decision(context, request, None, requested, values)),
+            fallback,
+        )
+
+    def GetEntitlementV2(self, request, context):
+        options = request.options if request.HasField("options") else None
+        feature_id = _optional_id(request, "feature_id")
+        currency_id = _optional_id(request, "currency_id")
+        requested = None
+        values: tuple[str, ...] = ()
+        try:
+            _required(request.customer_id, "customer_id")
+            if (feature_id is None) == (currency_id is None):
+                raise _InvalidArgument("exactly one of feature_id and currency_id must be set")
+            if options is not None:
+                if options.HasField("requested_usage"):
+                    requested = _finite(options.requested_usage, "options.requested_usage")
+                values = tuple(options.requested_values)
+        except _InvalidArgument as e:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+        def fallback_decision_v2() -> Decision:
+            if currency_id is not None:
+                fb = convert.fallback_values(options.fallback) if options is not None and options.HasField("fallback") else None
+                return fallback_decision("credit", currency_id, fb, requested)
+            fb = self._fallback_for(feature_id, options)
+            return fallback_decision(_generic_kind(requested, values, fb), feature_id, fb, requested, values)
+
+        def answer() -> pb.GetEntitlementV2Response:
+            entry = self._entry(context, request.customer_id, _optional_id(request, "resource_id"))
+            if entry is None:
+                decision = fallback_decision_v2()
+            elif currency_id is not None:
+                fb = convert.fallback_values(options.fallback) if options is not None and options.HasField("fallback") else None
+                decision = decide_credit(entry, currency_id, requested, fb, self._source.now_ms())
+            else:
+                fb = self._fallback_for(feature_id, options)
+                decision = decide_feature(entry, feature_id, None, requested, values, fb, self._source.now_ms())
+            return pb.GetEntitlementV2Response(entitlement=convert.entitlement_v2(decision))
+
+        return self._read(
+            context,
+            answer,
+            lambda: pb.GetEntitlementV2Response(entitlement=convert.entitlement_v2(fallback_decision_v2())),
+        )
+
+    # -- whole state ----------------------------------------------------------------------------
+
+    def _state(self, context, request, decide_all, item, response_type):
+        def fallback():
+            return response_type(entitlements=[item(d) for d in fallback_state(self._fallbacks)])
+
+        def answer():
+            customer_id = _required(request.customer_id, "customer_id")
+            entry = self._entry(context, customer_id, _optional_id(request, "resource_id"))
+            if entry is None:
+                return fallback()
+            decisions = decide_all(entry, self._source.now_ms())
+            return response_type(
+                entitlements=[item(d) for d in decisions],
+                access_denied_reason=convert.reason(entry.access_denied_reason),
+            )
+
+        return self._read(context, answer, fallback)
+
+    def GetEntitlements(self, request, context):
+        return self._state(context, request, state_v1, convert.entitlement_v1, pb.GetEntitlementsResponse)
+
+    def GetEntitlementsStateV2(self, request, context):
+        return self._state(context, request, state_v2, convert.entitlement_v2, pb.GetEntitlementsStateV2Response)
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def _write(self, context: grpc.ServicerContext, action: Callable[[], R]) -> R:
+        try:
+            return action()
+        except _InvalidArgument as e:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except WriteError as e:
+            self._abort(context, getattr(grpc.StatusCode, e.failure.value), e.message)
+
+    def _usage(self, request: pb.ReportUsageRequest, where: str) -> UsageReport:
+        return UsageReport(
+            customer_id=_required(request.customer_id, f"{where}customer_id"),
+            feature_id=_required(request.feature_id, f"{where}feature_id"),
+            value=_finite(request.value, f"{where}value"),
+            resource_id=_optional_id(request, "resource_id"),
+            update_behavior=convert.update_behavior(request),
+            dimensions=convert.dimensions(request.dimensions),
+            timestamp=convert.request_timestamp(request),
+        )
+
+    def ReportUsage(self, request, context):
+        def action():
+            usage = self._usage(request, "")
+            (ack,) = self._writer.report_usage([usage], self._budget(context, self._write_timeout))
+            return convert.usage_ack(ack)
+
+        return self._write(context, action)
+
+    def ReportUsageBulk(self, request, context):
+        def action():
+            usages = [self._usage(u, f"usages[{i}].") for i, u in enumerate(request.usages)]
+            if not usages:
+                return pb.ReportUsageBulkResponse()
+            acks = self._writer.report_usage(usages, self._budget(context, self._write_timeout))
+            return pb.ReportUsageBulkResponse(usages=[convert.usage_ack(a) for a in acks])
+
+        return self._write(context, action)
+
+    def ReportEvents(self, request, context):
+        def action():
+            events = []
+            for i, e in enumerate(request.events):
+                where = f"events[{i}]."
+                events.append(
+                    EventReport(
+                        event_name=_required(e.event_name, f"{where}event_name"),
+                        customer_id=_required(e.customer_id, f"{where}customer_id"),
+                        idempotency_key=_required(e.idempotency_key, f"{where}idempotency_key"),
+                        resource_id=_optional_id(e, "resource_id"),
+                        dimensions=convert.dimensions(e.dimensions),
+                        timestamp=convert.request_timestamp(e),
+                    )
+                )
+            if events:
+                self._writer.report_events(events, self._budget(context, self._write_timeout))
+            return Empty()
+
+        return self._write(context, action)
+
+    def ReloadEntitlements(self, request, context):
+        def action():
+            customer_id = _required(request.customer_id, "customer_id")
+            resource_id = _optional_id(request, "resource_id")
+            try:
+                exists = self._writer.reload(customer_id, resource_id, self._budget(context, self._read_timeout))
+            except WriteError as e:
+                # Stigg's contract: a reload that fails reports false rather than an error.
+                log.warn("Reload of {customer} failed: {why}", customer=customer_id, why=e.message)
+                exists = False
+            return pb.ReloadEntitlementsResponse(entitled_entity_exists=exists)
+
+        return self._write(context, action)

@@ -1,0 +1,93 @@
+"""Writes as plain records: usage reports, raw events and their acknowledgements.
+
+Owns the shapes that cross from the gRPC handlers to whoever carries a write out (offline
+acknowledger or the upstream API), and `WriteError`, the one way a write says it failed.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol, Sequence
+
+from stigg_sidecar.entitlements.records import CustomerEntry
+
+DimensionValue = str | float | bool
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    customer_id: str
+    feature_id: str
+    value: float
+    resource_id: str | None = None
+    update_behavior: str | None = None  # "DELTA" | "SET"
+    dimensions: Mapping[str, DimensionValue] = field(default_factory=dict)
+    timestamp: int | None = None  # epoch ms
+
+
+@dataclass(frozen=True, slots=True)
+class UsageAck:
+    measurement_id: str
+    customer_id: str
+    feature_id: str
+    resource_id: str | None = None
+    current_usage: float | None = None
+    usage_period_start: int | None = None
+    usage_period_end: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventReport:
+    event_name: str
+    customer_id: str
+    idempotency_key: str
+    resource_id: str | None = None
+    dimensions: Mapping[str, DimensionValue] = field(default_factory=dict)
+    timestamp: int | None = None
+
+
+class WriteFailure(enum.Enum):
+    """Why a write failed, in the terms of the gRPC status it becomes."""
+
+    UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    INTERNAL = "INTERNAL"
+
+
+class WriteError(Exception):
+    """A write that did not happen (or may not have), with a message safe to show the caller."""
+
+    def __init__(self, failure: WriteFailure, message: str) -> None:
+        super().__init__(message)
+        self.failure = failure
+        self.message = message
+
+
+def measurement_id() -> str:
+    """A random id in the style of Stigg's offline acknowledgements (21 URL-safe characters)."""
+    return secrets.token_urlsafe(16)[:21]
+
+
+class EntitlementSource(Protocol):
+    """Where reads get a customer's entry; called from gRPC handler threads."""
+
+    def lookup(self, customer_id: str, resource_id: str | None, timeout: float) -> CustomerEntry | None:
+        """The entry, or None when the answer must come from fallbacks."""
+
+    def now_ms(self) -> int: ...
+
+
+class Writer(Protocol):
+    """Carries writes out; called from gRPC handler threads; raises WriteError."""
+
+    def report_usage(self, usages: Sequence[UsageReport], timeout: float) -> Sequence[UsageAck]: ...
+
+    def report_events(self, events: Sequence[EventReport], timeout: float) -> None: ...
+
+    def reload(self, customer_id: str, resource_id: str | None, timeout: float) -> bool: ...

@@ -1,0 +1,42 @@
+"""SidecarService: the top of the process, a MultiService holding every part.
+
+Owns the order of start and stop: readiness turns DOWN the moment stopping begins, the HTTP
+service stops last so probes keep getting answers while gRPC drains, and the log observer is
+handed to twistd's application so LOG_LEVEL and LOG_FORMAT apply from the first line.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.logger import ILogObserver, Logger
+
+from stigg_sidecar.health import Readiness
+
+log = Logger()
+
+
+class SidecarService(MultiService):
+    def __init__(self, readiness: Readiness, observer: ILogObserver | None = None) -> None:
+        super().__init__()
+        self.readiness = readiness
+        self._observer = observer
+
+    def setServiceParent(self, parent) -> None:
+        # twistd's Application is Componentized: its ILogObserver component replaces the
+        # default observer when twistd starts logging, which happens after makeService.
+        if self._observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self._observer)
+        super().setServiceParent(parent)
+
+    @inlineCallbacks
+    def stopService(self):
+        """Stop children one at a time, last added first, each after the previous finished."""
+        self.readiness.block("shutdown", "shutting down")
+        log.info("Stopping")
+        Service.stopService(self)
+        for child in reversed(list(self)):
+            try:
+                yield maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("Stopping {name} failed", name=child.name)

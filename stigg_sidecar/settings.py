@@ -1,0 +1,238 @@
+"""Settings: every knob of the sidecar, read from the environment or twistd options, validated once.
+
+Owns the names, types, defaults and validation messages of the configuration. Produces one frozen
+`Settings`; nothing else in the project reads os.environ. A bad value raises `SettingsError`, whose
+message names the setting and what is wrong and never contains a secret's value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Generic, Mapping, TypeVar
+from urllib.parse import urlsplit
+
+from stigg_sidecar.entitlements.fallback import FallbackError, FallbackValues, parse_entitlements_fallback
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+LOG_FORMATS = ("text", "json")
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value. The message is one line, safe to print."""
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("must be one of 1/0, true/false, yes/no")
+
+
+def _parse_int(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"must be a whole number, got {text.strip()!r}") from None
+        if low is not None and value < low:
+            raise ValueError(f"must be at least {low}, got {value}")
+        if high is not None and value > high:
+            raise ValueError(f"must be at most {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _parse_seconds(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, got {text.strip()!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be a non-negative number of seconds, got {text.strip()!r}")
+    return value
+
+
+def _parse_str(text: str) -> str:
+    return text.strip()
+
+
+def _parse_url(schemes: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        url = text.strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme not in schemes or not parts.hostname:
+            raise ValueError(f"must be a {'/'.join(schemes)} URL with a host, got {url!r}")
+        return url
+
+    return parse
+
+
+def _parse_choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {text.strip()!r}")
+        return value
+
+    return parse
+
+
+def _parse_path(text: str) -> str:
+    path = text.strip().strip("/")
+    if not path or any(c in path for c in "?# "):
+        raise ValueError(f"must be a URL path such as 'livez', got {text.strip()!r}")
+    return path
+
+
+def _parse_fallback(text: str) -> Mapping[str, FallbackValues]:
+    try:
+        return parse_entitlements_fallback(text)
+    except FallbackError as e:
+        raise ValueError(str(e)) from None
+
+
+def default_cache_max_size_bytes() -> int:
+    """Half of the memory this process may use: the cgroup limit when there is one, else RAM."""
+    limits = [os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")]
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))
+    return min(limits) // 2
+
+
+@dataclass(frozen=True)
+class Spec(Generic[T]):
+    """One setting: its environment variable, default text, parser and help line."""
+
+    env: str
+    default: str | None
+    parse: Callable[[str], T]
+    help: str
+    secret: bool = False
+
+    @property
+    def option(self) -> str:
+        return self.env.lower().replace("_", "-")
+
+    @property
+    def attribute(self) -> str:
+        return self.env.lower()
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec("SERVER_API_KEY", None, _parse_str, "Stigg server API key (required unless OFFLINE)", secret=True),
+    Spec("OFFLINE", "0", parse_bool, "answer from fallbacks only, never touch the network"),
+    Spec("API_URL", "https://api.stigg.io", _parse_url(("http", "https")), "Stigg API base URL (GraphQL at /graphql)"),
+    Spec("EDGE_ENABLED", "1", parse_bool, "fetch entitlements from Stigg's Edge API"),
+    Spec("EDGE_API_URL", "https://edge.api.stigg.io", _parse_url(("http", "https")), "Stigg Edge API base URL"),
+    Spec("WS_ENABLED", "1", parse_bool, "receive real-time updates over Stigg's WebSocket"),
+    Spec("WS_URL", "wss://api.stigg.io", _parse_url(("ws", "wss")), "Stigg WebSocket base URL (socket at /graphql)"),
+    Spec("ENTITLEMENTS_TIMEOUT_MS", "10000", _parse_int(1, 600_000), "budget for one entitlements fetch, retries included (ms)"),
+    Spec("POLL_INTERVAL_SECS", "30", _parse_seconds, "refresh cached entries this often while the socket is down"),
+    Spec("ENTITLEMENTS_FALLBACK", "", _parse_fallback, "JSON object featureId -> {hasAccess, value, usageLimit, isUnlimited, enumValues}"),
+    Spec("CACHE_MAX_SIZE_BYTES", None, _parse_int(1), "memory budget of the cache in bytes (default: half the memory available)"),
+    Spec("REDIS_ENVIRONMENT_PREFIX", "", _parse_str, "set to mirror the cache to Redis under this key prefix"),
+    Spec("REDIS_HOST", "localhost", _parse_str, "Redis host"),
+    Spec("REDIS_PORT", "6379", _parse_int(1, 65535), "Redis port"),
+    Spec("REDIS_DB", "0", _parse_int(0), "Redis database number"),
+    Spec("REDIS_USERNAME", "", _parse_str, "Redis ACL user name"),
+    Spec("REDIS_PASSWORD", "", _parse_str, "Redis password", secret=True),
+    Spec("REDIS_TLS", "0", parse_bool, "connect to Redis over TLS"),
+    Spec("REDIS_KEYS_TTL_IN_SECS", "604800", _parse_int(), "TTL of every Redis key in seconds (negative: none)"),
+    Spec("REDIS_TIMEOUT_MS", "250", _parse_int(1, 60_000), "bound on every Redis call (ms)"),
+    Spec("BIND_ADDRESS", "0.0.0.0", _parse_str, "interface the gRPC and HTTP servers listen on"),
+    Spec("PORT", "8443", _parse_int(0, 65535), "gRPC port"),
+    Spec("HTTP_PORT", "8080", _parse_int(0, 65535), "HTTP port for health, readiness and metrics"),
+    Spec("HEALTH_ENDPOINT_URL", "livez", _parse_path, "liveness path"),
+    Spec("READY_ENDPOINT_URL", "readyz", _parse_path, "readiness path"),
+    Spec("GRPC_MAX_WORKERS", "16", _parse_int(1, 1024), "gRPC handler threads"),
+    Spec("GRPC_MAX_MESSAGE_BYTES", "4194304", _parse_int(1024, 1 << 30), "largest gRPC request accepted (bytes)"),
+    Spec("SHUTDOWN_GRACE_SECS", "10", _parse_seconds, "how long in-flight calls may finish on shutdown"),
+    Spec("LOG_LEVEL", "info", _parse_choice(LOG_LEVELS), "lowest log level written"),
+    Spec("LOG_FORMAT", "text", _parse_choice(LOG_FORMATS), "text for people, json for one object per line"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    server_api_key: str | None = field(default=None, repr=False)
+    offline: bool = False
+    api_url: str = "https://api.stigg.io"
+    edge_enabled: bool = True
+    edge_api_url: str = "https://edge.api.stigg.io"
+    ws_enabled: bool = True
+    ws_url: str = "wss://api.stigg.io"
+    entitlements_timeout_ms: int = 10000
+    poll_interval_secs: float = 30.0
+    entitlements_fallback: Mapping[str, FallbackValues] = field(default_factory=dict)
+    cache_max_size_bytes: int = 0
+    redis_environment_prefix: str = ""
+    redis_host: str = "localhost"
+    redis_port: int = 6379
+    redis_db: int = 0
+    redis_username: str = ""
+    redis_password: str = field(default="", repr=False)
+    redis_tls: bool = False
+    redis_keys_ttl_in_secs: int = 604800
+    redis_timeout_ms: int = 250
+    bind_address: str = "0.0.0.0"
+    port: int = 8443
+    http_port: int = 8080
+    health_endpoint_url: str = "livez"
+    ready_endpoint_url: str = "readyz"
+    grpc_max_workers: int = 16
+    grpc_max_message_bytes: int = 4194304
+    shutdown_grace_secs: float = 10.0
+    log_level: str = "info"
+    log_format: str = "text"
+
+    @property
+    def redis_enabled(self) -> bool:
+        return bool(self.redis_environment_prefix)
+
+    def secrets(self) -> tuple[str, ...]:
+        """The secret values, for redaction checks."""
+        return tuple(s for s in (self.server_api_key, self.redis_password) if s)
+
+
+def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str | None] | None = None) -> Settings:
+    """Build Settings from environment variables, with option values (by env name) taking precedence."""
+    overrides = overrides or {}
+    values: dict[str, object] = {}
+    for spec in SPECS:
+        text = overrides.get(spec.env)
+        if text is None:
+            text = environ.get(spec.env)
+        if text is None:
+            text = spec.default
+        if text is None:
+            continue
+        try:
+            values[spec.attribute] = spec.parse(text)
+        except ValueError as e:
+            if spec.secret:
+                raise SettingsError(f"{spec.env}: is invalid") from None
+            raise SettingsError(f"{spec.env}: {e}") from None
+    if "cache_max_size_bytes" not in values:
+        values["cache_max_size_bytes"] = default_cache_max_size_bytes()
+    if not values.get("offline") and not values.get("server_api_key"):
+        raise SettingsError("SERVER_API_KEY is required unless OFFLINE is set")
+    if values.get("http_port") == values.get("port") and values.get("port") != 0:
+        raise SettingsError(f"HTTP_PORT must differ from PORT (both are {values['port']})")
+    if values.get("health_endpoint_url") == values.get("ready_endpoint_url"):
+        raise SettingsError("HEALTH_ENDPOINT_URL must differ from READY_ENDPOINT_URL")
+    return Settings(**values)  # type: ignore[arg-type]

@@ -1,0 +1,90 @@
+"""twistd entry point: `twistd -n stigg-sidecar` options and the assembly of the service tree.
+
+`Options` has one option per setting, each defaulting to its environment variable; `makeService`
+validates them into Settings (exiting with one clear line on a bad value) and builds the tree:
+
+    SidecarService
+    ├── HttpService   liveness, readiness on HTTP_PORT
+    └── GrpcService   stigg.sidecar.v1.SidecarService on PORT
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+from twisted.python import usage
+
+from stigg_sidecar._proto.sidecar_pb2_grpc import add_SidecarServiceServicer_to_server
+from stigg_sidecar.grpc.server import GrpcService
+from stigg_sidecar.grpc.servicer import SidecarServicer
+from stigg_sidecar.health import Readiness
+from stigg_sidecar.logs import make_observer
+from stigg_sidecar.offline import OfflineSidecar
+from stigg_sidecar.service import SidecarService
+from stigg_sidecar.settings import SPECS, Settings, SettingsError, load_settings
+from stigg_sidecar.web import HttpService, health_app
+
+
+def _help(spec) -> str:
+    default = "half the available memory" if spec.env == "CACHE_MAX_SIZE_BYTES" else spec.default
+    shown = "none" if default in (None, "") else default
+    return f"{spec.help} [env {spec.env}; default: {shown}]"
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = "Answer Stigg entitlement checks over gRPC from a local cache. Every option can also be set by the environment variable named in its help; an option wins over the variable."
+    optParameters = [[spec.option, None, None, _help(spec)] for spec in SPECS]
+
+    def overrides(self) -> Mapping[str, str | None]:
+        return {spec.env: self[spec.option] for spec in SPECS}
+
+
+def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    readiness = Readiness()
+    readiness.block("grpc", "gRPC server is not serving yet")
+    top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format))
+
+    if not settings.offline:
+        raise SettingsError("online mode is not available yet; set OFFLINE=1")
+    backend = OfflineSidecar()
+    servicer = SidecarServicer(
+        source=backend,
+        writer=backend,
+        fallbacks=settings.entitlements_fallback,
+        read_timeout=settings.entitlements_timeout_ms / 1000,
+        write_timeout=settings.entitlements_timeout_ms / 1000,
+    )
+
+    http = HttpService(
+        health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness),
+        settings.bind_address,
+        settings.http_port,
+        reactor,
+    )
+    http.setServiceParent(top)
+    grpc_service = GrpcService(
+        [lambda server: add_SidecarServiceServicer_to_server(servicer, server)],
+        address=settings.bind_address,
+        port=settings.port,
+        max_workers=settings.grpc_max_workers,
+        max_message_bytes=settings.grpc_max_message_bytes,
+        grace=settings.shutdown_grace_secs,
+        reactor=reactor,
+        on_serving=lambda port: readiness.unblock("grpc"),
+    )
+    grpc_service.setServiceParent(top)
+    return top
+
+
+def makeService(options: Options) -> SidecarService:
+    try:
+        settings = load_settings(os.environ, options.overrides())
+        return build_sidecar(settings)
+    except SettingsError as e:
+        raise SystemExit(f"stigg-sidecar: {e}") from None

@@ -1,0 +1,87 @@
+"""The HTTP side: liveness, readiness (and metrics) on HTTP_PORT, as a Klein app and a service.
+
+Owns the routes and the listening port; reads Readiness, never changes it.
+"""
+
+from __future__ import annotations
+
+import json
+from klein import Klein
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from stigg_sidecar.health import Readiness
+
+log = Logger()
+
+
+def _json(request, status: int, body: dict) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body).encode()
+
+
+def health_app(health_path: str, ready_path: str, readiness: Readiness) -> Klein:
+    app = Klein()
+
+    @app.route(f"/{health_path}", methods=["GET", "HEAD"])
+    def livez(request):
+        return _json(request, 200, {"status": "UP"})
+
+    @app.route(f"/{ready_path}", methods=["GET", "HEAD"])
+    def readyz(request):
+        if readiness.ready:
+            return _json(request, 200, {"status": "UP"})
+        return _json(request, 503, {"status": "DOWN", "reasons": readiness.reasons})
+
+    @app.handle_errors
+    def errors(request, failure):
+        from werkzeug.exceptions import HTTPException
+
+        if failure.check(HTTPException):
+            code = failure.value.code
+            return _json(request, code, {"error": failure.value.name})
+        log.failure("HTTP handler failed", failure)
+        return _json(request, 500, {"error": "internal error"})
+
+    return app
+
+
+class HttpService(Service):
+    """Serve a Klein app on `address:port`; `port` is the bound port once listening.
+
+    Listens in privilegedStartService, as Twisted's own servers do, so a taken port stops start-up.
+    """
+
+    name = "http"
+
+    def __init__(self, app: Klein, address: str, port: int, reactor) -> None:
+        self._site = Site(app.resource())
+        self._site.noisy = False
+        self._reactor = reactor
+        self._address = address
+        self._requested_port = port
+        self._listening: IListeningPort | None = None
+        self.port: int | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listening = self._reactor.listenTCP(self._requested_port, self._site, interface=self._address)
+        self.port = self._listening.getHost().port
+        log.info("HTTP listening on {address}:{port}", address=self._address, port=self.port)
+
+    def startService(self) -> None:
+        super().startService()
+        if self._listening is None:
+            self.privilegedStartService()
+
+    def stopService(self) -> Deferred | None:
+        super().stopService()
+        listening, self._listening = self._listening, None
+        if listening is not None:
+            return listening.stopListening()
+        return None
