@@ -29,6 +29,14 @@ class SidecarService(MultiService):
             parent.setComponent(ILogObserver, self._observer)
         super().setServiceParent(parent)
 
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet import reactor
+
+        # After startup: signal handlers are in place from here on, so this line is the cue
+        # that the process can be stopped cleanly.
+        reactor.callWhenRunning(log.info, "stigg-sidecar running")
+
     @inlineCallbacks
     def stopService(self):
         """Stop children one at a time, last added first, each after the previous finished."""
@@ -40,3 +48,9 @@ class SidecarService(MultiService):
                 yield maybeDeferred(child.stopService)
             except Exception:
                 log.failure("Stopping {name} failed", name=child.name)
+        # A drain that completed is a clean exit: twistd would otherwise re-raise SIGTERM/SIGINT
+        # on itself after shutdown, and orchestrators would read that as a crash.
+        from twisted.internet import reactor
+
+        if getattr(reactor, "_exitSignal", None) is not None:
+            reactor._exitSignal = None

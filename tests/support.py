@@ -1,0 +1,165 @@
+"""Test fixtures: the sidecar as a real process, and gRPC calls as Deferreds.
+
+Everything binds 127.0.0.1 with port 0; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from twisted.internet.defer import Deferred
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+_GRPC_LINE = re.compile(r"gRPC listening on [^ ]+:(\d+)")
+_HTTP_LINE = re.compile(r"HTTP listening on [^ ]+:(\d+)")
+_RUNNING_LINE = re.compile(r"stigg-sidecar running")
+
+
+def base_env(**overrides: str) -> dict[str, str]:
+    """A clean environment for a sidecar process: loopback, free ports, no inherited settings."""
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV")}
+    env.update(PYTHONPATH=str(ROOT), BIND_ADDRESS="127.0.0.1", PORT="0", HTTP_PORT="0", PYTHONUNBUFFERED="1")
+    env.update(overrides)
+    return env
+
+
+def twistd_command(plugin: str, *args: str) -> list[str]:
+    return [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", plugin, *args]
+
+
+def run_twistd(plugin: str, env: Mapping[str, str], *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run twistd to completion (for start-up failures and --help), bounded by `timeout`."""
+    return subprocess.run(
+        twistd_command(plugin, *args), env=dict(env), cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+class SidecarProcess:
+    """`twistd -n stigg-sidecar` as a child process; ports read from its log."""
+
+    def __init__(self, env: Mapping[str, str], *args: str, timeout: float = 30) -> None:
+        self.started_at = time.monotonic()
+        self.process = subprocess.Popen(
+            twistd_command("stigg-sidecar", *args),
+            env=dict(env),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.output: list[str] = []
+        self.wait_for(_RUNNING_LINE, timeout)
+        self.grpc_port = int(self.wait_for(_GRPC_LINE, 0).group(1))
+        http = next((m for m in map(_HTTP_LINE.search, self.output) if m), None)
+        self.http_port = int(http.group(1)) if http else None
+
+    def wait_for(self, pattern: re.Pattern, timeout: float) -> re.Match:
+        """Read log lines until one matches `pattern`; fail after `timeout` seconds or on exit."""
+        for line in self.output:
+            if (m := pattern.search(line)) is not None:
+                return m
+        deadline = time.monotonic() + timeout
+        assert self.process.stdout is not None
+        selector = selectors.DefaultSelector()
+        selector.register(self.process.stdout, selectors.EVENT_READ)
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                if not selector.select(left):
+                    continue
+                line = self.process.stdout.readline()
+                if not line:
+                    break
+                self.output.append(line)
+                if (m := pattern.search(line)) is not None:
+                    return m
+        finally:
+            selector.close()
+        self.kill()
+        raise AssertionError(f"no {pattern.pattern!r} within {timeout}s; output:\n{''.join(self.output)}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal the process, wait for it to exit and collect the rest of its output."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            rest, _ = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        self.output.append(rest or "")
+        return self.process.returncode
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate(timeout=10)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.output)
+
+
+def run_async(coroutine: Any, timeout: float = 30) -> Any:
+    """Run an asyncio coroutine (the official client is asyncio) to completion, bounded."""
+    return asyncio.run(asyncio.wait_for(coroutine, timeout))
+
+
+def grpc_deferred(reactor, future) -> Deferred:
+    """A grpc Future as a Deferred fired on the reactor thread: lets in-reactor tests call gRPC
+    without blocking the reactor that the sidecar's cache runs on."""
+    d: Deferred = Deferred()
+
+    def done(f):
+        try:
+            result = f.result()
+        except Exception as e:  # grpc.RpcError included
+            reactor.callFromThread(d.errback, e)
+        else:
+            reactor.callFromThread(d.callback, result)
+
+    future.add_done_callback(done)
+    return d
+
+
+_SHARED: dict[str, SidecarProcess] = {}
+
+
+def shared_sidecar(name: str, env: Mapping[str, str]) -> SidecarProcess:
+    """One sidecar process per name for the whole test run (trial has no setUpClass), stopped at exit."""
+    if name not in _SHARED:
+        import atexit
+
+        process = SidecarProcess(env)
+        _SHARED[name] = process
+        atexit.register(process.stop)
+    return _SHARED[name]
+
+
+def http_client(testcase, reactor):
+    """A treq client whose connections are closed when the test ends (trial checks for leftovers)."""
+    from treq.client import HTTPClient
+    from twisted.internet.task import deferLater
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+
+    def close():
+        d = pool.closeCachedConnections()
+        # let the server side see the close before trial inspects the reactor
+        d.addCallback(lambda _: deferLater(reactor, 0.01, lambda: None))
+        return d
+
+    testcase.addCleanup(close)
+    return HTTPClient(Agent(reactor, pool=pool))
