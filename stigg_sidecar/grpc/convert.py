@@ -15,7 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.entitlements.decide import Decision
 from stigg_sidecar.entitlements.fallback import FallbackValues
-from stigg_sidecar.entitlements.records import Currency, Feature
+from stigg_sidecar.entitlements.records import Currency, Feature, thaw_json
 
 REASONS: Mapping[str, int] = {
     "Unknown": pb.ACCESS_DENIED_REASON_UNKNOWN,
@@ -112,7 +112,7 @@ def _struct(data: Mapping[str, Any] | None) -> Struct | None:
     if data is None:
         return None
     s = Struct()
-    s.update(data)
+    s.update(thaw_json(data))
     return s
 
 

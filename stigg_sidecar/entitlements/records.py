@@ -1,0 +1,442 @@
+"""Immutable cached records: what one customer's entitlements look like in the cache.
+
+Owns the record types (`Feature`, `FeatureEntitlement`, `CreditEntitlement`, `CustomerEntry`...),
+the cache key, the parsing of the API's `entitlementsState` object into a `CustomerEntry`, and the
+two ways an entry changes: a usage update (`apply_usage`) and replacement by a newer entry
+(`newer_or_equal`). Records are frozen and their mappings read-only, so a handler thread can read
+an entry without locks while the reactor replaces it whole (ARCHITECTURE invariants 2 and 6).
+
+Pure: no I/O, no clock reads (`now_ms` is passed in), no globals, no logging. Enum-like values
+and reasons stay Stigg's GraphQL strings; protobuf mapping lives elsewhere.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import Any
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+_METERED_TYPES = frozenset({"Fluctuating", "Incremental"})
+
+
+@dataclass(frozen=True, slots=True)
+class Feature:
+    id: str
+    feature_type: str  # "BOOLEAN" | "NUMBER" | "ENUM"
+    meter_type: str | None = None  # "None" | "Fluctuating" | "Incremental"
+    units: str | None = None
+    units_plural: str | None = None
+    display_name: str | None = None
+    description: str | None = None
+
+    @property
+    def is_metered(self) -> bool:
+        return self.feature_type == "NUMBER" and self.meter_type in _METERED_TYPES
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Live usage of a feature entitlement; times are epoch ms."""
+
+    current_usage: float = 0.0
+    usage_period_start: int | None = None
+    usage_period_end: int | None = None
+    updated_at: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CreditRate:
+    """How many units of a currency one unit of a feature's usage costs."""
+
+    amount: float
+    currency_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureEntitlement:
+    feature: Feature
+    usage_limit: float | None = None
+    has_unlimited_usage: bool = False
+    has_soft_limit: bool = False
+    access_denied_reason: str | None = None
+    enum_values: tuple[str, ...] = ()
+    valid_until: int | None = None
+    usage_period_anchor: int | None = None
+    reset_period: str | None = None  # "HOUR" | "DAY" | "WEEK" | "MONTH" | "YEAR"
+    credit_rate: CreditRate | None = None
+    updated_at: int = 0
+    usage: Usage = Usage()
+
+
+@dataclass(frozen=True, slots=True)
+class Currency:
+    currency_id: str
+    display_name: str | None = None
+    description: str | None = None
+    unit_singular: str | None = None
+    unit_plural: str | None = None
+    # Deep-frozen JSON (read-only mappings, tuples); `thaw_json` gives plain dicts and lists back.
+    additional_meta_data: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CreditEntitlement:
+    currency: Currency
+    usage_limit: float = 0.0
+    current_usage: float = 0.0
+    has_soft_limit: bool = False
+    access_denied_reason: str | None = None
+    usage_period_end: int | None = None
+    valid_until: int | None = None
+    updated_at: int = 0
+    usage_updated_at: int = 0
+
+    @property
+    def remaining(self) -> float:
+        return self.usage_limit - self.current_usage
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerEntry:
+    """One cache entry: a customer (or customer+resource) and all its entitlements.
+
+    `features` is keyed by feature refId, `credits` by currency id; both are copied into read-only
+    mappings on construction. `timestamp` is the upstream time the entry came from (§3.1.6).
+    `size` is the entry's in-memory footprint in bytes, computed once here.
+    """
+
+    customer_id: str
+    resource_id: str | None = None
+    access_denied_reason: str | None = None
+    features: Mapping[str, FeatureEntitlement] = field(default_factory=dict)
+    credits: Mapping[str, CreditEntitlement] = field(default_factory=dict)
+    timestamp: int = 0
+    size: int = field(init=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        # Copy so no caller keeps a mutable handle on the entry's maps.
+        object.__setattr__(self, "features", MappingProxyType(dict(self.features)))
+        object.__setattr__(self, "credits", MappingProxyType(dict(self.credits)))
+        object.__setattr__(self, "size", deep_size(self))
+
+    @property
+    def key(self) -> str:
+        return cache_key(self.customer_id, self.resource_id)
+
+
+def cache_key(customer_id: str, resource_id: str | None) -> str:
+    """`c_{customerId}`, or `c_{customerId}:r_{resourceId}`; an empty resource id means none."""
+    if resource_id:
+        return f"c_{customer_id}:r_{resource_id}"
+    return f"c_{customer_id}"
+
+
+def deep_size(root: object) -> int:
+    """Bytes held by `root` and everything it references, each object counted once.
+
+    Follows `gc.get_referents`, which also sees through `MappingProxyType` to its dict. Classes and
+    the None/True/False singletons are shared by the whole process, so they are not counted.
+    """
+    seen: set[int] = set()
+    total = 0
+    pending: list[object] = [root]
+    while pending:
+        fresh = []
+        for obj in pending:
+            if id(obj) in seen or isinstance(obj, type) or obj is None or obj is True or obj is False:
+                continue
+            seen.add(id(obj))
+            total += sys.getsizeof(obj)
+            fresh.append(obj)
+        pending = gc.get_referents(*fresh)
+    return total
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class MalformedState(ValueError):
+    """The API's entitlementsState is not the shape Stigg documents; the message names the place."""
+
+
+def entry_from_state(customer_id: str, resource_id: str | None, state: Mapping[str, Any], now_ms: int) -> CustomerEntry:
+    """Build a `CustomerEntry` from the API's `entitlementsState` object (STIGG_REFERENCE §2.4).
+
+    Items whose feature has no refId (or credits without a currencyId) are skipped; items of an
+    unknown `__typename` are skipped too, so a new union member does not break old sidecars.
+    A later item for the same id replaces an earlier one.
+    """
+    where = "entitlementsState"
+    if not isinstance(state, Mapping):
+        raise MalformedState(f"{where}: must be an object")
+    items = state.get("entitlementsV2")
+    if items is None:
+        items = []
+    if not isinstance(items, list):
+        raise MalformedState(f"{where}.entitlementsV2: must be a list")
+    reason = _string(state, "accessDeniedReason", where)
+    timestamp = _entry_timestamp(items, now_ms)
+
+    features: dict[str, FeatureEntitlement] = {}
+    credits: dict[str, CreditEntitlement] = {}
+    for index, item in enumerate(items):
+        item_where = f"{where}.entitlementsV2[{index}]"
+        if not isinstance(item, Mapping):
+            raise MalformedState(f"{item_where}: must be an object")
+        typename = item.get("__typename") or ("CreditEntitlement" if "currency" in item else "FeatureEntitlement")
+        if typename == "FeatureEntitlement":
+            entitlement = _feature_entitlement(item, item_where, timestamp)
+            if entitlement is not None:
+                features[entitlement.feature.id] = entitlement
+        elif typename == "CreditEntitlement":
+            credit = _credit_entitlement(item, item_where, timestamp)
+            if credit is not None:
+                credits[credit.currency.currency_id] = credit
+    return CustomerEntry(
+        customer_id=customer_id,
+        resource_id=resource_id,
+        access_denied_reason=reason,
+        features=features,
+        credits=credits,
+        timestamp=timestamp,
+    )
+
+
+def _entry_timestamp(items: list[Any], now_ms: int) -> int:
+    """§3.1.6: the first valid entitlementUpdatedAt; an empty list is epoch 0; none valid is now."""
+    if not items:
+        return 0
+    for item in items:
+        if isinstance(item, Mapping):
+            updated_at = _lenient_time(item.get("entitlementUpdatedAt"))
+            if updated_at is not None:
+                return updated_at
+    return now_ms
+
+
+def _feature_entitlement(item: Mapping[str, Any], where: str, default_time: int) -> FeatureEntitlement | None:
+    raw_feature = item.get("feature")
+    if raw_feature is None:
+        return None
+    if not isinstance(raw_feature, Mapping):
+        raise MalformedState(f"{where}.feature: must be an object")
+    feature_where = f"{where}.feature"
+    ref_id = _string(raw_feature, "refId", feature_where)
+    if not ref_id:
+        return None
+    feature = Feature(
+        id=ref_id,
+        feature_type=_string(raw_feature, "featureType", feature_where) or "",
+        meter_type=_string(raw_feature, "meterType", feature_where),
+        units=_string(raw_feature, "featureUnits", feature_where),
+        units_plural=_string(raw_feature, "featureUnitsPlural", feature_where),
+        display_name=_string(raw_feature, "displayName", feature_where),
+        description=_string(raw_feature, "description", feature_where),
+    )
+    updated_at = _lenient_time(item.get("entitlementUpdatedAt"))
+    if updated_at is None:
+        updated_at = default_time
+    usage_updated_at = _lenient_time(item.get("usageUpdatedAt"))
+    return FeatureEntitlement(
+        feature=feature,
+        usage_limit=_number(item, "usageLimit", where),
+        has_unlimited_usage=_flag(item, "hasUnlimitedUsage", where),
+        has_soft_limit=_flag(item, "hasSoftLimit", where),
+        access_denied_reason=_string(item, "accessDeniedReason", where),
+        enum_values=_strings(item, "enumValues", where),
+        valid_until=_time(item, "validUntil", where),
+        usage_period_anchor=_time(item, "usagePeriodAnchor", where),
+        reset_period=_string(item, "resetPeriod", where),
+        credit_rate=_credit_rate(item.get("creditRate"), f"{where}.creditRate"),
+        updated_at=updated_at,
+        usage=Usage(
+            current_usage=_number(item, "currentUsage", where) or 0.0,
+            usage_period_start=_time(item, "usagePeriodStart", where),
+            usage_period_end=_time(item, "usagePeriodEnd", where),
+            # Without its own stamp, fetched usage is as recent as the entitlement it came with.
+            updated_at=updated_at if usage_updated_at is None else usage_updated_at,
+        ),
+    )
+
+
+def _credit_rate(raw: Any, where: str) -> CreditRate | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise MalformedState(f"{where}: must be an object")
+    currency_id = _string(raw, "currencyId", where)
+    if not currency_id:
+        return None
+    return CreditRate(amount=_number(raw, "amount", where) or 0.0, currency_id=currency_id)
+
+
+def _credit_entitlement(item: Mapping[str, Any], where: str, default_time: int) -> CreditEntitlement | None:
+    raw_currency = item.get("currency")
+    if raw_currency is None:
+        return None
+    currency_where = f"{where}.currency"
+    if not isinstance(raw_currency, Mapping):
+        raise MalformedState(f"{currency_where}: must be an object")
+    currency_id = _string(raw_currency, "currencyId", currency_where)
+    if not currency_id:
+        return None
+    meta = raw_currency.get("additionalMetaData")
+    if meta is not None and not isinstance(meta, Mapping):
+        raise MalformedState(f"{currency_where}.additionalMetaData: must be an object or null")
+    currency = Currency(
+        currency_id=currency_id,
+        display_name=_string(raw_currency, "displayName", currency_where),
+        description=_string(raw_currency, "description", currency_where),
+        unit_singular=_string(raw_currency, "unitSingular", currency_where),
+        unit_plural=_string(raw_currency, "unitPlural", currency_where),
+        additional_meta_data=None if meta is None else freeze_json(meta),
+    )
+    updated_at = _lenient_time(item.get("entitlementUpdatedAt"))
+    if updated_at is None:
+        updated_at = default_time
+    usage_updated_at = _lenient_time(item.get("usageUpdatedAt"))
+    return CreditEntitlement(
+        currency=currency,
+        usage_limit=_number(item, "usageLimit", where) or 0.0,
+        current_usage=_number(item, "currentUsage", where) or 0.0,
+        has_soft_limit=_flag(item, "hasSoftLimit", where),
+        access_denied_reason=_string(item, "accessDeniedReason", where),
+        usage_period_end=_time(item, "usagePeriodEnd", where),
+        valid_until=_time(item, "validUntil", where),
+        updated_at=updated_at,
+        usage_updated_at=updated_at if usage_updated_at is None else usage_updated_at,
+    )
+
+
+def _string(obj: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        raise MalformedState(f"{where}.{key}: must be a string or null")
+    return value
+
+
+def _strings(obj: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+    value = obj.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise MalformedState(f"{where}.{key}: must be a list of strings or null")
+    return tuple(value)
+
+
+def _flag(obj: Mapping[str, Any], key: str, where: str) -> bool:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise MalformedState(f"{where}.{key}: must be true, false or null")
+    return bool(value)
+
+
+def _number(obj: Mapping[str, Any], key: str, where: str) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    number = _finite(value)
+    if number is None:
+        raise MalformedState(f"{where}.{key}: must be a finite number or null")
+    return number
+
+
+def _time(obj: Mapping[str, Any], key: str, where: str) -> int | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    parsed = _lenient_time(value)
+    if parsed is None:
+        raise MalformedState(f"{where}.{key}: must be an ISO-8601 date-time or null")
+    return parsed
+
+
+def _lenient_time(value: Any) -> int | None:
+    """An ISO-8601 string (naive means UTC) or a number of epoch ms, as epoch ms; else None."""
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return (moment - _EPOCH) // _ONE_MS
+    number = _finite(value)
+    return None if number is None else int(number)
+
+
+def _finite(value: Any) -> float | None:
+    """A JSON number as a finite float; None for anything else (booleans, NaN, 1e999, 10**400)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def freeze_json(value: Any) -> Any:
+    """A read-only copy of parsed JSON: objects become read-only mappings, lists tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({str(k): freeze_json(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze_json(v) for v in value)
+    return value
+
+
+def thaw_json(value: Any) -> Any:
+    """Plain dicts and lists again (e.g. for a protobuf Struct), from `freeze_json`'s output."""
+    if isinstance(value, Mapping):
+        return {k: thaw_json(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [thaw_json(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- changes
+
+
+def apply_usage(
+    entry: CustomerEntry,
+    kind: str,
+    ref_id: str,
+    current_usage: float,
+    usage_period_start: int | None,
+    usage_period_end: int | None,
+    updated_at: int,
+) -> CustomerEntry | None:
+    """A copy of `entry` with one entitlement's usage replaced, or None when nothing applies.
+
+    `kind` is "FEATURE" (ref_id is a feature refId) or "CREDIT" (a currency id; credits have no
+    period start, so `usage_period_start` is ignored). None when the entitlement is not in the
+    entry, the kind is unknown, or the stored usage is newer than `updated_at`; equal applies.
+    """
+    if kind == "FEATURE":
+        feature = entry.features.get(ref_id)
+        if feature is None or feature.usage.updated_at > updated_at:
+            return None
+        usage = Usage(current_usage, usage_period_start, usage_period_end, updated_at)
+        features = {**entry.features, ref_id: replace(feature, usage=usage)}
+        return replace(entry, features=features)
+    if kind == "CREDIT":
+        credit = entry.credits.get(ref_id)
+        if credit is None or credit.usage_updated_at > updated_at:
+            return None
+        changed = replace(
+            credit, current_usage=current_usage, usage_period_end=usage_period_end, usage_updated_at=updated_at
+        )
+        return replace(entry, credits={**entry.credits, ref_id: changed})
+    return None
+
+
+def newer_or_equal(candidate: CustomerEntry, current: CustomerEntry | None) -> bool:
+    """Whether `candidate` may replace `current`: not older, or stamped epoch 0 (§3.4 rule 3)."""
+    return current is None or candidate.timestamp == 0 or candidate.timestamp >= current.timestamp
