@@ -4,8 +4,9 @@
 validates them into Settings (exiting with one clear line on a bad value) and builds the tree:
 
     SidecarService
-    ├── HttpService   liveness, readiness on HTTP_PORT
-    └── GrpcService   stigg.sidecar.v1.SidecarService on PORT
+    ├── HttpService      liveness, readiness on HTTP_PORT (stops last)
+    ├── UpstreamService  API key check, Stigg connection pools (online only)
+    └── GrpcService      stigg.sidecar.v1.SidecarService on PORT (stops first, draining)
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ from stigg_sidecar.grpc.server import GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
 from stigg_sidecar.health import Readiness
 from stigg_sidecar.logs import make_observer
+from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.offline import OfflineSidecar
+from stigg_sidecar.online import OnlineSidecar
 from stigg_sidecar.service import SidecarService
 from stigg_sidecar.settings import SPECS, Settings, SettingsError, load_settings
+from stigg_sidecar.upstream.api import StiggApi
+from stigg_sidecar.upstream.service import UpstreamService
 from stigg_sidecar.web import HttpService, health_app
 
 
@@ -49,26 +54,38 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
     readiness = Readiness()
     readiness.block("grpc", "gRPC server is not serving yet")
     top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format))
+    fetch_timeout = settings.entitlements_timeout_ms / 1000
 
-    if not settings.offline:
-        raise SettingsError("online mode is not available yet; set OFFLINE=1")
-    backend = OfflineSidecar()
-    servicer = SidecarServicer(
-        source=backend,
-        writer=backend,
-        fallbacks=settings.entitlements_fallback,
-        read_timeout=settings.entitlements_timeout_ms / 1000,
-        write_timeout=settings.entitlements_timeout_ms / 1000,
-    )
-
-    http = HttpService(
+    HttpService(
         health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness),
         settings.bind_address,
         settings.http_port,
         reactor,
+    ).setServiceParent(top)
+
+    backend: OfflineSidecar | OnlineSidecar
+    if settings.offline:
+        backend = OfflineSidecar()
+    else:
+        assert settings.server_api_key is not None
+        api = StiggApi(
+            reactor,
+            api_key=settings.server_api_key,
+            api_url=settings.api_url,
+            edge_api_url=settings.edge_api_url,
+            edge_enabled=settings.edge_enabled,
+        )
+        backend = OnlineSidecar(reactor, api, EntitlementCache(settings.cache_max_size_bytes), fetch_timeout)
+        UpstreamService(reactor, api, backend, readiness, fetch_timeout).setServiceParent(top)
+
+    servicer = SidecarServicer(
+        source=backend,
+        writer=backend,
+        fallbacks=settings.entitlements_fallback,
+        read_timeout=fetch_timeout,
+        write_timeout=fetch_timeout,
     )
-    http.setServiceParent(top)
-    grpc_service = GrpcService(
+    GrpcService(
         [lambda server: add_SidecarServiceServicer_to_server(servicer, server)],
         address=settings.bind_address,
         port=settings.port,
@@ -77,8 +94,7 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         grace=settings.shutdown_grace_secs,
         reactor=reactor,
         on_serving=lambda port: readiness.unblock("grpc"),
-    )
-    grpc_service.setServiceParent(top)
+    ).setServiceParent(top)
     return top
 
 

@@ -215,7 +215,7 @@ def _entry_timestamp(items: list[Any], now_ms: int) -> int:
         return 0
     for item in items:
         if isinstance(item, Mapping):
-            updated_at = _lenient_time(item.get("entitlementUpdatedAt"))
+            updated_at = parse_time(item.get("entitlementUpdatedAt"))
             if updated_at is not None:
                 return updated_at
     return now_ms
@@ -240,10 +240,10 @@ def _feature_entitlement(item: Mapping[str, Any], where: str, default_time: int)
         display_name=_string(raw_feature, "displayName", feature_where),
         description=_string(raw_feature, "description", feature_where),
     )
-    updated_at = _lenient_time(item.get("entitlementUpdatedAt"))
+    updated_at = parse_time(item.get("entitlementUpdatedAt"))
     if updated_at is None:
         updated_at = default_time
-    usage_updated_at = _lenient_time(item.get("usageUpdatedAt"))
+    usage_updated_at = parse_time(item.get("usageUpdatedAt"))
     return FeatureEntitlement(
         feature=feature,
         usage_limit=_number(item, "usageLimit", where),
@@ -298,10 +298,10 @@ def _credit_entitlement(item: Mapping[str, Any], where: str, default_time: int) 
         unit_plural=_string(raw_currency, "unitPlural", currency_where),
         additional_meta_data=None if meta is None else freeze_json(meta),
     )
-    updated_at = _lenient_time(item.get("entitlementUpdatedAt"))
+    updated_at = parse_time(item.get("entitlementUpdatedAt"))
     if updated_at is None:
         updated_at = default_time
-    usage_updated_at = _lenient_time(item.get("usageUpdatedAt"))
+    usage_updated_at = parse_time(item.get("usageUpdatedAt"))
     return CreditEntitlement(
         currency=currency,
         usage_limit=_number(item, "usageLimit", where) or 0.0,
@@ -352,13 +352,13 @@ def _time(obj: Mapping[str, Any], key: str, where: str) -> int | None:
     value = obj.get(key)
     if value is None:
         return None
-    parsed = _lenient_time(value)
+    parsed = parse_time(value)
     if parsed is None:
         raise MalformedState(f"{where}.{key}: must be an ISO-8601 date-time or null")
     return parsed
 
 
-def _lenient_time(value: Any) -> int | None:
+def parse_time(value: Any) -> int | None:
     """An ISO-8601 string (naive means UTC) or a number of epoch ms, as epoch ms; else None."""
     if isinstance(value, str):
         try:

@@ -1,0 +1,193 @@
+"""OnlineSidecar: reads from the reactor-owned cache, misses and writes through Stigg's API.
+
+The two halves of this class live on different threads, and that is the point of it:
+
+- `lookup`, `report_usage`, `report_events`, `reload` are called on gRPC handler threads. A cache
+  hit returns at once with no lock and no thread hop. A miss, and every write, crosses to the
+  reactor with `call_on_reactor` under the caller's deadline; past it a read answers None (the
+  caller then answers the fallback) and a write raises DEADLINE_EXCEEDED.
+- `fetch`, `_report_usage`, ... run on the reactor: they own the in-flight fetch table (single
+  flight: concurrent misses for one customer share one upstream request) and every cache change.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from typing import Any, Callable, Sequence, TypeVar
+
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from stigg_sidecar.cache.memory import EntitlementCache
+from stigg_sidecar.entitlements.records import (
+    CustomerEntry,
+    MalformedState,
+    apply_usage,
+    cache_key,
+    entry_from_state,
+    parse_time,
+)
+from stigg_sidecar.reports import EventReport, UsageAck, UsageReport, WriteError, WriteFailure
+from stigg_sidecar.upstream.api import StiggApi, UpstreamError
+
+log = Logger()
+T = TypeVar("T")
+
+# Extra time a handler thread waits beyond the upstream budget for the reactor to hand the
+# answer back, so that an upstream timeout arrives as its own precise error.
+_HANDOFF = 0.25
+
+
+def call_on_reactor(reactor, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+    """Run `fn(*args)` on the reactor thread and wait up to `timeout` seconds for its result
+    (a Deferred is waited for). Raises TimeoutError past the deadline, or what `fn` raised."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def failed(failure: Failure) -> None:
+        future.set_exception(failure.value)
+
+    def run() -> None:
+        maybeDeferred(fn, *args).addCallbacks(future.set_result, failed)
+
+    reactor.callFromThread(run)
+    return future.result(timeout)
+
+
+class OnlineSidecar:
+    def __init__(self, reactor, api: StiggApi, cache: EntitlementCache, fetch_timeout: float) -> None:
+        self._reactor = reactor
+        self._api = api
+        self.cache = cache
+        self._fetch_timeout = fetch_timeout
+        self._inflight: dict[tuple[str, bool | None], list[Deferred]] = {}
+        self.key_rejected = False  # set by the key check: no network, fallbacks only
+
+    def now_ms(self) -> int:
+        return int(time.time() * 1000)
+
+    # -- handler threads --------------------------------------------------------------------------
+
+    def lookup(self, customer_id: str, resource_id: str | None, timeout: float) -> CustomerEntry | None:
+        entry = self.cache.get_fresh(cache_key(customer_id, resource_id), self.now_ms())
+        if entry is not None or self.key_rejected:
+            return entry
+        try:
+            return call_on_reactor(self._reactor, self.fetch, customer_id, resource_id, timeout=timeout)
+        except TimeoutError:
+            log.warn("Entitlements for {customer} not fetched in time; answering fallbacks", customer=customer_id)
+        except UpstreamError as e:
+            log.warn("Entitlements for {customer} unavailable ({why}); answering fallbacks", customer=customer_id, why=e.message)
+        except MalformedState as e:
+            log.warn("Entitlements for {customer} malformed ({why}); answering fallbacks", customer=customer_id, why=str(e))
+        return None
+
+    def _write(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+        if self.key_rejected:
+            raise WriteError(WriteFailure.UNAUTHENTICATED, "Stigg rejected the API key")
+        try:
+            return call_on_reactor(self._reactor, fn, *args, max(0.001, timeout - _HANDOFF), timeout=timeout)
+        except TimeoutError:
+            raise WriteError(WriteFailure.DEADLINE_EXCEEDED, f"Stigg did not answer within {timeout:.3g}s") from None
+        except UpstreamError as e:
+            raise WriteError(e.failure, e.message) from None
+
+    def report_usage(self, usages: Sequence[UsageReport], timeout: float) -> Sequence[UsageAck]:
+        return self._write(self._report_usage, usages, timeout=timeout)
+
+    def report_events(self, events: Sequence[EventReport], timeout: float) -> None:
+        self._write(self._api.report_events, events, timeout=timeout)
+
+    def reload(self, customer_id: str, resource_id: str | None, timeout: float) -> bool:
+        """Refetch through GraphQL (never Edge, which may lag); true unless the customer is gone."""
+        if self.key_rejected:
+            return False
+        try:
+            entry = self._write(self._reload, customer_id, resource_id, timeout=timeout)
+        except MalformedState as e:
+            raise WriteError(WriteFailure.UNAVAILABLE, f"Stigg answered malformed entitlements: {e}") from None
+        return entry.access_denied_reason not in ("CustomerNotFound", "CustomerIsArchived")
+
+    # -- reactor ----------------------------------------------------------------------------------
+
+    def fetch(self, customer_id: str, resource_id: str | None, use_edge: bool | None = None) -> Deferred:
+        """The customer's fresh entry, stored in the cache; one upstream request per key at a time."""
+        flight = (cache_key(customer_id, resource_id), use_edge)
+        mine: Deferred = Deferred()
+        waiters = self._inflight.get(flight)
+        if waiters is not None:
+            waiters.append(mine)
+            return mine
+        self._inflight[flight] = [mine]
+        self._fetch(customer_id, resource_id, use_edge).addBoth(self._landed, flight)
+        return mine
+
+    def _landed(self, result: Any, flight: tuple[str, bool | None]) -> None:
+        for waiter in self._inflight.pop(flight):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    @inlineCallbacks
+    def _fetch(self, customer_id: str, resource_id: str | None, use_edge: bool | None):
+        state = yield self._api.fetch_state(customer_id, resource_id, self._fetch_timeout, use_edge)
+        return self.store(entry_from_state(customer_id, resource_id, state, self.now_ms()))
+
+    def store(self, entry: CustomerEntry) -> CustomerEntry:
+        """Cache `entry` unless a newer one is cached; return whichever is current."""
+        if self.cache.put(entry):
+            return entry
+        return self.cache.get(entry.key) or entry
+
+    def _reload(self, customer_id: str, resource_id: str | None, timeout: float) -> Deferred:
+        return self.fetch(customer_id, resource_id, use_edge=False)
+
+    @inlineCallbacks
+    def _report_usage(self, usages: Sequence[UsageReport], timeout: float):
+        results = yield self._api.report_usage(usages, timeout)
+        acks = []
+        for usage, result in zip(usages, results):
+            self._apply_usage_result(usage, result)
+            acks.append(
+                UsageAck(
+                    measurement_id=str(result.get("id") or ""),
+                    customer_id=str(result.get("customerId") or usage.customer_id),
+                    feature_id=str(result.get("featureId") or usage.feature_id),
+                    resource_id=result.get("resourceId") or usage.resource_id,
+                    current_usage=_float(result.get("currentUsage")),
+                    usage_period_start=parse_time(result.get("usagePeriodStart")),
+                    usage_period_end=parse_time(result.get("usagePeriodEnd")),
+                )
+            )
+        return acks
+
+    def _apply_usage_result(self, usage: UsageReport, result: dict) -> None:
+        """Stigg's answer to a usage report is authoritative: it updates the cached usage."""
+        key = cache_key(usage.customer_id, usage.resource_id)
+        stamp = parse_time(result.get("timestamp")) or self.now_ms()
+        current = _float(result.get("currentUsage"))
+        if current is not None:
+            start, end = parse_time(result.get("usagePeriodStart")), parse_time(result.get("usagePeriodEnd"))
+            self.cache.update(key, lambda e: apply_usage(e, "FEATURE", usage.feature_id, current, start, end, stamp))
+        credit = result.get("credit")
+        if isinstance(credit, dict) and credit.get("currencyId") and _float(credit.get("currentUsage")) is not None:
+            self.cache.update(
+                key,
+                lambda e: apply_usage(
+                    e,
+                    "CREDIT",
+                    str(credit["currencyId"]),
+                    float(credit["currentUsage"]),
+                    None,
+                    parse_time(credit.get("usagePeriodEnd")),
+                    parse_time(credit.get("timestamp")) or stamp,
+                ),
+            )
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None

@@ -1,0 +1,336 @@
+"""StiggApi: the sidecar's HTTP client for Stigg's Edge and GraphQL APIs, on treq.
+
+Owns the identification headers, one persistent connection pool per upstream host, the time
+budget of each call and its retries (jittered, capped exponential backoff for connection errors,
+429 and 5xx; Retry-After honoured; mutations only when they carry an idempotency key), and the
+classification of every failure into an `UpstreamError`. Returns plain JSON; knows nothing of
+the cache. Runs on the reactor only. Never puts the API key into an error or a log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+from urllib.parse import quote, urlencode
+
+from treq.client import HTTPClient
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
+from twisted.web.http_headers import Headers
+
+import stigg_sidecar
+from stigg_sidecar.reports import EventReport, UsageReport, WriteFailure, measurement_id
+from stigg_sidecar.upstream import operations
+
+log = Logger()
+
+_PROCESS_TIMESTAMP = str(int(time.time() * 1000))
+_CONNECTION_ERRORS = (
+    error.ConnectError,
+    error.ConnectionLost,
+    error.ConnectionClosed,
+    error.DNSLookupError,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+
+
+class UpstreamError(Exception):
+    """A call to Stigg failed. `message` is safe to return to a caller; `retryable` says whether
+    trying again might help; `failure` is the gRPC status a write turns it into."""
+
+    def __init__(self, failure: WriteFailure, message: str, retryable: bool = False, retry_after: float | None = None):
+        super().__init__(message)
+        self.failure = failure
+        self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff before retry n (1-based): random(0.5..1) * min(max_delay, initial * factor**(n-1))."""
+
+    max_attempts: int = 5
+    initial: float = 0.1
+    factor: float = 2.0
+    max_delay: float = 2.0
+
+    def delay(self, attempt: int, rng: Callable[[], float]) -> float:
+        return (0.5 + rng() / 2) * min(self.max_delay, self.initial * self.factor ** (attempt - 1))
+
+
+def identification_headers(api_key: str) -> dict[str, str]:
+    """Stigg's SDK identification headers (STIGG_REFERENCE 2.1), naming this sidecar."""
+    hostname = socket.gethostname()
+    pid = str(os.getpid())
+    return {
+        "X-API-KEY": api_key,
+        "source": "SIDECAR",
+        "X-SDK-INSTANCE-ID": measurement_id(),
+        "X-SDK-OS-PROCESS-HOSTNAME": hostname,
+        "X-SDK-OS-PROCESS-ID": pid,
+        "X-SDK-OS-PROCESS-TIMESTAMP": _PROCESS_TIMESTAMP,
+        "X-SDK-OS-PROCESS-FINGERPRINT": hashlib.md5((hostname + pid + _PROCESS_TIMESTAMP).encode()).hexdigest(),
+    }
+
+
+def _graphql_failure(errors: Sequence[Any]) -> UpstreamError:
+    first = errors[0] if errors and isinstance(errors[0], dict) else {}
+    message = str(first.get("message") or "GraphQL error")
+    extensions = first.get("extensions") if isinstance(first.get("extensions"), dict) else {}
+    code = str(extensions.get("code") or "")
+    if code == "Unauthenticated":
+        return UpstreamError(WriteFailure.UNAUTHENTICATED, "Stigg rejected the API key")
+    if code in ("BadUserInput", "GRAPHQL_VALIDATION_FAILED", "GRAPHQL_PARSE_FAILED"):
+        return UpstreamError(WriteFailure.INVALID_ARGUMENT, f"Stigg rejected the request: {message}")
+    if code.endswith("NotFound"):
+        return UpstreamError(WriteFailure.NOT_FOUND, f"Stigg: {message}")
+    if code == "RateLimitExceeded":
+        return UpstreamError(WriteFailure.RESOURCE_EXHAUSTED, f"Stigg rate limit: {message}")
+    return UpstreamError(WriteFailure.UNAVAILABLE, f"Stigg error{f' {code}' if code else ''}: {message}")
+
+
+def _http_failure(status: int, retry_after: float | None) -> UpstreamError:
+    if status in (401, 403):
+        return UpstreamError(WriteFailure.UNAUTHENTICATED, "Stigg rejected the API key")
+    if status == 429:
+        return UpstreamError(WriteFailure.RESOURCE_EXHAUSTED, "Stigg rate limit (HTTP 429)", True, retry_after)
+    if status >= 500:
+        return UpstreamError(WriteFailure.UNAVAILABLE, f"Stigg answered HTTP {status}", True, retry_after)
+    return UpstreamError(WriteFailure.INVALID_ARGUMENT, f"Stigg answered HTTP {status}")
+
+
+def _retry_after(headers: Headers) -> float | None:
+    values = headers.getRawHeaders(b"retry-after")
+    if not values:
+        return None
+    try:
+        return max(0.0, float(values[0]))
+    except ValueError:
+        return None
+
+
+def _iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
+def _with_resource(path: str, resource_id: str | None) -> str:
+    return f"{path}?{urlencode({'resourceId': resource_id})}" if resource_id else path
+
+
+def usage_input(usage: UsageReport, idempotency_key: str) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "customerId": usage.customer_id,
+        "featureId": usage.feature_id,
+        "value": usage.value,
+        "idempotencyKey": idempotency_key,
+    }
+    if usage.resource_id:
+        item["resourceId"] = usage.resource_id
+    if usage.update_behavior:
+        item["updateBehavior"] = usage.update_behavior
+    if usage.dimensions:
+        item["dimensions"] = dict(usage.dimensions)
+    if usage.timestamp is not None:
+        item["createdAt"] = _iso(usage.timestamp)
+    return item
+
+
+def event_input(event: EventReport) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "eventName": event.event_name,
+        "customerId": event.customer_id,
+        "idempotencyKey": event.idempotency_key,
+    }
+    if event.resource_id:
+        item["resourceId"] = event.resource_id
+    if event.dimensions:
+        item["dimensions"] = dict(event.dimensions)
+    if event.timestamp is not None:
+        item["timestamp"] = _iso(event.timestamp)
+    return item
+
+
+class StiggApi:
+    def __init__(
+        self,
+        reactor,
+        api_key: str,
+        api_url: str,
+        edge_api_url: str,
+        edge_enabled: bool,
+        retry: RetryPolicy = RetryPolicy(),
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._reactor = reactor
+        self._api_url = api_url.rstrip("/")
+        self._edge_url = edge_api_url.rstrip("/")
+        self.edge_enabled = edge_enabled
+        self._retry = retry
+        self._rng = rng
+        self._headers = identification_headers(api_key)
+        self._pools: list[HTTPConnectionPool] = []
+        self._graphql = self._client()
+        self._edge = self._client()
+        self.on_attempt: Callable[[str, str, float], None] | None = None  # endpoint, outcome, seconds
+
+    def _client(self) -> HTTPClient:
+        pool = HTTPConnectionPool(self._reactor, persistent=True)
+        pool.maxPersistentPerHost = 32
+        pool.retryAutomatically = False  # retries are ours, within the budget
+        self._pools.append(pool)
+        return HTTPClient(Agent(self._reactor, pool=pool, connectTimeout=10))
+
+    def close(self) -> Deferred:
+        return defer.gatherResults([p.closeCachedConnections() for p in self._pools])
+
+    # -- transport --------------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def _once(self, endpoint: str, send: Callable[[float], Deferred], timeout: float):
+        """One attempt: send, read the JSON body, classify. Bounded by `timeout` seconds."""
+        started = self._reactor.seconds()
+        outcome = "error"
+        try:
+            d = send(timeout)
+            d.addTimeout(timeout, self._reactor)
+            response = yield d
+            body_d = response.content()
+            body_d.addTimeout(max(0.001, timeout - (self._reactor.seconds() - started)), self._reactor)
+            body = yield body_d
+            if response.code != 200:
+                outcome = str(response.code)
+                raise _http_failure(response.code, _retry_after(response.headers))
+            try:
+                document = json.loads(body)
+            except ValueError:
+                outcome = "malformed"
+                raise UpstreamError(WriteFailure.UNAVAILABLE, "Stigg answered a body that is not JSON", True) from None
+            if not isinstance(document, dict):
+                outcome = "malformed"
+                raise UpstreamError(WriteFailure.UNAVAILABLE, "Stigg answered an unexpected body", True)
+            errors = document.get("errors")
+            if errors:
+                outcome = "graphql-error"
+                raise _graphql_failure(errors if isinstance(errors, list) else [errors])
+            data = document.get("data")
+            if not isinstance(data, dict):
+                outcome = "malformed"
+                raise UpstreamError(WriteFailure.UNAVAILABLE, "Stigg answered no data", True)
+            outcome = "ok"
+            return data
+        except defer.TimeoutError:
+            outcome = "timeout"
+            raise UpstreamError(WriteFailure.DEADLINE_EXCEEDED, f"Stigg did not answer within {timeout:.3g}s") from None
+        except _CONNECTION_ERRORS as e:
+            outcome = "unreachable"
+            raise UpstreamError(WriteFailure.UNAVAILABLE, f"Stigg is unreachable ({type(e).__name__})", True) from None
+        finally:
+            if self.on_attempt is not None:
+                self.on_attempt(endpoint, outcome, self._reactor.seconds() - started)
+
+    @inlineCallbacks
+    def _call(self, endpoint: str, send: Callable[[float], Deferred], timeout: float, retryable: bool = True):
+        """Attempts with backoff until success, a final failure, or the budget is spent."""
+        deadline = self._reactor.seconds() + timeout
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - self._reactor.seconds()
+            if remaining <= 0:
+                raise UpstreamError(WriteFailure.DEADLINE_EXCEEDED, f"Stigg did not answer within {timeout:.3g}s")
+            try:
+                result = yield self._once(endpoint, send, remaining)
+                return result
+            except UpstreamError as e:
+                if not (retryable and e.retryable) or attempt >= self._retry.max_attempts:
+                    raise
+                delay = max(self._retry.delay(attempt, self._rng), e.retry_after or 0.0)
+                if self._reactor.seconds() + delay >= deadline:
+                    raise
+                log.debug("Retrying {endpoint} in {delay:.3f}s: {why}", endpoint=endpoint, delay=delay, why=e.message)
+                yield deferLater(self._reactor, delay, lambda: None)
+
+    def _edge_get(self, endpoint: str, path: str, timeout: float) -> Deferred:
+        url = f"{self._edge_url}{path}"
+        headers = dict(self._headers, **{"X-API-VERSION": "1", "accept": "application/json"})
+        return self._call(endpoint, lambda t: self._edge.get(url, headers=headers), timeout)
+
+    def _graphql_post(
+        self, operation: str, query: str, variables: Mapping[str, Any], timeout: float, retryable: bool = True
+    ) -> Deferred:
+        body = json.dumps({"operationName": operation, "variables": variables, "query": query}).encode()
+        headers = dict(
+            self._headers,
+            **{
+                "content-type": "application/json",
+                "accept": "*/*",
+                "x-graphql-operation-name": operation,
+                "apollographql-client-name": "stigg-sidecar",
+                "apollographql-client-version": stigg_sidecar.__version__,
+            },
+        )
+        url = f"{self._api_url}/graphql"
+        return self._call(operation, lambda t: self._graphql.post(url, data=body, headers=headers), timeout, retryable)
+
+    # -- operations -------------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def fetch_state(self, customer_id: str, resource_id: str | None, timeout: float, use_edge: bool | None = None):
+        """The customer's `entitlementsState` object, from Edge or GraphQL."""
+        if self.edge_enabled if use_edge is None else use_edge:
+            path = _with_resource(f"/v1/c/{quote(customer_id, safe='')}/entitlements-state.json", resource_id)
+            data = yield self._edge_get("/v1/c/{customerId}/entitlements-state.json", path, timeout)
+        else:
+            query = {"customerId": customer_id, "resourceId": resource_id}
+            data = yield self._graphql_post(
+                "GetEntitlementsState", operations.GET_ENTITLEMENTS_STATE, {"query": query}, timeout
+            )
+        state = data.get("entitlementsState")
+        if not isinstance(state, dict):
+            raise UpstreamError(WriteFailure.UNAVAILABLE, "Stigg answered no entitlementsState", True)
+        return state
+
+    def validate_key(self, timeout: float) -> Deferred:
+        """Succeeds when Stigg accepts the key (the SDK-configuration endpoint, as Stigg's SDK does)."""
+        if self.edge_enabled:
+            return self._edge_get(
+                "/v1/config/server-sdk-configuration.json", "/v1/config/server-sdk-configuration.json", timeout
+            )
+        return self._graphql_post("GetSdkConfiguration", operations.GET_SDK_CONFIGURATION, {}, timeout)
+
+    @inlineCallbacks
+    def report_usage(self, usages: Sequence[UsageReport], timeout: float):
+        """The API's UsageMeasurementWithCurrentUsage results, one per usage, in order.
+
+        Each usage carries a fresh idempotency key so a retry after a lost answer cannot count twice.
+        """
+        inputs = [usage_input(u, measurement_id()) for u in usages]
+        if len(inputs) == 1:
+            data = yield self._graphql_post("ReportUsage", operations.REPORT_USAGE, {"input": inputs[0]}, timeout)
+            results = [data.get("reportUsage")]
+        else:
+            data = yield self._graphql_post(
+                "ReportUsageBulk", operations.REPORT_USAGE_BULK, {"input": {"usages": inputs}}, timeout
+            )
+            results = data.get("reportUsageBulk")
+        if not isinstance(results, list) or len(results) != len(usages) or not all(isinstance(r, dict) for r in results):
+            raise UpstreamError(WriteFailure.UNAVAILABLE, "Stigg answered an unexpected usage result")
+        return results
+
+    @inlineCallbacks
+    def report_events(self, events: Sequence[EventReport], timeout: float):
+        variables = {"input": {"usageEvents": [event_input(e) for e in events]}}
+        yield self._graphql_post("ReportEvent", operations.REPORT_EVENT, variables, timeout)

@@ -1,0 +1,87 @@
+"""UpstreamService: the lifecycle of the connection to Stigg.
+
+On start it validates the API key (Stigg's SDK-configuration call) with readiness blocked until
+that first attempt ends. A rejected key keeps readiness DOWN with the reason, is logged once, and
+switches reads to fallbacks. An unreachable Stigg must never take the application's pod out of
+service, so then readiness is released and the check keeps retrying in the background. On stop it
+cancels the retry and closes the connection pools.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from stigg_sidecar.health import Readiness
+from stigg_sidecar.online import OnlineSidecar
+from stigg_sidecar.reports import WriteFailure
+from stigg_sidecar.upstream.api import StiggApi, UpstreamError
+
+log = Logger()
+
+
+class UpstreamService(Service):
+    name = "upstream"
+
+    def __init__(
+        self,
+        reactor,
+        api: StiggApi,
+        backend: OnlineSidecar,
+        readiness: Readiness,
+        timeout: float,
+        max_retry_delay: float = 60.0,
+    ) -> None:
+        self._reactor = reactor
+        self._api = api
+        self._backend = backend
+        self._readiness = readiness
+        self._timeout = timeout
+        self._max_retry_delay = max_retry_delay
+        self._retry_delay = 1.0
+        self._pending = None
+        self.key_state = "unchecked"  # unchecked | valid | rejected | unverified
+
+    def startService(self) -> None:
+        super().startService()
+        self._readiness.block("api-key", "validating the API key with Stigg")
+        self._check()
+
+    def _check(self) -> None:
+        self._pending = None
+        self._api.validate_key(self._timeout).addCallbacks(self._accepted, self._failed)
+
+    def _accepted(self, _) -> None:
+        if self.key_state != "valid":
+            log.info("Stigg accepted the API key")
+        self.key_state = "valid"
+        self._readiness.unblock("api-key")
+
+    def _failed(self, failure: Failure) -> None:
+        if not self.running:
+            return
+        error = failure.value
+        if isinstance(error, UpstreamError) and error.failure is WriteFailure.UNAUTHENTICATED:
+            self.key_state = "rejected"
+            self._backend.key_rejected = True
+            self._readiness.block("api-key", "Stigg rejected the API key (SERVER_API_KEY)")
+            log.error("Stigg rejected the API key: reads answer fallbacks and writes fail until it is fixed")
+            return
+        why = error.message if isinstance(error, UpstreamError) else repr(error)
+        if self.key_state == "unchecked":
+            log.warn(
+                "Could not validate the API key ({why}); serving from cache and fallbacks, retrying in the background",
+                why=why,
+            )
+        self.key_state = "unverified"
+        self._readiness.unblock("api-key")
+        self._pending = self._reactor.callLater(self._retry_delay, self._check)
+        self._retry_delay = min(self._max_retry_delay, self._retry_delay * 2)
+
+    def stopService(self):
+        super().stopService()
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
+        return self._api.close()
