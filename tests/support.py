@@ -163,3 +163,66 @@ def http_client(testcase, reactor):
 
     testcase.addCleanup(close)
     return HTTPClient(Agent(reactor, pool=pool))
+
+
+class OnlineHarness:
+    """An emulator and an online sidecar, both in this process's reactor on 127.0.0.1:0, and a
+    grpcio client whose calls return Deferreds (so the reactor keeps serving the sidecar)."""
+
+    def __init__(self, testcase, reactor) -> None:
+        self.testcase = testcase
+        self.reactor = reactor
+
+    async def start(self, data: dict, api_key: str = "test-key", **settings: str):
+        import grpc
+
+        from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
+        from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
+        from stigg_sidecar.settings import load_settings
+        from stigg_sidecar.tap import build_sidecar
+
+        self.emulator = await start_emulator(self.reactor, data)
+        self.testcase.addCleanup(stop_emulator, self.emulator)
+        env = {
+            "SERVER_API_KEY": api_key,
+            "API_URL": self.emulator.url,
+            "EDGE_API_URL": self.emulator.url,
+            "WS_ENABLED": "0",
+            "BIND_ADDRESS": "127.0.0.1",
+            "PORT": "0",
+            "HTTP_PORT": "0",
+            "SHUTDOWN_GRACE_SECS": "0.5",
+            "ENTITLEMENTS_TIMEOUT_MS": "2000",
+        }
+        env.update(settings)
+        self.settings = load_settings(env)
+        self.sidecar = build_sidecar(self.settings, self.reactor)
+        self.sidecar.privilegedStartService()
+        self.sidecar.startService()
+        self.testcase.addCleanup(self.sidecar.stopService)
+        self.grpc_port = self.sidecar.getServiceNamed("grpc").port
+        self.http_port = self.sidecar.getServiceNamed("http").port
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+        self.testcase.addCleanup(self.channel.close)
+        self.stub = SidecarServiceStub(self.channel)
+        self.http = http_client(self.testcase, self.reactor)
+        return self
+
+    def call(self, method: str, request, timeout: float = 10) -> Deferred:
+        return grpc_deferred(self.reactor, getattr(self.stub, method).future(request, timeout=timeout))
+
+    async def admin(self, verb: str, path: str, body=None):
+        import json
+
+        response = await self.http.request(
+            verb, f"{self.emulator.url}/_emulator/{path}", data=None if body is None else json.dumps(body).encode()
+        )
+        text = await response.text()
+        return response.code, (json.loads(text) if text else None)
+
+    async def requests(self) -> dict:
+        return (await self.admin("GET", "requests"))[1]
+
+    async def faults(self, **faults):
+        code, body = await self.admin("POST", "faults", faults)
+        assert code == 200, body

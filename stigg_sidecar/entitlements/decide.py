@@ -119,7 +119,9 @@ def decide_feature(
     if ent.access_denied_reason:
         return replace(typed, has_access=False, reason=ent.access_denied_reason)
     if actual != kind:
-        return fallback_decision(kind, feature_id, fallback, requested_usage, requested_values, "FeatureTypeMismatch")
+        # Stigg answers the fallback *and* says why, even when the fallback grants access.
+        mismatch = fallback_decision(kind, feature_id, fallback, requested_usage, requested_values)
+        return replace(mismatch, reason="FeatureTypeMismatch")
     if typed.has_access and _short_of_credits(entry, ent, usage):
         return replace(typed, has_access=False, reason="InsufficientCredits")
     return typed
