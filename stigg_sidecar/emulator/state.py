@@ -1,0 +1,406 @@
+"""The emulator's mutable store: what Stigg would know, and what it was told.
+
+Owns the customers' entitlement state, the usage and event logs, the per-endpoint request
+counters and the fault settings, with the rules by which Stigg changes them: usage reports add
+(DELTA) or set (SET) a metered entitlement's ``currentUsage``; usage periods that end roll over
+and reset usage; idempotency keys de-duplicate usage reports and events; admin replacements bump
+``entitlementUpdatedAt``.
+
+Plain methods over plain data: no I/O, no HTTP, no JSON encoding. Time comes from an injected
+`IReactorTime`, randomness (measurement ids, ``error_rate``) from an injected `random.Random`.
+Objects returned are copies: callers may keep or change them.
+"""
+
+from __future__ import annotations
+
+import calendar
+import copy
+import math
+import uuid
+from collections import Counter
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+from random import Random
+from typing import Any, Mapping, Sequence
+
+from twisted.internet.interfaces import IReactorTime
+
+from stigg_sidecar.emulator.data import (
+    CustomerData,
+    EmulatorData,
+    EntityState,
+    format_timestamp,
+    is_metered,
+    parse_timestamp,
+    timestamp_from_seconds,
+    v1_entitlement,
+)
+
+ENVIRONMENT_ID = "00000000-0000-4000-8000-00000000e1e1"  # the emulator's one environment
+_FIXED_PERIODS = {"HOUR": timedelta(hours=1), "DAY": timedelta(days=1), "WEEK": timedelta(weeks=1)}
+
+
+class StiggError(Exception):
+    """An error Stigg's API reports in a GraphQL ``errors`` item, with ``extensions.code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """One validated ``ReportUsageInput``."""
+
+    customer_id: str
+    feature_id: str
+    value: float
+    resource_id: str | None = None
+    update_behavior: str = "DELTA"
+    created_at: datetime | None = None
+    dimensions: Mapping[str, Any] | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class UsageEvent:
+    """One validated ``UsageEventReportInput``."""
+
+    event_name: str
+    customer_id: str
+    idempotency_key: str
+    resource_id: str | None = None
+    dimensions: Mapping[str, Any] | None = None
+    timestamp: datetime | None = None
+
+
+@dataclass
+class Faults:
+    """Misbehaviour applied to the Stigg endpoints (never to the admin API) until switched off.
+
+    - ``latency_ms``: delay every answer.
+    - ``error_status``: answer every request with this HTTP status (when ``error_rate`` is 0).
+    - ``error_rate``: answer this fraction of requests (0..1) with ``error_status`` or else 500.
+    - ``malformed``: answer 200 with a body that is not JSON.
+    - ``down``: drop the connection without answering.
+    """
+
+    latency_ms: float = 0.0
+    error_status: int = 0
+    error_rate: float = 0.0
+    malformed: bool = False
+    down: bool = False
+
+    def update(self, changes: Mapping[str, Any]) -> None:
+        """Apply some settings; raise ValueError (changing nothing) if any is invalid."""
+        known = {f.name for f in fields(self)}
+        checked: dict[str, Any] = {}
+        for name, value in changes.items():
+            if name not in known:
+                raise ValueError(f"{name}: unknown fault (known: {', '.join(sorted(known))})")
+            if name in ("malformed", "down"):
+                if not isinstance(value, bool) and value not in (0, 1):
+                    raise ValueError(f"{name}: must be true or false")
+                checked[name] = bool(value)
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name}: must be a number")
+            if name == "latency_ms" and not (math.isfinite(value) and value >= 0):
+                raise ValueError("latency_ms: must be a finite number >= 0")
+            if name == "error_rate" and not 0 <= value <= 1:
+                raise ValueError("error_rate: must be between 0 and 1")
+            if (
+                name == "error_status"
+                and value != 0
+                and not (value == int(value) and 400 <= value <= 599)
+            ):
+                raise ValueError("error_status: must be 0 (off) or an HTTP status 400..599")
+            checked[name] = int(value) if name == "error_status" else float(value)
+        for name, value in checked.items():
+            setattr(self, name, value)
+
+    def as_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def error_to_inject(self, random: Random) -> int | None:
+        """The HTTP status to answer this request with, or None to answer it normally."""
+        if self.error_rate > 0:
+            return (self.error_status or 500) if random.random() < self.error_rate else None
+        return self.error_status or None
+
+
+class EmulatorState:
+    """Everything the emulator knows; one instance per emulator, owned by the reactor thread."""
+
+    def __init__(
+        self,
+        data: EmulatorData,
+        *,
+        clock: IReactorTime,
+        random: Random | None = None,
+        api_keys: Sequence[str] = (),
+    ) -> None:
+        self.clock = clock
+        self.random = random if random is not None else Random()
+        self.api_keys = frozenset([*data.api_keys, *api_keys])
+        self.faults = Faults()
+        self._last_stamp: datetime | None = None
+        self._customers: dict[str, CustomerData] = {}
+        self._usage: list[dict[str, Any]] = []
+        self._events: list[dict[str, Any]] = []
+        self._usage_by_key: dict[tuple[str, str], dict[str, Any]] = {}
+        self._event_keys: set[tuple[str, str]] = set()
+        self._requests: Counter[str] = Counter()
+        for customer_id, customer in data.customers.items():
+            self.replace(customer_id, None, customer.state)
+            for resource_id, resource in customer.resources.items():
+                self.replace(customer_id, resource_id, resource)
+
+    # -- time ----------------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        return timestamp_from_seconds(self.clock.seconds())
+
+    def _stamp(self) -> str:
+        """Now, but strictly later (by at least 1 ms) than any stamp before: version timestamps."""
+        now = self.now()
+        now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        if self._last_stamp is not None and now <= self._last_stamp:
+            now = self._last_stamp + timedelta(milliseconds=1)
+        self._last_stamp = now
+        return format_timestamp(now)
+
+    # -- keys and counters ---------------------------------------------------------------------
+
+    def is_authorized(self, api_key: str | None) -> bool:
+        return api_key is not None and api_key in self.api_keys
+
+    def count_request(self, endpoint: str) -> None:
+        self._requests[endpoint] += 1
+
+    def request_counts(self) -> dict[str, int]:
+        return dict(self._requests)
+
+    def reset_request_counts(self) -> None:
+        self._requests.clear()
+
+    # -- entitlements --------------------------------------------------------------------------
+
+    def replace(self, customer_id: str, resource_id: str | None, entity: EntityState) -> None:
+        """Set a customer's (or one of its resources') state, as an admin change in Stigg would.
+
+        Entitlements without ``entitlementUpdatedAt`` get a fresh stamp; metered ones without
+        ``usageUpdatedAt`` too. Usage periods already over are moved to the current period
+        keeping the given usage: the data describes the present.
+        """
+        entity = copy.deepcopy(entity)
+        stamp = self._stamp()
+        for item in entity.entitlements:
+            if item["entitlementUpdatedAt"] is None:
+                item["entitlementUpdatedAt"] = stamp
+            tracks_usage = item["__typename"] == "CreditEntitlement" or is_metered(item)
+            if tracks_usage and item["usageUpdatedAt"] is None:
+                item["usageUpdatedAt"] = stamp
+            self._roll_period(item, reset_usage=False)
+        customer = self._customers.get(customer_id)
+        if resource_id is None:
+            if customer is None:
+                self._customers[customer_id] = CustomerData(entity)
+            else:
+                customer.state = entity
+        else:
+            if customer is None:
+                customer = self._customers[customer_id] = CustomerData(EntityState())
+            customer.resources[resource_id] = entity
+
+    def entitlements_state(
+        self, customer_id: str, resource_id: str | None = None
+    ) -> dict[str, Any]:
+        """The ``EntitlementsState`` object of GetEntitlementsState and entitlements-state.json."""
+        reason, entitlements = self._lookup(customer_id, resource_id)
+        return {
+            "__typename": "EntitlementsState",
+            "entitlements": [
+                v1_entitlement(item, customer_id, resource_id)
+                for item in entitlements
+                if item["__typename"] == "FeatureEntitlement"
+            ],
+            "entitlementsV2": copy.deepcopy(entitlements),
+            "accessDeniedReason": reason,
+        }
+
+    def entitlements_v1(self, customer_id: str, resource_id: str | None = None) -> list[dict]:
+        """The ``Entitlement`` list of GetEntitlements and entitlements.json: features only."""
+        return self.entitlements_state(customer_id, resource_id)["entitlements"]
+
+    def _lookup(self, customer_id: str, resource_id: str | None) -> tuple[str | None, list[dict]]:
+        customer = self._customers.get(customer_id)
+        if customer is None:
+            return "CustomerNotFound", []
+        entity = customer.state if resource_id is None else customer.resources.get(resource_id)
+        if entity is None or customer.state.access_denied_reason == "CustomerIsArchived":
+            # CustomerResourceNotFound is not an EntitlementsStateAccessDeniedReason: a customer
+            # that exists but has no subscription for this resource is NoActiveSubscription.
+            return customer.state.access_denied_reason or "NoActiveSubscription", []
+        for item in entity.entitlements:
+            self._roll_period(item, reset_usage=True)
+        return entity.access_denied_reason, entity.entitlements
+
+    def _roll_period(self, item: dict[str, Any], *, reset_usage: bool) -> None:
+        """Move an ended usage period to the one containing now, resetting usage if asked."""
+        end, anchor, period = item.get("usagePeriodEnd"), item.get("usagePeriodAnchor"), None
+        if item["__typename"] == "FeatureEntitlement":
+            period = item["resetPeriod"]
+        now = self.now()
+        if end is None or anchor is None or period is None or parse_timestamp(end) > now:
+            return
+        start, end_dt = current_period(parse_timestamp(anchor), period, now)
+        item["usagePeriodStart"] = format_timestamp(start)
+        item["usagePeriodEnd"] = format_timestamp(end_dt)
+        if reset_usage:
+            item["currentUsage"] = 0
+            item["usageUpdatedAt"] = self._stamp()
+
+    # -- usage and events ----------------------------------------------------------------------
+
+    def report_usage(self, reports: Sequence[UsageReport]) -> list[dict[str, Any]]:
+        """Apply usage reports, all or none; returns UsageMeasurementWithCurrentUsage objects.
+
+        Raises StiggError (CustomerNotFound, CustomerResourceNotFound, FeatureNotFound,
+        NoFeatureEntitlementInSubscription, MeteringNotAvailableForFeatureType) before applying
+        anything if any report cannot be applied. A repeated idempotency key (per customer)
+        returns the first report's result and changes nothing.
+        """
+        targets = [self._usage_target(report) for report in reports]
+        return [self._apply_usage(r, t) for r, t in zip(reports, targets)]
+
+    def _usage_target(self, report: UsageReport) -> dict[str, Any]:
+        customer = self._customers.get(report.customer_id)
+        if customer is None:
+            raise StiggError("CustomerNotFound", f"Customer not found: {report.customer_id}")
+        entity = customer.state
+        if report.resource_id is not None:
+            entity = customer.resources.get(report.resource_id)
+            if entity is None:
+                raise StiggError(
+                    "CustomerResourceNotFound",
+                    f"Resource {report.resource_id} not found for customer {report.customer_id}",
+                )
+        for item in entity.entitlements:
+            if item["__typename"] == "FeatureEntitlement":
+                if item["feature"]["refId"] == report.feature_id:
+                    if not is_metered(item):
+                        raise StiggError(
+                            "MeteringNotAvailableForFeatureType",
+                            f"Feature {report.feature_id} is not metered: usage cannot be reported",
+                        )
+                    return item
+        if not self._feature_exists(report.feature_id):
+            raise StiggError("FeatureNotFound", f"Feature not found: {report.feature_id}")
+        raise StiggError(
+            "NoFeatureEntitlementInSubscription",
+            f"Customer {report.customer_id} has no entitlement to feature {report.feature_id}",
+        )
+
+    def _feature_exists(self, feature_id: str) -> bool:
+        for customer in self._customers.values():
+            for entity in (customer.state, *customer.resources.values()):
+                for item in entity.entitlements:
+                    if (item.get("feature") or {}).get("refId") == feature_id:
+                        return True
+        return False
+
+    def _apply_usage(self, report: UsageReport, item: dict[str, Any]) -> dict[str, Any]:
+        key = (report.customer_id, report.idempotency_key or "")
+        if report.idempotency_key and key in self._usage_by_key:
+            return copy.deepcopy(self._usage_by_key[key])
+        self._roll_period(item, reset_usage=True)
+        before = item["currentUsage"] or 0
+        item["currentUsage"] = (
+            report.value if report.update_behavior == "SET" else before + report.value
+        )
+        item["usageUpdatedAt"] = self._stamp()
+        now = format_timestamp(self.now())
+        result = {
+            "__typename": "UsageMeasurementWithCurrentUsage",
+            "id": str(uuid.UUID(int=self.random.getrandbits(128), version=4)),
+            "featureId": report.feature_id,
+            "customerId": report.customer_id,
+            "resourceId": report.resource_id,
+            "environmentId": ENVIRONMENT_ID,
+            "value": report.value,
+            "currentUsage": item["currentUsage"],
+            "usagePeriodStart": item["usagePeriodStart"],
+            "usagePeriodEnd": item["usagePeriodEnd"],
+            "nextResetDate": item["usagePeriodEnd"],
+            "timestamp": format_timestamp(report.created_at) if report.created_at else now,
+            "createdAt": now,
+            "credit": None,
+        }
+        if report.idempotency_key:
+            self._usage_by_key[key] = result
+        self._usage.append(
+            {
+                **{k: result[k] for k in ("id", "customerId", "resourceId", "featureId")},
+                "value": report.value,
+                "updateBehavior": report.update_behavior,
+                "idempotencyKey": report.idempotency_key,
+                "dimensions": copy.deepcopy(report.dimensions),
+                "timestamp": result["timestamp"],
+                "currentUsage": result["currentUsage"],
+            }
+        )
+        return copy.deepcopy(result)
+
+    def report_events(self, events: Sequence[UsageEvent]) -> int:
+        """Record raw events, skipping repeated (customerId, idempotencyKey); returns how many
+        were new. Like Stigg's asynchronous ingestion, unknown customers are not checked and
+        events do not change entitlements (the emulator has no meters)."""
+        received_at = format_timestamp(self.now())
+        recorded = 0
+        for event in events:
+            key = (event.customer_id, event.idempotency_key)
+            if key in self._event_keys:
+                continue
+            self._event_keys.add(key)
+            recorded += 1
+            self._events.append(
+                {
+                    "eventName": event.event_name,
+                    "customerId": event.customer_id,
+                    "resourceId": event.resource_id,
+                    "idempotencyKey": event.idempotency_key,
+                    "dimensions": copy.deepcopy(event.dimensions),
+                    "timestamp": format_timestamp(event.timestamp or self.now()),
+                    "receivedAt": received_at,
+                }
+            )
+        return recorded
+
+    def usage_log(self) -> list[dict[str, Any]]:
+        return copy.deepcopy(self._usage)
+
+    def event_log(self) -> list[dict[str, Any]]:
+        return copy.deepcopy(self._events)
+
+
+def current_period(anchor: datetime, period: str, now: datetime) -> tuple[datetime, datetime]:
+    """The [start, end) usage period containing ``now``: anchor + N and anchor + N+1 periods."""
+    if period in _FIXED_PERIODS:
+        step = _FIXED_PERIODS[period]
+        n = max(0, math.floor((now - anchor) / step))
+        return anchor + n * step, anchor + (n + 1) * step
+    months = 12 if period == "YEAR" else 1
+    n = max(0, ((now.year - anchor.year) * 12 + now.month - anchor.month) // months)
+    if n and _add_months(anchor, n * months) > now:
+        n -= 1
+    return _add_months(anchor, n * months), _add_months(anchor, (n + 1) * months)
+
+
+def _add_months(moment: datetime, months: int) -> datetime:
+    """Calendar months later, clamping the day to the month's length (Jan 31 + 1 = Feb 28)."""
+    index = moment.month - 1 + months
+    year, month = moment.year + index // 12, index % 12 + 1
+    day = min(moment.day, calendar.monthrange(year, month)[1])
+    return moment.replace(year=year, month=month, day=day)
