@@ -21,6 +21,7 @@ class SidecarService(MultiService):
         super().__init__()
         self.readiness = readiness
         self._observer = observer
+        self.backend = None  # the EntitlementSource/Writer the gRPC handlers use (set by tap)
 
     def setServiceParent(self, parent) -> None:
         # twistd's Application is Componentized: its ILogObserver component replaces the

@@ -78,6 +78,7 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         backend = OnlineSidecar(reactor, api, EntitlementCache(settings.cache_max_size_bytes), fetch_timeout)
         UpstreamService(reactor, api, backend, readiness, fetch_timeout).setServiceParent(top)
 
+    top.backend = backend
     servicer = SidecarServicer(
         source=backend,
         writer=backend,

@@ -173,7 +173,7 @@ class OnlineHarness:
         self.testcase = testcase
         self.reactor = reactor
 
-    async def start(self, data: dict, api_key: str = "test-key", **settings: str):
+    async def start(self, data: dict, api_key: str = "test-key", seed: int | None = None, **settings: str):
         import grpc
 
         from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
@@ -181,7 +181,9 @@ class OnlineHarness:
         from stigg_sidecar.settings import load_settings
         from stigg_sidecar.tap import build_sidecar
 
-        self.emulator = await start_emulator(self.reactor, data)
+        from random import Random
+
+        self.emulator = await start_emulator(self.reactor, data, random=Random(seed) if seed is not None else None)
         self.testcase.addCleanup(stop_emulator, self.emulator)
         env = {
             "SERVER_API_KEY": api_key,
@@ -219,6 +221,23 @@ class OnlineHarness:
         )
         text = await response.text()
         return response.code, (json.loads(text) if text else None)
+
+    async def readiness(self):
+        response = await self.http.get(f"http://127.0.0.1:{self.http_port}/{self.settings.ready_endpoint_url}")
+        import json
+
+        return response.code, json.loads(await response.text())
+
+    async def wait_until(self, predicate, timeout: float = 10, interval: float = 0.05):
+        """Poll an async predicate until true; fail after `timeout` seconds (reactor time)."""
+        from twisted.internet.task import deferLater
+
+        deadline = self.reactor.seconds() + timeout
+        while self.reactor.seconds() < deadline:
+            if await predicate():
+                return
+            await deferLater(self.reactor, interval, lambda: None)
+        raise AssertionError(f"condition not met within {timeout}s")
 
     async def requests(self) -> dict:
         return (await self.admin("GET", "requests"))[1]

@@ -200,16 +200,27 @@ class StiggApi:
 
     @inlineCallbacks
     def _once(self, endpoint: str, send: Callable[[float], Deferred], timeout: float):
-        """One attempt: send, read the JSON body, classify. Bounded by `timeout` seconds."""
+        """One attempt: send, read the JSON body, classify. Bounded by `timeout` seconds.
+
+        One timer covers the request and the body; when it fires it cancels whichever is
+        pending, and the attempt fails as a timeout whatever error the cancellation surfaces as.
+        """
         started = self._reactor.seconds()
         outcome = "error"
+        pending: list[Deferred] = []
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            for d in pending:
+                d.cancel()
+
+        timer = self._reactor.callLater(timeout, expire)
         try:
-            d = send(timeout)
-            d.addTimeout(timeout, self._reactor)
-            response = yield d
-            body_d = response.content()
-            body_d.addTimeout(max(0.001, timeout - (self._reactor.seconds() - started)), self._reactor)
-            body = yield body_d
+            pending[:] = [send(timeout)]
+            response = yield pending[0]
+            pending[:] = [response.content()]
+            body = yield pending[0]
             if response.code != 200:
                 outcome = str(response.code)
                 raise _http_failure(response.code, _retry_after(response.headers))
@@ -231,13 +242,19 @@ class StiggApi:
                 raise UpstreamError(WriteFailure.UNAVAILABLE, "Stigg answered no data", True)
             outcome = "ok"
             return data
-        except defer.TimeoutError:
-            outcome = "timeout"
-            raise UpstreamError(WriteFailure.DEADLINE_EXCEEDED, f"Stigg did not answer within {timeout:.3g}s") from None
-        except _CONNECTION_ERRORS as e:
-            outcome = "unreachable"
-            raise UpstreamError(WriteFailure.UNAVAILABLE, f"Stigg is unreachable ({type(e).__name__})", True) from None
+        except UpstreamError:
+            raise
+        except Exception as e:
+            if expired:
+                outcome = "timeout"
+                raise UpstreamError(WriteFailure.DEADLINE_EXCEEDED, f"Stigg did not answer within {timeout:.3g}s") from None
+            if isinstance(e, _CONNECTION_ERRORS):
+                outcome = "unreachable"
+                raise UpstreamError(WriteFailure.UNAVAILABLE, f"Stigg is unreachable ({type(e).__name__})", True) from None
+            raise
         finally:
+            if timer.active():
+                timer.cancel()
             if self.on_attempt is not None:
                 self.on_attempt(endpoint, outcome, self._reactor.seconds() - started)
 
