@@ -191,3 +191,62 @@ def _float(value: Any) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return None
+
+
+class CacheUpdates:
+    """Applies real-time updates to the cache (the socket's UpdateSink), on the reactor.
+
+    entitlementsUpdatedV2 replaces a cached customer's entry (newer wins) or purges it when it
+    carries neither entitlements nor a reason; usageUpdatedV2 updates one entitlement's usage if
+    newer; packagePublished for ALL_CUSTOMERS drops everything. Customers this sidecar has not
+    cached are left alone: it never fills memory with customers nobody here asked about.
+    The socket going down starts the poller; coming back stands it down and revalidates the
+    cache in the background instead of wiping it, so reads never go cold on a blip.
+    """
+
+    def __init__(self, backend: OnlineSidecar, poller, refresher) -> None:
+        self._backend = backend
+        self._poller = poller
+        self._refresher = refresher
+        self._ups = 0
+
+    def socket_up(self) -> None:
+        self._ups += 1
+        self._poller.stand_down()
+        if self._ups > 1 or len(self._backend.cache):
+            self._refresher.refresh()
+
+    def socket_down(self) -> None:
+        self._poller.activate()
+
+    def entitlements_updated(self, payload: Any) -> None:
+        customer_id = payload["customerId"]
+        resource_id = payload.get("resourceId") or None
+        key = cache_key(customer_id, resource_id)
+        if self._backend.cache.get_entry(key) is None:
+            return
+        entitlements = payload.get("entitlements") or []
+        reason = payload.get("accessDeniedReason")
+        if not entitlements and reason is None:
+            self._backend.cache.purge(key)
+            return
+        state = {"entitlementsV2": entitlements, "accessDeniedReason": reason}
+        self._backend.store(entry_from_state(customer_id, resource_id, state, self._backend.now_ms()))
+
+    def usage_updated(self, payload: Any) -> None:
+        reference = payload["entitlementReference"]
+        usage = payload["usage"]
+        current = _float(usage.get("currentUsage"))
+        if current is None:
+            raise ValueError("usageUpdatedV2 without a numeric currentUsage")
+        stamp = parse_time(usage.get("usageUpdatedAt")) or self._backend.now_ms()
+        start, end = parse_time(usage.get("usagePeriodStart")), parse_time(usage.get("usagePeriodEnd"))
+        key = cache_key(payload["customerId"], payload.get("resourceId") or None)
+        self._backend.cache.update(
+            key, lambda e: apply_usage(e, str(reference.get("type")), str(reference["id"]), current, start, end, stamp)
+        )
+
+    def package_published(self, payload: Any) -> None:
+        if payload.get("migrationType") == "ALL_CUSTOMERS":
+            log.info("A package was published for all customers; dropping the cache")
+            self._backend.cache.clear()

@@ -6,6 +6,8 @@ validates them into Settings (exiting with one clear line on a bad value) and bu
     SidecarService
     ├── HttpService      liveness, readiness on HTTP_PORT (stops last)
     ├── UpstreamService  API key check, Stigg connection pools (online only)
+    ├── Poller           refreshes cached entries while the socket is down or disabled (online only)
+    ├── RealtimeService  Stigg's GraphQL WebSocket, kept alive by ClientService (online, WS_ENABLED)
     └── GrpcService      stigg.sidecar.v1.SidecarService on PORT (stops first, draining)
 """
 
@@ -23,10 +25,12 @@ from stigg_sidecar.health import Readiness
 from stigg_sidecar.logs import make_observer
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.offline import OfflineSidecar
-from stigg_sidecar.online import OnlineSidecar
+from stigg_sidecar.online import CacheUpdates, OnlineSidecar
 from stigg_sidecar.service import SidecarService
 from stigg_sidecar.settings import SPECS, Settings, SettingsError, load_settings
 from stigg_sidecar.upstream.api import StiggApi
+from stigg_sidecar.upstream.poller import Poller, Refresher
+from stigg_sidecar.upstream.realtime import RealtimeService
 from stigg_sidecar.upstream.service import UpstreamService
 from stigg_sidecar.web import HttpService, health_app
 
@@ -77,6 +81,13 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         )
         backend = OnlineSidecar(reactor, api, EntitlementCache(settings.cache_max_size_bytes), fetch_timeout)
         UpstreamService(reactor, api, backend, readiness, fetch_timeout).setServiceParent(top)
+        refresher = Refresher(reactor, backend)
+        poller = Poller(reactor, refresher, settings.poll_interval_secs, active=True)
+        poller.setServiceParent(top)
+        if settings.ws_enabled:
+            RealtimeService(
+                reactor, settings.ws_url, api.socket_headers(), CacheUpdates(backend, poller, refresher)
+            ).setServiceParent(top)
 
     top.backend = backend
     servicer = SidecarServicer(

@@ -226,3 +226,19 @@ class EdgeOffTests(TestCase):
         self.assertEqual(counts.get("GetEntitlementsState"), 1)
         self.assertEqual(counts.get("GetSdkConfiguration"), 1)
         self.assertNotIn("/v1/c/{customerId}/entitlements-state.json", counts)
+
+
+class CacheBoundOverGrpcTests(TestCase):
+    timeout = 60
+
+    async def test_byte_budget_holds_while_many_customers_churn(self):
+        seed = {"apiKeys": ["test-key"], "customers": {f"c{i}": data.ACME for i in range(40)}}
+        h = await OnlineHarness(self, reactor).start(seed, CACHE_MAX_SIZE_BYTES="60000")
+        cache = h.sidecar.backend.cache
+        for round_ in range(2):
+            for i in range(40):
+                r = await h.call("GetMeteredEntitlement", metered(f"c{i}", "api-calls", 10))
+                self.assertEqual((r.has_access, r.is_fallback), (True, False))
+                self.assertLessEqual(cache.bytes, 60000)
+        self.assertLess(len(cache), 40)
+        self.assertGreater(cache.evictions, 0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from typing import Callable, Iterator
 
-from stigg_sidecar.entitlements.records import CustomerEntry, newer_or_equal
+from stigg_sidecar.entitlements.records import CustomerEntry, keep_newer_usage, newer_or_equal
 
 
 def earliest_expiry(entry: CustomerEntry) -> int | None:
@@ -49,6 +49,11 @@ class EntitlementCache:
         slot.used = next(self._ticks)
         return slot.entry
 
+    def get_entry(self, key: str) -> CustomerEntry | None:
+        """The entry without counting it as a read (for refreshes, which must not skew recency)."""
+        slot = self._slots.get(key)
+        return slot.entry if slot is not None else None
+
     def get_fresh(self, key: str, now_ms: int) -> CustomerEntry | None:
         """The entry unless missing or one of its entitlements is past validUntil."""
         slot = self._slots.get(key)
@@ -67,11 +72,17 @@ class EntitlementCache:
     # -- reactor only -----------------------------------------------------------------------------
 
     def put(self, entry: CustomerEntry) -> bool:
-        """Store `entry` unless the cached one is newer (newer wins). True when stored."""
+        """Store `entry` unless the cached one is newer (newer wins). True when stored.
+
+        Usage is versioned apart from the entitlements (it moves on every report), so usage the
+        cache holds that is newer than the incoming entry's is kept.
+        """
         key = entry.key
         slot = self._slots.get(key)
-        if slot is not None and not newer_or_equal(entry, slot.entry):
-            return False
+        if slot is not None:
+            if not newer_or_equal(entry, slot.entry):
+                return False
+            entry = keep_newer_usage(entry, slot.entry)
         self._store(key, entry, slot)
         return True
 

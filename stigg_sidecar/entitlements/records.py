@@ -440,3 +440,32 @@ def apply_usage(
 def newer_or_equal(candidate: CustomerEntry, current: CustomerEntry | None) -> bool:
     """Whether `candidate` may replace `current`: not older, or stamped epoch 0 (§3.4 rule 3)."""
     return current is None or candidate.timestamp == 0 or candidate.timestamp >= current.timestamp
+
+
+def keep_newer_usage(incoming: CustomerEntry, current: CustomerEntry) -> CustomerEntry:
+    """`incoming`, except that any usage `current` holds with a newer `updated_at` is kept.
+
+    A fetch may return usage older than an update the socket or a usage report already applied;
+    newer wins per entitlement. Returns `incoming` itself when nothing needs keeping.
+    """
+    features = dict(incoming.features)
+    credits = dict(incoming.credits)
+    changed = False
+    for ref, ent in incoming.features.items():
+        old = current.features.get(ref)
+        if old is not None and old.usage.updated_at > ent.usage.updated_at:
+            features[ref] = replace(ent, usage=old.usage)
+            changed = True
+    for ref, credit in incoming.credits.items():
+        old_credit = current.credits.get(ref)
+        if old_credit is not None and old_credit.usage_updated_at > credit.usage_updated_at:
+            credits[ref] = replace(
+                credit,
+                current_usage=old_credit.current_usage,
+                usage_period_end=old_credit.usage_period_end,
+                usage_updated_at=old_credit.usage_updated_at,
+            )
+            changed = True
+    if not changed:
+        return incoming
+    return replace(incoming, features=features, credits=credits)

@@ -193,6 +193,14 @@ class StiggApi:
         self._pools.append(pool)
         return HTTPClient(Agent(self._reactor, pool=pool, connectTimeout=10))
 
+    def socket_headers(self) -> dict[str, Any]:
+        """The identification headers as the WebSocket's connection_init carries them (pid and
+        timestamp as JSON numbers, names as sent over HTTP)."""
+        headers: dict[str, Any] = dict(self._headers)
+        headers["X-SDK-OS-PROCESS-ID"] = int(headers["X-SDK-OS-PROCESS-ID"])
+        headers["X-SDK-OS-PROCESS-TIMESTAMP"] = int(headers["X-SDK-OS-PROCESS-TIMESTAMP"])
+        return headers
+
     def close(self) -> Deferred:
         return defer.gatherResults([p.closeCachedConnections() for p in self._pools])
 

@@ -98,3 +98,43 @@ mutation ReportEvent($input: UsageEventsReportInput!) {
   reportEvent(events: $input)
 }
 """
+
+ON_ENTITLEMENTS_UPDATED = (
+    """
+subscription OnEntitlementsUpdatedV2 {
+  entitlementsUpdatedV2 {
+    customerId
+    resourceId
+    accessDeniedReason
+    entitlements {
+      ... on FeatureEntitlement { ...FeatureEntitlementFields }
+      ... on CreditEntitlement { ...CreditEntitlementFields }
+    }
+  }
+}
+"""
+    + ENTITLEMENT_FIELDS
+)
+
+ON_USAGE_UPDATED = """
+subscription OnUsageUpdatedV2 {
+  usageUpdatedV2 {
+    customerId
+    resourceId
+    entitlementReference { id type }
+    usage { currentUsage usageUpdatedAt usagePeriodStart usagePeriodEnd }
+  }
+}
+"""
+
+ON_PACKAGE_PUBLISHED = """
+subscription OnPackagePublished {
+  packagePublished { accountId environmentId packageType packageRefId packageVersion migrationType }
+}
+"""
+
+SUBSCRIPTIONS = {
+    "entitlementsUpdatedV2": ("OnEntitlementsUpdatedV2", ON_ENTITLEMENTS_UPDATED),
+    "usageUpdatedV2": ("OnUsageUpdatedV2", ON_USAGE_UPDATED),
+    "packagePublished": ("OnPackagePublished", ON_PACKAGE_PUBLISHED),
+}

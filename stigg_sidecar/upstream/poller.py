@@ -1,0 +1,111 @@
+"""Keeping cached entries fresh without the socket: the Refresher and the Poller.
+
+`Refresher.refresh()` refetches every cached entry, most recently read first, with bounded
+concurrency and rate, so a reconnect or a poll never floods Stigg. `Poller` runs a refresh every
+POLL_INTERVAL_SECS while it is active (socket down or disabled) and stands down when the socket
+is back. Reactor only; time comes from the injected reactor, so tests drive it with a Clock.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+
+from stigg_sidecar.online import OnlineSidecar
+
+log = Logger()
+
+
+class Refresher:
+    def __init__(self, reactor, backend: OnlineSidecar, concurrency: int = 4, rate: float = 50.0) -> None:
+        self._reactor = reactor
+        self._backend = backend
+        self._concurrency = concurrency
+        self._pause = concurrency / rate  # per worker, so all workers together stay under `rate`
+        self._running: Deferred | None = None
+        self.refreshed = 0
+        self.failed = 0
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None
+
+    def refresh(self) -> Deferred:
+        """Refetch all cached entries; a refresh already running is joined, not repeated."""
+        if self._running is not None:
+            return self._running
+        cache = self._backend.cache
+        targets = [(e.customer_id, e.resource_id) for e in map(cache.get_entry, cache.keys_by_recency()) if e]
+        work = iter(targets)
+        done = gatherResults([self._worker(work) for _ in range(min(self._concurrency, len(targets)) or 1)])
+
+        def finished(_):
+            self._running = None
+            log.debug("Refreshed {n} cached customers ({failed} failed)", n=len(targets), failed=self.failed)
+
+        done.addBoth(finished)
+        self._running = done
+        return done
+
+    @inlineCallbacks
+    def _worker(self, work: Iterator[tuple[str, str | None]]):
+        for customer_id, resource_id in work:
+            try:
+                yield self._backend.fetch(customer_id, resource_id)
+                self.refreshed += 1
+            except Exception:
+                self.failed += 1
+            yield deferLater(self._reactor, self._pause, lambda: None)
+
+
+class Poller(Service):
+    name = "poller"
+
+    def __init__(self, reactor, refresher: Refresher, interval: float, active: bool) -> None:
+        self._reactor = reactor
+        self._refresher = refresher
+        self._interval = interval
+        self.active = active
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self.active:
+            self._start_loop()
+
+    def stopService(self):
+        super().stopService()
+        self._stop_loop()
+
+    def activate(self) -> None:
+        """The socket is down (or disabled): poll."""
+        self.active = True
+        if self.running:
+            self._start_loop()
+
+    def stand_down(self) -> None:
+        """The socket is back: it carries the updates now."""
+        self.active = False
+        self._stop_loop()
+
+    def _start_loop(self) -> None:
+        if self._loop is None and self._interval > 0:
+            self._loop = LoopingCall(self._poll)
+            self._loop.clock = self._reactor
+            self._loop.start(self._interval, now=False)
+            log.info("Polling Stigg every {s}s while real-time updates are off", s=self._interval)
+
+    def _stop_loop(self) -> None:
+        if self._loop is not None:
+            if self._loop.running:
+                self._loop.stop()
+            self._loop = None
+
+    def _poll(self) -> Deferred:
+        if self._refresher.busy:
+            return succeed(None)
+        return self._refresher.refresh()

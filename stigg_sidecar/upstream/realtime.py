@@ -1,0 +1,220 @@
+"""RealtimeService: Stigg's GraphQL WebSocket (graphql-transport-ws), kept alive by ClientService.
+
+Owns the socket: connection_init with the identification headers, the three subscriptions
+(re-sent after every reconnect), keep-alive pings with a pong timeout, and the reconnect policy
+(jittered exponential backoff capped at 30 s). Hands every `next` payload to an `UpdateSink` on
+the reactor and tells it when the socket comes up and goes down. An invalid API key stops the
+retries for good, logged once. Malformed frames are logged, counted and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from typing import Any, Callable, Mapping, Protocol
+from urllib.parse import urlsplit
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.logger import Logger
+
+from stigg_sidecar.upstream.operations import SUBSCRIPTIONS
+
+log = Logger()
+
+SUBPROTOCOL = "graphql-transport-ws"
+# Close codes after which retrying cannot help (graphql-ws's fatal set), and Stigg's reason.
+_FATAL_CODES = {4400, 4401, 4403, 4004, 4005, 4406, 4409, 4429, 4500}
+_INVALID_KEY_REASON = "Invalid API key"
+
+
+class UpdateSink(Protocol):
+    """Where socket events go; every method is called on the reactor."""
+
+    def socket_up(self) -> None: ...
+
+    def socket_down(self) -> None: ...
+
+    def entitlements_updated(self, payload: Mapping[str, Any]) -> None: ...
+
+    def usage_updated(self, payload: Mapping[str, Any]) -> None: ...
+
+    def package_published(self, payload: Mapping[str, Any]) -> None: ...
+
+
+class GraphqlWsProtocol(WebSocketClientProtocol):
+    """One socket's life: init, ack, subscribe, keep alive, dispatch."""
+
+    factory: "_Factory"
+
+    def onOpen(self) -> None:
+        self._acked = False
+        self._subscriptions: dict[str, str] = {}
+        self._ping_call = None
+        self._pong_deadline = None
+        self._send({"type": "connection_init", "payload": {"headers": self.factory.service.init_headers}})
+
+    def _send(self, message: Mapping[str, Any]) -> None:
+        self.sendMessage(json.dumps(message).encode())
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        service = self.factory.service
+        try:
+            message = json.loads(payload)
+            kind = message["type"]
+        except (ValueError, KeyError, TypeError):
+            service.malformed_frame("not a graphql-transport-ws message")
+            return
+        if kind == "connection_ack":
+            self._acked = True
+            for field, (operation, query) in SUBSCRIPTIONS.items():
+                sub_id = str(uuid.uuid4())
+                self._subscriptions[sub_id] = field
+                self._send({"id": sub_id, "type": "subscribe", "payload": {"operationName": operation, "query": query}})
+            self._schedule_ping()
+            service.connected(self)
+        elif kind == "ping":
+            self._send({"type": "pong"})
+        elif kind == "pong":
+            if self._pong_deadline is not None and self._pong_deadline.active():
+                self._pong_deadline.cancel()
+            self._pong_deadline = None
+            self._schedule_ping()
+        elif kind == "next":
+            field = self._subscriptions.get(message.get("id"))
+            data = (message.get("payload") or {}).get("data") if isinstance(message.get("payload"), dict) else None
+            if field is None or not isinstance(data, dict) or not isinstance(data.get(field), dict):
+                errors = message.get("payload", {}).get("errors") if isinstance(message.get("payload"), dict) else None
+                service.malformed_frame(f"unusable {field or 'unknown'} update{f': {errors}' if errors else ''}")
+                return
+            service.dispatch(field, data[field])
+        elif kind == "error":
+            log.warn("Stigg refused subscription {field}: {payload}", field=self._subscriptions.get(message.get("id")), payload=message.get("payload"))
+        elif kind == "complete":
+            field = self._subscriptions.pop(message.get("id"), None)
+            log.warn("Stigg completed subscription {field}; reconnecting to resubscribe", field=field)
+            self.dropConnection(abort=True)
+        else:
+            service.malformed_frame(f"unknown message type {kind!r}")
+
+    def _schedule_ping(self) -> None:
+        service = self.factory.service
+        self._ping_call = service.reactor.callLater(service.ping_interval, self._ping)
+
+    def _ping(self) -> None:
+        self._ping_call = None
+        self._send({"type": "ping"})
+        self._pong_deadline = self.factory.service.reactor.callLater(self.factory.service.pong_timeout, self._no_pong)
+
+    def _no_pong(self) -> None:
+        log.warn("No pong from Stigg within {t}s; reconnecting", t=self.factory.service.pong_timeout)
+        self._pong_deadline = None
+        self.dropConnection(abort=True)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        for call in (getattr(self, "_ping_call", None), getattr(self, "_pong_deadline", None)):
+            if call is not None and call.active():
+                call.cancel()
+        self.factory.service.disconnected(self, code, reason)
+
+
+class _Factory(WebSocketClientFactory):
+    protocol = GraphqlWsProtocol
+    noisy = False
+
+    def __init__(self, service: "RealtimeService", url: str) -> None:
+        super().__init__(url, protocols=[SUBPROTOCOL])
+        self.service = service
+        self.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=10, closeHandshakeTimeout=2)
+
+
+def _endpoint(reactor, ws_url: str):
+    parts = urlsplit(f"{ws_url}/graphql")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    endpoint = HostnameEndpoint(reactor, parts.hostname, port, timeout=10)
+    if secure:
+        from twisted.internet.ssl import optionsForClientTLS
+
+        endpoint = wrapClientTLS(optionsForClientTLS(parts.hostname), endpoint)
+    return endpoint, parts.geturl()
+
+
+class RealtimeService(MultiService):
+    name = "realtime"
+
+    def __init__(
+        self,
+        reactor,
+        ws_url: str,
+        init_headers: Mapping[str, Any],
+        sink: UpdateSink,
+        ping_interval: float = 10.0,
+        pong_timeout: float = 10.0,
+        max_delay: float = 30.0,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.init_headers = dict(init_headers)
+        self.sink = sink
+        self.ping_interval = ping_interval
+        self.pong_timeout = pong_timeout
+        self.is_connected = False
+        self.connections = 0
+        self.malformed = 0
+        self.last_update: float | None = None
+        self.gave_up = False
+        endpoint, url = _endpoint(reactor, ws_url)
+        self._client = ClientService(
+            endpoint,
+            _Factory(self, url),
+            retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=max_delay, factor=2.0, jitter=jitter),
+            clock=reactor,
+        )
+        self._client.setServiceParent(self)
+
+    # -- events from the protocol -----------------------------------------------------------------
+
+    def connected(self, protocol: GraphqlWsProtocol) -> None:
+        self.is_connected = True
+        self.connections += 1
+        log.info("Real-time updates connected (connection {n})", n=self.connections)
+        self.sink.socket_up()
+
+    def disconnected(self, protocol: GraphqlWsProtocol, code: int | None, reason: str | None) -> None:
+        was_connected, self.is_connected = self.is_connected, False
+        if was_connected:
+            log.warn("Real-time updates disconnected (code {code}); cached data stays, refreshed by polling", code=code)
+            self.sink.socket_down()
+        if reason == _INVALID_KEY_REASON or code in _FATAL_CODES:
+            if not self.gave_up:
+                self.gave_up = True
+                log.error("Stigg closed the real-time socket for good ({code} {reason}); not retrying", code=code, reason=reason)
+                if not was_connected:
+                    self.sink.socket_down()
+                self.reactor.callLater(0, self._client.stopService)
+
+    def dispatch(self, field: str, payload: Mapping[str, Any]) -> None:
+        self.last_update = self.reactor.seconds()
+        try:
+            if field == "entitlementsUpdatedV2":
+                self.sink.entitlements_updated(payload)
+            elif field == "usageUpdatedV2":
+                self.sink.usage_updated(payload)
+            elif field == "packagePublished":
+                self.sink.package_published(payload)
+        except Exception:
+            self.malformed += 1
+            log.failure("Could not apply a {field} update; ignored", field=field)
+
+    def malformed_frame(self, why: str) -> None:
+        self.malformed += 1
+        log.warn("Ignored a malformed real-time frame: {why}", why=why)
+
+    def stopService(self):
+        self.is_connected = False
+        return super().stopService()

@@ -1,0 +1,91 @@
+"""EntitlementCache: byte bound under churn, approximate LRU, newer wins, usage kept when newer."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from stigg_sidecar.cache.memory import EntitlementCache
+from stigg_sidecar.entitlements.records import (
+    CustomerEntry,
+    Feature,
+    FeatureEntitlement,
+    Usage,
+    apply_usage,
+    cache_key,
+)
+
+API_CALLS = Feature("api-calls", "NUMBER", "Incremental")
+
+
+def entry(customer: str, timestamp: int = 1000, usage: float = 0, usage_at: int = 1000, features: int = 3) -> CustomerEntry:
+    ents = {
+        f"f{i}": FeatureEntitlement(Feature(f"f{i}", "BOOLEAN"), updated_at=timestamp) for i in range(features - 1)
+    }
+    ents["api-calls"] = FeatureEntitlement(
+        API_CALLS, usage_limit=100, updated_at=timestamp, usage=Usage(usage, None, None, usage_at)
+    )
+    return CustomerEntry(customer, features=ents, timestamp=timestamp)
+
+
+class ByteBoundTests(SynchronousTestCase):
+    def test_total_never_exceeds_budget_under_churn(self):
+        one = entry("c0").size
+        cache = EntitlementCache(max_bytes=one * 50)
+        for i in range(2000):
+            cache.put(entry(f"c{i}"))
+            self.assertLessEqual(cache.bytes, cache.max_bytes)
+            cache.get(cache_key("c0", None))  # c0 stays hot
+        self.assertLessEqual(len(cache), 50)
+        self.assertGreater(cache.evictions, 1900)
+        self.assertIsNotNone(cache.get(cache_key("c0", None)))
+        self.assertEqual(cache.bytes, sum(e.size for e in cache.entries()))
+
+    @settings(max_examples=50, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 8)), min_size=1, max_size=200), st.integers(1, 30))
+    def test_accounting_matches_contents(self, puts, budget_entries):
+        cache = EntitlementCache(max_bytes=entry("x").size * budget_entries)
+        for customer, features in puts:
+            cache.put(entry(f"c{customer}", features=features))
+            self.assertLessEqual(cache.bytes, cache.max_bytes)
+        self.assertEqual(cache.bytes, sum(e.size for e in cache.entries()))
+
+    def test_least_recently_read_go_first(self):
+        one = entry("a").size
+        cache = EntitlementCache(max_bytes=one * 3, low_water=0.99)
+        for name in "abc":
+            cache.put(entry(name))
+        cache.get(cache_key("a", None))
+        cache.put(entry("d"))
+        self.assertIsNone(cache.get_entry(cache_key("b", None)))
+        self.assertIsNotNone(cache.get_entry(cache_key("a", None)))
+
+
+class NewerWinsTests(SynchronousTestCase):
+    def test_older_entry_does_not_replace_newer(self):
+        cache = EntitlementCache(max_bytes=10**9)
+        self.assertTrue(cache.put(entry("c", timestamp=2000)))
+        self.assertFalse(cache.put(entry("c", timestamp=1000)))
+        self.assertEqual(cache.get_entry("c_c").timestamp, 2000)
+
+    def test_epoch_zero_always_replaces(self):
+        cache = EntitlementCache(max_bytes=10**9)
+        cache.put(entry("c", timestamp=2000))
+        self.assertTrue(cache.put(CustomerEntry("c", access_denied_reason="CustomerNotFound", timestamp=0)))
+
+    def test_refetch_keeps_newer_usage(self):
+        cache = EntitlementCache(max_bytes=10**9)
+        cache.put(entry("c", usage=5, usage_at=1000))
+        cache.update("c_c", lambda e: apply_usage(e, "FEATURE", "api-calls", 9, None, None, 3000))
+        cache.put(entry("c", usage=6, usage_at=2000))  # a fetch that started before the update
+        self.assertEqual(cache.get_entry("c_c").features["api-calls"].usage.current_usage, 9)
+        cache.put(entry("c", usage=11, usage_at=4000))
+        self.assertEqual(cache.get_entry("c_c").features["api-calls"].usage.current_usage, 11)
+
+    def test_expired_entries_are_not_fresh(self):
+        cache = EntitlementCache(max_bytes=10**9)
+        ents = {"sso": FeatureEntitlement(Feature("sso", "BOOLEAN"), valid_until=5000)}
+        cache.put(CustomerEntry("c", features=ents, timestamp=1))
+        self.assertIsNotNone(cache.get_fresh("c_c", 4999))
+        self.assertIsNone(cache.get_fresh("c_c", 5000))
