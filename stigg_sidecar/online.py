@@ -56,13 +56,26 @@ def call_on_reactor(reactor, fn: Callable[..., Any], *args: Any, timeout: float)
 
 
 class OnlineSidecar:
-    def __init__(self, reactor, api: StiggApi, cache: EntitlementCache, fetch_timeout: float) -> None:
+    def __init__(
+        self,
+        reactor,
+        api: StiggApi,
+        cache: EntitlementCache,
+        fetch_timeout: float,
+        on_hit: Callable[[], None] = lambda: None,
+        on_miss: Callable[[], None] = lambda: None,
+    ) -> None:
         self._reactor = reactor
+        self._on_hit = on_hit
+        self._on_miss = on_miss
         self._api = api
         self.cache = cache
         self._fetch_timeout = fetch_timeout
         self._inflight: dict[tuple[str, bool | None], list[Deferred]] = {}
         self.key_rejected = False  # set by the key check: no network, fallbacks only
+
+    def set_counters(self, on_hit: Callable[[], None], on_miss: Callable[[], None]) -> None:
+        self._on_hit, self._on_miss = on_hit, on_miss
 
     def now_ms(self) -> int:
         return int(time.time() * 1000)
@@ -71,8 +84,12 @@ class OnlineSidecar:
 
     def lookup(self, customer_id: str, resource_id: str | None, timeout: float) -> CustomerEntry | None:
         entry = self.cache.get_fresh(cache_key(customer_id, resource_id), self.now_ms())
-        if entry is not None or self.key_rejected:
+        if entry is not None:
+            self._on_hit()
             return entry
+        self._on_miss()
+        if self.key_rejected:
+            return None
         try:
             return call_on_reactor(self._reactor, self.fetch, customer_id, resource_id, timeout=timeout)
         except TimeoutError:

@@ -22,6 +22,7 @@ class SidecarService(MultiService):
         self.readiness = readiness
         self._observer = observer
         self.backend = None  # the EntitlementSource/Writer the gRPC handlers use (set by tap)
+        self.metrics = None  # stigg_sidecar.metrics.Metrics when enabled (set by tap)
 
     def setServiceParent(self, parent) -> None:
         # twistd's Application is Componentized: its ILogObserver component replaces the

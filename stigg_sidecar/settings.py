@@ -162,6 +162,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("GRPC_MAX_WORKERS", "16", _parse_int(1, 1024), "gRPC handler threads"),
     Spec("GRPC_MAX_MESSAGE_BYTES", "4194304", _parse_int(1024, 1 << 30), "largest gRPC request accepted (bytes)"),
     Spec("SHUTDOWN_GRACE_SECS", "10", _parse_seconds, "how long in-flight calls may finish on shutdown"),
+    Spec("METRICS_ENABLED", "1", parse_bool, "serve Prometheus metrics at /metrics and count on the hot path"),
     Spec("LOG_LEVEL", "info", _parse_choice(LOG_LEVELS), "lowest log level written"),
     Spec("LOG_FORMAT", "text", _parse_choice(LOG_FORMATS), "text for people, json for one object per line"),
 )
@@ -197,6 +198,7 @@ class Settings:
     grpc_max_workers: int = 16
     grpc_max_message_bytes: int = 4194304
     shutdown_grace_secs: float = 10.0
+    metrics_enabled: bool = True
     log_level: str = "info"
     log_format: str = "text"
 

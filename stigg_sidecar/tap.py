@@ -16,13 +16,20 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import HealthServicer
+from grpc_reflection.v1alpha import reflection
 from twisted.python import usage
+
+from stigg_sidecar._proto import sidecar_pb2
 
 from stigg_sidecar._proto.sidecar_pb2_grpc import add_SidecarServiceServicer_to_server
 from stigg_sidecar.grpc.server import GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
 from stigg_sidecar.health import Readiness
 from stigg_sidecar.logs import make_observer
+from stigg_sidecar.metrics import Metrics, MetricsInterceptor
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.offline import OfflineSidecar
 from stigg_sidecar.online import CacheUpdates, OnlineSidecar
@@ -50,6 +57,22 @@ class Options(usage.Options):
         return {spec.env: self[spec.option] for spec in SPECS}
 
 
+def _grpc_health_and_reflection(server: grpc.Server, readiness: Readiness) -> None:
+    """grpc.health.v1 following readiness (for Kubernetes gRPC probes), and server reflection."""
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    service = sidecar_pb2.DESCRIPTOR.services_by_name["SidecarService"].full_name
+
+    def follow(ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", service):
+            health.set(name, status)
+
+    readiness.subscribe(follow)
+    reflection.enable_server_reflection((service, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME), server)
+
+
 def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -59,9 +82,13 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
     readiness.block("grpc", "gRPC server is not serving yet")
     top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format))
     fetch_timeout = settings.entitlements_timeout_ms / 1000
+    metrics = Metrics() if settings.metrics_enabled else None
+    if metrics is not None:
+        readiness.subscribe(lambda ready: metrics.ready.set(1 if ready else 0))
+    top.metrics = metrics
 
     HttpService(
-        health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness),
+        health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics),
         settings.bind_address,
         settings.http_port,
         reactor,
@@ -79,26 +106,38 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
             edge_api_url=settings.edge_api_url,
             edge_enabled=settings.edge_enabled,
         )
-        backend = OnlineSidecar(reactor, api, EntitlementCache(settings.cache_max_size_bytes), fetch_timeout)
-        UpstreamService(reactor, api, backend, readiness, fetch_timeout).setServiceParent(top)
+        cache = EntitlementCache(settings.cache_max_size_bytes)
+        backend = OnlineSidecar(reactor, api, cache, fetch_timeout)
+        UpstreamService(
+            reactor, api, backend, readiness, fetch_timeout,
+            on_init_error=metrics.initialization_errors.inc if metrics else (lambda: None),
+        ).setServiceParent(top)
         refresher = Refresher(reactor, backend)
         poller = Poller(reactor, refresher, settings.poll_interval_secs, active=True)
         poller.setServiceParent(top)
+        realtime = None
         if settings.ws_enabled:
-            RealtimeService(
+            realtime = RealtimeService(
                 reactor, settings.ws_url, api.socket_headers(), CacheUpdates(backend, poller, refresher)
-            ).setServiceParent(top)
-
+            )
+            realtime.setServiceParent(top)
+        if metrics is not None:
+            _observe_online(metrics, reactor, api, backend, cache, realtime)
     top.backend = backend
+
     servicer = SidecarServicer(
         source=backend,
         writer=backend,
         fallbacks=settings.entitlements_fallback,
         read_timeout=fetch_timeout,
         write_timeout=fetch_timeout,
+        on_fallback=(lambda reason: metrics.fallbacks.labels(reason).inc()) if metrics else (lambda reason: None),
     )
     GrpcService(
-        [lambda server: add_SidecarServiceServicer_to_server(servicer, server)],
+        [
+            lambda server: add_SidecarServiceServicer_to_server(servicer, server),
+            lambda server: _grpc_health_and_reflection(server, readiness),
+        ],
         address=settings.bind_address,
         port=settings.port,
         max_workers=settings.grpc_max_workers,
@@ -106,8 +145,25 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         grace=settings.shutdown_grace_secs,
         reactor=reactor,
         on_serving=lambda port: readiness.unblock("grpc"),
+        interceptors=[MetricsInterceptor(metrics)] if metrics else [],
     ).setServiceParent(top)
     return top
+
+
+def _observe_online(metrics: Metrics, reactor, api: StiggApi, backend: OnlineSidecar, cache: EntitlementCache,
+                    realtime: RealtimeService | None) -> None:
+    """Point the metrics at the parts they describe; gauges are read at scrape time."""
+    api.on_attempt = metrics.upstream_attempt
+    backend.set_counters(metrics.cache_hits.inc, metrics.cache_misses.inc)
+    metrics.cache_entries.set_function(lambda: len(cache))
+    metrics.cache_bytes.set_function(lambda: cache.bytes)
+    metrics.cache_evictions.set_function(lambda: cache.evictions)
+    if realtime is not None:
+        metrics.realtime_connected.set_function(lambda: 1 if realtime.is_connected else 0)
+        metrics.realtime_update_age.set_function(
+            lambda: -1 if realtime.last_update is None else reactor.seconds() - realtime.last_update
+        )
+        metrics.realtime_malformed.set_function(lambda: realtime.malformed)
 
 
 def makeService(options: Options) -> SidecarService:

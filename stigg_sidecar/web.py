@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from stigg_sidecar.health import Readiness
+from stigg_sidecar.metrics import CONTENT_TYPE, Metrics
 
 log = Logger()
 
@@ -25,8 +26,15 @@ def _json(request, status: int, body: dict) -> bytes:
     return json.dumps(body).encode()
 
 
-def health_app(health_path: str, ready_path: str, readiness: Readiness) -> Klein:
+def health_app(health_path: str, ready_path: str, readiness: Readiness, metrics: Metrics | None = None) -> Klein:
     app = Klein()
+
+    if metrics is not None:
+
+        @app.route("/metrics", methods=["GET"])
+        def metrics_page(request):
+            request.setHeader(b"content-type", CONTENT_TYPE.encode())
+            return metrics.exposition()
 
     @app.route(f"/{health_path}", methods=["GET", "HEAD"])
     def livez(request):
@@ -51,6 +59,15 @@ def health_app(health_path: str, ready_path: str, readiness: Readiness) -> Klein
     return app
 
 
+class _QuietSite(Site):
+    """Probes hit these paths every few seconds; an access log line each would drown the logs."""
+
+    noisy = False
+
+    def log(self, request) -> None:
+        pass
+
+
 class HttpService(Service):
     """Serve a Klein app on `address:port`; `port` is the bound port once listening.
 
@@ -60,8 +77,7 @@ class HttpService(Service):
     name = "http"
 
     def __init__(self, app: Klein, address: str, port: int, reactor) -> None:
-        self._site = Site(app.resource())
-        self._site.noisy = False
+        self._site = _QuietSite(app.resource())
         self._reactor = reactor
         self._address = address
         self._requested_port = port

@@ -211,7 +211,10 @@ class OnlineHarness:
         return self
 
     def call(self, method: str, request, timeout: float = 10) -> Deferred:
-        return grpc_deferred(self.reactor, getattr(self.stub, method).future(request, timeout=timeout))
+        return self.call_stub(getattr(self.stub, method), request, timeout)
+
+    def call_stub(self, multicallable, request, timeout: float = 10) -> Deferred:
+        return grpc_deferred(self.reactor, multicallable.future(request, timeout=timeout))
 
     async def admin(self, verb: str, path: str, body=None):
         import json

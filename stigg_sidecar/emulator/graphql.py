@@ -6,6 +6,10 @@ and the GraphQL response envelopes. It is not a GraphQL engine: the operation is
 ``operationName`` (or the name in the ``query`` text) and the answer always carries every field
 Stigg's clients select, with ``__typename`` on each object.
 
+Also owns the subscriptions' side: which root field a ``subscription`` document asks for
+(`subscription_field`) and the ``next`` payload each `StateChange` becomes for it
+(`subscription_data`).
+
 Pure functions over the state: no HTTP, no JSON encoding, no clock of its own.
 """
 
@@ -16,7 +20,16 @@ import re
 from typing import Any, Callable, Mapping
 
 from stigg_sidecar.emulator.data import parse_timestamp
-from stigg_sidecar.emulator.state import EmulatorState, StiggError, UsageEvent, UsageReport
+from stigg_sidecar.emulator.state import (
+    EmulatorState,
+    EntitlementsChanged,
+    PackagePublished,
+    StateChange,
+    StiggError,
+    UsageChanged,
+    UsageEvent,
+    UsageReport,
+)
 
 Variables = Mapping[str, Any]
 Operation = Callable[[EmulatorState, Variables], dict[str, Any]]
@@ -27,6 +40,11 @@ SDK_CONFIGURATION = {
     "isWidgetWatermarkEnabled": False,
     "showWatermark": False,
 }
+
+ENTITLEMENTS_UPDATED = "entitlementsUpdatedV2"
+USAGE_UPDATED = "usageUpdatedV2"
+PACKAGE_PUBLISHED = "packagePublished"
+SUBSCRIPTIONS = (ENTITLEMENTS_UPDATED, USAGE_UPDATED, PACKAGE_PUBLISHED)
 
 _TOKENS = re.compile(r"#[^\n]*|\"(?:[^\"\\]|\\.)*\"|[{}]|\b(query|mutation|subscription)\b\s*(\w*)")
 
@@ -87,6 +105,72 @@ def execute(
         return error.http_status, error_response(error.code, error.message)
     except StiggError as error:
         return 200, error_response(error.code, error.message)
+
+
+def subscription_field(query: str) -> tuple[str, str] | None:
+    """``(response_key, field)`` of the first root field of the first ``subscription``
+    operation in ``query`` (the key is the alias if there is one), or None if it has none."""
+    text = _COMMENTS_AND_STRINGS.sub(lambda m: " " * len(m.group(0)), query)
+    depth = 0
+    for match in _BRACES_AND_SUBSCRIPTION.finditer(text):
+        if match.group(0) == "{":
+            depth += 1
+        elif match.group(0) == "}":
+            depth -= 1
+        elif depth == 0:
+            root = _SUBSCRIPTION_ROOT.match(text, match.start())
+            if root is None:
+                return None
+            alias, field = root.group(1), root.group(2)
+            return alias or field, field
+    return None
+
+
+def subscription_data(field: str, change: StateChange) -> dict[str, Any] | None:
+    """The object a subscription to ``field`` receives for ``change``, or None if none."""
+    if field == ENTITLEMENTS_UPDATED and isinstance(change, EntitlementsChanged):
+        return {
+            "__typename": "EntitlementsUpdatedV2",
+            "customerId": change.customer_id,
+            "resourceId": change.resource_id,
+            "accessDeniedReason": change.state["accessDeniedReason"],
+            "entitlements": change.state["entitlementsV2"],
+        }
+    if field == USAGE_UPDATED and isinstance(change, UsageChanged):
+        return {
+            "__typename": "UsageUpdatedV2",
+            "customerId": change.customer_id,
+            "resourceId": change.resource_id,
+            "entitlementReference": {
+                "__typename": "EntitlementReference",
+                "id": change.reference_id,
+                "type": change.reference_type,
+            },
+            "usage": {
+                "__typename": "UsageV2",
+                "currentUsage": change.current_usage,
+                "usageUpdatedAt": change.usage_updated_at,
+                "usagePeriodStart": change.usage_period_start,
+                "usagePeriodEnd": change.usage_period_end,
+            },
+        }
+    if field == PACKAGE_PUBLISHED and isinstance(change, PackagePublished):
+        return {
+            "__typename": "PackagePublished",
+            "accountId": change.account_id,
+            "environmentId": change.environment_id,
+            "packageType": change.package_type,
+            "packageRefId": change.package_ref_id,
+            "packageVersion": change.package_version,
+            "migrationType": change.migration_type,
+        }
+    return None
+
+
+_COMMENTS_AND_STRINGS = re.compile(r'#[^\n]*|"""(?:[^"\\]|\\.|"(?!""))*"""|"(?:[^"\\\n]|\\.)*"')
+_BRACES_AND_SUBSCRIPTION = re.compile(r"[{}]|\bsubscription\b")
+# `subscription Name($v: T) @dir {` then an optional `alias:` and the field name
+_SUBSCRIPTION_ROOT = re.compile(r"\bsubscription\b[^{]*\{\s*(?:(\w+)\s*:\s*)?(\w+)")
 
 
 # -- operations -----------------------------------------------------------------------------------

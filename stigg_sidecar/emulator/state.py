@@ -4,9 +4,11 @@ Owns the customers' entitlement state, the usage and event logs, the per-endpoin
 counters and the fault settings, with the rules by which Stigg changes them: usage reports add
 (DELTA) or set (SET) a metered entitlement's ``currentUsage``; usage periods that end roll over
 and reset usage; idempotency keys de-duplicate usage reports and events; admin replacements bump
-``entitlementUpdatedAt``.
+``entitlementUpdatedAt``; publishing a package is only an announcement (there is no catalogue).
 
-Plain methods over plain data: no I/O, no HTTP, no JSON encoding. Time comes from an injected
+Every change is announced to the listeners (`EmulatorState.add_listener`) as a `StateChange`,
+synchronously, after it is applied: that is how the web layer's WebSocket subscribers learn of
+it. Plain methods over plain data: no I/O, no HTTP, no JSON encoding. Time comes from an injected
 `IReactorTime`, randomness (measurement ids, ``error_rate``) from an injected `random.Random`.
 Objects returned are copies: callers may keep or change them.
 """
@@ -21,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from random import Random
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, Union
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -37,6 +39,8 @@ from stigg_sidecar.emulator.data import (
 )
 
 ENVIRONMENT_ID = "00000000-0000-4000-8000-00000000e1e1"  # the emulator's one environment
+ACCOUNT_ID = "00000000-0000-4000-8000-00000000acc1"  # and the account it belongs to
+MIGRATION_TYPES = ("ALL_CUSTOMERS", "NEW_CUSTOMERS")
 _FIXED_PERIODS = {"HOUR": timedelta(hours=1), "DAY": timedelta(days=1), "WEEK": timedelta(weeks=1)}
 
 
@@ -75,6 +79,53 @@ class UsageEvent:
     timestamp: datetime | None = None
 
 
+@dataclass(frozen=True)
+class EntitlementsChanged:
+    """A customer's (or resource's) entitlements were replaced; ``state`` is what Edge now
+    answers for it (`EmulatorState.entitlements_state`)."""
+
+    customer_id: str
+    resource_id: str | None
+    state: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class UsageChanged:
+    """A metered entitlement's usage changed (``reference_type`` is FEATURE or CREDIT)."""
+
+    customer_id: str
+    resource_id: str | None
+    reference_id: str
+    reference_type: str
+    current_usage: float
+    usage_updated_at: str | None
+    usage_period_start: str | None
+    usage_period_end: str | None
+
+
+@dataclass(frozen=True)
+class PackagePublished:
+    """A plan or add-on version was published (``migration_type`` is one of MIGRATION_TYPES)."""
+
+    account_id: str
+    environment_id: str
+    package_type: str
+    package_ref_id: str
+    package_version: int
+    migration_type: str
+
+
+@dataclass(frozen=True)
+class FaultsChanged:
+    """The fault settings changed; ``faults`` is `Faults.as_json` after the change."""
+
+    faults: dict[str, Any]
+
+
+StateChange = Union[EntitlementsChanged, UsageChanged, PackagePublished, FaultsChanged]
+Listener = Callable[[StateChange], None]
+
+
 @dataclass
 class Faults:
     """Misbehaviour applied to the Stigg endpoints (never to the admin API) until switched off.
@@ -91,6 +142,13 @@ class Faults:
     error_rate: float = 0.0
     malformed: bool = False
     down: bool = False
+
+    def __post_init__(self) -> None:
+        self._observers: list[Callable[[Faults], None]] = []  # not a field: not a setting
+
+    def observe(self, observer: Callable[[Faults], None]) -> None:
+        """Call ``observer(self)`` after every successful `update`."""
+        self._observers.append(observer)
 
     def update(self, changes: Mapping[str, Any]) -> None:
         """Apply some settings; raise ValueError (changing nothing) if any is invalid."""
@@ -119,6 +177,8 @@ class Faults:
             checked[name] = int(value) if name == "error_status" else float(value)
         for name, value in checked.items():
             setattr(self, name, value)
+        for observer in list(self._observers):
+            observer(self)
 
     def as_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -145,6 +205,9 @@ class EmulatorState:
         self.random = random if random is not None else Random()
         self.api_keys = frozenset([*data.api_keys, *api_keys])
         self.faults = Faults()
+        self.faults.observe(lambda faults: self._announce(FaultsChanged(faults.as_json())))
+        self._listeners: list[Listener] = []
+        self._package_versions: Counter[tuple[str, str]] = Counter()
         self._last_stamp: datetime | None = None
         self._customers: dict[str, CustomerData] = {}
         self._usage: list[dict[str, Any]] = []
@@ -170,6 +233,20 @@ class EmulatorState:
             now = self._last_stamp + timedelta(milliseconds=1)
         self._last_stamp = now
         return format_timestamp(now)
+
+    # -- listeners -----------------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(change)`` after every change, in the order listeners were added."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _announce(self, change: StateChange) -> None:
+        for listener in list(self._listeners):
+            listener(change)
 
     # -- keys and counters ---------------------------------------------------------------------
 
@@ -213,6 +290,9 @@ class EmulatorState:
             if customer is None:
                 customer = self._customers[customer_id] = CustomerData(EntityState())
             customer.resources[resource_id] = entity
+        if self._listeners:
+            state = self.entitlements_state(customer_id, resource_id)
+            self._announce(EntitlementsChanged(customer_id, resource_id, state))
 
     def entitlements_state(
         self, customer_id: str, resource_id: str | None = None
@@ -270,10 +350,31 @@ class EmulatorState:
         Raises StiggError (CustomerNotFound, CustomerResourceNotFound, FeatureNotFound,
         NoFeatureEntitlementInSubscription, MeteringNotAvailableForFeatureType) before applying
         anything if any report cannot be applied. A repeated idempotency key (per customer)
-        returns the first report's result and changes nothing.
+        returns the first report's result and changes nothing. Once all are applied, announces
+        one `UsageChanged` per entitlement changed, with its final usage.
         """
         targets = [self._usage_target(report) for report in reports]
-        return [self._apply_usage(r, t) for r, t in zip(reports, targets)]
+        changed: dict[int, tuple[UsageReport, dict[str, Any]]] = {}
+        results = []
+        for report, item in zip(reports, targets):
+            stamp = item["usageUpdatedAt"]
+            results.append(self._apply_usage(report, item))
+            if item["usageUpdatedAt"] != stamp:  # not an idempotent repeat
+                changed.setdefault(id(item), (report, item))
+        for report, item in changed.values():
+            self._announce(
+                UsageChanged(
+                    customer_id=report.customer_id,
+                    resource_id=report.resource_id,
+                    reference_id=report.feature_id,
+                    reference_type="FEATURE",
+                    current_usage=item["currentUsage"],
+                    usage_updated_at=item["usageUpdatedAt"],
+                    usage_period_start=item["usagePeriodStart"],
+                    usage_period_end=item["usagePeriodEnd"],
+                )
+            )
+        return results
 
     def _usage_target(self, report: UsageReport) -> dict[str, Any]:
         customer = self._customers.get(report.customer_id)
@@ -377,6 +478,42 @@ class EmulatorState:
                 }
             )
         return recorded
+
+    # -- the catalogue ---------------------------------------------------------------------------
+
+    def publish_package(
+        self,
+        migration_type: str,
+        *,
+        package_ref_id: str = "emulator-plan",
+        package_type: str = "Plan",
+        package_version: int | None = None,
+    ) -> PackagePublished:
+        """Announce a published package version; raises ValueError if an argument is invalid.
+
+        Without ``package_version``, versions count up per package from 1.
+        """
+        if migration_type not in MIGRATION_TYPES:
+            raise ValueError(f"migrationType: must be one of {', '.join(MIGRATION_TYPES)}")
+        for name, value in (("packageRefId", package_ref_id), ("packageType", package_type)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name}: must be a non-empty string")
+        key = (package_type, package_ref_id)
+        if package_version is None:
+            package_version = self._package_versions[key] + 1
+        elif isinstance(package_version, bool) or not isinstance(package_version, int):
+            raise ValueError("packageVersion: must be an integer")
+        self._package_versions[key] = max(self._package_versions[key], package_version)
+        change = PackagePublished(
+            account_id=ACCOUNT_ID,
+            environment_id=ENVIRONMENT_ID,
+            package_type=package_type,
+            package_ref_id=package_ref_id,
+            package_version=package_version,
+            migration_type=migration_type,
+        )
+        self._announce(change)
+        return change
 
     def usage_log(self) -> list[dict[str, Any]]:
         return copy.deepcopy(self._usage)

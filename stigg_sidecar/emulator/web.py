@@ -3,18 +3,27 @@
 Owns HTTP: routing (Klein), the ``X-API-KEY`` check on Edge paths, JSON encoding, request
 counting, and applying the fault settings (latency through the reactor's ``callLater``, error
 statuses, malformed bodies, dropped connections). Every decision about Stigg data is delegated
-to `EmulatorState` and `graphql`.
+to `EmulatorState` and `graphql`; the WebSocket conversation after an upgrade to `websocket`.
 
 Stigg endpoints (counted under the name in brackets; faults apply):
   GET  /v1/c/{customerId}/entitlements-state.json[?resourceId=]   [the path template]
   GET  /v1/c/{customerId}/entitlements.json[?resourceId=]         [the path template]
   GET  /v1/config/server-sdk-configuration.json                   [the path]
   POST /graphql                           [the operation name, or "/graphql" if there is none]
+  GET  /graphql with Upgrade: websocket   ["/graphql (websocket)"]  graphql-transport-ws; the
+       faults apply to the upgrade (down drops it, latency delays it, error_status answers it),
+       except ``malformed``; setting ``down`` also drops the open sockets.
 Admin endpoints (no key, never faulted):
   PUT  /_emulator/customers/{customerId}[?resourceId=]  body {"accessDeniedReason", "entitlements"}
   GET  /_emulator/usage, GET /_emulator/events          what was reported, oldest first
   GET  /_emulator/requests, POST /_emulator/requests/reset
   GET  /_emulator/faults, POST /_emulator/faults        body: any of the `Faults` settings
+  POST /_emulator/publish        body {"migrationType", "packageRefId"?, "packageType"?,
+                                 "packageVersion"?}: packagePublished to the subscribers
+  POST /_emulator/disconnect     abort every WebSocket (clients see 1006): {"disconnected": N}
+  GET  /_emulator/sockets        {"connected": N, "subscriptions": M}
+  POST /_emulator/sockets/send   body {"text", "apiKey"?}: that text as one frame to every
+                                 acknowledged socket (of that key): {"sent": N}
 """
 
 from __future__ import annotations
@@ -32,11 +41,13 @@ from twisted.web.server import Site
 from stigg_sidecar.emulator import graphql
 from stigg_sidecar.emulator.data import DataError, parse_entity_state
 from stigg_sidecar.emulator.state import EmulatorState
+from stigg_sidecar.emulator.websocket import SocketHub
 
 EDGE_ENTITLEMENTS_STATE = "/v1/c/{customerId}/entitlements-state.json"
 EDGE_ENTITLEMENTS = "/v1/c/{customerId}/entitlements.json"
 EDGE_SDK_CONFIGURATION = "/v1/config/server-sdk-configuration.json"
 GRAPHQL = "/graphql"
+GRAPHQL_WEBSOCKET = "/graphql (websocket)"
 
 Answer = tuple[int, Any]  # HTTP status, JSON-able body
 _UNAUTHORIZED: Answer = (401, graphql.error_response("Unauthenticated", "Unauthenticated"))
@@ -48,9 +59,12 @@ class EmulatorApp:
 
     app = Klein()
 
-    def __init__(self, state: EmulatorState, reactor: IReactorTime) -> None:
+    def __init__(
+        self, state: EmulatorState, reactor: IReactorTime, sockets: SocketHub | None = None
+    ) -> None:
         self.state = state
         self.reactor = reactor
+        self.sockets = sockets if sockets is not None else SocketHub(state, reactor)
 
     # -- Stigg endpoints -----------------------------------------------------------------------
 
@@ -91,6 +105,28 @@ class EmulatorApp:
         return self._stigg(
             request, name or GRAPHQL, lambda: graphql.execute(self.state, name, body, api_key)
         )
+
+    @app.route("/graphql", methods=["GET"])
+    def graphql_websocket(self, request: IRequest) -> Any:
+        upgrade = (_header(request, b"upgrade") or "").lower()
+        if upgrade != "websocket":
+            message = "GET /graphql is for WebSocket upgrades (graphql-transport-ws); POST queries"
+            return _json(request, 400, graphql.error_response("BAD_REQUEST", message))
+        self.state.count_request(GRAPHQL_WEBSOCKET)
+        faults = self.state.faults
+        if faults.down:
+            request.transport.abortConnection()  # type: ignore[attr-defined]
+            return Deferred()
+        if faults.latency_ms > 0:
+            return deferLater(self.reactor, faults.latency_ms / 1000, self._upgrade, request)
+        return self._upgrade(request)
+
+    def _upgrade(self, request: IRequest) -> Any:
+        status = self.state.faults.error_to_inject(self.state.random)
+        if status is not None:
+            message = f"Emulated fault: HTTP {status}"
+            return _json(request, status, graphql.error_response("EMULATED_FAULT", message))
+        return self.sockets.resource  # Klein renders it: autobahn takes the connection over
 
     @app.route("/v1/<path:rest>", methods=["GET"])
     def edge_unknown(self, request: IRequest, rest: str) -> Any:
@@ -149,6 +185,51 @@ class EmulatorApp:
             return _json(request, 400, {"error": str(error)})
         return _json(request, 200, self.state.faults.as_json())
 
+    @app.route("/_emulator/publish", methods=["POST"])
+    def admin_publish(self, request: IRequest) -> Any:
+        try:
+            body = json.loads(request.content.read())
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            unknown = set(body) - {"migrationType", "packageRefId", "packageType", "packageVersion"}
+            if unknown:
+                raise ValueError(f"{sorted(unknown)[0]}: unknown field")
+            options = {
+                "package_ref_id": body.get("packageRefId"),
+                "package_type": body.get("packageType"),
+                "package_version": body.get("packageVersion"),
+            }
+            subscribers = self.sockets.subscribers(graphql.PACKAGE_PUBLISHED)
+            published = self.state.publish_package(
+                body.get("migrationType"),  # type: ignore[arg-type]
+                **{name: value for name, value in options.items() if value is not None},
+            )
+        except ValueError as error:
+            return _json(request, 400, {"error": str(error)})
+        payload = graphql.subscription_data(graphql.PACKAGE_PUBLISHED, published)
+        return _json(request, 200, {"packagePublished": payload, "subscribers": subscribers})
+
+    @app.route("/_emulator/disconnect", methods=["POST"])
+    def admin_disconnect(self, request: IRequest) -> Any:
+        return _json(request, 200, {"disconnected": self.sockets.drop_all()})
+
+    @app.route("/_emulator/sockets", methods=["GET"])
+    def admin_sockets(self, request: IRequest) -> Any:
+        return _json(request, 200, self.sockets.counts())
+
+    @app.route("/_emulator/sockets/send", methods=["POST"])
+    def admin_sockets_send(self, request: IRequest) -> Any:
+        try:
+            body = json.loads(request.content.read())
+            if not isinstance(body, dict) or not isinstance(body.get("text"), str):
+                raise ValueError('the body must be {"text": "<frame>", "apiKey"?: "<key>"}')
+            api_key = body.get("apiKey")
+            if api_key is not None and not isinstance(api_key, str):
+                raise ValueError("apiKey: must be a string")
+        except ValueError as error:
+            return _json(request, 400, {"error": str(error)})
+        return _json(request, 200, {"sent": self.sockets.send_raw(body["text"], api_key)})
+
     # -- plumbing ------------------------------------------------------------------------------
 
     def _edge(self, request: IRequest, answer: Callable[[], Answer]) -> Callable[[], Answer]:
@@ -185,6 +266,7 @@ class EmulatorApp:
 class EmulatorSite(Site):
     """A `Site` serving one `EmulatorState`; tracks its connections so tests can close them.
 
+    ``sockets`` is the `SocketHub` of its WebSockets, which are among the tracked connections.
     No access log: `EmulatorState.request_counts` is the record of what was asked.
     """
 
@@ -196,7 +278,8 @@ class EmulatorSite(Site):
 
             reactor = cast(IReactorTime, global_reactor)
         self.state = state
-        super().__init__(EmulatorApp(state, reactor).app.resource(), reactor=reactor)
+        self.sockets = SocketHub(state, reactor, track=self._track)
+        super().__init__(EmulatorApp(state, reactor, self.sockets).app.resource(), reactor=reactor)
         self._open: set[Any] = set()
         self._all_closed: list[Deferred[None]] = []
 
@@ -205,6 +288,15 @@ class EmulatorSite(Site):
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = super().buildProtocol(addr)
+        self._track(protocol)
+        return protocol
+
+    def _track(self, protocol: Any) -> None:
+        """Count ``protocol``'s transport as open from its connection until its loss.
+
+        A WebSocket upgrade hands the HTTP channel's transport to a new protocol, whose
+        ``connectionLost`` is then the one called: the hub tracks that protocol too.
+        """
         made, lost = protocol.makeConnection, protocol.connectionLost
         transports: list[Any] = []
 
@@ -223,10 +315,9 @@ class EmulatorSite(Site):
 
         protocol.makeConnection = make_connection
         protocol.connectionLost = connection_lost
-        return protocol
 
     def close_connections(self) -> Deferred[None]:
-        """Abort every open connection; fires once all of them are gone."""
+        """Abort every open connection, WebSockets included; fires once all of them are gone."""
         if not self._open:
             return succeed(None)
         waiter: Deferred[None] = Deferred()

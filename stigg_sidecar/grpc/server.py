@@ -40,6 +40,7 @@ class GrpcService(Service):
         grace: float,
         reactor=None,
         on_serving: Callable[[int], None] | None = None,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -53,6 +54,7 @@ class GrpcService(Service):
         self._max_message_bytes = max_message_bytes
         self._grace = grace
         self._on_serving = on_serving
+        self._interceptors = tuple(interceptors)
         self._server: grpc.Server | None = None
         self.port: int | None = None
 
@@ -64,6 +66,7 @@ class GrpcService(Service):
                 ("grpc.so_reuseport", 0),
             ],
             maximum_concurrent_rpcs=None,
+            interceptors=self._interceptors,
         )
         for register in self._registrations:
             register(server)

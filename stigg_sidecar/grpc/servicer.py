@@ -77,7 +77,9 @@ class SidecarServicer(SidecarServiceServicer):
         fallbacks: Mapping[str, FallbackValues],
         read_timeout: float,
         write_timeout: float,
+        on_fallback: Callable[[str], None] = lambda reason: None,
     ) -> None:
+        self._on_fallback = on_fallback
         self._source = source
         self._writer = writer
         self._fallbacks = fallbacks
@@ -105,7 +107,13 @@ class SidecarServicer(SidecarServiceServicer):
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Exception:
             log.failure("Read failed; answering the fallback")
+            self._on_fallback("error")
             return fallback()
+
+    def _counted(self, decision: Decision) -> Decision:
+        if decision.is_fallback:
+            self._on_fallback(decision.reason or "granted")
+        return decision
 
     def _abort(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
         context.abort(code, message)
@@ -130,8 +138,9 @@ class SidecarServicer(SidecarServiceServicer):
         entry = self._entry(context, customer_id, resource_id)
         if entry is None:
             fallback_kind = kind or _generic_kind(requested_usage, requested_values, fb)
-            return fallback_decision(fallback_kind, feature_id, fb, requested_usage, requested_values)
-        return decide_feature(entry, feature_id, kind, requested_usage, requested_values, fb, self._source.now_ms())
+            return self._counted(fallback_decision(fallback_kind, feature_id, fb, requested_usage, requested_values))
+        now = self._source.now_ms()
+        return self._counted(decide_feature(entry, feature_id, kind, requested_usage, requested_values, fb, now))
 
     def _typed(self, context, request, kind, build, requested_usage=None, requested_values=()):
         def fallback():
@@ -222,7 +231,7 @@ class SidecarServicer(SidecarServiceServicer):
             else:
                 fb = self._fallback_for(feature_id, options)
                 decision = decide_feature(entry, feature_id, None, requested, values, fb, self._source.now_ms())
-            return pb.GetEntitlementV2Response(entitlement=convert.entitlement_v2(decision))
+            return pb.GetEntitlementV2Response(entitlement=convert.entitlement_v2(self._counted(decision)))
 
         return self._read(
             context,
@@ -240,6 +249,7 @@ class SidecarServicer(SidecarServiceServicer):
             customer_id = _required(request.customer_id, "customer_id")
             entry = self._entry(context, customer_id, _optional_id(request, "resource_id"))
             if entry is None:
+                self._on_fallback("Unknown")
                 return fallback()
             decisions = decide_all(entry, self._source.now_ms())
             return response_type(

@@ -32,7 +32,9 @@ class UpstreamService(Service):
         readiness: Readiness,
         timeout: float,
         max_retry_delay: float = 60.0,
+        on_init_error=lambda: None,
     ) -> None:
+        self._on_init_error = on_init_error
         self._reactor = reactor
         self._api = api
         self._backend = backend
@@ -62,6 +64,7 @@ class UpstreamService(Service):
         if not self.running:
             return
         error = failure.value
+        self._on_init_error()
         if isinstance(error, UpstreamError) and error.failure is WriteFailure.UNAUTHENTICATED:
             self.key_state = "rejected"
             self._backend.key_rejected = True
