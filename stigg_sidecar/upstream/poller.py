@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
@@ -27,6 +27,8 @@ class Refresher:
         self._concurrency = concurrency
         self._pause = concurrency / rate  # per worker, so all workers together stay under `rate`
         self._running: Deferred | None = None
+        self._pauses: set[Deferred] = set()
+        self._stopped = False
         self.refreshed = 0
         self.failed = 0
 
@@ -38,6 +40,7 @@ class Refresher:
         """Refetch all cached entries; a refresh already running is joined, not repeated."""
         if self._running is not None:
             return self._running
+        self._stopped = False
         cache = self._backend.cache
         targets = [(e.customer_id, e.resource_id) for e in map(cache.get_entry, cache.keys_by_recency()) if e]
         work = iter(targets)
@@ -51,15 +54,33 @@ class Refresher:
         self._running = done
         return done
 
+    def stop(self) -> Deferred:
+        """End the running refresh after the fetches already in flight; fires when it has."""
+        self._stopped = True
+        for pause in list(self._pauses):
+            pause.cancel()
+        return self._running if self._running is not None else succeed(None)
+
     @inlineCallbacks
     def _worker(self, work: Iterator[tuple[str, str | None]]):
         for customer_id, resource_id in work:
+            if self._stopped:
+                return
             try:
                 yield self._backend.fetch(customer_id, resource_id)
                 self.refreshed += 1
             except Exception:
                 self.failed += 1
-            yield deferLater(self._reactor, self._pause, lambda: None)
+            if self._stopped:
+                return
+            pause = deferLater(self._reactor, self._pause, lambda: None)
+            self._pauses.add(pause)
+            try:
+                yield pause
+            except CancelledError:
+                return
+            finally:
+                self._pauses.discard(pause)
 
 
 class Poller(Service):
@@ -80,6 +101,7 @@ class Poller(Service):
     def stopService(self):
         super().stopService()
         self._stop_loop()
+        return self._refresher.stop()
 
     def activate(self) -> None:
         """The socket is down (or disabled): poll."""
