@@ -356,7 +356,7 @@ class EmulatorState:
         targets = [self._usage_target(report) for report in reports]
         changed: dict[int, tuple[UsageReport, dict[str, Any]]] = {}
         results = []
-        for report, item in zip(reports, targets):
+        for report, item in zip(reports, targets, strict=True):
             stamp = item["usageUpdatedAt"]
             results.append(self._apply_usage(report, item))
             if item["usageUpdatedAt"] != stamp:  # not an idempotent repeat

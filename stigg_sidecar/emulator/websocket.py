@@ -126,6 +126,10 @@ class GraphQLTransportWSProtocol(WebSocketServerProtocol):
         self.subscriptions.clear()
         self.hub.closed(self)
 
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        cancel_close_handshake_timer(self)
+
     # -- messages ----------------------------------------------------------------------------
 
     def _on_connection_init(self, message: Mapping[str, Any]) -> None:
@@ -156,7 +160,9 @@ class GraphQLTransportWSProtocol(WebSocketServerProtocol):
             return
         subscription_id = message["id"]
         if subscription_id in self.subscriptions:
-            self.close(SUBSCRIBER_ALREADY_EXISTS, f"Subscriber for {subscription_id} already exists")
+            self.close(
+                SUBSCRIBER_ALREADY_EXISTS, f"Subscriber for {subscription_id} already exists"
+            )
             return
         root = graphql.subscription_field(message["payload"]["query"])
         if root is None or root[1] not in graphql.SUBSCRIPTIONS:
@@ -302,6 +308,14 @@ class SocketHub:
                     socket.deliver(change)
                 except Exception:  # one broken socket must not fail the change for the rest
                     self.log.failure("delivering {change} failed", change=change)
+
+
+def cancel_close_handshake_timer(protocol: Any) -> None:
+    """Autobahn leaves its close-handshake timer running when the TCP connection is lost
+    mid-handshake; cancel it so that no timer outlives the connection."""
+    call, protocol.closeHandshakeTimeoutCall = protocol.closeHandshakeTimeoutCall, None
+    if call is not None:
+        call.cancel()
 
 
 def _api_key(headers: object) -> str | None:
