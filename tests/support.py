@@ -173,7 +173,17 @@ class OnlineHarness:
         self.testcase = testcase
         self.reactor = reactor
 
-    async def start(self, data: dict, api_key: str = "test-key", seed: int | None = None, **settings: str):
+    async def start(
+        self,
+        data: dict | None,
+        api_key: str = "test-key",
+        seed: int | None = None,
+        emulator=None,
+        realtime: bool = False,
+        **settings: str,
+    ):
+        """Start an emulator seeded with `data` (or share `emulator`) and a sidecar against it;
+        `realtime` turns the WebSocket on."""
         import grpc
 
         from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
@@ -183,13 +193,16 @@ class OnlineHarness:
 
         from random import Random
 
-        self.emulator = await start_emulator(self.reactor, data, random=Random(seed) if seed is not None else None)
-        self.testcase.addCleanup(stop_emulator, self.emulator)
+        if emulator is None:
+            emulator = await start_emulator(self.reactor, data, random=Random(seed) if seed is not None else None)
+            self.testcase.addCleanup(stop_emulator, emulator)
+        self.emulator = emulator
         env = {
             "SERVER_API_KEY": api_key,
             "API_URL": self.emulator.url,
             "EDGE_API_URL": self.emulator.url,
-            "WS_ENABLED": "0",
+            "WS_ENABLED": "1" if realtime else "0",
+            "WS_URL": self.emulator.url.replace("http://", "ws://"),
             "BIND_ADDRESS": "127.0.0.1",
             "PORT": "0",
             "HTTP_PORT": "0",
