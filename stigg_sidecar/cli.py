@@ -25,8 +25,9 @@ import socket
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -89,9 +90,10 @@ def _detail(e: pb.EntitlementV2) -> str:
         used = _number(m.current_usage)
         if m.is_unlimited:
             return f"{used} used, unlimited"
-        limit = _number(m.usage_limit) if m.HasField("usage_limit") else "no limit"
-        soft = " (soft limit)" if m.HasField("has_soft_limit") and m.has_soft_limit else ""
-        return f"{used} of {limit} used{soft}"
+        if not m.HasField("usage_limit"):
+            return f"{used} used, no limit"
+        soft = ", soft limit" if m.HasField("has_soft_limit") and m.has_soft_limit else ""
+        return f"{used} of {_number(m.usage_limit)} used{soft}"
     if kind == "enum":
         return ", ".join(e.enum.enum_values) or "no values"
     if kind == "credit":
@@ -113,7 +115,7 @@ def _ids(customer: str, resource: str | None, **more: str) -> str:
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
 
 
 # -- gRPC commands --------------------------------------------------------------------------------

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import re
-import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -60,10 +61,31 @@ class SidecarProcess:
             text=True,
         )
         self.output: list[str] = []
+        # A thread drains the log for the process's whole life: reading a buffered text pipe
+        # behind a selector misses lines already read ahead, and an undrained pipe stalls the child.
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
         self.wait_for(_RUNNING_LINE, timeout)
         self.grpc_port = int(self.wait_for(_GRPC_LINE, 0).group(1))
         http = next((m for m in map(_HTTP_LINE.search, self.output) if m), None)
         self.http_port = int(http.group(1)) if http else None
+
+    def _drain(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _collect(self) -> None:
+        """Move the lines read so far into `output`."""
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                return
+            if line is not None:
+                self.output.append(line)
 
     def wait_for(self, pattern: re.Pattern, timeout: float) -> re.Match:
         """Read log lines until one matches `pattern`; fail after `timeout` seconds or on exit."""
@@ -71,21 +93,16 @@ class SidecarProcess:
             if (m := pattern.search(line)) is not None:
                 return m
         deadline = time.monotonic() + timeout
-        assert self.process.stdout is not None
-        selector = selectors.DefaultSelector()
-        selector.register(self.process.stdout, selectors.EVENT_READ)
-        try:
-            while (left := deadline - time.monotonic()) > 0:
-                if not selector.select(left):
-                    continue
-                line = self.process.stdout.readline()
-                if not line:
-                    break
-                self.output.append(line)
-                if (m := pattern.search(line)) is not None:
-                    return m
-        finally:
-            selector.close()
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.output.append(line)
+            if (m := pattern.search(line)) is not None:
+                return m
         self.kill()
         raise AssertionError(f"no {pattern.pattern!r} within {timeout}s; output:\n{''.join(self.output)}")
 
@@ -94,17 +111,20 @@ class SidecarProcess:
         if self.process.poll() is None:
             self.process.send_signal(sig)
         try:
-            rest, _ = self.process.communicate(timeout=timeout)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise
-        self.output.append(rest or "")
+        self._reader.join(timeout=10)
+        self._collect()
         return self.process.returncode
 
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
-            self.process.communicate(timeout=10)
+            self.process.wait(timeout=10)
+        self._reader.join(timeout=10)
+        self._collect()
 
     @property
     def text(self) -> str:
