@@ -115,7 +115,9 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
         self.dropConnection(abort=True)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        for call in (getattr(self, "_ping_call", None), getattr(self, "_pong_deadline", None)):
+        # Autobahn can leave its close-handshake timer behind when the TCP side closes first.
+        handshake_timer, self.closeHandshakeTimeoutCall = getattr(self, "closeHandshakeTimeoutCall", None), None
+        for call in (getattr(self, "_ping_call", None), getattr(self, "_pong_deadline", None), handshake_timer):
             if call is not None and call.active():
                 call.cancel()
         self.factory.service.disconnected(self, code, reason)
@@ -168,6 +170,7 @@ class RealtimeService(MultiService):
         self.malformed = 0
         self.last_update: float | None = None
         self.gave_up = False
+        self._protocol: GraphqlWsProtocol | None = None
         endpoint, url = _endpoint(reactor, ws_url)
         self._client = ClientService(
             endpoint,
@@ -180,12 +183,14 @@ class RealtimeService(MultiService):
     # -- events from the protocol -----------------------------------------------------------------
 
     def connected(self, protocol: GraphqlWsProtocol) -> None:
+        self._protocol = protocol
         self.is_connected = True
         self.connections += 1
         log.info("Real-time updates connected (connection {n})", n=self.connections)
         self.sink.socket_up()
 
     def disconnected(self, protocol: GraphqlWsProtocol, code: int | None, reason: str | None) -> None:
+        self._protocol = None
         was_connected, self.is_connected = self.is_connected, False
         if was_connected:
             log.warn("Real-time updates disconnected (code {code}); cached data stays, refreshed by polling", code=code)
@@ -216,5 +221,7 @@ class RealtimeService(MultiService):
         log.warn("Ignored a malformed real-time frame: {why}", why=why)
 
     def stopService(self):
+        # ClientService closes the TCP connection. A WebSocket close frame first would be politer,
+        # but autobahn's batched close-handshake timer then outlives the connection.
         self.is_connected = False
         return super().stopService()
