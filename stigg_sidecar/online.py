@@ -165,7 +165,7 @@ class OnlineSidecar:
     def _report_usage(self, usages: Sequence[UsageReport], timeout: float):
         results = yield self._api.report_usage(usages, timeout)
         acks = []
-        for usage, result in zip(usages, results):
+        for usage, result in zip(usages, results, strict=True):
             self._apply_usage_result(usage, result)
             acks.append(
                 UsageAck(

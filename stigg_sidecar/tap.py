@@ -23,14 +23,13 @@ from grpc_reflection.v1alpha import reflection
 from twisted.python import usage
 
 from stigg_sidecar._proto import sidecar_pb2
-
 from stigg_sidecar._proto.sidecar_pb2_grpc import add_SidecarServiceServicer_to_server
+from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.grpc.server import GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
 from stigg_sidecar.health import Readiness
 from stigg_sidecar.logs import make_observer
 from stigg_sidecar.metrics import Metrics, MetricsInterceptor
-from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.offline import OfflineSidecar
 from stigg_sidecar.online import CacheUpdates, OnlineSidecar
 from stigg_sidecar.service import SidecarService

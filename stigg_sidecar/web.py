@@ -6,6 +6,7 @@ Owns the routes and the listening port; reads Readiness, never changes it.
 from __future__ import annotations
 
 import json
+
 from klein import Klein
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred

@@ -204,14 +204,14 @@ class OnlineHarness:
     ):
         """Start an emulator seeded with `data` (or share `emulator`) and a sidecar against it;
         `realtime` turns the WebSocket on."""
+        from random import Random
+
         import grpc
 
         from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
         from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
         from stigg_sidecar.settings import load_settings
         from stigg_sidecar.tap import build_sidecar
-
-        from random import Random
 
         if emulator is None:
             emulator = await start_emulator(self.reactor, data, random=Random(seed) if seed is not None else None)

@@ -235,7 +235,7 @@ class CacheBoundOverGrpcTests(TestCase):
         seed = {"apiKeys": ["test-key"], "customers": {f"c{i}": data.ACME for i in range(40)}}
         h = await OnlineHarness(self, reactor).start(seed, CACHE_MAX_SIZE_BYTES="60000")
         cache = h.sidecar.backend.cache
-        for round_ in range(2):
+        for _round in range(2):
             for i in range(40):
                 r = await h.call("GetMeteredEntitlement", metered(f"c{i}", "api-calls", 10))
                 self.assertEqual((r.has_access, r.is_fallback), (True, False))

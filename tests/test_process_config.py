@@ -20,7 +20,7 @@ class StartupFailureTests(SynchronousTestCase):
         self.assertNotIn("Traceback", output)
         self.assertNotIn("listening", output)
         self.assertNotIn(KEY, output)
-        self.assertEqual([l for l in output.splitlines() if "stigg-sidecar:" in l], [f"stigg-sidecar: {line}"])
+        self.assertEqual([text for text in output.splitlines() if "stigg-sidecar:" in text], [f"stigg-sidecar: {line}"])
 
     def test_missing_api_key(self):
         self.assertFailsWith(base_env(), "SERVER_API_KEY is required unless OFFLINE is set")

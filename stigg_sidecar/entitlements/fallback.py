@@ -104,7 +104,7 @@ def parse_entitlements_fallback(text: str) -> Mapping[str, FallbackValues]:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
-        raise FallbackError(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
+        raise FallbackError(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     _expect(isinstance(raw, dict), "ENTITLEMENTS_FALLBACK", "must be a JSON object of featureId -> values")
     parsed = {}
     for feature_id, values in raw.items():
