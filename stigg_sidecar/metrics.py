@@ -12,6 +12,7 @@ from typing import Callable
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -34,7 +35,9 @@ class Metrics:
         self.network_request_errors = Counter(
             "sidecar_network_request_errors", "Calls to Stigg that failed", registry=r
         )
-        self.redis_client_errors = Counter("sidecar_redis_client_errors", "Redis calls that failed", registry=r)
+        self.redis_client_errors = _CountedElsewhere(
+            "sidecar_redis_client_errors", "Redis calls that failed (or timed out)", registry=r
+        )
         self.cache_hits = Counter("sidecar_cache_hits", "Reads answered from memory", registry=r)
         self.cache_misses = Counter("sidecar_cache_misses", "Reads that had to fetch", registry=r)
         # Ours.
@@ -80,6 +83,24 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CountedElsewhere:
+    """A counter whose value another part keeps (read at scrape time), exposed as `<name>_total`."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._read: Callable[[], float] = lambda: 0
+        registry.register(self)
+
+    def count_from(self, read: Callable[[], float]) -> None:
+        self._read = read
+
+    def collect(self):
+        family = CounterMetricFamily(self._name, self._documentation)
+        family.add_metric([], self._read())
+        yield family
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):

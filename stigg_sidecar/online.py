@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from stigg_sidecar.cache.memory import EntitlementCache
+from stigg_sidecar.cache.redis import RedisMirror
 from stigg_sidecar.entitlements.records import (
     CustomerEntry,
     MalformedState,
@@ -71,7 +72,8 @@ class OnlineSidecar:
         self._api = api
         self.cache = cache
         self._fetch_timeout = fetch_timeout
-        self._inflight: dict[tuple[str, bool | None], list[Deferred]] = {}
+        self._inflight: dict[tuple[str, str], list[Deferred]] = {}
+        self.mirror: RedisMirror | None = None  # set when REDIS_ENVIRONMENT_PREFIX is
         self.key_rejected = False  # set by the key check: no network, fallbacks only
 
     def set_counters(self, on_hit: Callable[[], None], on_miss: Callable[[], None]) -> None:
@@ -128,19 +130,24 @@ class OnlineSidecar:
 
     # -- reactor ----------------------------------------------------------------------------------
 
-    def fetch(self, customer_id: str, resource_id: str | None, use_edge: bool | None = None) -> Deferred:
-        """The customer's fresh entry, stored in the cache; one upstream request per key at a time."""
-        flight = (cache_key(customer_id, resource_id), use_edge)
+    def fetch(self, customer_id: str, resource_id: str | None, mode: str = "miss") -> Deferred:
+        """The customer's entry, stored in the cache; one request per key and mode at a time.
+
+        Modes: "miss" (a read missed memory: Redis first, then the API under the fleet's fetch
+        lock), "refresh" (the API through Edge when enabled), "reload" (the API through GraphQL,
+        never Edge, which may lag). What the API answers is written through to Redis.
+        """
+        flight = (cache_key(customer_id, resource_id), mode)
         mine: Deferred = Deferred()
         waiters = self._inflight.get(flight)
         if waiters is not None:
             waiters.append(mine)
             return mine
         self._inflight[flight] = [mine]
-        self._fetch(customer_id, resource_id, use_edge).addBoth(self._landed, flight)
+        self._fetch(customer_id, resource_id, mode).addBoth(self._landed, flight)
         return mine
 
-    def _landed(self, result: Any, flight: tuple[str, bool | None]) -> None:
+    def _landed(self, result: Any, flight: tuple[str, str]) -> None:
         for waiter in self._inflight.pop(flight):
             if isinstance(result, Failure):
                 waiter.errback(result)
@@ -148,9 +155,33 @@ class OnlineSidecar:
                 waiter.callback(result)
 
     @inlineCallbacks
-    def _fetch(self, customer_id: str, resource_id: str | None, use_edge: bool | None):
-        state = yield self._api.fetch_state(customer_id, resource_id, self._fetch_timeout, use_edge)
-        return self.store(entry_from_state(customer_id, resource_id, state, self.now_ms()))
+    def _fetch(self, customer_id: str, resource_id: str | None, mode: str):
+        mirror = self.mirror
+        token = None
+        if mirror is not None and mode == "miss":
+            shared = yield mirror.read(customer_id, resource_id)
+            if shared is not None:
+                return self.store(shared)
+            token = yield mirror.acquire_fetch_lock(customer_id, resource_id)
+            # Another sidecar of the fleet is fetching this customer: wait for its result.
+            if token is None and (yield mirror.wait_for_fetch(customer_id, resource_id, self._fetch_timeout + 0.5)):
+                shared = yield mirror.read(customer_id, resource_id)
+                if shared is not None:
+                    return self.store(shared)
+        try:
+            use_edge = False if mode == "reload" else None
+            state = yield self._api.fetch_state(customer_id, resource_id, self._fetch_timeout, use_edge)
+            fetched = entry_from_state(customer_id, resource_id, state, self.now_ms())
+        except Exception:
+            if token is not None:
+                mirror.release_fetch_lock(customer_id, resource_id, token, error="fetch failed")
+            raise
+        current = self.store(fetched)
+        if mirror is not None:
+            yield mirror.write(fetched)  # before the lock goes, so waiters find it
+            if token is not None:
+                mirror.release_fetch_lock(customer_id, resource_id, token)
+        return current
 
     def store(self, entry: CustomerEntry) -> CustomerEntry:
         """Cache `entry` unless a newer one is cached; return whichever is current."""
@@ -159,7 +190,7 @@ class OnlineSidecar:
         return self.cache.get(entry.key) or entry
 
     def _reload(self, customer_id: str, resource_id: str | None, timeout: float) -> Deferred:
-        return self.fetch(customer_id, resource_id, use_edge=False)
+        return self.fetch(customer_id, resource_id, "reload")
 
     @inlineCallbacks
     def _report_usage(self, usages: Sequence[UsageReport], timeout: float):
@@ -182,25 +213,50 @@ class OnlineSidecar:
 
     def _apply_usage_result(self, usage: UsageReport, result: dict) -> None:
         """Stigg's answer to a usage report is authoritative: it updates the cached usage."""
-        key = cache_key(usage.customer_id, usage.resource_id)
         stamp = parse_time(result.get("timestamp")) or self.now_ms()
         current = _float(result.get("currentUsage"))
         if current is not None:
             start, end = parse_time(result.get("usagePeriodStart")), parse_time(result.get("usagePeriodEnd"))
-            self.cache.update(key, lambda e: apply_usage(e, "FEATURE", usage.feature_id, current, start, end, stamp))
+            self.update_usage(usage.customer_id, usage.resource_id, "FEATURE", usage.feature_id, current, start, end, stamp)
         credit = result.get("credit")
         if isinstance(credit, dict) and credit.get("currencyId") and _float(credit.get("currentUsage")) is not None:
-            self.cache.update(
-                key,
-                lambda e: apply_usage(
-                    e,
-                    "CREDIT",
-                    str(credit["currencyId"]),
-                    float(credit["currentUsage"]),
-                    None,
-                    parse_time(credit.get("usagePeriodEnd")),
-                    parse_time(credit.get("timestamp")) or stamp,
-                ),
+            self.update_usage(
+                usage.customer_id,
+                usage.resource_id,
+                "CREDIT",
+                str(credit["currencyId"]),
+                float(credit["currentUsage"]),
+                None,
+                parse_time(credit.get("usagePeriodEnd")),
+                parse_time(credit.get("timestamp")) or stamp,
+            )
+
+    def update_usage(
+        self,
+        customer_id: str,
+        resource_id: str | None,
+        kind: str,
+        ref_id: str,
+        current: float,
+        start: int | None,
+        end: int | None,
+        stamp: int,
+    ) -> None:
+        """One entitlement's usage changed upstream: apply it in memory and in Redis if newer."""
+        key = cache_key(customer_id, resource_id)
+        self.cache.update(key, lambda e: apply_usage(e, kind, ref_id, current, start, end, stamp))
+        if self.mirror is not None:
+            self.mirror.write_usage(customer_id, resource_id, kind, ref_id, current, start, end, stamp)
+
+    def peer_changed(self, key: str, kind: str) -> None:
+        """Another sidecar of the fleet changed `key` in Redis: refresh (or drop) our copy."""
+        if kind == "purge":
+            self.cache.purge(key)
+            return
+        entry = self.cache.get_entry(key)
+        if entry is not None and self.mirror is not None:
+            self.mirror.read(entry.customer_id, entry.resource_id).addCallback(
+                lambda shared: self.store(shared) if shared is not None else None
             )
 
 
@@ -240,15 +296,21 @@ class CacheUpdates:
         customer_id = payload["customerId"]
         resource_id = payload.get("resourceId") or None
         key = cache_key(customer_id, resource_id)
-        if self._backend.cache.get_entry(key) is None:
-            return
+        mirror = self._backend.mirror
         entitlements = payload.get("entitlements") or []
         reason = payload.get("accessDeniedReason")
         if not entitlements and reason is None:
             self._backend.cache.purge(key)
+            if mirror is not None:
+                mirror.purge(customer_id, resource_id)
             return
         state = {"entitlementsV2": entitlements, "accessDeniedReason": reason}
-        self._backend.store(entry_from_state(customer_id, resource_id, state, self._backend.now_ms()))
+        entry = entry_from_state(customer_id, resource_id, state, self._backend.now_ms())
+        if self._backend.cache.get_entry(key) is not None:
+            self._backend.store(entry)
+        if mirror is not None:
+            # Redis may hold customers this sidecar never read (a peer's, or from before a restart).
+            mirror.write(entry, only_if_cached=True)
 
     def usage_updated(self, payload: Any) -> None:
         reference = payload["entitlementReference"]
@@ -258,9 +320,9 @@ class CacheUpdates:
             raise ValueError("usageUpdatedV2 without a numeric currentUsage")
         stamp = parse_time(usage.get("usageUpdatedAt")) or self._backend.now_ms()
         start, end = parse_time(usage.get("usagePeriodStart")), parse_time(usage.get("usagePeriodEnd"))
-        key = cache_key(payload["customerId"], payload.get("resourceId") or None)
-        self._backend.cache.update(
-            key, lambda e: apply_usage(e, str(reference.get("type")), str(reference["id"]), current, start, end, stamp)
+        self._backend.update_usage(
+            payload["customerId"], payload.get("resourceId") or None,
+            str(reference.get("type")), str(reference["id"]), current, start, end, stamp,
         )
 
     def package_published(self, payload: Any) -> None:

@@ -6,6 +6,7 @@ validates them into Settings (exiting with one clear line on a bad value) and bu
     SidecarService
     ├── HttpService      liveness, readiness on HTTP_PORT (stops last)
     ├── UpstreamService  API key check, Stigg connection pools (online only)
+    ├── RedisMirror      the cache mirrored to Redis (online, REDIS_ENVIRONMENT_PREFIX set)
     ├── Poller           refreshes cached entries while the socket is down or disabled (online only)
     ├── RealtimeService  Stigg's GraphQL WebSocket, kept alive by ClientService (online, WS_ENABLED)
     └── GrpcService      stigg.sidecar.v1.SidecarService on PORT (stops first, draining)
@@ -25,6 +26,7 @@ from twisted.python import usage
 from stigg_sidecar._proto import sidecar_pb2
 from stigg_sidecar._proto.sidecar_pb2_grpc import add_SidecarServiceServicer_to_server
 from stigg_sidecar.cache.memory import EntitlementCache
+from stigg_sidecar.cache.redis import RedisMirror
 from stigg_sidecar.grpc.server import GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
 from stigg_sidecar.health import Readiness
@@ -107,6 +109,13 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         )
         cache = EntitlementCache(settings.cache_max_size_bytes)
         backend = OnlineSidecar(reactor, api, cache, fetch_timeout)
+        if settings.redis_enabled:
+            # Stigg's rule that a resource entry needs its customer's entry beside it is off: this
+            # sidecar keeps entries per key, so a resource entry stands on its own.
+            backend.mirror = RedisMirror.from_settings(
+                reactor, settings, on_peer_change=backend.peer_changed, require_customer_entry=False
+            )
+            backend.mirror.setServiceParent(top)
         UpstreamService(
             reactor, api, backend, readiness, fetch_timeout,
             on_init_error=metrics.initialization_errors.inc if metrics else (lambda: None),
@@ -157,6 +166,8 @@ def _observe_online(metrics: Metrics, reactor, api: StiggApi, backend: OnlineSid
     metrics.cache_entries.set_function(lambda: len(cache))
     metrics.cache_bytes.set_function(lambda: cache.bytes)
     metrics.cache_evictions.set_function(lambda: cache.evictions)
+    if backend.mirror is not None:
+        metrics.redis_client_errors.count_from(lambda: backend.mirror.errors)
     if realtime is not None:
         metrics.realtime_connected.set_function(lambda: 1 if realtime.is_connected else 0)
         metrics.realtime_update_age.set_function(

@@ -182,6 +182,7 @@ class StiggApi:
         self._rng = rng
         self._headers = identification_headers(api_key)
         self._pools: list[HTTPConnectionPool] = []
+        self._pauses: set[Deferred] = set()
         self._graphql = self._client()
         self._edge = self._client()
         self.on_attempt: Callable[[str, str, float], None] | None = None  # endpoint, outcome, seconds
@@ -202,6 +203,9 @@ class StiggApi:
         return headers
 
     def close(self) -> Deferred:
+        """Stop retrying (pending calls fail with their last error) and close the pools."""
+        for pause in list(self._pauses):
+            pause.cancel()
         return defer.gatherResults([p.closeCachedConnections() for p in self._pools])
 
     # -- transport --------------------------------------------------------------------------------
@@ -286,7 +290,14 @@ class StiggApi:
                 if self._reactor.seconds() + delay >= deadline:
                     raise
                 log.debug("Retrying {endpoint} in {delay:.3f}s: {why}", endpoint=endpoint, delay=delay, why=e.message)
-                yield deferLater(self._reactor, delay, lambda: None)
+                pause = deferLater(self._reactor, delay, lambda: None)
+                self._pauses.add(pause)
+                try:
+                    yield pause
+                except defer.CancelledError:
+                    raise e from None  # closing: the last failure stands
+                finally:
+                    self._pauses.discard(pause)
 
     def _edge_get(self, endpoint: str, path: str, timeout: float) -> Deferred:
         url = f"{self._edge_url}{path}"

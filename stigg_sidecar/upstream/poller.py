@@ -67,7 +67,7 @@ class Refresher:
             if self._stopped:
                 return
             try:
-                yield self._backend.fetch(customer_id, resource_id)
+                yield self._backend.fetch(customer_id, resource_id, "refresh")
                 self.refreshed += 1
             except Exception:
                 self.failed += 1
