@@ -1,0 +1,104 @@
+"""Refresher and Poller scheduling on a deterministic Clock: most recently read first, bounded
+concurrency and rate, polling only while active."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from stigg_sidecar.cache.memory import EntitlementCache
+from stigg_sidecar.entitlements.records import CustomerEntry
+from stigg_sidecar.upstream.poller import Poller, Refresher
+
+
+class RecordingBackend:
+    """The two things the refresher uses of OnlineSidecar: its cache, and fetch() whose
+    Deferreds the test fires by hand."""
+
+    def __init__(self, customers: int) -> None:
+        self.cache = EntitlementCache(max_bytes=10**9)
+        for i in range(customers):
+            self.cache.put(CustomerEntry(f"c{i}", timestamp=1))
+        self.pending: list[tuple[str, Deferred]] = []
+
+    def fetch(self, customer_id, resource_id, mode="miss"):
+        assert mode == "refresh"
+        d = Deferred()
+        self.pending.append((customer_id, d))
+        return d
+
+    def finish_all(self) -> list[str]:
+        done, self.pending = self.pending, []
+        for _, d in done:
+            d.callback(None)
+        return [c for c, _ in done]
+
+
+class RefresherTests(SynchronousTestCase):
+    def test_most_recent_first_with_bounded_concurrency_and_rate(self):
+        clock = Clock()
+        backend = RecordingBackend(6)
+        for i in (4, 1):  # c1 read last, so it goes first
+            backend.cache.get(f"c_c{i}")
+        refresher = Refresher(clock, backend, concurrency=2, rate=4.0)
+        finished = refresher.refresh()
+        self.assertEqual([c for c, _ in backend.pending], ["c1", "c4"])
+        self.assertEqual(backend.finish_all(), ["c1", "c4"])
+        self.assertEqual(backend.pending, [])  # each worker pauses concurrency/rate = 0.5 s
+        clock.advance(0.49)
+        self.assertEqual(backend.pending, [])
+        clock.advance(0.01)
+        self.assertEqual(len(backend.pending), 2)
+        self.assertIs(refresher.refresh(), finished)  # joined, not repeated
+        for _ in range(3):
+            backend.finish_all()
+            clock.advance(0.5)
+        self.assertIsNone(self.successResultOf(finished))
+        self.assertEqual(refresher.refreshed, 6)
+        self.assertFalse(refresher.busy)
+
+    def test_failures_are_counted_and_do_not_stop_the_round(self):
+        clock = Clock()
+        backend = RecordingBackend(3)
+        refresher = Refresher(clock, backend, concurrency=1, rate=1000.0)
+        finished = refresher.refresh()
+        for _ in range(3):
+            (_, d), = backend.pending
+            backend.pending = []
+            d.errback(RuntimeError("upstream down"))
+            clock.advance(0.01)
+        self.assertTrue(finished.called)
+        self.assertEqual((refresher.refreshed, refresher.failed), (0, 3))
+
+    def test_stop_ends_a_round_after_the_fetches_in_flight(self):
+        clock = Clock()
+        backend = RecordingBackend(5)
+        refresher = Refresher(clock, backend, concurrency=1, rate=1.0)
+        refresher.refresh()
+        backend.finish_all()
+        stopped = refresher.stop()
+        self.assertTrue(stopped.called)
+        clock.advance(10)
+        self.assertEqual(backend.pending, [])
+
+
+class PollerTests(SynchronousTestCase):
+    def test_polls_only_while_active(self):
+        clock = Clock()
+        backend = RecordingBackend(1)
+        poller = Poller(clock, Refresher(clock, backend, concurrency=1, rate=1000.0), interval=30, active=True)
+        poller.startService()
+        clock.advance(29)
+        self.assertEqual(backend.pending, [])
+        clock.advance(1)
+        self.assertEqual(backend.finish_all(), ["c0"])
+        poller.stand_down()
+        clock.advance(300)
+        self.assertEqual(backend.pending, [])
+        poller.activate()
+        clock.advance(30)
+        self.assertEqual(backend.finish_all(), ["c0"])
+        poller.stopService()
+        clock.advance(300)
+        self.assertEqual(backend.pending, [])
