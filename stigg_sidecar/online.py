@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
@@ -34,7 +34,6 @@ from stigg_sidecar.reports import EventReport, UsageAck, UsageReport, WriteError
 from stigg_sidecar.upstream.api import StiggApi, UpstreamError
 
 log = Logger()
-T = TypeVar("T")
 
 # Extra time a handler thread waits beyond the upstream budget for the reactor to hand the
 # answer back, so that an upstream timeout arrives as its own precise error.
@@ -63,12 +62,10 @@ class OnlineSidecar:
         api: StiggApi,
         cache: EntitlementCache,
         fetch_timeout: float,
-        on_hit: Callable[[], None] = lambda: None,
-        on_miss: Callable[[], None] = lambda: None,
     ) -> None:
         self._reactor = reactor
-        self._on_hit = on_hit
-        self._on_miss = on_miss
+        self._on_hit: Callable[[], None] = lambda: None
+        self._on_miss: Callable[[], None] = lambda: None
         self._api = api
         self.cache = cache
         self._fetch_timeout = fetch_timeout
@@ -77,6 +74,7 @@ class OnlineSidecar:
         self.key_rejected = False  # set by the key check: no network, fallbacks only
 
     def set_counters(self, on_hit: Callable[[], None], on_miss: Callable[[], None]) -> None:
+        """Count cache hits and misses (metrics); called on handler threads, so thread-safe."""
         self._on_hit, self._on_miss = on_hit, on_miss
 
     def now_ms(self) -> int:
