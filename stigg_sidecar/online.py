@@ -55,6 +55,32 @@ def call_on_reactor(reactor, fn: Callable[..., Any], *args: Any, timeout: float)
     return future.result(timeout)
 
 
+class _ThrottledWarning:
+    """One "answering fallbacks" line per interval, however many reads fall back: during an
+    outage every miss would otherwise log. Handler threads call it; a rare extra line from a race
+    is harmless, so there is no lock."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warn(self, customer_id: str, why: str) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        self._next = now + self._interval
+        suppressed, self._suppressed = self._suppressed, 0
+        log.warn(
+            "Entitlements for {customer} unavailable ({why}); answering fallbacks"
+            " ({suppressed} more fallback reads since the last such line)",
+            customer=customer_id,
+            why=why,
+            suppressed=suppressed,
+        )
+
+
 class OnlineSidecar:
     def __init__(
         self,
@@ -72,6 +98,7 @@ class OnlineSidecar:
         self._inflight: dict[tuple[str, str], list[Deferred]] = {}
         self.mirror: RedisMirror | None = None  # set when REDIS_ENVIRONMENT_PREFIX is
         self.key_rejected = False  # set by the key check: no network, fallbacks only
+        self._fallback_log = _ThrottledWarning(interval=10.0)
 
     def set_counters(self, on_hit: Callable[[], None], on_miss: Callable[[], None]) -> None:
         """Count cache hits and misses (metrics); called on handler threads, so thread-safe."""
@@ -93,11 +120,11 @@ class OnlineSidecar:
         try:
             return call_on_reactor(self._reactor, self.fetch, customer_id, resource_id, timeout=timeout)
         except TimeoutError:
-            log.warn("Entitlements for {customer} not fetched in time; answering fallbacks", customer=customer_id)
+            self._fallback_log.warn(customer_id, "not fetched in time")
         except UpstreamError as e:
-            log.warn("Entitlements for {customer} unavailable ({why}); answering fallbacks", customer=customer_id, why=e.message)
+            self._fallback_log.warn(customer_id, e.message)
         except MalformedState as e:
-            log.warn("Entitlements for {customer} malformed ({why}); answering fallbacks", customer=customer_id, why=str(e))
+            self._fallback_log.warn(customer_id, f"malformed: {e}")
         return None
 
     def _write(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:

@@ -113,7 +113,8 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
             # Stigg's rule that a resource entry needs its customer's entry beside it is off: this
             # sidecar keeps entries per key, so a resource entry stands on its own.
             backend.mirror = RedisMirror.from_settings(
-                reactor, settings, on_peer_change=backend.peer_changed, require_customer_entry=False
+                reactor, settings, on_peer_change=backend.peer_changed, require_customer_entry=False,
+                max_reconnect_delay=2.0,  # a Redis back from an outage is used within ~2 s
             )
             backend.mirror.setServiceParent(top)
         UpstreamService(

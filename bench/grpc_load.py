@@ -1,0 +1,509 @@
+"""gRPC load benchmark: cached entitlement checks on the sidecar against a bare grpcio server.
+
+    python bench/grpc_load.py [--duration 10] [--warm-up 2] [--connections 1,4,8] [--streams 1,10]
+                              [--rpc boolean,metered] [--customers 4]
+
+Starts the emulator seeded with a few customers of ten features each, the sidecar as a real
+`twistd stigg-sidecar` process (online, against the emulator) and bench/bare_server.py, both
+pinned to core 0 with taskset; h2load runs pinned to core 1, as does this script. Warms the
+sidecar's cache (one call per customer), checks a sample of answers with a real grpcio client and
+aborts if any is wrong, then runs the identical h2load command (a unary gRPC call is an HTTP/2 POST
+with a 5-byte-framed protobuf body) against each server for every connections x streams setting.
+h2load counts any HTTP 200 as a success whatever the grpc-status trailer says, so while it runs a
+sampler thread checks a real call every 0.5 s against the reference answer.
+
+Prints, per setting: req/s, p50/p99 latency (from h2load's per-request log), the server's CPU use,
+the sidecar/bare ratio; then the headline (the setting where the bare server is fastest) and the
+sidecar's RSS before and after the load. Benchmarks are run by hand, never in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import resource
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+from processes import (
+    BenchError,
+    Children,
+    rss_kib,
+    start_bare_server,
+    start_emulator,
+    start_sidecar,
+    write_emulator_data,
+)
+from seed import METERED_LIMIT, current_usage, customer_id, entitlements
+
+from stigg_sidecar._proto import sidecar_pb2 as pb
+from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
+
+SERVER_CPU = 0  # the sidecar and the bare server
+LOAD_CPU = 1  # h2load, this script, the emulator
+SERVICE = "/stigg.sidecar.v1.SidecarService"
+CALL_TIMEOUT = 5.0
+
+
+# -- correctness ------------------------------------------------------------------------------
+
+
+def expect(ok: bool, what: str, response: Any) -> None:
+    if not ok:
+        raise BenchError(f"wrong answer: {what}; got:\n{response}")
+
+
+def check_customer(stub: SidecarServiceStub, i: int) -> None:
+    """Cached answers for customer i are Stigg's data, not fallbacks."""
+    cid = customer_id(i)
+    state = stub.GetEntitlementsStateV2(pb.GetEntitlementsStateV2Request(customer_id=cid), timeout=CALL_TIMEOUT)
+    expect(len(state.entitlements) == 10, f"{cid}: 10 entitlements in the state", state)
+    expect(not any(e.is_fallback for e in state.entitlements), f"{cid}: no fallback in the state", state)
+
+    r = stub.GetBooleanEntitlement(
+        pb.GetBooleanEntitlementRequest(customer_id=cid, feature_id="feature-bool-0"), timeout=CALL_TIMEOUT
+    )
+    expect(
+        r.has_access and not r.is_fallback and r.entitlement.feature.id == "feature-bool-0",
+        f"{cid}: feature-bool-0 granted",
+        r,
+    )
+    r = stub.GetBooleanEntitlement(
+        pb.GetBooleanEntitlementRequest(customer_id=cid, feature_id="feature-revoked"), timeout=CALL_TIMEOUT
+    )
+    expect(
+        not r.has_access and not r.is_fallback and r.access_denied_reason == pb.ACCESS_DENIED_REASON_REVOKED,
+        f"{cid}: feature-revoked denied as REVOKED",
+        r,
+    )
+    r = stub.GetBooleanEntitlement(
+        pb.GetBooleanEntitlementRequest(customer_id=cid, feature_id="feature-none"), timeout=CALL_TIMEOUT
+    )
+    expect(
+        not r.has_access
+        and not r.is_fallback
+        and r.access_denied_reason == pb.ACCESS_DENIED_REASON_NO_FEATURE_ENTITLEMENT_IN_SUBSCRIPTION,
+        f"{cid}: unknown feature denied as NO_FEATURE_ENTITLEMENT_IN_SUBSCRIPTION",
+        r,
+    )
+
+    within = metered_request(i, 10)
+    r = stub.GetMeteredEntitlement(within, timeout=CALL_TIMEOUT)
+    expect(
+        r.has_access
+        and not r.is_fallback
+        and r.requested_usage == 10
+        and r.entitlement.usage_limit == METERED_LIMIT
+        and r.entitlement.current_usage == current_usage(i),
+        f"{cid}: 10 more api calls granted at {current_usage(i)}/{METERED_LIMIT}",
+        r,
+    )
+    over = metered_request(i, METERED_LIMIT - current_usage(i) + 1)
+    r = stub.GetMeteredEntitlement(over, timeout=CALL_TIMEOUT)
+    expect(
+        not r.has_access
+        and not r.is_fallback
+        and r.access_denied_reason == pb.ACCESS_DENIED_REASON_REQUESTED_USAGE_EXCEEDING_LIMIT,
+        f"{cid}: usage past the limit denied as REQUESTED_USAGE_EXCEEDING_LIMIT",
+        r,
+    )
+
+
+def metered_request(i: int, requested: float) -> pb.GetMeteredEntitlementRequest:
+    return pb.GetMeteredEntitlementRequest(
+        customer_id=customer_id(i),
+        feature_id="feature-api-calls",
+        options=pb.MeteredEntitlementOptions(requested_usage=requested),
+    )
+
+
+@dataclass(frozen=True)
+class LoadCall:
+    """The one request h2load repeats, and how to make it with a stub."""
+
+    name: str
+    method: str
+    request: Any
+
+    def call(self, stub: SidecarServiceStub) -> Any:
+        return getattr(stub, self.method)(self.request, timeout=CALL_TIMEOUT)
+
+    def grpc_frame(self) -> bytes:
+        body = self.request.SerializeToString()
+        return b"\x00" + struct.pack(">I", len(body)) + body
+
+
+LOAD_CALLS = {
+    "boolean": LoadCall(
+        "boolean",
+        "GetBooleanEntitlement",
+        pb.GetBooleanEntitlementRequest(customer_id=customer_id(0), feature_id="feature-bool-0"),
+    ),
+    "metered": LoadCall("metered", "GetMeteredEntitlement", metered_request(0, 1)),
+}
+
+
+class Sampler(threading.Thread):
+    """While h2load runs, one real call every `interval` s must equal the reference answer."""
+
+    def __init__(self, stub: SidecarServiceStub, call: LoadCall, reference: Any, interval: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self._stub, self._call, self._reference, self._interval = stub, call, reference, interval
+        self._done = threading.Event()
+        self.checked = 0
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        while not self._done.wait(self._interval):
+            try:
+                got = self._call.call(self._stub)
+                if got != self._reference:
+                    self.errors.append(f"answer differs from the reference:\n{got}")
+            except grpc.RpcError as e:
+                self.errors.append(f"{e.code()}: {e.details()}")
+            self.checked += 1
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(CALL_TIMEOUT + 2)
+
+
+# -- h2load -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    server: str
+    connections: int
+    streams: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    cpu_percent: float  # the server's CPU use over the measured window (100 = one core)
+    other_percent: float  # CPU used by anything but the server and h2load meanwhile (noise)
+    samples: int
+
+    @property
+    def per_cpu_second(self) -> float:
+        """Requests per CPU-second of the server: less sensitive to other load on the machine."""
+        return self.rps / max(self.cpu_percent / 100, 1e-9)
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def machine_busy_seconds() -> float:
+    """CPU-seconds all cores have spent busy since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def percentile(sorted_values: list[int], q: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return float(sorted_values[index])
+
+
+def run_h2load(
+    server: str,
+    pid: int,
+    port: int,
+    call: LoadCall,
+    body: Path,
+    log: Path,
+    connections: int,
+    streams: int,
+    duration: int,
+    warm_up: int,
+    sampler: Sampler,
+) -> Run:
+    argv = [
+        "taskset",
+        "-c",
+        str(LOAD_CPU),
+        "h2load",
+        "-d",
+        str(body),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "-c",
+        str(connections),
+        "-m",
+        str(streams),
+        "-t",
+        "1",
+        "-D",
+        str(duration),
+        "--warm-up-time",
+        str(warm_up),
+        "--log-file",
+        str(log),
+        f"http://127.0.0.1:{port}{SERVICE}/{call.method}",
+    ]
+    log.unlink(missing_ok=True)  # h2load appends to an existing log
+    h2load_cpu_before, h2load_started = children_cpu_seconds(), time.monotonic()
+    h2load = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler.start()
+    try:
+        time.sleep(warm_up)  # CPU is read over h2load's measured window only
+        cpu_before, busy_before, wall_before = cpu_seconds(pid), machine_busy_seconds(), time.monotonic()
+        out, err = h2load.communicate(timeout=duration + 60)
+        wall = time.monotonic() - wall_before
+        cpu = 100 * (cpu_seconds(pid) - cpu_before) / wall
+        busy = 100 * (machine_busy_seconds() - busy_before) / wall
+        # h2load's own share, averaged over its whole run (warm-up included).
+        h2load_cpu = 100 * (children_cpu_seconds() - h2load_cpu_before) / (time.monotonic() - h2load_started)
+    finally:
+        sampler.stop()
+        if h2load.poll() is None:
+            h2load.kill()
+            h2load.wait(5)
+    if h2load.returncode != 0:
+        raise BenchError(f"h2load exited {h2load.returncode}:\n{out}\n{err}")
+    if sampler.errors:
+        raise BenchError(f"{server}: {len(sampler.errors)} wrong answers under load, first: {sampler.errors[0]}")
+    rps = requests = None
+    for line in out.splitlines():
+        if line.startswith("finished in"):
+            rps = float(line.split(",")[1].split()[0])
+        elif line.startswith("requests:"):
+            counts = {w: int(n) for n, w in (p.split()[:2] for p in line.split(":", 1)[1].split(","))}
+            if counts["failed"] or counts["errored"] or counts["timeout"]:
+                raise BenchError(f"h2load saw failures against {server}:\n{out}")
+            requests = counts["succeeded"]
+    if rps is None or not requests:
+        raise BenchError(f"cannot read h2load's output:\n{out}")
+    times = []
+    with open(log) as f:
+        for line in f:
+            _start, status, micros = line.split("\t")
+            if status != "200":
+                raise BenchError(f"{server}: HTTP status {status} in h2load's log")
+            times.append(int(micros))
+    if len(times) != requests:
+        raise BenchError(f"{server}: h2load logged {len(times)} requests but counted {requests}")
+    times.sort()
+    return Run(
+        server,
+        connections,
+        streams,
+        rps,
+        percentile(times, 0.5) / 1000,
+        percentile(times, 0.99) / 1000,
+        requests,
+        cpu,
+        max(0.0, busy - cpu - h2load_cpu),
+        sampler.checked,
+    )
+
+
+def median_run(runs: list[Run]) -> Run:
+    """The run with the median throughput (the lower middle one for an even count)."""
+    ordered = sorted(runs, key=lambda r: r.rps)
+    return replace(ordered[(len(ordered) - 1) // 2], samples=sum(r.samples for r in runs))
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="measured seconds per h2load run (default 10)")
+    parser.add_argument("--warm-up", type=int, default=2, help="h2load warm-up seconds per run (default 2)")
+    parser.add_argument("--connections", type=int_list, default=[1, 4, 8], help="h2load -c values (default 1,4,8)")
+    parser.add_argument("--streams", type=int_list, default=[1, 10], help="h2load -m values (default 1,10)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per server and setting, alternating; the median is shown (default 1)",
+    )
+    parser.add_argument("--rpc", default="boolean", help="boolean, metered or both comma-separated (default boolean)")
+    parser.add_argument("--customers", type=int, default=4, help="seeded customers, all checked (default 4)")
+    parser.add_argument(
+        "--sidecar-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the sidecar, repeatable (e.g. METRICS_ENABLED=0)",
+    )
+    args = parser.parse_args()
+    calls = [LOAD_CALLS[name] for name in args.rpc.split(",")]
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("grpc_load: needs cores 0 and 1 (server on one, h2load on the other)")
+    os.sched_setaffinity(0, {LOAD_CPU})
+
+    with Children() as children:
+        try:
+            return bench(children, args, calls)
+        except BenchError as e:
+            children.keep = True
+            print(f"\nABORTED: {e}", file=sys.stderr)
+            if children.exited():
+                print(children.exited(), file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\ninterrupted; stopping the children", file=sys.stderr)
+            return 130
+
+
+def bench(children: Children, args: argparse.Namespace, calls: list[LoadCall]) -> int:
+    data = children.path("emulator-data.json")
+    write_emulator_data(data, {customer_id(i): entitlements(i) for i in range(args.customers)})
+    _, api_url = start_emulator(children, data, cpu=LOAD_CPU)
+    extra = dict(item.split("=", 1) for item in args.sidecar_env)
+    sidecar = start_sidecar(children, SERVER_CPU, api_url, {"SHUTDOWN_GRACE_SECS": "1", **extra})
+    print(
+        f"sidecar pid {sidecar.child.pid} on core {SERVER_CPU}, gRPC {sidecar.target}; emulator {api_url}"
+        + (f"; sidecar env {extra}" if extra else "")
+    )
+    rss_started = rss_kib(sidecar.child.pid)
+
+    channel = grpc.insecure_channel(sidecar.target)
+    stub = SidecarServiceStub(channel)
+    for i in range(args.customers):  # the first call per customer fills the cache
+        stub.GetEntitlementsStateV2(pb.GetEntitlementsStateV2Request(customer_id=customer_id(i)), timeout=15)
+    for i in range(args.customers):
+        check_customer(stub, i)
+    print(f"correctness: {args.customers} customers x 6 checks OK (cached, not fallbacks)")
+
+    references = {call.name: call.call(stub) for call in calls}
+    response_files = {}
+    for call in calls:
+        path = children.path(f"{call.method}.response.bin")
+        path.write_bytes(references[call.name].SerializeToString())
+        response_files[call.method] = path
+    bare, bare_port = start_bare_server(children, SERVER_CPU, response_files)
+    bare_channel = grpc.insecure_channel(f"127.0.0.1:{bare_port}")
+    bare_stub = SidecarServiceStub(bare_channel)
+    for call in calls:
+        if call.call(bare_stub) != references[call.name]:
+            raise BenchError(f"the bare server's {call.method} answer differs from the sidecar's")
+    print(f"bare server pid {bare.pid} on core {SERVER_CPU}, gRPC 127.0.0.1:{bare_port}, same answers")
+    rss_warm = rss_kib(sidecar.child.pid)
+
+    servers = {"sidecar": (sidecar.child.pid, sidecar.grpc_port, stub), "bare": (bare.pid, bare_port, bare_stub)}
+    settings = list(itertools.product(args.connections, args.streams))
+    per_run = args.duration + args.warm_up
+    count = len(calls) * len(settings) * 2 * args.repeat
+    print(f"h2load on core {LOAD_CPU}: {count} runs of {per_run}s (~{count * (per_run + 1) / 60:.1f} min)")
+    print(
+        "cpu%: the server's CPU use (100 = its one core); other%: CPU used meanwhile by anything but the\n"
+        "server and h2load (above ~10, other work on the machine skews the run); req/cpu-s: requests per\n"
+        "CPU-second of the server, steadier than req/s when the machine is busy\n"
+    )
+    results: dict[str, list[tuple[Run, Run]]] = {}
+    for call in calls:
+        body = children.path(f"{call.name}.body")
+        body.write_bytes(call.grpc_frame())
+        print(
+            f"== {call.method} ({len(call.grpc_frame())}-byte request, "
+            f"{references[call.name].ByteSize()}-byte response)"
+            + (f", median of {args.repeat}" if args.repeat > 1 else "")
+        )
+        print(
+            f"{'-c':>3} {'-m':>3}  {'server':<8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'cpu%':>5} "
+            f"{'other%':>6} {'req/cpu-s':>9}  {'ratio':>5} {'per-cpu':>7}"
+        )
+        rows = results[call.name] = []
+        for connections, streams in settings:
+            runs: dict[str, list[Run]] = {"sidecar": [], "bare": []}
+            for attempt in range(args.repeat):
+                for name in ("sidecar", "bare"):
+                    pid, port, server_stub = servers[name]
+                    log = children.path(f"h2load-{call.name}-{name}-c{connections}-m{streams}-{attempt}.log")
+                    runs[name].append(
+                        run_h2load(
+                            name,
+                            pid,
+                            port,
+                            call,
+                            body,
+                            log,
+                            connections,
+                            streams,
+                            args.duration,
+                            args.warm_up,
+                            Sampler(server_stub, call, references[call.name]),
+                        )
+                    )
+                    log.unlink()
+            side, base = median_run(runs["sidecar"]), median_run(runs["bare"])
+            for run in (side, base):
+                ratios = ""
+                if run is base:
+                    ratios = f"{side.rps / base.rps:5.2f} {side.per_cpu_second / base.per_cpu_second:7.2f}"
+                print(
+                    f"{connections:>3} {streams:>3}  {run.server:<8} {run.rps:>8.0f} {run.p50_ms:>7.2f} "
+                    f"{run.p99_ms:>7.2f} {run.cpu_percent:>5.0f} {run.other_percent:>6.0f} "
+                    f"{run.per_cpu_second:>9.0f}  {ratios}",
+                    flush=True,
+                )
+            rows.append((side, base))
+        print()
+
+    rss_after = rss_kib(sidecar.child.pid)
+    for i in range(args.customers):  # still right after everything
+        check_customer(stub, i)
+    channel.close()
+    bare_channel.close()
+
+    print("== headline (the setting where the bare server is fastest)")
+    for call in calls:
+        side, base = max(results[call.name], key=lambda pair: pair[1].rps)
+        samples = sum(s.samples + b.samples for s, b in results[call.name])
+        print(f"{call.method} at h2load -c {side.connections} -m {side.streams}, {args.duration}s:")
+        print(
+            f"  sidecar {side.rps:8.0f} req/s  p50 {side.p50_ms:.2f} ms  p99 {side.p99_ms:.2f} ms  "
+            f"({side.cpu_percent:.0f}% CPU, {side.per_cpu_second:.0f} req/cpu-s)"
+        )
+        print(
+            f"  bare    {base.rps:8.0f} req/s  p50 {base.p50_ms:.2f} ms  p99 {base.p99_ms:.2f} ms  "
+            f"({base.cpu_percent:.0f}% CPU, {base.per_cpu_second:.0f} req/cpu-s)"
+        )
+        print(
+            f"  ratio sidecar/bare {side.rps / base.rps:.2f} in req/s, "
+            f"{side.per_cpu_second / base.per_cpu_second:.2f} per CPU-second (target >= 0.85)"
+        )
+        best = max(results[call.name], key=lambda pair: pair[0].rps)[0]
+        print(
+            f"  sidecar's best: {best.rps:.0f} req/s at -c {best.connections} -m {best.streams}; "
+            f"{samples} answers sampled under load, all correct"
+        )
+    noisy = [r for pairs in results.values() for pair in pairs for r in pair if r.other_percent > 10]
+    if noisy:
+        print(f"warning: {len(noisy)} runs had more than 10% CPU used by other processes; rerun on a quiet machine")
+    print(
+        f"sidecar RSS: {rss_started / 1024:.1f} MiB started, {rss_warm / 1024:.1f} MiB warm, "
+        f"{rss_after / 1024:.1f} MiB after the load; bare server {rss_kib(bare.pid) / 1024:.1f} MiB"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Child processes for the benchmarks: the emulator, the sidecar, the bare server, and their cleanup.
+
+Owns starting each one as a real process (twistd or python, pinned to a core with taskset), waiting
+for it to be ready under a deadline, reading its RSS, and stopping it: SIGTERM, a bounded wait,
+then SIGKILL of its whole process group. `Children` stops everything it started on any exit,
+including Ctrl-C and SIGTERM. Never touches a process it did not start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+API_KEY = "bench-key"
+START_TIMEOUT = 60.0  # seconds for a child to become ready (100k customers load slowly)
+STOP_TIMEOUT = 15.0  # seconds between SIGTERM and SIGKILL
+
+
+class BenchError(RuntimeError):
+    """Something the benchmark cannot go on from: a child failed, or an answer was wrong."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (a child binds it moments later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of `pid` in KiB, from /proc/PID/status (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, child: Child | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child is not None and child.popen.poll() is not None:
+            raise BenchError(f"{child.name} exited with {child.popen.returncode} while {what}:\n{child.tail()}")
+        if check():
+            return
+        time.sleep(0.05)
+    raise BenchError(f"timed out after {timeout:.0f}s {what}" + (f":\n{child.tail()}" if child else ""))
+
+
+class Child:
+    """One started process, its output in a log file."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.stopped = False  # by us
+        # Own session: a Ctrl-C at the terminal reaches only us, and we stop children in order.
+        self.popen = subprocess.Popen(
+            list(argv),
+            env=dict(env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.output().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.popen.wait(5)
+        self._log.close()
+
+
+class Children:
+    """Context manager: every child started through it is stopped on exit, newest first."""
+
+    def __init__(self) -> None:
+        self._children: list[Child] = []
+        self.workdir = Path(tempfile.mkdtemp(prefix="stigg-bench-"))
+        self.keep = False  # keep workdir (child logs, data, h2load logs) for a look afterwards
+
+    def __enter__(self) -> Children:
+        # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the finally clauses run; SIGINT is set
+        # explicitly because a shell's background job starts with it ignored.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for child in reversed(self._children):
+            try:
+                child.stop()
+            except Exception as e:  # keep stopping the others
+                print(f"warning: stopping {child.name}: {e!r}", file=sys.stderr)
+        if self.keep or exc[0] is not None:
+            print(f"(logs kept in {self.workdir})", file=sys.stderr)
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Child:
+        child_env = dict(os.environ if env is None else env)
+        child_env["PYTHONPATH"] = str(REPO)
+        same = sum(1 for c in self._children if c.name == name)
+        child = Child(name, argv, child_env, self.workdir / (f"{name}-{same}.log" if same else f"{name}.log"))
+        self._children.append(child)
+        return child
+
+    def exited(self) -> str:
+        """A line per child that has exited on its own (with its last output), or ""."""
+        lines = []
+        for child in self._children:
+            code = child.popen.poll()
+            if code is not None and not child.stopped:
+                lines.append(f"{child.name} (pid {child.pid}) exited with {code}; last output:\n{child.tail(10)}")
+        return "\n".join(lines)
+
+    def path(self, name: str) -> Path:
+        return self.workdir / name
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _twistd() -> str:
+    return str(Path(sys.executable).with_name("twistd"))
+
+
+def pinned(cpu: int | None, argv: Sequence[str]) -> list[str]:
+    return ["taskset", "-c", str(cpu), *argv] if cpu is not None else list(argv)
+
+
+# -- emulator ---------------------------------------------------------------------------------
+
+
+def write_emulator_data(path: Path, customers: Mapping[str, Iterable[dict]]) -> None:
+    """A data file with `customers` (id -> entitlements, in the emulator's compact form)."""
+    data = {
+        "apiKeys": [API_KEY],
+        "customers": {cid: {"accessDeniedReason": None, "entitlements": list(ents)} for cid, ents in customers.items()},
+    }
+    with open(path, "w") as f:
+        json.dump(data, f, separators=(",", ":"))
+
+
+def start_emulator(
+    children: Children, data_path: Path, cpu: int | None, timeout: float = START_TIMEOUT
+) -> tuple[Child, str]:
+    """Start the emulator on a port it picks; return it and its base URL."""
+    argv = pinned(cpu, [_twistd(), "-n", "--pidfile=", "stigg-emulator", "--port", "0", "--data", str(data_path)])
+    child = children.start("emulator", argv)
+    url: list[str] = []
+
+    def listening() -> bool:
+        for line in child.output().splitlines():
+            if "stigg-emulator listening on " in line:
+                url.append(line.rsplit(" ", 1)[1].strip())
+                return True
+        return False
+
+    wait_until(listening, timeout, "waiting for the emulator to listen", child)
+    return child, url[0]
+
+
+# -- sidecar ----------------------------------------------------------------------------------
+
+
+class Sidecar:
+    """A started `twistd stigg-sidecar` and its ports."""
+
+    def __init__(self, child: Child, grpc_port: int, http_port: int) -> None:
+        self.child = child
+        self.grpc_port = grpc_port
+        self.http_port = http_port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+
+def _ready(http_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=1) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_sidecar(
+    children: Children,
+    cpu: int | None,
+    api_url: str | None,
+    extra_env: Mapping[str, str] | None = None,
+    timeout: float = START_TIMEOUT,
+) -> Sidecar:
+    """Start the sidecar on free ports chosen here (LOG_LEVEL=warn hides its port lines) and wait
+    for /readyz. `api_url=None` starts it OFFLINE."""
+    grpc_port, http_port = free_port(), free_port()
+    while http_port == grpc_port:
+        http_port = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("STIGG_", "SERVER_API_KEY", "API_URL", "EDGE_", "WS_", "REDIS_", "OFFLINE", "CACHE_"))
+    }
+    env.update(
+        PORT=str(grpc_port),
+        HTTP_PORT=str(http_port),
+        BIND_ADDRESS="127.0.0.1",
+        WS_ENABLED="0",
+        LOG_LEVEL="warn",
+    )
+    if api_url is None:
+        env["OFFLINE"] = "1"
+    else:
+        env.update(SERVER_API_KEY=API_KEY, API_URL=api_url, EDGE_API_URL=api_url)
+    env.update(extra_env or {})
+    child = children.start("sidecar", pinned(cpu, [_twistd(), "-n", "--pidfile=", "stigg-sidecar"]), env)
+    wait_until(lambda: _ready(http_port), timeout, "waiting for the sidecar's /readyz", child)
+    return Sidecar(child, grpc_port, http_port)
+
+
+# -- bare grpcio server -----------------------------------------------------------------------
+
+
+def start_bare_server(
+    children: Children, cpu: int | None, responses: Mapping[str, Path], timeout: float = START_TIMEOUT
+) -> tuple[Child, int]:
+    """Start bench/bare_server.py answering the given serialized responses; return it and its port."""
+    port = free_port()
+    argv = [sys.executable, str(Path(__file__).with_name("bare_server.py")), "--port", str(port)]
+    for method, path in responses.items():
+        argv += ["--response", f"{method}={path}"]
+    child = children.start("bare-server", pinned(cpu, argv))
+
+    def listening() -> bool:
+        return "bare gRPC listening on" in child.output()
+
+    wait_until(listening, timeout, "waiting for the bare server to listen", child)
+    return child, port
