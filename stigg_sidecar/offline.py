@@ -16,7 +16,13 @@ from stigg_sidecar.reports import EventReport, UsageAck, UsageReport, measuremen
 class OfflineSidecar:
     """Both the EntitlementSource and the Writer of an offline sidecar."""
 
+    def peek(self, customer_id: str, resource_id: str | None) -> CustomerEntry | None:
+        return None
+
     def lookup(self, customer_id: str, resource_id: str | None, timeout: float) -> CustomerEntry | None:
+        return None
+
+    def memo_grew(self, entry: CustomerEntry, nbytes: int) -> None:
         return None
 
     def now_ms(self) -> int:

@@ -109,10 +109,19 @@ class OnlineSidecar:
 
     # -- handler threads --------------------------------------------------------------------------
 
-    def lookup(self, customer_id: str, resource_id: str | None, timeout: float) -> CustomerEntry | None:
+    def peek(self, customer_id: str, resource_id: str | None) -> CustomerEntry | None:
         entry = self.cache.get_fresh(cache_key(customer_id, resource_id), self.now_ms())
         if entry is not None:
             self._on_hit()
+        return entry
+
+    def memo_grew(self, entry: CustomerEntry, nbytes: int) -> None:
+        self._reactor.callFromThread(self.cache.charge, entry, nbytes)
+
+    def lookup(self, customer_id: str, resource_id: str | None, timeout: float) -> CustomerEntry | None:
+        """Memory, else (crossing to the reactor under `timeout`) Redis and the API; None: fallback."""
+        entry = self.peek(customer_id, resource_id)
+        if entry is not None:
             return entry
         self._on_miss()
         if self.key_rejected:

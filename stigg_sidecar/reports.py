@@ -77,8 +77,14 @@ def measurement_id() -> str:
 class EntitlementSource(Protocol):
     """Where reads get a customer's entry; called from gRPC handler threads."""
 
+    def peek(self, customer_id: str, resource_id: str | None) -> CustomerEntry | None:
+        """The entry if it is in memory and fresh: no I/O, no waiting."""
+
     def lookup(self, customer_id: str, resource_id: str | None, timeout: float) -> CustomerEntry | None:
         """The entry, or None when the answer must come from fallbacks."""
+
+    def memo_grew(self, entry: CustomerEntry, nbytes: int) -> None:
+        """A reader memoized `nbytes` more on `entry`: count them against the cache's budget."""
 
     def now_ms(self) -> int: ...
 

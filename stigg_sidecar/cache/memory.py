@@ -22,12 +22,17 @@ def earliest_expiry(entry: CustomerEntry) -> int | None:
 
 
 class _Slot:
-    __slots__ = ("entry", "used", "expires")
+    __slots__ = ("entry", "used", "expires", "extra")
 
     def __init__(self, entry: CustomerEntry, used: int) -> None:
         self.entry = entry
         self.used = used
         self.expires = earliest_expiry(entry)
+        self.extra = 0  # bytes charged for what readers memoized on the entry
+
+    @property
+    def bytes(self) -> int:
+        return self.entry.size + self.extra
 
 
 class EntitlementCache:
@@ -97,10 +102,20 @@ class EntitlementCache:
         self._store(key, changed, slot)
         return changed
 
+    def charge(self, entry: CustomerEntry, nbytes: int) -> None:
+        """Count `nbytes` more against `entry` (answers memoized on it), if it is still cached."""
+        slot = self._slots.get(entry.key)
+        if slot is None or slot.entry is not entry:
+            return
+        slot.extra += nbytes
+        self._bytes += nbytes
+        if self._bytes > self.max_bytes:
+            self._evict()
+
     def purge(self, key: str) -> None:
         slot = self._slots.pop(key, None)
         if slot is not None:
-            self._bytes -= slot.entry.size
+            self._bytes -= slot.bytes
 
     def clear(self) -> None:
         self._slots.clear()
@@ -117,7 +132,7 @@ class EntitlementCache:
         if slot is None:
             self._slots[key] = _Slot(entry, next(self._ticks))
         else:
-            self._bytes -= slot.entry.size
+            self._bytes -= slot.bytes
             # A new slot, not a mutated one: a reader holding the old slot keeps a whole entry.
             self._slots[key] = _Slot(entry, slot.used)
         self._bytes += entry.size
@@ -130,5 +145,5 @@ class EntitlementCache:
             if self._bytes <= self._low_water_bytes:
                 break
             del self._slots[key]
-            self._bytes -= slot.entry.size
+            self._bytes -= slot.bytes
             self.evictions += 1

@@ -119,11 +119,15 @@ class CustomerEntry:
     credits: Mapping[str, CreditEntitlement] = field(default_factory=dict)
     timestamp: int = 0
     size: int = field(init=False, compare=False, default=0)
+    # Answers computed from this entry, for whoever reads it (the gRPC layer). Not part of the
+    # entry's value: never compared, never copied by `replace`, so a changed entry starts empty.
+    memo: dict = field(init=False, compare=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         # Copy so no caller keeps a mutable handle on the entry's maps.
         object.__setattr__(self, "features", MappingProxyType(dict(self.features)))
         object.__setattr__(self, "credits", MappingProxyType(dict(self.credits)))
+        object.__setattr__(self, "memo", {})
         object.__setattr__(self, "size", deep_size(self))
 
     @property

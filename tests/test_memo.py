@@ -1,0 +1,98 @@
+"""Answers memoized on immutable cache entries: reused while valid, gone with the entry, a metered
+answer dropped when its usage period rolls over, and their bytes charged to the cache budget."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from stigg_sidecar._proto import sidecar_pb2 as pb
+from stigg_sidecar.cache.memory import EntitlementCache
+from stigg_sidecar.entitlements.records import CustomerEntry, Feature, FeatureEntitlement, Usage
+from stigg_sidecar.grpc.servicer import SidecarServicer
+
+DAY = 86_400_000
+START = 1_790_000_000_000
+
+
+class CacheSource:
+    """The servicer's EntitlementSource over a real EntitlementCache, with a settable clock and
+    memo charges applied at once (the online sidecar hands them to the reactor)."""
+
+    def __init__(self, cache: EntitlementCache) -> None:
+        self.cache = cache
+        self.now = START
+
+    def peek(self, customer_id, resource_id):
+        return self.cache.get_fresh(f"c_{customer_id}", self.now)
+
+    def lookup(self, customer_id, resource_id, timeout):
+        return self.peek(customer_id, resource_id)
+
+    def memo_grew(self, entry, nbytes):
+        self.cache.charge(entry, nbytes)
+
+    def now_ms(self):
+        return self.now
+
+
+class Context:
+    def time_remaining(self):
+        return None
+
+
+def entry(usage: float) -> CustomerEntry:
+    metered = FeatureEntitlement(
+        Feature("calls", "NUMBER", "Incremental"),
+        usage_limit=10,
+        reset_period="DAY",
+        usage_period_anchor=START - DAY,
+        updated_at=1,
+        usage=Usage(usage, START, START + DAY, 1),
+    )
+    return CustomerEntry("acme", features={"calls": metered}, timestamp=1)
+
+
+REQUEST = pb.GetMeteredEntitlementRequest(
+    customer_id="acme", feature_id="calls", options=pb.MeteredEntitlementOptions(requested_usage=5)
+)
+
+
+class MemoTests(SynchronousTestCase):
+    def setUp(self):
+        self.cache = EntitlementCache(max_bytes=10**9)
+        self.source = CacheSource(self.cache)
+        self.servicer = SidecarServicer(self.source, None, {}, 1, 1)
+
+    def check(self):
+        return self.servicer.GetMeteredEntitlement(REQUEST, Context())
+
+    def test_a_repeated_request_gets_the_same_answer_object(self):
+        self.cache.put(entry(3))
+        first = self.check()
+        self.assertIs(self.check(), first)
+        self.assertEqual((first.has_access, first.entitlement.current_usage), (True, 3))
+
+    def test_a_new_entry_starts_without_answers(self):
+        self.cache.put(entry(3))
+        self.assertTrue(self.check().has_access)
+        self.cache.put(entry(8))
+        answer = self.check()
+        self.assertEqual((answer.has_access, answer.entitlement.current_usage), (False, 8))
+
+    def test_metered_answer_expires_when_the_period_rolls_over(self):
+        self.cache.put(entry(8))
+        self.assertFalse(self.check().has_access)
+        self.source.now = START + DAY + 1
+        answer = self.check()
+        self.assertEqual((answer.has_access, answer.entitlement.current_usage), (True, 0))
+
+    def test_memoized_answers_count_against_the_budget_and_leave_with_the_entry(self):
+        self.cache.put(entry(3))
+        bare = self.cache.bytes
+        self.check()
+        grown = self.cache.bytes
+        self.assertGreater(grown, bare + 512)
+        self.check()
+        self.assertEqual(self.cache.bytes, grown)  # reuse costs nothing more
+        self.cache.put(entry(4))
+        self.assertEqual(self.cache.bytes, entry(4).size)
