@@ -163,7 +163,7 @@ def _observe_online(metrics: Metrics, reactor, api: StiggApi, backend: OnlineSid
                     realtime: RealtimeService | None) -> None:
     """Point the metrics at the parts they describe; gauges are read at scrape time."""
     api.on_attempt = metrics.upstream_attempt
-    backend.set_counters(metrics.cache_hits.inc, metrics.cache_misses.inc)
+    backend.set_counters(metrics.cache_hit, metrics.cache_miss)
     metrics.cache_entries.set_function(lambda: len(cache))
     metrics.cache_bytes.set_function(lambda: cache.bytes)
     metrics.cache_evictions.set_function(lambda: cache.evictions)

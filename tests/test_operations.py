@@ -137,3 +137,37 @@ class JsonLogTests(SynchronousTestCase):
         self.assertIsInstance(first["timestamp"], float)
         self.assertEqual(second["level"], "critical")
         self.assertIn("boom", second["error"])
+
+
+class HotPathTallyTests(SynchronousTestCase):
+    def test_counts_from_many_threads_add_up_exactly(self):
+        import threading
+
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from stigg_sidecar.metrics import HotPathTally
+
+        registry = CollectorRegistry()
+        tally = HotPathTally(registry)
+
+        def work():
+            for i in range(5000):
+                tally.observe_call("GetBooleanEntitlement", "OK", 0.0002 if i % 2 else 0.003)
+                tally.mine().hits += 1
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        text = generate_latest(registry).decode()
+        self.assertEqual(sample(text, "sidecar_cache_hits_total"), 20000)
+        self.assertEqual(sample(text, "sidecar_grpc_requests_total", method="GetBooleanEntitlement", code="OK"), 20000)
+        self.assertEqual(sample(text, "sidecar_grpc_request_duration_seconds_count", method="GetBooleanEntitlement"), 20000)
+        self.assertEqual(
+            sample(text, "sidecar_grpc_request_duration_seconds_bucket", method="GetBooleanEntitlement", le="0.00025"),
+            10000,
+        )
+        self.assertAlmostEqual(
+            sample(text, "sidecar_grpc_request_duration_seconds_sum", method="GetBooleanEntitlement"), 10000 * 0.0032, 6
+        )
