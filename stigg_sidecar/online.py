@@ -13,6 +13,7 @@ The two halves of this class live on different threads, and that is the point of
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -88,8 +89,11 @@ class OnlineSidecar:
         api: StiggApi,
         cache: EntitlementCache,
         fetch_timeout: float,
+        waiting_slots: int = 8,
     ) -> None:
         self._reactor = reactor
+        # How many handler threads may wait on Stigg at once (the rest answer fallbacks at once).
+        self._waiting_slots = threading.BoundedSemaphore(waiting_slots)
         self._on_hit: Callable[[], None] = lambda: None
         self._on_miss: Callable[[], None] = lambda: None
         self._api = api
@@ -126,6 +130,13 @@ class OnlineSidecar:
         self._on_miss()
         if self.key_rejected:
             return None
+        if not self._waiting_slots.acquire(blocking=False):
+            # Every slot for waiting on Stigg is taken (Stigg is slow, many customers are cold):
+            # fetch in the background and answer the fallback now, so that threads stay free for
+            # the reads the cache can answer.
+            self._reactor.callFromThread(self._fetch_quietly, customer_id, resource_id)
+            self._fallback_log.warn(customer_id, "too many reads already waiting on Stigg")
+            return None
         try:
             return call_on_reactor(self._reactor, self.fetch, customer_id, resource_id, timeout=timeout)
         except TimeoutError:
@@ -134,7 +145,12 @@ class OnlineSidecar:
             self._fallback_log.warn(customer_id, e.message)
         except MalformedState as e:
             self._fallback_log.warn(customer_id, f"malformed: {e}")
+        finally:
+            self._waiting_slots.release()
         return None
+
+    def _fetch_quietly(self, customer_id: str, resource_id: str | None) -> None:
+        self.fetch(customer_id, resource_id).addErrback(lambda _: None)
 
     def _write(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
         if self.key_rejected:

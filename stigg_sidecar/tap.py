@@ -108,7 +108,9 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
             edge_enabled=settings.edge_enabled,
         )
         cache = EntitlementCache(settings.cache_max_size_bytes)
-        backend = OnlineSidecar(reactor, api, cache, fetch_timeout)
+        # A few handler threads never wait on Stigg, so memory keeps answering while Stigg is slow.
+        workers = settings.grpc_max_workers
+        backend = OnlineSidecar(reactor, api, cache, fetch_timeout, waiting_slots=max(1, workers - max(2, workers // 4)))
         if settings.redis_enabled:
             # Stigg's rule that a resource entry needs its customer's entry beside it is off: this
             # sidecar keeps entries per key, so a resource entry stands on its own.

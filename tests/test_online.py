@@ -209,7 +209,7 @@ class SingleFlightTests(TestCase):
     async def test_concurrent_misses_share_one_upstream_request(self):
         await self.h.faults(latency_ms=300)
         await self.h.admin("POST", "requests/reset")
-        answers = await gatherResults([self.h.call("GetBooleanEntitlement", boolean("acme", "sso")) for _ in range(12)])
+        answers = await gatherResults([self.h.call("GetBooleanEntitlement", boolean("acme", "sso")) for _ in range(10)])
         self.assertTrue(all(a.has_access and not a.is_fallback for a in answers))
         counts = await self.h.requests()
         self.assertEqual(counts.get("/v1/c/{customerId}/entitlements-state.json"), 1)
@@ -242,3 +242,29 @@ class CacheBoundOverGrpcTests(TestCase):
                 self.assertLessEqual(cache.bytes, 60000)
         self.assertLess(len(cache), 40)
         self.assertGreater(cache.evictions, 0)
+
+
+class SlowUpstreamTests(TestCase):
+    timeout = 30
+
+    async def test_threads_stay_free_for_cached_reads_while_stigg_is_slow(self):
+        seed = {"apiKeys": ["test-key"], "customers": {f"c{i}": data.ACME for i in range(4)}}
+        # 4 handler threads: at most 2 wait on Stigg, 2 always answer
+        h = await OnlineHarness(self, reactor).start(seed, GRPC_MAX_WORKERS="4", ENTITLEMENTS_TIMEOUT_MS="5000")
+        await h.call("GetBooleanEntitlement", boolean("c0", "sso"))
+        await h.faults(latency_ms=1500)
+        slow = [h.call("GetBooleanEntitlement", boolean(c, "sso")) for c in ("c1", "c2")]
+        from twisted.internet.task import deferLater
+
+        await deferLater(reactor, 0.3, lambda: None)  # both are waiting on Stigg now
+        third = await h.call("GetBooleanEntitlement", boolean("c3", "sso"))
+        self.assertTrue(third.is_fallback)
+        cached = await h.call("GetBooleanEntitlement", boolean("c0", "sso"))
+        self.assertEqual((cached.has_access, cached.is_fallback), (True, False))
+        self.assertEqual([r.is_fallback for r in await gatherResults(slow)], [False, False])
+        # the fallback's customer was fetched in the background all the same
+        async def fetched():
+            r = await h.call("GetBooleanEntitlement", boolean("c3", "sso"))
+            return not r.is_fallback
+
+        await h.wait_until(fetched, timeout=5)
