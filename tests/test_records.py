@@ -334,15 +334,24 @@ class SizeTests(SynchronousTestCase):
         many = entry_from_state("cust-1", None, state(*(boolean_item(f"f-{i}") for i in range(50))), NOW)
         self.assertLess(empty.size, one.size)
         self.assertLess(one.size, many.size)
-        # Fifty entitlements, each with a handful of objects: well past a few kilobytes.
-        self.assertGreater(many.size, 50 * 300)
+        # Fifty entitlements, each with a handful of objects (the feature definitions themselves
+        # are shared by the process and not charged): well past a few kilobytes.
+        self.assertGreater(many.size, 50 * 200)
 
     def test_size_counts_long_strings(self) -> None:
         short = entry_from_state("cust-1", None, state(boolean_item("f")), NOW)
         item = boolean_item("f")
-        item["feature"]["description"] = "x" * 10_000
+        item["enumValues"] = ["x" * 10_000]
         long = entry_from_state("cust-1", None, state(item), NOW)
         self.assertGreater(long.size - short.size, 10_000)
+
+    def test_feature_definitions_are_shared_between_customers_and_not_charged(self) -> None:
+        item = boolean_item("shared-f")
+        item["feature"]["description"] = "z" * 10_000
+        first = entry_from_state("cust-1", None, state(item), NOW)
+        second = entry_from_state("cust-2", None, state(item), NOW)
+        self.assertIs(first.features["shared-f"].feature, second.features["shared-f"].feature)
+        self.assertLess(second.size, 10_000)
 
     def test_shared_objects_are_counted_once(self) -> None:
         feature = Feature("f", "BOOLEAN", description="y" * 10_000)

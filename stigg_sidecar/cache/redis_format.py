@@ -32,6 +32,7 @@ from stigg_sidecar.entitlements.records import (
     Usage,
     cache_key,
     freeze_json,
+    shared_feature,
     thaw_json,
 )
 
@@ -381,7 +382,7 @@ def _replace_usage(feature: FeatureEntitlement, usage: Usage) -> FeatureEntitlem
 def _feature_from(record: dict[str, Any], where: str) -> FeatureEntitlement:
     raw = _obj(record.get("feature"), f"{where}.feature")
     fw = f"{where}.feature"
-    feature = Feature(
+    feature = shared_feature(Feature(
         id=_str(raw, "id", fw),
         feature_type=_str(raw, "featureType", fw),
         meter_type=_opt_str(raw, "meterType", fw),
@@ -389,7 +390,7 @@ def _feature_from(record: dict[str, Any], where: str) -> FeatureEntitlement:
         units_plural=_opt_str(raw, "unitsPlural", fw),
         display_name=_opt_str(raw, "displayName", fw),
         description=_opt_str(raw, "description", fw),
-    )
+    ))
     rate = record.get("creditRate")
     credit_rate = None
     if rate is not None:

@@ -142,11 +142,34 @@ def cache_key(customer_id: str, resource_id: str | None) -> str:
     return f"c_{customer_id}"
 
 
+# One instance per distinct feature definition, shared by every customer entry that has it: a
+# plan's features repeat across thousands of customers, and their strings were half of an entry's
+# memory. Bounded; past the bound new definitions are simply not shared. Parsing runs on the
+# reactor; a race elsewhere could only store an equal instance twice, which is harmless.
+_SHARED_FEATURES: dict[Feature, Feature] = {}
+_SHARED_FEATURES_MAX = 100_000
+
+
+def shared_feature(feature: Feature) -> Feature:
+    """The shared instance equal to `feature` (which becomes it, if it is the first)."""
+    existing = _SHARED_FEATURES.get(feature)
+    if existing is not None:
+        return existing
+    if len(_SHARED_FEATURES) < _SHARED_FEATURES_MAX:
+        _SHARED_FEATURES[feature] = feature
+    return feature
+
+
+def _shared(obj: object) -> bool:
+    return type(obj) is Feature and _SHARED_FEATURES.get(obj) is obj  # type: ignore[call-overload]
+
+
 def deep_size(root: object) -> int:
     """Bytes held by `root` and everything it references, each object counted once.
 
-    Follows `gc.get_referents`, which also sees through `MappingProxyType` to its dict. Classes and
-    the None/True/False singletons are shared by the whole process, so they are not counted.
+    Follows `gc.get_referents`, which also sees through `MappingProxyType` to its dict. Classes,
+    the None/True/False singletons and shared feature definitions belong to the whole process,
+    not to one entry, so they are not counted.
     """
     seen: set[int] = set()
     total = 0
@@ -154,7 +177,7 @@ def deep_size(root: object) -> int:
     while pending:
         fresh = []
         for obj in pending:
-            if id(obj) in seen or isinstance(obj, type) or obj is None or obj is True or obj is False:
+            if id(obj) in seen or isinstance(obj, type) or obj is None or obj is True or obj is False or _shared(obj):
                 continue
             seen.add(id(obj))
             total += sys.getsizeof(obj)
@@ -235,7 +258,7 @@ def _feature_entitlement(item: Mapping[str, Any], where: str, default_time: int)
     ref_id = _string(raw_feature, "refId", feature_where)
     if not ref_id:
         return None
-    feature = Feature(
+    feature = shared_feature(Feature(
         id=ref_id,
         feature_type=_string(raw_feature, "featureType", feature_where) or "",
         meter_type=_string(raw_feature, "meterType", feature_where),
@@ -243,7 +266,7 @@ def _feature_entitlement(item: Mapping[str, Any], where: str, default_time: int)
         units_plural=_string(raw_feature, "featureUnitsPlural", feature_where),
         display_name=_string(raw_feature, "displayName", feature_where),
         description=_string(raw_feature, "description", feature_where),
-    )
+    ))
     updated_at = parse_time(item.get("entitlementUpdatedAt"))
     if updated_at is None:
         updated_at = default_time
