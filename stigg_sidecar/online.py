@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from stigg_sidecar.cache.memory import EntitlementCache
+from stigg_sidecar.cache.memory import EntitlementCache, earliest_expiry
 from stigg_sidecar.cache.redis import RedisMirror
 from stigg_sidecar.entitlements.records import (
     CustomerEntry,
@@ -36,9 +36,13 @@ from stigg_sidecar.upstream.api import StiggApi, UpstreamError
 
 log = Logger()
 
-# Extra time a handler thread waits beyond the upstream budget for the reactor to hand the
-# answer back, so that an upstream timeout arrives as its own precise error.
-_HANDOFF = 0.25
+# Of a write's time budget, the share kept for the reactor to hand the answer back (so that an
+# upstream timeout arrives as its own precise error), at most _HANDOFF_MAX seconds.
+_HANDOFF_SHARE = 0.1
+_HANDOFF_MAX = 0.25
+# A write with less time than this left is refused before anything is sent: it could not be
+# answered in time, and sending it anyway could record usage the caller believes failed.
+_MIN_WRITE_BUDGET = 0.05
 
 
 def call_on_reactor(reactor, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
@@ -155,12 +159,29 @@ class OnlineSidecar:
     def _write(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
         if self.key_rejected:
             raise WriteError(WriteFailure.UNAUTHENTICATED, "Stigg rejected the API key")
+        if timeout < _MIN_WRITE_BUDGET:
+            raise WriteError(
+                WriteFailure.DEADLINE_EXCEEDED, f"the call's deadline leaves {timeout * 1000:.0f} ms: too little to reach Stigg"
+            )
+        if not self._waiting_slots.acquire(blocking=False):
+            # Writes wait on Stigg too: they share the reads' slots so cached reads keep a reserve.
+            raise WriteError(WriteFailure.UNAVAILABLE, "too many calls already waiting on Stigg; try again shortly")
+        upstream_budget = timeout - min(_HANDOFF_MAX, timeout * _HANDOFF_SHARE)
         try:
-            return call_on_reactor(self._reactor, fn, *args, max(0.001, timeout - _HANDOFF), timeout=timeout)
+            return call_on_reactor(self._reactor, fn, *args, upstream_budget, timeout=timeout)
         except TimeoutError:
             raise WriteError(WriteFailure.DEADLINE_EXCEEDED, f"Stigg did not answer within {timeout:.3g}s") from None
         except UpstreamError as e:
             raise WriteError(e.failure, e.message) from None
+        except MalformedState:
+            raise
+        except Exception as e:
+            log.failure("A write to Stigg failed unexpectedly")
+            raise WriteError(
+                WriteFailure.UNAVAILABLE, f"the write to Stigg failed ({type(e).__name__}); it may or may not have been recorded"
+            ) from None
+        finally:
+            self._waiting_slots.release()
 
     def report_usage(self, usages: Sequence[UsageReport], timeout: float) -> Sequence[UsageAck]:
         return self._write(self._report_usage, usages, timeout=timeout)
@@ -210,13 +231,14 @@ class OnlineSidecar:
         token = None
         if mirror is not None and mode == "miss":
             shared = yield mirror.read(customer_id, resource_id)
-            if shared is not None:
+            if self._usable(shared):
                 return self.store(shared)
-            token = yield mirror.acquire_fetch_lock(customer_id, resource_id)
+            lock_ms = int(self._fetch_timeout * 1000) + 1000  # held as long as our fetch may take
+            token = yield mirror.acquire_fetch_lock(customer_id, resource_id, ttl_ms=lock_ms)
             # Another sidecar of the fleet is fetching this customer: wait for its result.
             if token is None and (yield mirror.wait_for_fetch(customer_id, resource_id, self._fetch_timeout + 0.5)):
                 shared = yield mirror.read(customer_id, resource_id)
-                if shared is not None:
+                if self._usable(shared):
                     return self.store(shared)
         try:
             use_edge = False if mode == "reload" else None
@@ -226,18 +248,27 @@ class OnlineSidecar:
             if token is not None:
                 mirror.release_fetch_lock(customer_id, resource_id, token, error="fetch failed")
             raise
-        current = self.store(fetched)
+        # An explicit reload is the caller saying "this is the truth now": it replaces memory even
+        # when Stigg's entry timestamp went backwards (an entitlement removed); usage still newer wins.
+        current = self.store(fetched, force=(mode == "reload"))
         if mirror is not None:
             yield mirror.write(fetched)  # before the lock goes, so waiters find it
             if token is not None:
                 mirror.release_fetch_lock(customer_id, resource_id, token)
         return current
 
-    def store(self, entry: CustomerEntry) -> CustomerEntry:
-        """Cache `entry` unless a newer one is cached; return whichever is current."""
-        if self.cache.put(entry):
-            return entry
-        return self.cache.get(entry.key) or entry
+    def store(self, entry: CustomerEntry, force: bool = False) -> CustomerEntry:
+        """Cache `entry` unless a newer one is cached (or `force`); return whichever is current."""
+        if self.cache.put(entry, force=force):
+            return self.cache.get_entry(entry.key) or entry
+        return self.cache.get_entry(entry.key) or entry
+
+    def _usable(self, shared: CustomerEntry | None) -> bool:
+        """A Redis copy is used unless an entitlement in it is past its validUntil."""
+        if shared is None:
+            return False
+        expires = earliest_expiry(shared)
+        return expires is None or expires > self.now_ms()
 
     def _reload(self, customer_id: str, resource_id: str | None, timeout: float) -> Deferred:
         return self.fetch(customer_id, resource_id, "reload")
@@ -357,7 +388,9 @@ class CacheUpdates:
         state = {"entitlementsV2": entitlements, "accessDeniedReason": reason}
         entry = entry_from_state(customer_id, resource_id, state, self._backend.now_ms())
         if self._backend.cache.get_entry(key) is not None:
-            self._backend.store(entry)
+            # Pushed in order on one socket: the latest push is the truth even when its
+            # timestamp is older (an entitlement removed); usage still newer wins.
+            self._backend.store(entry, force=True)
         if mirror is not None:
             # Redis may hold customers this sidecar never read (a peer's, or from before a restart).
             mirror.write(entry, only_if_cached=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import grpc
 from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
@@ -139,3 +140,75 @@ class UnreachableAtStartTests(TestCase):
             return code == 200
 
         await h_started.wait_until(ready)
+
+
+class WriteBudgetTests(TestCase):
+    timeout = 30
+
+    async def test_a_deadline_too_short_to_reach_stigg_is_refused_before_sending(self):
+        h = await OnlineHarness(self, reactor).start(data.SEED)
+        with self.assertRaises(grpc.RpcError) as caught:
+            await h.call("ReportUsage", usage(), timeout=0.04)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.DEADLINE_EXCEEDED)
+        from twisted.internet.task import deferLater
+
+        await deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual((await h.admin("GET", "usage"))[1], [])
+
+    async def test_waiting_writes_leave_threads_for_cached_reads(self):
+        seed = {"apiKeys": ["test-key"], "customers": {"acme": data.ACME}}
+        h = await OnlineHarness(self, reactor).start(seed, GRPC_MAX_WORKERS="4", ENTITLEMENTS_TIMEOUT_MS="5000")
+        await h.call("GetBooleanEntitlement", sso())
+        await h.faults(latency_ms=1500)
+        slow = [h.call("ReportUsage", usage()) for _ in range(2)]
+        from twisted.internet.task import deferLater
+
+        await deferLater(reactor, 0.3, lambda: None)
+        with self.assertRaises(grpc.RpcError) as caught:
+            await h.call("ReportUsage", usage())
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.UNAVAILABLE)
+        cached = await h.call("GetBooleanEntitlement", sso(), timeout=1)
+        self.assertEqual((cached.has_access, cached.is_fallback), (True, False))
+        self.assertEqual(len(await gatherResults(slow)), 2)
+
+    async def test_forbidden_is_not_a_rejected_key(self):
+        h = await OnlineHarness(self, reactor).start(data.SEED, **FAST)
+        await h.faults(error_status=403)
+        with self.assertRaises(grpc.RpcError) as caught:
+            await h.call("ReportUsage", usage())
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.UNAVAILABLE)
+
+
+class RedirectTests(TestCase):
+    timeout = 30
+
+    async def test_redirects_are_not_followed_so_the_key_stays_home(self):
+        from klein import Klein
+        from twisted.web.server import Site
+
+        elsewhere_saw = []
+        elsewhere = Klein()
+
+        @elsewhere.route("/", branch=True)
+        def record(request):
+            elsewhere_saw.append(request.getHeader("x-api-key"))
+            return b"{}"
+
+        other = reactor.listenTCP(0, Site(elsewhere.resource()), interface="127.0.0.1")
+        self.addCleanup(other.stopListening)
+        redirector = Klein()
+
+        @redirector.route("/", branch=True)
+        def redirect(request):
+            request.setResponseCode(302)
+            request.setHeader("location", f"http://127.0.0.1:{other.getHost().port}/stolen")
+            return b""
+
+        edge = reactor.listenTCP(0, Site(redirector.resource()), interface="127.0.0.1")
+        self.addCleanup(edge.stopListening)
+        h = await OnlineHarness(self, reactor).start(
+            data.SEED, EDGE_API_URL=f"http://127.0.0.1:{edge.getHost().port}", ENTITLEMENTS_FALLBACK=FALLBACK, **FAST
+        )
+        r = await h.call("GetBooleanEntitlement", sso())
+        self.assertTrue(r.is_fallback)
+        self.assertEqual(elsewhere_saw, [])

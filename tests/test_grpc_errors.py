@@ -114,3 +114,11 @@ class InvalidArgumentTests(SynchronousTestCase):
         self.assertEqual(caught.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
         # and the server still answers afterwards
         self.assertTrue(self.stub.ReloadEntitlements(pb.ReloadEntitlementsRequest(customer_id="c"), timeout=5).entitled_entity_exists)
+
+    def test_out_of_range_timestamp(self):
+        from google.protobuf.timestamp_pb2 import Timestamp
+
+        request = pb.ReportUsageRequest(customer_id="c", feature_id="f", value=1, timestamp=Timestamp(seconds=10**13))
+        self.assertInvalid("ReportUsage", request, "timestamp is out of range")
+        event = pb.Event(event_name="e", customer_id="c", idempotency_key="k", timestamp=Timestamp(seconds=-(10**13)))
+        self.assertInvalid("ReportEvents", pb.ReportEventsRequest(events=[event]), "events[0].timestamp is out of range")

@@ -200,6 +200,20 @@ class UsageTests(TestCase):
         self.assertFalse(r.has_access)
 
 
+class ReloadIsAuthoritativeTests(TestCase):
+    timeout = 30
+
+    async def test_reload_applies_an_entry_whose_timestamp_went_backwards(self):
+        h = await OnlineHarness(self, reactor).start(data.SEED)
+        self.assertTrue((await h.call("GetBooleanEntitlement", boolean("acme", "sso"))).has_access)
+        # sso removed; what remains was last updated long ago, so the entry's timestamp is older
+        older = data.customer(data.feature("other", entitlementUpdatedAt="2026-01-01T00:00:00.000Z"))
+        await h.admin("PUT", "customers/acme", older)
+        await h.call("ReloadEntitlements", pb.ReloadEntitlementsRequest(customer_id="acme"))
+        r = await h.call("GetBooleanEntitlement", boolean("acme", "sso"))
+        self.assertEqual(r.access_denied_reason, pb.ACCESS_DENIED_REASON_NO_FEATURE_ENTITLEMENT_IN_SUBSCRIPTION)
+
+
 class SingleFlightTests(TestCase):
     timeout = 30
 

@@ -138,6 +138,18 @@ class SocketTests(TestCase):
         self.assertEqual(self.realtime(h).connections, 1)
         self.assertEqual(self.realtime(h).malformed, 3)
 
+    async def test_a_subscription_error_replaces_the_socket(self):
+        h = await self.start()
+        frame = '{"id": "any", "type": "error", "payload": [{"message": "ThrottlerException"}]}'
+        code, body = await h.admin("POST", "sockets/send", {"text": frame})
+        self.assertEqual(body["sent"], 1)
+
+        async def reconnected():
+            return self.realtime(h).connections >= 2
+
+        await h.wait_until(reconnected, timeout=10)
+        await self.subscribed(h)
+
     async def test_package_published_for_all_customers_drops_the_cache(self):
         h = await self.start()
         await h.call("GetBooleanEntitlement", sso())

@@ -66,6 +66,21 @@ class RedisSidecarTests(TestCase):
         r = await second.call("GetMeteredEntitlement", metered("acme"))
         self.assertEqual((r.is_fallback, r.has_access, r.entitlement.current_usage), (False, True, 90))
 
+    async def test_an_expired_redis_copy_is_not_served(self):
+        import time
+
+        soon = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() + 1.5)) + ".000Z"
+        seed = {"apiKeys": ["test-key"], "customers": {"trial": data.customer(data.feature("sso", validUntil=soon))}}
+        first = await self.sidecar(seed=seed)
+        r = await first.call("GetBooleanEntitlement", pb.GetBooleanEntitlementRequest(customer_id="trial", feature_id="sso"))
+        self.assertFalse(r.is_fallback)
+        await deferLater(reactor, 1.6, lambda: None)
+        second = await self.sidecar(emulator=first.emulator)
+        await second.admin("POST", "requests/reset")
+        await second.call("GetBooleanEntitlement", pb.GetBooleanEntitlementRequest(customer_id="trial", feature_id="sso"))
+        counts = await second.requests()
+        self.assertEqual(counts.get("/v1/c/{customerId}/entitlements-state.json"), 1)  # asked Stigg, not the stale copy
+
     async def test_fleet_sharing_redis_sees_each_others_usage(self):
         a = await self.sidecar()
         b = await self.sidecar(emulator=a.emulator)

@@ -76,16 +76,17 @@ class EntitlementCache:
 
     # -- reactor only -----------------------------------------------------------------------------
 
-    def put(self, entry: CustomerEntry) -> bool:
+    def put(self, entry: CustomerEntry, force: bool = False) -> bool:
         """Store `entry` unless the cached one is newer (newer wins). True when stored.
 
         Usage is versioned apart from the entitlements (it moves on every report), so usage the
-        cache holds that is newer than the incoming entry's is kept.
+        cache holds that is newer than the incoming entry's is kept. `force` skips the entry-level
+        check (for sources that are authoritative whatever the timestamp), never the usage one.
         """
         key = entry.key
         slot = self._slots.get(key)
         if slot is not None:
-            if not newer_or_equal(entry, slot.entry):
+            if not force and not newer_or_equal(entry, slot.entry):
                 return False
             entry = keep_newer_usage(entry, slot.entry)
         self._store(key, entry, slot)

@@ -60,6 +60,13 @@ def _optional_id(message: Any, name: str) -> str | None:
     return getattr(message, name) or None
 
 
+def _timestamp(message: Any, name: str) -> int | None:
+    try:
+        return convert.request_timestamp(message)
+    except ValueError:
+        raise _InvalidArgument(f"{name} is out of range") from None
+
+
 def _finite(value: float, name: str) -> float:
     if not math.isfinite(value):
         raise _InvalidArgument(f"{name} must be a finite number")
@@ -313,7 +320,7 @@ class SidecarServicer(SidecarServiceServicer):
             resource_id=_optional_id(request, "resource_id"),
             update_behavior=convert.update_behavior(request),
             dimensions=convert.dimensions(request.dimensions),
-            timestamp=convert.request_timestamp(request),
+            timestamp=_timestamp(request, f"{where}timestamp"),
         )
 
     def ReportUsage(self, request, context):
@@ -346,7 +353,7 @@ class SidecarServicer(SidecarServiceServicer):
                         idempotency_key=_required(e.idempotency_key, f"{where}idempotency_key"),
                         resource_id=_optional_id(e, "resource_id"),
                         dimensions=convert.dimensions(e.dimensions),
-                        timestamp=convert.request_timestamp(e),
+                        timestamp=_timestamp(e, f"{where}timestamp"),
                     )
                 )
             if events:

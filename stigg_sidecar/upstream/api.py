@@ -101,13 +101,17 @@ def _graphql_failure(errors: Sequence[Any]) -> UpstreamError:
 
 
 def _http_failure(status: int, retry_after: float | None) -> UpstreamError:
-    if status in (401, 403):
+    """Only 401 means the key is wrong (Stigg's own rule): a 403 can come from a proxy or CDN."""
+    if status == 401:
         return UpstreamError(WriteFailure.UNAUTHENTICATED, "Stigg rejected the API key")
     if status == 429:
         return UpstreamError(WriteFailure.RESOURCE_EXHAUSTED, "Stigg rate limit (HTTP 429)", True, retry_after)
-    if status >= 500:
+    if status >= 500 or status == 403:
         return UpstreamError(WriteFailure.UNAVAILABLE, f"Stigg answered HTTP {status}", True, retry_after)
-    return UpstreamError(WriteFailure.INVALID_ARGUMENT, f"Stigg answered HTTP {status}")
+    if 300 <= status < 400:
+        # Never followed: the API key header would go wherever the redirect points.
+        return UpstreamError(WriteFailure.UNAVAILABLE, f"Stigg answered a redirect (HTTP {status}); check the API URLs")
+    return UpstreamError(WriteFailure.UNAVAILABLE, f"Stigg answered HTTP {status}; check the API URLs")
 
 
 def _retry_after(headers: Headers) -> float | None:
@@ -302,7 +306,7 @@ class StiggApi:
     def _edge_get(self, endpoint: str, path: str, timeout: float) -> Deferred:
         url = f"{self._edge_url}{path}"
         headers = dict(self._headers, **{"X-API-VERSION": "1", "accept": "application/json"})
-        return self._call(endpoint, lambda t: self._edge.get(url, headers=headers), timeout)
+        return self._call(endpoint, lambda t: self._edge.get(url, headers=headers, allow_redirects=False), timeout)
 
     def _graphql_post(
         self, operation: str, query: str, variables: Mapping[str, Any], timeout: float, retryable: bool = True
@@ -319,7 +323,7 @@ class StiggApi:
             },
         )
         url = f"{self._api_url}/graphql"
-        return self._call(operation, lambda t: self._graphql.post(url, data=body, headers=headers), timeout, retryable)
+        return self._call(operation, lambda t: self._graphql.post(url, data=body, headers=headers, allow_redirects=False), timeout, retryable)
 
     # -- operations -------------------------------------------------------------------------------
 

@@ -26,8 +26,8 @@ from stigg_sidecar.upstream.operations import SUBSCRIPTIONS
 log = Logger()
 
 SUBPROTOCOL = "graphql-transport-ws"
-# Close codes after which retrying cannot help (graphql-ws's fatal set), and Stigg's reason.
-_FATAL_CODES = {4400, 4401, 4403, 4004, 4005, 4406, 4409, 4429, 4500}
+# The one close after which retrying cannot help, as Stigg's own client decides: every other close
+# (server errors included) is retried with backoff.
 _INVALID_KEY_REASON = "Invalid API key"
 
 
@@ -51,11 +51,18 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
     factory: "_Factory"
 
     def onOpen(self) -> None:
-        self._acked = False
+        service = self.factory.service
         self._subscriptions: dict[str, str] = {}
         self._ping_call = None
         self._pong_deadline = None
-        self._send({"type": "connection_init", "payload": {"headers": self.factory.service.init_headers}})
+        self._send({"type": "connection_init", "payload": {"headers": service.init_headers}})
+        # Stigg's client waits for the ack forever; a socket that never gets one is replaced.
+        self._ack_deadline = service.reactor.callLater(service.ack_timeout, self._no_ack)
+
+    def _no_ack(self) -> None:
+        self._ack_deadline = None
+        log.warn("No connection_ack from Stigg within {t}s; reconnecting", t=self.factory.service.ack_timeout)
+        self.dropConnection(abort=True)
 
     def _send(self, message: Mapping[str, Any]) -> None:
         self.sendMessage(json.dumps(message).encode())
@@ -69,7 +76,9 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
             service.malformed_frame("not a graphql-transport-ws message")
             return
         if kind == "connection_ack":
-            self._acked = True
+            if self._ack_deadline is not None and self._ack_deadline.active():
+                self._ack_deadline.cancel()
+            self._ack_deadline = None
             for field, (operation, query) in SUBSCRIPTIONS.items():
                 sub_id = str(uuid.uuid4())
                 self._subscriptions[sub_id] = field
@@ -79,7 +88,9 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
         elif kind == "ping":
             self._send({"type": "pong"})
         elif kind == "pong":
-            if self._pong_deadline is not None and self._pong_deadline.active():
+            if self._pong_deadline is None:
+                return  # unsolicited (the protocol allows it): no ping of ours is waiting
+            if self._pong_deadline.active():
                 self._pong_deadline.cancel()
             self._pong_deadline = None
             self._schedule_ping()
@@ -92,7 +103,14 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
                 return
             service.dispatch(field, data[field])
         elif kind == "error":
-            log.warn("Stigg refused subscription {field}: {payload}", field=self._subscriptions.get(message.get("id")), payload=message.get("payload"))
+            # A refused or failed subscription would leave its updates silently missing while the
+            # socket looks healthy: start over (with backoff), as Stigg's client resubscribes.
+            log.warn(
+                "Stigg ended subscription {field} with an error: {payload}; reconnecting",
+                field=self._subscriptions.get(message.get("id")),
+                payload=message.get("payload"),
+            )
+            self.dropConnection(abort=True)
         elif kind == "complete":
             field = self._subscriptions.pop(message.get("id"), None)
             log.warn("Stigg completed subscription {field}; reconnecting to resubscribe", field=field)
@@ -102,6 +120,8 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
 
     def _schedule_ping(self) -> None:
         service = self.factory.service
+        if self._ping_call is not None and self._ping_call.active():
+            self._ping_call.cancel()
         self._ping_call = service.reactor.callLater(service.ping_interval, self._ping)
 
     def _ping(self) -> None:
@@ -117,7 +137,8 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         # Autobahn can leave its close-handshake timer behind when the TCP side closes first.
         handshake_timer, self.closeHandshakeTimeoutCall = getattr(self, "closeHandshakeTimeoutCall", None), None
-        for call in (getattr(self, "_ping_call", None), getattr(self, "_pong_deadline", None), handshake_timer):
+        timers = ("_ping_call", "_pong_deadline", "_ack_deadline")
+        for call in (*(getattr(self, name, None) for name in timers), handshake_timer):
             if call is not None and call.active():
                 call.cancel()
         self.factory.service.disconnected(self, code, reason)
@@ -156,6 +177,7 @@ class RealtimeService(MultiService):
         sink: UpdateSink,
         ping_interval: float = 10.0,
         pong_timeout: float = 10.0,
+        ack_timeout: float = 30.0,
         max_delay: float = 30.0,
         jitter: Callable[[], float] = random.random,
     ) -> None:
@@ -165,6 +187,7 @@ class RealtimeService(MultiService):
         self.sink = sink
         self.ping_interval = ping_interval
         self.pong_timeout = pong_timeout
+        self.ack_timeout = ack_timeout
         self.is_connected = False
         self.connections = 0
         self.malformed = 0
@@ -195,7 +218,7 @@ class RealtimeService(MultiService):
         if was_connected:
             log.warn("Real-time updates disconnected (code {code}); cached data stays, refreshed by polling", code=code)
             self.sink.socket_down()
-        if reason == _INVALID_KEY_REASON or code in _FATAL_CODES:
+        if reason == _INVALID_KEY_REASON:
             if not self.gave_up:
                 self.gave_up = True
                 log.error("Stigg closed the real-time socket for good ({code} {reason}); not retrying", code=code, reason=reason)
