@@ -218,6 +218,10 @@ class OnlineSidecar:
         self._fetch(customer_id, resource_id, mode).addBoth(self._landed, flight)
         return mine
 
+    def fetching(self, key: str) -> bool:
+        """Whether a fetch for `key` is in flight (reactor only)."""
+        return any(flight_key == key for flight_key, _ in self._inflight)
+
     def _landed(self, result: Any, flight: tuple[str, str]) -> None:
         for waiter in self._inflight.pop(flight):
             if isinstance(result, Failure):
@@ -387,7 +391,9 @@ class CacheUpdates:
             return
         state = {"entitlementsV2": entitlements, "accessDeniedReason": reason}
         entry = entry_from_state(customer_id, resource_id, state, self._backend.now_ms())
-        if self._backend.cache.get_entry(key) is not None:
+        if self._backend.cache.get_entry(key) is not None or self._backend.fetching(key):
+            # (A fetch in flight may carry older data, e.g. from a lagging Edge: the push lands
+            # first and newer wins when the fetch does.)
             # Pushed in order on one socket: the latest push is the truth even when its
             # timestamp is older (an entitlement removed); usage still newer wins.
             self._backend.store(entry, force=True)

@@ -89,3 +89,14 @@ class NewerWinsTests(SynchronousTestCase):
         cache.put(CustomerEntry("c", features=ents, timestamp=1))
         self.assertIsNotNone(cache.get_fresh("c_c", 4999))
         self.assertIsNone(cache.get_fresh("c_c", 5000))
+
+
+class ExpiryTests(SynchronousTestCase):
+    def test_earliest_valid_until_over_features_and_credits(self):
+        from stigg_sidecar.cache.memory import earliest_expiry
+        from stigg_sidecar.entitlements.records import CreditEntitlement, Currency
+
+        ents = {"sso": FeatureEntitlement(Feature("sso", "BOOLEAN"), valid_until=9000)}
+        credits = {"t": CreditEntitlement(Currency("t"), valid_until=7000)}
+        self.assertEqual(earliest_expiry(CustomerEntry("c", features=ents, credits=credits)), 7000)
+        self.assertIsNone(earliest_expiry(entry("c")))

@@ -16,7 +16,6 @@ from stigg_sidecar.entitlements.decide import (
     fallback_decision,
     fallback_state,
     feature_kind,
-    is_expired,
     state_v1,
     state_v2,
 )
@@ -380,25 +379,6 @@ class StateTests(SynchronousTestCase):
         self.assertTrue(all(not d.has_access and d.reason == "CustomerIsArchived" for d in decisions))
 
 
-class ExpiryTests(SynchronousTestCase):
-    def test_single_feature_expiry(self) -> None:
-        e = entry(FeatureEntitlement(BOOLEAN, valid_until=NOW), metered(valid_until=NOW + 1))
-        self.assertTrue(is_expired(e, NOW, "sso"))
-        self.assertFalse(is_expired(e, NOW, "api-calls"))
-        self.assertFalse(is_expired(e, NOW, "missing"))
-
-    def test_any_entitlement_expiry(self) -> None:
-        self.assertFalse(is_expired(entry(FeatureEntitlement(BOOLEAN)), NOW))
-        self.assertTrue(is_expired(entry(credits=(CreditEntitlement(TOKENS, valid_until=NOW - 1),)), NOW))
-
-    def test_single_credit_expiry(self) -> None:
-        e = entry(
-            FeatureEntitlement(BOOLEAN, valid_until=NOW - 1), credits=(CreditEntitlement(TOKENS, valid_until=NOW + 1),)
-        )
-        self.assertFalse(is_expired(e, NOW, currency_id="tokens"))
-        self.assertTrue(is_expired(e, NOW, feature_id="sso"))
-
-
 class FeatureKindTests(SynchronousTestCase):
     def test_feature_kind_follows_type_and_meter(self) -> None:
         self.assertEqual(feature_kind(Feature("a", "NUMBER", None)), "numeric")
@@ -508,7 +488,6 @@ class DecisionPropertyTests(SynchronousTestCase):
         self.assertEqual(credit.has_access, credit.reason is None)
         state = state_v2(e, now)
         self.assertEqual(len(state), len(e.features) + len(e.credits))
-        is_expired(e, now)
 
     @given(e=entries, now=st.integers(min_value=0, max_value=2**45))
     def test_state_answers_match_single_checks(self, e: CustomerEntry, now: int) -> None:

@@ -138,6 +138,22 @@ class SocketTests(TestCase):
         self.assertEqual(self.realtime(h).connections, 1)
         self.assertEqual(self.realtime(h).malformed, 3)
 
+    async def test_a_push_during_a_fetch_is_kept(self):
+        h = await self.start()
+        await h.faults(latency_ms=1500)
+        reading = h.call("GetBooleanEntitlement", sso())  # cold: a fetch is now in flight
+        await h.wait_until(lambda: _true(h.sidecar.backend.fetching("c_acme")), timeout=5)
+        await h.admin("PUT", "customers/acme", data.customer(data.feature("other")))
+        cache = h.sidecar.backend.cache
+
+        async def pushed():
+            entry = cache.get_entry("c_acme")
+            return entry is not None and "other" in entry.features
+
+        await h.wait_until(pushed, timeout=1)  # well before the fetch lands
+        self.assertTrue(h.sidecar.backend.fetching("c_acme"))
+        await reading
+
     async def test_a_subscription_error_replaces_the_socket(self):
         h = await self.start()
         frame = '{"id": "any", "type": "error", "payload": [{"message": "ThrottlerException"}]}'
@@ -193,3 +209,7 @@ class SocketTests(TestCase):
 
 async def _false(value):
     return not value
+
+
+async def _true(value):
+    return bool(value)

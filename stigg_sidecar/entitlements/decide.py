@@ -284,27 +284,6 @@ def fallback_decision(
     return decision
 
 
-def is_expired(
-    entry: CustomerEntry, now_ms: int, feature_id: str | None = None, currency_id: str | None = None
-) -> bool:
-    """Whether a looked-up entitlement is past `valid_until` (≤ now), so the caller should refetch.
-
-    With `feature_id` (or `currency_id`) only that entitlement counts, and a missing one is not
-    expired; with neither, any entitlement of the entry does.
-    """
-    if feature_id is None and currency_id is None:
-        candidates: list[FeatureEntitlement | CreditEntitlement | None] = [
-            *entry.features.values(),
-            *entry.credits.values(),
-        ]
-    else:
-        candidates = [
-            entry.features.get(feature_id) if feature_id is not None else None,
-            entry.credits.get(currency_id) if currency_id is not None else None,
-        ]
-    return any(c is not None and c.valid_until is not None and c.valid_until <= now_ms for c in candidates)
-
-
 def state_v1(entry: CustomerEntry, now_ms: int) -> tuple[Decision, ...]:
     """GetEntitlements: one decision per feature entitlement, each of its own kind, no request."""
     return tuple(decide_feature(entry, feature_id, None, None, (), None, now_ms) for feature_id in entry.features)

@@ -33,8 +33,6 @@ class FallbackValues:
         return "boolean"
 
 
-NO_FALLBACK = FallbackValues()
-
 _INT32_MAX = 2**31 - 1
 
 
