@@ -1,7 +1,7 @@
 # stigg-sidecar: answers Stigg entitlement checks over gRPC (8443), health on HTTP (8080).
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY stigg_sidecar ./stigg_sidecar
 COPY twisted ./twisted
 COPY protos ./protos
