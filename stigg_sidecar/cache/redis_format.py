@@ -29,6 +29,7 @@ from stigg_sidecar.entitlements.records import (
     CustomerEntry,
     Feature,
     FeatureEntitlement,
+    FieldReader,
     Usage,
     cache_key,
     freeze_json,
@@ -471,27 +472,10 @@ def _str(obj: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _opt_str(obj: dict[str, Any], key: str, where: str) -> str | None:
-    value = obj.get(key)
-    if value is not None and not isinstance(value, str):
-        raise FormatError(f"{where}.{key}: must be a string or null")
-    return value
-
-
-def _bool(obj: dict[str, Any], key: str, where: str) -> bool:
-    value = obj.get(key)
-    if value is not None and not isinstance(value, bool):
-        raise FormatError(f"{where}.{key}: must be true, false or null")
-    return bool(value)
-
-
-def _float(obj: dict[str, Any], key: str, where: str) -> float | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise FormatError(f"{where}.{key}: must be a finite number or null")
-    return float(value)
+_fields = FieldReader(FormatError)
+_opt_str = _fields.string
+_bool = _fields.flag
+_float = _fields.number
 
 
 def _opt_int(obj: dict[str, Any], key: str, where: str) -> int | None:

@@ -342,11 +342,39 @@ def _credit_entitlement(item: Mapping[str, Any], where: str, default_time: int) 
     )
 
 
-def _string(obj: Mapping[str, Any], key: str, where: str) -> str | None:
-    value = obj.get(key)
-    if value is not None and not isinstance(value, str):
-        raise MalformedState(f"{where}.{key}: must be a string or null")
-    return value
+class FieldReader:
+    """Typed reads of a decoded JSON object's optional fields; a bad value raises `error` with a
+    message naming the place (`<where>.<key>: must be ...`). Shared by every JSON boundary."""
+
+    def __init__(self, error: type[Exception]) -> None:
+        self._error = error
+
+    def string(self, obj: Mapping[str, Any], key: str, where: str) -> str | None:
+        value = obj.get(key)
+        if value is not None and not isinstance(value, str):
+            raise self._error(f"{where}.{key}: must be a string or null")
+        return value
+
+    def flag(self, obj: Mapping[str, Any], key: str, where: str) -> bool:
+        value = obj.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise self._error(f"{where}.{key}: must be true, false or null")
+        return bool(value)
+
+    def number(self, obj: Mapping[str, Any], key: str, where: str) -> float | None:
+        value = obj.get(key)
+        if value is None:
+            return None
+        number = _finite(value)
+        if number is None:
+            raise self._error(f"{where}.{key}: must be a finite number or null")
+        return number
+
+
+_fields = FieldReader(MalformedState)
+_string = _fields.string
+_flag = _fields.flag
+_number = _fields.number
 
 
 def _strings(obj: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
@@ -356,23 +384,6 @@ def _strings(obj: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise MalformedState(f"{where}.{key}: must be a list of strings or null")
     return tuple(value)
-
-
-def _flag(obj: Mapping[str, Any], key: str, where: str) -> bool:
-    value = obj.get(key)
-    if value is not None and not isinstance(value, bool):
-        raise MalformedState(f"{where}.{key}: must be true, false or null")
-    return bool(value)
-
-
-def _number(obj: Mapping[str, Any], key: str, where: str) -> float | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    number = _finite(value)
-    if number is None:
-        raise MalformedState(f"{where}.{key}: must be a finite number or null")
-    return number
 
 
 def _time(obj: Mapping[str, Any], key: str, where: str) -> int | None:
