@@ -60,6 +60,9 @@ class RedisServer:
         self.users = dict(users or {})
         self.extra_config = extra_config
         self.port = port or free_port()
+        # A port picked here can be taken by another test process before redis-server binds it;
+        # then the first start moves to another free port (a restart keeps its port).
+        self._may_move = port is None
         self._dir = tempfile.TemporaryDirectory(prefix="redis-test-")
         self.dir = Path(self._dir.name)
         self.process: subprocess.Popen | None = None
@@ -69,6 +72,20 @@ class RedisServer:
     # -- life cycle -------------------------------------------------------------------------------
 
     def start(self, timeout: float = 10) -> RedisServer:
+        attempts = 3 if self._may_move else 1
+        for attempt in range(attempts):
+            try:
+                self._start_once(timeout)
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+                self.port = free_port()
+            else:
+                self._may_move = False
+                return self
+        return self
+
+    def _start_once(self, timeout: float) -> None:
         config = self.dir / "redis.conf"
         if self.tls:
             ports = [
@@ -100,7 +117,6 @@ class RedisServer:
             [self.binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.dir
         )
         self._wait_until_answering(timeout)
-        return self
 
     def _wait_until_answering(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
