@@ -39,6 +39,7 @@ from processes import (
     BenchError,
     Children,
     rss_kib,
+    run_with_children,
     start_bare_server,
     start_emulator,
     start_sidecar,
@@ -358,18 +359,7 @@ def main() -> int:
         raise SystemExit("grpc_load: needs cores 0 and 1 (server on one, h2load on the other)")
     os.sched_setaffinity(0, {LOAD_CPU})
 
-    with Children() as children:
-        try:
-            return bench(children, args, calls)
-        except BenchError as e:
-            children.keep = True
-            print(f"\nABORTED: {e}", file=sys.stderr)
-            if children.exited():
-                print(children.exited(), file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("\ninterrupted; stopping the children", file=sys.stderr)
-            return 130
+    return run_with_children(bench, args, calls)
 
 
 def bench(children: Children, args: argparse.Namespace, calls: list[LoadCall]) -> int:

@@ -26,7 +26,15 @@ from pathlib import Path
 import grpc
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from processes import BenchError, Children, rss_kib, start_emulator, start_sidecar, write_emulator_data
+from processes import (
+    BenchError,
+    Children,
+    rss_kib,
+    run_with_children,
+    start_emulator,
+    start_sidecar,
+    write_emulator_data,
+)
 from seed import customer_id, entitlements
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
@@ -121,18 +129,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1200, help="bound on the warm-up, seconds (default 1200)")
     args = parser.parse_args()
 
-    with Children() as children:
-        try:
-            return bench(children, args)
-        except BenchError as e:
-            children.keep = True
-            print(f"\nABORTED: {e}", file=sys.stderr)
-            if children.exited():
-                print(children.exited(), file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("\ninterrupted; stopping the children", file=sys.stderr)
-            return 130
+    return run_with_children(bench, args)
 
 
 def bench(children: Children, args: argparse.Namespace) -> int:

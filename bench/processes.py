@@ -149,6 +149,35 @@ class Children:
         return self.workdir / name
 
 
+def run_with_children(bench: Callable[..., int], *args: Any) -> int:
+    """`bench(children, *args)` inside a Children context: on a BenchError the logs are kept and
+    the reason printed (exit 1); Ctrl-C or SIGTERM stops the children (exit 130)."""
+    with Children() as children:
+        try:
+            return bench(children, *args)
+        except BenchError as e:
+            children.keep = True
+            print(f"\nABORTED: {e}", file=sys.stderr)
+            if children.exited():
+                print(children.exited(), file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\ninterrupted; stopping the children", file=sys.stderr)
+            return 130
+
+
+def exit_status(main: Callable[[], int]) -> int:
+    """Run a benchmark's `main`: its status, 2 on a BenchError, 130 when interrupted."""
+    try:
+        return main()
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 

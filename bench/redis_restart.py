@@ -47,7 +47,7 @@ import grpc
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
-from processes import BenchError, Children, start_emulator, start_sidecar, wait_until, write_emulator_data  # noqa: E402
+from processes import BenchError, Children, exit_status, start_emulator, start_sidecar, wait_until, write_emulator_data  # noqa: E402
 
 from stigg_sidecar._proto import sidecar_pb2 as pb  # noqa: E402
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub  # noqa: E402
@@ -468,11 +468,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(exit_status(main))
