@@ -251,11 +251,16 @@ class SidecarServicer(SidecarServiceServicer):
         except _InvalidArgument as e:
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
+        # Credits have no configured fallback (Stigg's creditEntitlementsFallback is not a setting).
+        if currency_id is not None:
+            has_own = options is not None and options.HasField("fallback")
+            fb = convert.fallback_values(options.fallback) if has_own else None
+        else:
+            fb = self._fallback_for(feature_id, options)
+
         def fallback_decision_v2() -> Decision:
             if currency_id is not None:
-                fb = convert.fallback_values(options.fallback) if options is not None and options.HasField("fallback") else None
                 return fallback_decision("credit", currency_id, fb, requested)
-            fb = self._fallback_for(feature_id, options)
             return fallback_decision(_generic_kind(requested, values, fb), feature_id, fb, requested, values)
 
         def answer() -> pb.GetEntitlementV2Response:
@@ -263,10 +268,8 @@ class SidecarServicer(SidecarServiceServicer):
             if entry is None:
                 decision = fallback_decision_v2()
             elif currency_id is not None:
-                fb = convert.fallback_values(options.fallback) if options is not None and options.HasField("fallback") else None
                 decision = decide_credit(entry, currency_id, requested, fb, self._source.now_ms())
             else:
-                fb = self._fallback_for(feature_id, options)
                 decision = decide_feature(entry, feature_id, None, requested, values, fb, self._source.now_ms())
             return pb.GetEntitlementV2Response(entitlement=convert.entitlement_v2(self._counted(decision)))
 
