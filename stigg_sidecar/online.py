@@ -2,12 +2,14 @@
 
 The two halves of this class live on different threads, and that is the point of it:
 
-- `lookup`, `report_usage`, `report_events`, `reload` are called on gRPC handler threads. A cache
-  hit returns at once with no lock and no thread hop. A miss, and every write, crosses to the
-  reactor with `call_on_reactor` under the caller's deadline; past it a read answers None (the
-  caller then answers the fallback) and a write raises DEADLINE_EXCEEDED.
-- `fetch`, `_report_usage`, ... run on the reactor: they own the in-flight fetch table (single
-  flight: concurrent misses for one customer share one upstream request) and every cache change.
+- `peek` and `lookup` are called on gRPC handler threads. A cache hit returns at once with no
+  lock and no thread hop. A miss crosses to the reactor with `call_on_reactor` under the caller's
+  deadline; past it a read answers None (the caller then answers the fallback).
+- `fetch`, `reload_entry`, `apply_usage_result`, ... run on the reactor: they own the in-flight
+  fetch table (single flight: concurrent misses for one customer share one upstream request) and
+  every cache change.
+
+Writes (usage, events) and the handler side of reloads live in `stigg_sidecar.delivery`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
@@ -31,19 +33,10 @@ from stigg_sidecar.entitlements.records import (
     entry_from_state,
     parse_time,
 )
-from stigg_sidecar.reports import EventReport, UsageAck, UsageReport, WriteError, WriteFailure
+from stigg_sidecar.reports import UsageReport
 from stigg_sidecar.upstream.api import StiggApi, UpstreamError
 
 log = Logger()
-
-# Of a write's time budget, the share kept for the reactor to hand the answer back (so that an
-# upstream timeout arrives as its own precise error), at most _HANDOFF_MAX seconds.
-_HANDOFF_SHARE = 0.1
-_HANDOFF_MAX = 0.25
-# A write with less time than this left is refused before anything is sent: it could not be
-# answered in time, and sending it anyway could record usage the caller believes failed.
-_MIN_WRITE_BUDGET = 0.05
-
 
 def call_on_reactor(reactor, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
     """Run `fn(*args)` on the reactor thread and wait up to `timeout` seconds for its result
@@ -97,7 +90,7 @@ class OnlineSidecar:
     ) -> None:
         self._reactor = reactor
         # How many handler threads may wait on Stigg at once (the rest answer fallbacks at once).
-        self._waiting_slots = threading.BoundedSemaphore(waiting_slots)
+        self.waiting_slots = threading.BoundedSemaphore(waiting_slots)
         self._on_hit: Callable[[], None] = lambda: None
         self._on_miss: Callable[[], None] = lambda: None
         self._api = api
@@ -134,7 +127,7 @@ class OnlineSidecar:
         self._on_miss()
         if self.key_rejected:
             return None
-        if not self._waiting_slots.acquire(blocking=False):
+        if not self.waiting_slots.acquire(blocking=False):
             # Every slot for waiting on Stigg is taken (Stigg is slow, many customers are cold):
             # fetch in the background and answer the fallback now, so that threads stay free for
             # the reads the cache can answer.
@@ -150,54 +143,11 @@ class OnlineSidecar:
         except MalformedState as e:
             self._fallback_log.warn(customer_id, f"malformed: {e}")
         finally:
-            self._waiting_slots.release()
+            self.waiting_slots.release()
         return None
 
     def _fetch_quietly(self, customer_id: str, resource_id: str | None) -> None:
         self.fetch(customer_id, resource_id).addErrback(lambda _: None)
-
-    def _write(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
-        if self.key_rejected:
-            raise WriteError(WriteFailure.UNAUTHENTICATED, "Stigg rejected the API key")
-        if timeout < _MIN_WRITE_BUDGET:
-            raise WriteError(
-                WriteFailure.DEADLINE_EXCEEDED, f"the call's deadline leaves {timeout * 1000:.0f} ms: too little to reach Stigg"
-            )
-        if not self._waiting_slots.acquire(blocking=False):
-            # Writes wait on Stigg too: they share the reads' slots so cached reads keep a reserve.
-            raise WriteError(WriteFailure.UNAVAILABLE, "too many calls already waiting on Stigg; try again shortly")
-        upstream_budget = timeout - min(_HANDOFF_MAX, timeout * _HANDOFF_SHARE)
-        try:
-            return call_on_reactor(self._reactor, fn, *args, upstream_budget, timeout=timeout)
-        except TimeoutError:
-            raise WriteError(WriteFailure.DEADLINE_EXCEEDED, f"Stigg did not answer within {timeout:.3g}s") from None
-        except UpstreamError as e:
-            raise WriteError(e.failure, e.message) from None
-        except MalformedState:
-            raise
-        except Exception as e:
-            log.failure("A write to Stigg failed unexpectedly")
-            raise WriteError(
-                WriteFailure.UNAVAILABLE, f"the write to Stigg failed ({type(e).__name__}); it may or may not have been recorded"
-            ) from None
-        finally:
-            self._waiting_slots.release()
-
-    def report_usage(self, usages: Sequence[UsageReport], timeout: float) -> Sequence[UsageAck]:
-        return self._write(self._report_usage, usages, timeout=timeout)
-
-    def report_events(self, events: Sequence[EventReport], timeout: float) -> None:
-        self._write(self._api.report_events, events, timeout=timeout)
-
-    def reload(self, customer_id: str, resource_id: str | None, timeout: float) -> bool:
-        """Refetch through GraphQL (never Edge, which may lag); true unless the customer is gone."""
-        if self.key_rejected:
-            return False
-        try:
-            entry = self._write(self._reload, customer_id, resource_id, timeout=timeout)
-        except MalformedState as e:
-            raise WriteError(WriteFailure.UNAVAILABLE, f"Stigg answered malformed entitlements: {e}") from None
-        return entry.access_denied_reason not in ("CustomerNotFound", "CustomerIsArchived")
 
     # -- reactor ----------------------------------------------------------------------------------
 
@@ -274,29 +224,11 @@ class OnlineSidecar:
         expires = earliest_expiry(shared)
         return expires is None or expires > self.now_ms()
 
-    def _reload(self, customer_id: str, resource_id: str | None, timeout: float) -> Deferred:
+    def reload_entry(self, customer_id: str, resource_id: str | None, timeout: float) -> Deferred:
+        """Refetch through GraphQL (never Edge, which may lag); fires with the entry."""
         return self.fetch(customer_id, resource_id, "reload")
 
-    @inlineCallbacks
-    def _report_usage(self, usages: Sequence[UsageReport], timeout: float):
-        results = yield self._api.report_usage(usages, timeout)
-        acks = []
-        for usage, result in zip(usages, results, strict=True):
-            self._apply_usage_result(usage, result)
-            acks.append(
-                UsageAck(
-                    measurement_id=str(result.get("id") or ""),
-                    customer_id=str(result.get("customerId") or usage.customer_id),
-                    feature_id=str(result.get("featureId") or usage.feature_id),
-                    resource_id=result.get("resourceId") or usage.resource_id,
-                    current_usage=_float(result.get("currentUsage")),
-                    usage_period_start=parse_time(result.get("usagePeriodStart")),
-                    usage_period_end=parse_time(result.get("usagePeriodEnd")),
-                )
-            )
-        return acks
-
-    def _apply_usage_result(self, usage: UsageReport, result: dict) -> None:
+    def apply_usage_result(self, usage: UsageReport, result: dict) -> None:
         """Stigg's answer to a usage report is authoritative: it updates the cached usage."""
         stamp = parse_time(result.get("timestamp")) or self.now_ms()
         current = _float(result.get("currentUsage"))

@@ -27,6 +27,9 @@ from stigg_sidecar._proto import sidecar_pb2
 from stigg_sidecar._proto.sidecar_pb2_grpc import add_SidecarServiceServicer_to_server
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.cache.redis import RedisMirror
+from stigg_sidecar.delivery.crossing import WriteGate
+from stigg_sidecar.delivery.direct import DirectDelivery
+from stigg_sidecar.delivery.upstream import UpstreamWrites
 from stigg_sidecar.grpc.server import GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
 from stigg_sidecar.health import Readiness
@@ -96,8 +99,9 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
     ).setServiceParent(top)
 
     backend: OfflineSidecar | OnlineSidecar
+    writer: OfflineSidecar | DirectDelivery
     if settings.offline:
-        backend = OfflineSidecar()
+        backend = writer = OfflineSidecar()
     else:
         assert settings.server_api_key is not None
         api = StiggApi(
@@ -132,13 +136,17 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
                 reactor, settings.ws_url, api.socket_headers(), CacheUpdates(backend, poller, refresher)
             )
             realtime.setServiceParent(top)
+        online = backend
+        writer = DirectDelivery(
+            WriteGate(reactor, online.waiting_slots, lambda: online.key_rejected), UpstreamWrites(api, online), online
+        )
         if metrics is not None:
             _observe_online(metrics, reactor, api, backend, cache, realtime)
     top.backend = backend
 
     servicer = SidecarServicer(
         source=backend,
-        writer=backend,
+        writer=writer,
         fallbacks=settings.entitlements_fallback,
         read_timeout=fetch_timeout,
         write_timeout=fetch_timeout,

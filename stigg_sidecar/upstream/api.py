@@ -352,12 +352,15 @@ class StiggApi:
         return self._graphql_post("GetSdkConfiguration", operations.GET_SDK_CONFIGURATION, {}, timeout)
 
     @inlineCallbacks
-    def report_usage(self, usages: Sequence[UsageReport], timeout: float):
+    def report_usage(self, usages: Sequence[UsageReport], timeout: float, keys: Sequence[str] | None = None):
         """The API's UsageMeasurementWithCurrentUsage results, one per usage, in order.
 
-        Each usage carries a fresh idempotency key so a retry after a lost answer cannot count twice.
+        Each usage carries an idempotency key (from `keys`, else a fresh one) so a retry after a
+        lost answer cannot count twice.
         """
-        inputs = [usage_input(u, measurement_id()) for u in usages]
+        if keys is None:
+            keys = [measurement_id() for _ in usages]
+        inputs = [usage_input(u, key) for u, key in zip(usages, keys, strict=True)]
         if len(inputs) == 1:
             data = yield self._graphql_post("ReportUsage", operations.REPORT_USAGE, {"input": inputs[0]}, timeout)
             results = [data.get("reportUsage")]

@@ -1,0 +1,69 @@
+"""WriteGate: the handler-thread side of a write, kept thin on purpose.
+
+A write crosses to the reactor once, under the caller's deadline, and waits for its answer; every
+other step (sending, spooling, updating the cache) runs on the reactor, which owns all state. The
+gate refuses at once what could not be answered in time and turns every failure into a
+`WriteError` whose message is safe to show the caller.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from twisted.logger import Logger
+
+from stigg_sidecar.entitlements.records import MalformedState
+from stigg_sidecar.online import call_on_reactor
+from stigg_sidecar.reports import WriteError, WriteFailure
+from stigg_sidecar.upstream.api import UpstreamError
+
+log = Logger()
+
+# Of a write's time budget, the share kept for the reactor to hand the answer back (so that an
+# upstream timeout arrives as its own precise error), at most _HANDOFF_MAX seconds.
+_HANDOFF_SHARE = 0.1
+_HANDOFF_MAX = 0.25
+# A write with less time than this left is refused before anything is sent: it could not be
+# answered in time, and sending it anyway could record usage the caller believes failed.
+MIN_WRITE_BUDGET = 0.05
+
+
+class WriteGate:
+    """Runs `fn(*args, budget)` on the reactor for a handler thread and waits for its result.
+
+    `slots` bounds how many handler threads wait on the reactor at once; `key_rejected` says
+    whether Stigg refused the API key (then nothing is sent).
+    """
+
+    def __init__(self, reactor, slots: threading.Semaphore, key_rejected: Callable[[], bool]) -> None:
+        self._reactor = reactor
+        self._slots = slots
+        self._key_rejected = key_rejected
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+        if self._key_rejected():
+            raise WriteError(WriteFailure.UNAUTHENTICATED, "Stigg rejected the API key")
+        if timeout < MIN_WRITE_BUDGET:
+            raise WriteError(
+                WriteFailure.DEADLINE_EXCEEDED, f"the call's deadline leaves {timeout * 1000:.0f} ms: too little to reach Stigg"
+            )
+        if not self._slots.acquire(blocking=False):
+            # Writes wait on Stigg too: they share the reads' slots so cached reads keep a reserve.
+            raise WriteError(WriteFailure.UNAVAILABLE, "too many calls already waiting on Stigg; try again shortly")
+        budget = timeout - min(_HANDOFF_MAX, timeout * _HANDOFF_SHARE)
+        try:
+            return call_on_reactor(self._reactor, fn, *args, budget, timeout=timeout)
+        except TimeoutError:
+            raise WriteError(WriteFailure.DEADLINE_EXCEEDED, f"Stigg did not answer within {timeout:.3g}s") from None
+        except UpstreamError as e:
+            raise WriteError(e.failure, e.message) from None
+        except (WriteError, MalformedState):
+            raise
+        except Exception as e:
+            log.failure("A write to Stigg failed unexpectedly")
+            raise WriteError(
+                WriteFailure.UNAVAILABLE, f"the write to Stigg failed ({type(e).__name__}); it may or may not have been recorded"
+            ) from None
+        finally:
+            self._slots.release()
