@@ -1,4 +1,4 @@
-"""Redis format v1: Stigg's key layout for a cache entry, the JSON under each key, round trips."""
+"""Stigg's Redis format: key layout, the JSON under each key as Stigg's writers leave it, round trips."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from stigg_sidecar.cache.redis_format import (
     EntryKeys,
     FormatError,
+    LegacyFormat,
     changes_channel,
     decode_change,
     decode_entitlements,
@@ -102,25 +103,33 @@ class EncodeTests(SynchronousTestCase):
         stamps = [i.timestamp for i in encode_entry("prod", entry)]
         self.assertEqual(stamps, [ENTITLEMENTS_AT, ENTITLEMENTS_AT, USAGE_AT, CREDIT_USAGE_AT])
 
-    def test_entitlements_value_is_versioned_and_has_no_live_usage(self) -> None:
+    def test_entitlements_value_is_stiggs_map_keyed_by_feature_refid(self) -> None:
         value = json.loads(encode_entry("prod", sample_entry())[0].value)
-        self.assertEqual(value["v"], 1)
-        records = value["entitlements"]
-        self.assertEqual(set(records), {"f_feature-api-calls", "f_feature-sso", "credit_cred-tokens"})
-        metered = records["f_feature-api-calls"]
-        self.assertEqual(metered["type"], "FEATURE")
-        self.assertEqual(metered["feature"]["id"], "feature-api-calls")
-        self.assertEqual(metered["usageLimit"], 1000)
+        self.assertEqual(set(value), {"feature-api-calls", "feature-sso", "credit:cred-tokens"})
+        metered = value["feature-api-calls"]
+        calculated = metered["calculatedEntitlement"]
+        self.assertEqual(calculated["type"], "FEATURE")
+        self.assertEqual(calculated["feature"]["id"], "feature-api-calls")
+        self.assertEqual(calculated["feature"]["meterType"], "Incremental")
+        self.assertEqual(calculated["usageLimit"], 1000)
+        # 3.x reads the period from featureUsage; 4.x's migration moves it into calculatedEntitlement
+        self.assertEqual(calculated["resetPeriod"], metered["featureUsage"]["resetPeriod"])
+        self.assertEqual(calculated["usagePeriodAnchor"], metered["featureUsage"]["usagePeriodAnchor"])
+        self.assertEqual(metered["featureUsage"]["currentUsage"], 42.0)
         self.assertNotIn("usageData", metered)
-        self.assertNotIn("currentUsage", metered)
-        credit = records["credit_cred-tokens"]
+        credit = value["credit:cred-tokens"]["calculatedEntitlement"]
         self.assertEqual(credit["type"], "CREDIT")
+        self.assertNotIn("feature", credit)  # a 3.x reader never takes it for a feature
         self.assertEqual(credit["currency"]["additionalMetaData"], {"tier": "gold", "limits": [1, 2]})
-        self.assertNotIn("currentUsage", credit)
 
     def test_a_boolean_feature_keeps_its_static_usage_inline(self) -> None:
-        records = json.loads(encode_entry("prod", sample_entry())[0].value)["entitlements"]
-        self.assertEqual(records["f_feature-sso"]["usageData"]["currentUsage"], 0.0)
+        value = json.loads(encode_entry("prod", sample_entry())[0].value)
+        self.assertEqual(value["feature-sso"]["featureUsage"]["currentUsage"], 0.0)
+        self.assertNotIn("usageLimit", value["feature-sso"]["calculatedEntitlement"])  # null left out
+
+    def test_an_empty_entry_is_an_empty_object(self) -> None:
+        entry = entry_from_state("cust-1", None, state(reason="CustomerNotFound"), NOW)
+        self.assertEqual(encode_entry("prod", entry)[0].value, "{}")
 
     def test_metadata_and_usage_values(self) -> None:
         items = encode_entry("prod", sample_entry(reason="NoActiveSubscription"))
@@ -129,9 +138,8 @@ class EncodeTests(SynchronousTestCase):
             json.loads(items[2].value),
             {"currentUsage": 42.0, "usagePeriodStart": 1_790_812_800_000, "usagePeriodEnd": 1_793_491_200_000},
         )
-        self.assertEqual(
-            json.loads(items[3].value),
-            {"currentUsage": 120.5, "usagePeriodStart": None, "usagePeriodEnd": 1_793_491_200_000},
+        self.assertEqual(  # null fields are left out, as 3.x writes them
+            json.loads(items[3].value), {"currentUsage": 120.5, "usagePeriodEnd": 1_793_491_200_000}
         )
 
 
@@ -171,19 +179,108 @@ class DecodeTests(SynchronousTestCase):
         assert entry is not None
         self.assertEqual(entry.features["feature-api-calls"].usage, Usage(7.0, None, None, 1_800_000_000_000))
 
-    def test_an_unknown_version_or_garbage_is_a_format_error(self) -> None:
-        for text in ('{"v":2,"entitlements":{}}', "not json", "[]", '{"v":1,"entitlements":[]}'):
+    def test_garbage_is_a_format_error(self) -> None:
+        for text in ("not json", "[]", '{"x": 1}', '{"x": {"featureUsage": {}}}'):
             self.assertRaises(FormatError, decode_entitlements, text)
-        bad_record = '{"v":1,"entitlements":{"f_x":{"type":"FEATURE","feature":{"id":3}}}}'
+        bad_record = '{"x":{"calculatedEntitlement":{"type":"FEATURE","feature":{"id":3}}}}'
         self.assertRaises(FormatError, decode_entitlements, bad_record)
 
-    def test_an_unknown_record_type_is_skipped(self) -> None:
-        stored = decode_entitlements('{"v":1,"entitlements":{"s_x":{"type":"SEAT"}},"extra":1}')
+    def test_this_projects_earlier_v1_envelope_is_a_legacy_miss(self) -> None:
+        self.assertRaises(LegacyFormat, decode_entitlements, '{"v":1,"entitlements":{}}')
+
+    def test_an_unknown_record_type_and_unknown_fields_are_skipped(self) -> None:
+        stored = decode_entitlements('{"s_x":{"calculatedEntitlement":{"type":"SEAT"}},'
+                                     '"y":{"calculatedEntitlement":{"enumValues":[]}}}')
         self.assertEqual((stored.features, stored.credits), ((), ()))
+        stored = decode_entitlements(
+            '{"sso":{"calculatedEntitlement":{"feature":{"id":"sso","featureType":"BOOLEAN","new":1},'
+            '"brandNew":true},"featureUsage":{"currentUsage":0},"extra":{}}}'
+        )
+        self.assertEqual(stored.features[0].feature.id, "sso")
 
     def test_an_empty_entry_round_trips(self) -> None:
         entry = entry_from_state("cust-1", None, state(reason="CustomerNotFound"), NOW)
         self.assertEqual(decode_from("prod", "cust-1", None, as_store("prod", entry).get), entry)
+
+
+class StiggWritersTests(SynchronousTestCase):
+    """Values as Stigg's own writers leave them (shapes from their published code)."""
+
+    SDK3 = {  # Node SDK 3.95.0: CacheMapper + JSON.stringify (undefined left out, no type, no metadata)
+        "prod:c_cust-1": json.dumps({
+            "api-calls": {
+                "calculatedEntitlement": {
+                    "feature": {"id": "api-calls", "featureType": "NUMBER", "meterType": "Incremental",
+                                "units": "", "unitsPlural": ""},
+                    "usageLimit": 1000, "hasUnlimitedUsage": False, "hasSoftLimit": False, "enumValues": [],
+                },
+                "featureUsage": {"resetPeriod": "MONTH", "currentUsage": 40,
+                                 "usagePeriodAnchor": 1_767_225_600_000,
+                                 "usagePeriodStart": 1_790_812_800_000, "usagePeriodEnd": 1_793_491_200_000},
+            },
+            "seats": {
+                "calculatedEntitlement": {
+                    "feature": {"id": "seats", "featureType": "NUMBER", "meterType": "None", "units": "",
+                                "unitsPlural": ""},
+                    "usageLimit": 5, "hasUnlimitedUsage": False, "hasSoftLimit": False, "enumValues": [],
+                    "validUntil": 1_893_456_000_000,
+                },
+                "featureUsage": {"currentUsage": 0},
+            },
+        }),
+        "prod:c_cust-1#timestamp": str(ENTITLEMENTS_AT),
+        "prod:c_cust-1:f_api-calls": '{"currentUsage":42,"usagePeriodStart":1790812800000,"usagePeriodEnd":1793491200000}',
+        "prod:c_cust-1:f_api-calls#timestamp": str(USAGE_AT),
+    }
+
+    def test_node_sdk_3_entries_are_read(self) -> None:
+        entry = decode_from("prod", "cust-1", None, self.SDK3.get)
+        assert entry is not None
+        metered = entry.features["api-calls"]
+        self.assertEqual((metered.usage_limit, metered.reset_period), (1000, "MONTH"))
+        self.assertEqual(metered.usage_period_anchor, 1_767_225_600_000)
+        self.assertEqual(metered.usage, Usage(42.0, 1_790_812_800_000, 1_793_491_200_000, USAGE_AT))
+        self.assertEqual(metered.updated_at, ENTITLEMENTS_AT)  # 3.x stores none: the entry's time
+        self.assertEqual(entry.features["seats"].valid_until, 1_893_456_000_000)
+        self.assertIsNone(entry.access_denied_reason)
+
+    def test_cache_redis_store_1_29_entries_are_read(self) -> None:
+        store = {
+            "prod:c_cust-1": json.dumps({
+                "api-calls": {
+                    "calculatedEntitlement": {
+                        "type": "FEATURE",
+                        "feature": {"id": "api-calls", "featureType": "NUMBER", "meterType": "Fluctuating",
+                                    "displayName": "API calls"},
+                        "usageLimit": 10, "hasUnlimitedUsage": False, "hasSoftLimit": True,
+                        "resetPeriod": "DAY", "usagePeriodAnchor": "2026-01-01T00:00:00.000Z",
+                    },
+                    "usageData": {"currentUsage": 1, "updatedAt": 5},
+                },
+                "anything": {
+                    "calculatedEntitlement": {"type": "CREDIT", "currency": {"currencyId": "tokens"},
+                                              "usageLimit": 100},
+                },
+            }),
+            "prod:c_cust-1#timestamp": "1000",
+            "prod:c_cust-1:metadata": '{"accessDeniedReason":null}',
+            "prod:c_cust-1:f_api-calls": '{"currentUsage":3,"nextResetDate":1793491200000}',
+            "prod:c_cust-1:f_api-calls#timestamp": "2000",
+            "prod:c_cust-1:credit_tokens": '{"currentUsage":7.5}',
+            "prod:c_cust-1:credit_tokens#timestamp": "3000",
+        }
+        entry = decode_from("prod", "cust-1", None, store.get)
+        assert entry is not None
+        metered = entry.features["api-calls"]
+        self.assertEqual((metered.has_soft_limit, metered.reset_period), (True, "DAY"))
+        self.assertEqual(metered.usage_period_anchor, 1_767_225_600_000)
+        self.assertEqual(metered.usage, Usage(3.0, None, 1_793_491_200_000, 2000))
+        credit = entry.credits["tokens"]
+        self.assertEqual((credit.usage_limit, credit.current_usage, credit.usage_updated_at), (100, 7.5, 3000))
+
+    def test_a_3x_entry_missing_its_usage_key_is_a_miss(self) -> None:
+        store = {k: v for k, v in self.SDK3.items() if ":f_" not in k}
+        self.assertIsNone(decode_from("prod", "cust-1", None, store.get))
 
 
 class MessageTests(SynchronousTestCase):

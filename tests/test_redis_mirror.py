@@ -97,7 +97,8 @@ class LayoutTests(MirrorTestCase):
         for key in expected:
             self.assertTrue(0 < self.server.command("TTL", key) <= 600, key)
         self.assertEqual(self.server.command("GET", base + "#timestamp"), str(entry.timestamp))
-        self.assertEqual(json.loads(self.server.command("GET", base))["v"], 1)
+        stored = json.loads(self.server.command("GET", base))
+        self.assertEqual(stored[METERED]["calculatedEntitlement"]["feature"]["id"], METERED)
         self.assertEqual(json.loads(self.server.command("GET", f"{base}:metadata")), {"accessDeniedReason": None})
         usage = json.loads(self.server.command("GET", f"{base}:f_{METERED}"))
         self.assertEqual(usage["currentUsage"], 42.0)
@@ -145,8 +146,20 @@ class ReadWriteTests(MirrorTestCase):
         yield mirror.write(sample_entry())
         self.server.command("SET", f"{PREFIX}:c_cust-1", '{"v":99}')
         self.assertIsNone((yield mirror.read("cust-1", None)))
-        self.assertEqual(mirror.errors, 1)
-        self.assertEqual(len(self.logged("cannot read")), 1)
+        self.assertIsNone((yield mirror.read("cust-1", None)))
+        self.assertEqual(mirror.errors, 2)
+        self.assertEqual(len(self.logged("cannot read")), 1)  # one line per key per interval
+
+    @inlineCallbacks
+    def test_the_earlier_v1_envelope_is_a_miss_that_a_write_replaces(self) -> None:
+        mirror = yield self.mirror()
+        entry = sample_entry()
+        yield mirror.write(entry)
+        self.server.command("SET", f"{PREFIX}:c_cust-1", '{"v":1,"entitlements":{}}')
+        self.assertIsNone((yield mirror.read("cust-1", None)))
+        self.assertEqual(len(self.logged("earlier format")), 1)
+        self.assertTrue((yield mirror.write(entry)))  # the refetch's write, same timestamp
+        self.assertEqual((yield mirror.read("cust-1", None)), entry)
 
     @inlineCallbacks
     def test_resource_read_needs_a_customer_entry_that_is_not_newer(self) -> None:

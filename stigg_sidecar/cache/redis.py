@@ -35,6 +35,7 @@ from stigg_sidecar.cache.redis_format import (
     FEATURE,
     EntryKeys,
     FormatError,
+    LegacyFormat,
     MissingUsage,
     changes_channel,
     decode_change,
@@ -58,6 +59,8 @@ except ImportError:  # TLS needs pyOpenSSL; without it REDIS_TLS fails at constr
 log = Logger()
 
 _FIRST_RECONNECT_DELAY = 0.1  # backoffPolicy doubles it before the first retry
+FORMAT_LOG_INTERVAL = 300.0  # seconds between two log lines about the same unreadable key
+_FORMAT_LOG_KEYS = 1000  # unreadable keys remembered for that, at most
 
 # Newer wins (STIGG_REFERENCE §3.4 Writes 3-4), atomically for every item of one call.
 # KEYS[1]: the entry's entitlements#timestamp (the guard), then key, key#timestamp per item.
@@ -319,6 +322,7 @@ class RedisMirror(Service):
         self._reachable: bool | None = None  # None: not yet known
         self._rejected: set[str] = set()  # handshake stages already logged as rejected
         self._logged_errors: set[str] = set()  # error kinds already logged since the last connect
+        self._format_logged: dict[str, float] = {}  # unreadable key -> when it was last logged
         self._commands = _Link(self, "commands", _CommandProtocol, max_reconnect_delay)
         self._subscriber = _Link(self, "subscriber", _SubscriberProtocol, max_reconnect_delay)
         self._subscriber.prepare = self._subscribe_all
@@ -414,19 +418,48 @@ class RedisMirror(Service):
                 return None
             if decode_timestamp(customer_stamp, "customer #timestamp") > decode_timestamp(stamp, "#timestamp"):
                 return None
-        stored = decode_entitlements(text)
-        usages: dict[str, tuple[str | None, str | None]] = {}
-        refs = stored.usage_refs
-        if refs:
-            names = []
-            for ref in refs:
-                names.extend((f"{keys.entitlements}:{ref}", timestamp_key(f"{keys.entitlements}:{ref}")))
-            values = yield p.execute_command("MGET", *names)
-            usages = {ref: (values[2 * i], values[2 * i + 1]) for i, ref in enumerate(refs)}
         try:
+            stored = decode_entitlements(text, decode_timestamp(stamp, "#timestamp"))
+            usages: dict[str, tuple[str | None, str | None]] = {}
+            refs = stored.usage_refs
+            if refs:
+                names = []
+                for ref in refs:
+                    names.extend((f"{keys.entitlements}:{ref}", timestamp_key(f"{keys.entitlements}:{ref}")))
+                values = yield p.execute_command("MGET", *names)
+                usages = {ref: (values[2 * i], values[2 * i + 1]) for i, ref in enumerate(refs)}
             return decode_entry(keys.customer_id, keys.resource_id, stored, metadata, stamp, usages)
         except MissingUsage:
             return None
+        except FormatError as e:
+            self._unreadable(keys.entitlements, e)
+            return None
+
+    def _unreadable(self, key: str, error: FormatError) -> None:
+        """Count an entry that cannot be read (a miss) and log it at most once per key per
+        `FORMAT_LOG_INTERVAL`: a fleet reading one bad key must not flood the log."""
+        self.errors += 1
+        now = self.reactor.seconds()
+        last = self._format_logged.get(key)
+        if last is not None and now - last < FORMAT_LOG_INTERVAL:
+            return
+        if len(self._format_logged) >= _FORMAT_LOG_KEYS:
+            self._format_logged = {k: t for k, t in self._format_logged.items() if now - t < FORMAT_LOG_INTERVAL}
+        if len(self._format_logged) >= _FORMAT_LOG_KEYS:
+            return  # more bad keys than worth a line each within one interval
+        self._format_logged[key] = now
+        if isinstance(error, LegacyFormat):
+            log.warn(
+                "Redis key {key} holds this sidecar's earlier format; treated as a miss, and the "
+                "refetch writes it in Stigg's format",
+                key=key,
+            )
+        else:
+            log.warn(
+                "Redis key {key} holds an entry this sidecar cannot read ({error}); treated as a miss",
+                key=key,
+                error=self._scrub(str(error)),
+            )
 
     def write(self, entry: CustomerEntry, only_if_cached: bool = False) -> Deferred:
         """Deferred[bool]: store `entry`, each key only if not older than what Redis holds

@@ -1,13 +1,16 @@
-"""Stigg's Redis key layout for one cache entry, and the JSON stored under each key (format v1).
+"""Stigg's Redis format for one cache entry: the key names and the JSON under each key.
 
 Owns the names (entry keys, `#timestamp` siblings, the fetch lock and its channel, the peer
-changes channel) and the conversion between a `CustomerEntry` and the values stored in Redis;
+changes channel) and the conversion between a `CustomerEntry` and the values stored in Redis,
+in the shape Stigg's own SDKs share: what Node SDK 3.x writes and reads, plus the fields that
+@stigg/cache-redis-store 1.29 (Node SDK 4.x, persistent-cache-service) migrates 3.x entries to,
+so both generations read what this sidecar writes, and it reads what either writes.
 docs/redis-format.md describes every key and field. Pure: no I/O, no clock, no logging. The
 connection, the newer-wins scripts and the miss rules that need Redis live in `redis.py`.
 
 One entry is stored as (STIGG_REFERENCE §3.3), with `B = {prefix}:{cache_key}`:
 
-- `B`             {"v": 1, "entitlements": {...}}: the records without live usage
+- `B`             {refId: {"calculatedEntitlement": {...}, "featureUsage": {...}}, ...}
 - `B:metadata`    {"accessDeniedReason": ...}
 - `B:f_{id}`      {"currentUsage", "usagePeriodStart", "usagePeriodEnd"} per metered feature
 - `B:credit_{id}` the same shape per credit entitlement
@@ -17,7 +20,6 @@ One entry is stored as (STIGG_REFERENCE §3.3), with `B = {prefix}:{cache_key}`:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +35,11 @@ from stigg_sidecar.entitlements.records import (
     Usage,
     cache_key,
     freeze_json,
+    parse_time,
     shared_feature,
     thaw_json,
 )
 
-FORMAT_VERSION = 1
 TIMESTAMP_SUFFIX = "#timestamp"
 FEATURE = "FEATURE"
 CREDIT = "CREDIT"
@@ -46,7 +48,13 @@ _FETCH = "refetchEntityEntitlementsAfterCacheMiss"
 
 
 class FormatError(ValueError):
-    """A stored value is not format v1 (or not JSON at all); the message names the place."""
+    """A stored value cannot be read (not JSON, or not Stigg's shape); the message names the
+    place. The read is a miss."""
+
+
+class LegacyFormat(FormatError):
+    """The entitlements key holds this project's earlier `{"v": 1, ...}` envelope: a miss, and
+    the refetch's write replaces it."""
 
 
 class MissingUsage(LookupError):
@@ -136,40 +144,57 @@ def is_usage_tracked(entitlement: FeatureEntitlement | CreditEntitlement) -> boo
     return isinstance(entitlement, CreditEntitlement) or entitlement.feature.is_metered
 
 
+def credit_record_key(currency_id: str) -> str:
+    """Where a credit entitlement sits in the entitlements object. Features sit under their
+    refId, as Node SDK 3.x keys them; the key of a credit is this project's choice (4.x's is
+    in the unpublished cache-core), and readers go by the record's `type`, not its key."""
+    return f"credit:{currency_id}"
+
+
 def encode_entry(prefix: str, entry: CustomerEntry) -> list[Item]:
     """The items that store `entry`: entitlements first, then metadata, then one per usage key."""
     keys = EntryKeys(prefix, entry.customer_id, entry.resource_id)
     records: dict[str, Any] = {}
     usages: list[Item] = []
     for feature in entry.features.values():
-        records[usage_ref(FEATURE, feature.feature.id)] = _feature_record(feature)
+        records[feature.feature.id] = _feature_record(feature)
         if is_usage_tracked(feature):
             usage = feature.usage
             value = encode_usage(usage.current_usage, usage.usage_period_start, usage.usage_period_end)
             usages.append(Item(keys.usage(FEATURE, feature.feature.id), value, usage.updated_at))
     for credit in entry.credits.values():
-        records[usage_ref(CREDIT, credit.currency.currency_id)] = _credit_record(credit)
+        records[credit_record_key(credit.currency.currency_id)] = _credit_record(credit)
         value = encode_usage(credit.current_usage, None, credit.usage_period_end)
         usages.append(Item(keys.usage(CREDIT, credit.currency.currency_id), value, credit.usage_updated_at))
     return [
-        Item(keys.entitlements, dumps({"v": FORMAT_VERSION, "entitlements": records}), entry.timestamp),
+        Item(keys.entitlements, dumps(records), entry.timestamp),
         Item(keys.metadata, dumps({"accessDeniedReason": entry.access_denied_reason}), entry.timestamp),
         *usages,
     ]
 
 
 def encode_usage(current_usage: float, usage_period_start: int | None, usage_period_end: int | None) -> str:
-    return dumps(
-        {"currentUsage": current_usage, "usagePeriodStart": usage_period_start, "usagePeriodEnd": usage_period_end}
-    )
+    """A usage key's value; a period bound that is not known is left out, as Node SDK 3.x's
+    JSON.stringify leaves out `undefined`."""
+    return dumps(_present({
+        "currentUsage": current_usage,
+        "usagePeriodStart": usage_period_start,
+        "usagePeriodEnd": usage_period_end,
+    }))
+
+
+def _present(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` without the ones that are None: absent reads as null in both generations."""
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _feature_record(entitlement: FeatureEntitlement) -> dict[str, Any]:
     feature = entitlement.feature
+    usage = entitlement.usage
     rate = entitlement.credit_rate
-    record: dict[str, Any] = {
-        "type": FEATURE,
-        "feature": {
+    calculated = _present({
+        "type": FEATURE,  # 4.x's discriminator; 3.x ignores it
+        "feature": _present({
             "id": feature.id,
             "featureType": feature.feature_type,
             "meterType": feature.meter_type,
@@ -177,48 +202,54 @@ def _feature_record(entitlement: FeatureEntitlement) -> dict[str, Any]:
             "unitsPlural": feature.units_plural,
             "displayName": feature.display_name,
             "description": feature.description,
-        },
+        }),
         "usageLimit": entitlement.usage_limit,
         "hasUnlimitedUsage": entitlement.has_unlimited_usage,
         "hasSoftLimit": entitlement.has_soft_limit,
         "accessDeniedReason": entitlement.access_denied_reason,
         "enumValues": list(entitlement.enum_values),
         "validUntil": entitlement.valid_until,
+        "creditRate": None if rate is None else {"amount": rate.amount, "currencyId": rate.currency_id},
+        # Where 4.x's migration moves them to; 3.x reads them from featureUsage below.
         "usagePeriodAnchor": entitlement.usage_period_anchor,
         "resetPeriod": entitlement.reset_period,
-        "creditRate": None if rate is None else {"amount": rate.amount, "currencyId": rate.currency_id},
         "updatedAt": entitlement.updated_at,
-    }
-    if not is_usage_tracked(entitlement):
-        # Not live: whatever usage came with the entitlement is stored with it.
-        usage = entitlement.usage
-        record["usageData"] = {
-            "currentUsage": usage.current_usage,
-            "usagePeriodStart": usage.usage_period_start,
-            "usagePeriodEnd": usage.usage_period_end,
-            "updatedAt": usage.updated_at,
-        }
-    return record
+    })
+    # 3.x's featureUsage (4.x renames it usageData on read). For a metered feature the usage key
+    # wins over it in both readers; for the others it is the only usage there is.
+    feature_usage = _present({
+        "resetPeriod": entitlement.reset_period,
+        "usagePeriodAnchor": entitlement.usage_period_anchor,
+        "currentUsage": usage.current_usage,
+        "usagePeriodStart": usage.usage_period_start,
+        "usagePeriodEnd": usage.usage_period_end,
+        "updatedAt": usage.updated_at,
+    })
+    return {"calculatedEntitlement": calculated, "featureUsage": feature_usage}
 
 
 def _credit_record(credit: CreditEntitlement) -> dict[str, Any]:
+    # A 3.x reader sees a record without a feature: never metered, never matched by a feature
+    # refId, listed by getEntitlements as a denied boolean. Its usage is only in its usage key.
     currency = credit.currency
     meta = currency.additional_meta_data
     return {
-        "type": CREDIT,
-        "currency": {
-            "currencyId": currency.currency_id,
-            "displayName": currency.display_name,
-            "description": currency.description,
-            "unitSingular": currency.unit_singular,
-            "unitPlural": currency.unit_plural,
-            "additionalMetaData": None if meta is None else thaw_json(meta),
-        },
-        "usageLimit": credit.usage_limit,
-        "hasSoftLimit": credit.has_soft_limit,
-        "accessDeniedReason": credit.access_denied_reason,
-        "validUntil": credit.valid_until,
-        "updatedAt": credit.updated_at,
+        "calculatedEntitlement": _present({
+            "type": CREDIT,
+            "currency": _present({
+                "currencyId": currency.currency_id,
+                "displayName": currency.display_name,
+                "description": currency.description,
+                "unitSingular": currency.unit_singular,
+                "unitPlural": currency.unit_plural,
+                "additionalMetaData": None if meta is None else thaw_json(meta),
+            }),
+            "usageLimit": credit.usage_limit,
+            "hasSoftLimit": credit.has_soft_limit,
+            "accessDeniedReason": credit.access_denied_reason,
+            "validUntil": credit.valid_until,
+            "updatedAt": credit.updated_at,
+        })
     }
 
 
@@ -242,27 +273,35 @@ class StoredEntitlements:
         return refs
 
 
-def decode_entitlements(text: str) -> StoredEntitlements:
-    envelope = _load(text, "entitlements")
-    if not isinstance(envelope, dict):
+def decode_entitlements(text: str, entry_timestamp: int = 0) -> StoredEntitlements:
+    """The records in an entitlements value, written by Node SDK 3.x, by cache-redis-store 1.29
+    (4.x) or by this sidecar. Records without an `updatedAt` (3.x writes none) take
+    `entry_timestamp`. Raises FormatError (LegacyFormat for this project's old envelope)."""
+    value = _load(text, "entitlements")
+    if not isinstance(value, dict):
         raise FormatError("entitlements: must be a JSON object")
-    version = envelope.get("v")
-    if version != FORMAT_VERSION:
-        raise FormatError(f"entitlements: format version {version!r} is not {FORMAT_VERSION}")
-    records = envelope.get("entitlements")
-    if not isinstance(records, dict):
-        raise FormatError("entitlements.entitlements: must be an object")
+    if isinstance(value.get("v"), int) and isinstance(value.get("entitlements"), dict):
+        raise LegacyFormat(f"entitlements: this sidecar's earlier format v{value['v']}, not Stigg's")
     features: list[FeatureEntitlement] = []
     credits: list[CreditEntitlement] = []
-    for name, record in records.items():
-        where = f"entitlements.entitlements[{name!r}]"
+    for name, record in value.items():
+        where = f"entitlements[{name!r}]"
         try:
-            kind = _str(_obj(record, where), "type", where)
+            record = _obj(record, where)
+            calculated = _obj(record.get("calculatedEntitlement"), f"{where}.calculatedEntitlement")
+            kind = calculated.get("type")
+            if kind is None:
+                if calculated.get("feature") is None:
+                    continue  # 4.x's migration drops such a 3.x record too
+                kind = FEATURE  # 3.x wrote features only, without a type
+            if not isinstance(kind, str):
+                raise FormatError(f"{where}.calculatedEntitlement.type: must be a string")
+            kind = kind.upper()
             if kind == FEATURE:
-                features.append(_feature_from(record, where))
+                features.append(_feature_from(record, calculated, where, entry_timestamp))
             elif kind == CREDIT:
-                credits.append(_credit_from(record, where))
-            # Another type is from a newer writer of the same version: skipped, not fatal.
+                credits.append(_credit_from(calculated, f"{where}.calculatedEntitlement", entry_timestamp))
+            # Another type is from a newer writer: skipped, not fatal.
         except (TypeError, ValueError, OverflowError) as e:
             if isinstance(e, FormatError):
                 raise
@@ -281,7 +320,7 @@ def decode_entry(
     """The entry, with each usage-tracked record's usage taken from `usages` (ref -> (value,
     timestamp)). Raises FormatError, or MissingUsage naming the usage ref that is missing."""
     reason = None
-    if metadata is not None:
+    if metadata:
         meta = _obj(_load(metadata, "metadata"), "metadata")
         reason = _opt_str(meta, "accessDeniedReason", "metadata")
     features: dict[str, FeatureEntitlement] = {}
@@ -324,9 +363,9 @@ def decode_from(
     for `RedisMirror.read`, minus the customer-entry rule for resources (which is not format)."""
     keys = EntryKeys(prefix, customer_id, resource_id)
     text, stamp = lookup(keys.entitlements), lookup(timestamp_key(keys.entitlements))
-    if text is None or stamp is None:
+    if not text or stamp is None:
         return None
-    stored = decode_entitlements(text)
+    stored = decode_entitlements(text, decode_timestamp(stamp, "entitlements#timestamp"))
     usages = {}
     for ref in stored.usage_refs:
         key = f"{keys.entitlements}:{ref}"
@@ -355,12 +394,18 @@ def _usage_from(
     try:
         return (
             _float(usage, "currentUsage", where) or 0.0,
-            _opt_int(usage, "usagePeriodStart", where),
-            _opt_int(usage, "usagePeriodEnd", where),
+            _opt_time(usage, "usagePeriodStart", where),
+            _period_end(usage, where),
             decode_timestamp(stamp, f"{where}#timestamp"),
         )
     except (TypeError, OverflowError) as e:
         raise FormatError(f"{where}: {e}") from None
+
+
+def _period_end(usage: dict[str, Any], where: str) -> int | None:
+    """`usagePeriodEnd`, or the `nextResetDate` older Stigg writers used for it."""
+    end = _opt_time(usage, "usagePeriodEnd", where)
+    return _opt_time(usage, "nextResetDate", where) if end is None else end
 
 
 def _replace_usage(feature: FeatureEntitlement, usage: Usage) -> FeatureEntitlement:
@@ -380,9 +425,12 @@ def _replace_usage(feature: FeatureEntitlement, usage: Usage) -> FeatureEntitlem
     )
 
 
-def _feature_from(record: dict[str, Any], where: str) -> FeatureEntitlement:
-    raw = _obj(record.get("feature"), f"{where}.feature")
-    fw = f"{where}.feature"
+def _feature_from(
+    record: dict[str, Any], calculated: dict[str, Any], where: str, entry_timestamp: int
+) -> FeatureEntitlement:
+    cw = f"{where}.calculatedEntitlement"
+    fw = f"{cw}.feature"
+    raw = _obj(calculated.get("feature"), fw)
     feature = shared_feature(Feature(
         id=_str(raw, "id", fw),
         feature_type=_str(raw, "featureType", fw),
@@ -392,45 +440,53 @@ def _feature_from(record: dict[str, Any], where: str) -> FeatureEntitlement:
         display_name=_opt_str(raw, "displayName", fw),
         description=_opt_str(raw, "description", fw),
     ))
-    rate = record.get("creditRate")
+    # 3.x: featureUsage; 4.x: usageData. Either may be absent (a 4.x record without usage).
+    uw = f"{where}.usageData" if "usageData" in record else f"{where}.featureUsage"
+    raw_usage = record.get("usageData", record.get("featureUsage"))
+    usage = {} if raw_usage is None else _obj(raw_usage, uw)
+    rate = calculated.get("creditRate")
     credit_rate = None
     if rate is not None:
-        rw = f"{where}.creditRate"
+        rw = f"{cw}.creditRate"
         rate = _obj(rate, rw)
         credit_rate = CreditRate(amount=_float(rate, "amount", rw) or 0.0, currency_id=_str(rate, "currencyId", rw))
-    enum_values = record.get("enumValues") or []
+    enum_values = calculated.get("enumValues") or []
     if not isinstance(enum_values, list) or not all(isinstance(v, str) for v in enum_values):
-        raise FormatError(f"{where}.enumValues: must be a list of strings")
-    usage = Usage()
-    raw_usage = record.get("usageData")
-    if raw_usage is not None:
-        uw = f"{where}.usageData"
-        raw_usage = _obj(raw_usage, uw)
-        usage = Usage(
-            current_usage=_float(raw_usage, "currentUsage", uw) or 0.0,
-            usage_period_start=_opt_int(raw_usage, "usagePeriodStart", uw),
-            usage_period_end=_opt_int(raw_usage, "usagePeriodEnd", uw),
-            updated_at=_opt_int(raw_usage, "updatedAt", uw) or 0,
-        )
+        raise FormatError(f"{cw}.enumValues: must be a list of strings")
+    anchor = _opt_time(calculated, "usagePeriodAnchor", cw)
+    if anchor is None:
+        anchor = _opt_time(usage, "usagePeriodAnchor", uw)
+    reset_period = _opt_str(calculated, "resetPeriod", cw)
+    if reset_period is None:
+        reset_period = _opt_str(usage, "resetPeriod", uw)
+    updated_at = _opt_time(calculated, "updatedAt", cw)
+    if updated_at is None:
+        updated_at = entry_timestamp
+    usage_updated_at = _opt_time(usage, "updatedAt", uw)
     return FeatureEntitlement(
         feature=feature,
-        usage_limit=_float(record, "usageLimit", where),
-        has_unlimited_usage=_bool(record, "hasUnlimitedUsage", where),
-        has_soft_limit=_bool(record, "hasSoftLimit", where),
-        access_denied_reason=_opt_str(record, "accessDeniedReason", where),
+        usage_limit=_float(calculated, "usageLimit", cw),
+        has_unlimited_usage=_bool(calculated, "hasUnlimitedUsage", cw),
+        has_soft_limit=_bool(calculated, "hasSoftLimit", cw),
+        access_denied_reason=_opt_str(calculated, "accessDeniedReason", cw),
         enum_values=tuple(enum_values),
-        valid_until=_opt_int(record, "validUntil", where),
-        usage_period_anchor=_opt_int(record, "usagePeriodAnchor", where),
-        reset_period=_opt_str(record, "resetPeriod", where),
+        valid_until=_opt_time(calculated, "validUntil", cw),
+        usage_period_anchor=anchor,
+        reset_period=reset_period,
         credit_rate=credit_rate,
-        updated_at=_opt_int(record, "updatedAt", where) or 0,
-        usage=usage,
+        updated_at=updated_at,
+        usage=Usage(
+            current_usage=_float(usage, "currentUsage", uw) or 0.0,
+            usage_period_start=_opt_time(usage, "usagePeriodStart", uw),
+            usage_period_end=_period_end(usage, uw),
+            updated_at=updated_at if usage_updated_at is None else usage_updated_at,
+        ),
     )
 
 
-def _credit_from(record: dict[str, Any], where: str) -> CreditEntitlement:
+def _credit_from(calculated: dict[str, Any], where: str, entry_timestamp: int) -> CreditEntitlement:
     cw = f"{where}.currency"
-    raw = _obj(record.get("currency"), cw)
+    raw = _obj(calculated.get("currency"), cw)
     meta = raw.get("additionalMetaData")
     if meta is not None and not isinstance(meta, dict):
         raise FormatError(f"{cw}.additionalMetaData: must be an object or null")
@@ -442,13 +498,14 @@ def _credit_from(record: dict[str, Any], where: str) -> CreditEntitlement:
         unit_plural=_opt_str(raw, "unitPlural", cw),
         additional_meta_data=None if meta is None else freeze_json(meta),
     )
+    updated_at = _opt_time(calculated, "updatedAt", where)
     return CreditEntitlement(
         currency=currency,
-        usage_limit=_float(record, "usageLimit", where) or 0.0,
-        has_soft_limit=_bool(record, "hasSoftLimit", where),
-        access_denied_reason=_opt_str(record, "accessDeniedReason", where),
-        valid_until=_opt_int(record, "validUntil", where),
-        updated_at=_opt_int(record, "updatedAt", where) or 0,
+        usage_limit=_float(calculated, "usageLimit", where) or 0.0,
+        has_soft_limit=_bool(calculated, "hasSoftLimit", where),
+        access_denied_reason=_opt_str(calculated, "accessDeniedReason", where),
+        valid_until=_opt_time(calculated, "validUntil", where),
+        updated_at=entry_timestamp if updated_at is None else updated_at,
     )
 
 
@@ -478,14 +535,16 @@ _bool = _fields.flag
 _float = _fields.number
 
 
-def _opt_int(obj: dict[str, Any], key: str, where: str) -> int | None:
+def _opt_time(obj: dict[str, Any], key: str, where: str) -> int | None:
+    """Epoch ms (as every writer of this format stores times) or an ISO-8601 string (what a
+    writer passing the API's DateTime through would store); None when absent."""
     value = obj.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise FormatError(f"{where}.{key}: must be epoch ms or null")
-    return int(value)
-
+    parsed = parse_time(value)
+    if parsed is None:
+        raise FormatError(f"{where}.{key}: must be epoch ms, an ISO-8601 date-time or null")
+    return parsed
 
 # --------------------------------------------------------------------------- messages
 
