@@ -199,7 +199,7 @@ class OnlineSidecar:
             state = yield self._api.fetch_state(customer_id, resource_id, self._fetch_timeout, use_edge)
             fetched = entry_from_state(customer_id, resource_id, state, self.now_ms())
         except Exception:
-            if token is not None:
+            if mirror is not None and token is not None:
                 mirror.release_fetch_lock(customer_id, resource_id, token, error="fetch failed")
             raise
         # An explicit reload is the caller saying "this is the truth now": it replaces memory even

@@ -7,11 +7,18 @@ handed to twistd's application so LOG_LEVEL and LOG_FORMAT apply from the first 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.logger import ILogObserver, Logger
 
 from stigg_sidecar.health import Readiness
+
+if TYPE_CHECKING:
+    from stigg_sidecar.metrics import Metrics
+    from stigg_sidecar.offline import OfflineSidecar
+    from stigg_sidecar.online import OnlineSidecar
 
 log = Logger()
 
@@ -21,8 +28,8 @@ class SidecarService(MultiService):
         super().__init__()
         self.readiness = readiness
         self._observer = observer
-        self.backend = None  # the EntitlementSource/Writer the gRPC handlers use (set by tap)
-        self.metrics = None  # stigg_sidecar.metrics.Metrics when enabled (set by tap)
+        self.backend: OfflineSidecar | OnlineSidecar | None = None  # what the gRPC handlers use (set by tap)
+        self.metrics: Metrics | None = None  # when enabled (set by tap)
 
     def setServiceParent(self, parent) -> None:
         # twistd's Application is Componentized: its ILogObserver component replaces the
@@ -55,4 +62,4 @@ class SidecarService(MultiService):
         from twisted.internet import reactor
 
         if getattr(reactor, "_exitSignal", None) is not None:
-            reactor._exitSignal = None
+            reactor._exitSignal = None  # type: ignore[attr-defined]

@@ -177,8 +177,9 @@ def _observe_online(metrics: Metrics, reactor, api: StiggApi, backend: OnlineSid
     metrics.cache_entries.set_function(lambda: len(cache))
     metrics.cache_bytes.set_function(lambda: cache.bytes)
     metrics.cache_evictions.set_function(lambda: cache.evictions)
-    if backend.mirror is not None:
-        metrics.redis_client_errors.count_from(lambda: backend.mirror.errors)
+    mirror = backend.mirror
+    if mirror is not None:
+        metrics.redis_client_errors.count_from(lambda: mirror.errors)
     if realtime is not None:
         metrics.realtime_connected.set_function(lambda: 1 if realtime.is_connected else 0)
         metrics.realtime_update_age.set_function(

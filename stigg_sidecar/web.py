@@ -88,7 +88,7 @@ class HttpService(Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         self._listening = self._reactor.listenTCP(self._requested_port, self._site, interface=self._address)
-        self.port = self._listening.getHost().port
+        self.port = self._listening.getHost().port  # type: ignore[union-attr]  # an IPv4/6 address
         log.info("HTTP listening on {address}:{port}", address=self._address, port=self.port)
 
     def startService(self) -> None:

@@ -17,7 +17,8 @@ from stigg_sidecar.entitlements.records import CustomerEntry, keep_newer_usage, 
 
 def earliest_expiry(entry: CustomerEntry) -> int | None:
     """The first `validUntil` among the entry's entitlements (epoch ms), or None."""
-    times = [e.valid_until for e in (*entry.features.values(), *entry.credits.values()) if e.valid_until is not None]
+    times = [e.valid_until for e in entry.features.values() if e.valid_until is not None]
+    times += [c.valid_until for c in entry.credits.values() if c.valid_until is not None]
     return min(times) if times else None
 
 

@@ -26,10 +26,12 @@ from twisted.internet import error as net_error
 from twisted.internet import protocol as net_protocol
 from twisted.internet.defer import Deferred, TimeoutError, gatherResults, inlineCallbacks, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
+from zope.interface import provider
 
 from stigg_sidecar.cache.redis_format import (
     FEATURE,
@@ -54,7 +56,7 @@ from stigg_sidecar.entitlements.records import CustomerEntry
 try:
     from OpenSSL import SSL
 except ImportError:  # TLS needs pyOpenSSL; without it REDIS_TLS fails at construction
-    SSL = None
+    SSL = None  # type: ignore[assignment]
 
 log = Logger()
 
@@ -111,6 +113,7 @@ return n
 """
 
 
+@provider(ILogObserver)
 def _warnings_only(event: dict) -> None:
     if event.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical):
         globalLogPublisher(event)
@@ -368,7 +371,9 @@ class RedisMirror(Service):
         return self._subscriber.protocol is not None
 
     def endpoint(self) -> Any:
-        endpoint = HostnameEndpoint(self.reactor, self.host, self.port, timeout=max(1.0, 4 * self.timeout))
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self.reactor, self.host, self.port, timeout=max(1.0, 4 * self.timeout)
+        )
         if self.tls:
             endpoint = wrapClientTLS(optionsForClientTLS(self.host, trustRoot=self.tls_trust_root), endpoint)
         return endpoint
@@ -679,7 +684,7 @@ class RedisMirror(Service):
             )
         elif not failure.check(txredisapi.ConnectionError, net_error.ConnectionLost, net_error.ConnectionDone):
             self._log_once(
-                failure.type.__name__,
+                type(failure.value).__name__,
                 "Redis call failed unexpectedly ({error}); treated as a miss",
                 error=self._scrub(failure.getErrorMessage()),
             )

@@ -382,12 +382,13 @@ class EmulatorState:
             raise StiggError("CustomerNotFound", f"Customer not found: {report.customer_id}")
         entity = customer.state
         if report.resource_id is not None:
-            entity = customer.resources.get(report.resource_id)
-            if entity is None:
+            resource = customer.resources.get(report.resource_id)
+            if resource is None:
                 raise StiggError(
                     "CustomerResourceNotFound",
                     f"Resource {report.resource_id} not found for customer {report.customer_id}",
                 )
+            entity = resource
         for item in entity.entitlements:
             if item["__typename"] == "FeatureEntitlement":
                 if item["feature"]["refId"] == report.feature_id:

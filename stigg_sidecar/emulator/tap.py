@@ -8,9 +8,10 @@ exactly one line ``stigg-emulator listening on http://HOST:PORT``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
@@ -62,7 +63,7 @@ class EmulatorService(service.Service):
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
-        address = port.getHost()
+        address = cast(IPv4Address | IPv6Address, port.getHost())
         host = f"[{address.host}]" if ":" in address.host else address.host
         self.log.info(
             "stigg-emulator listening on http://{host}:{port}", host=host, port=address.port
@@ -72,7 +73,7 @@ class EmulatorService(service.Service):
         from twisted.internet import reactor
 
         self.log.critical("stigg-emulator cannot listen: {error}", error=failure.getErrorMessage())
-        reactor.callWhenRunning(reactor.stop)  # type: ignore[attr-defined]
+        reactor.callWhenRunning(reactor.stop)
 
     def stopService(self) -> Any:
         super().stopService()

@@ -37,10 +37,11 @@ from __future__ import annotations
 import json
 from collections import deque
 from random import Random
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence, cast
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IReactorTime
@@ -58,7 +59,7 @@ class RunningEmulator(NamedTuple):
 
     @property
     def site(self) -> EmulatorSite:
-        return self.port.factory  # type: ignore[attr-defined, no-any-return]
+        return self.port.factory  # type: ignore[attr-defined]
 
 
 def start_emulator(
@@ -79,7 +80,8 @@ def start_emulator(
         endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
 
         def running(port: IListeningPort) -> RunningEmulator:
-            return RunningEmulator(state, port, f"http://127.0.0.1:{port.getHost().port}")
+            address = cast(IPv4Address, port.getHost())
+            return RunningEmulator(state, port, f"http://127.0.0.1:{address.port}")
 
         return endpoint.listen(site).addCallback(running)
 
@@ -88,7 +90,11 @@ def start_emulator(
 
 def stop_emulator(emulator: RunningEmulator) -> Deferred[None]:
     """Stop listening and drop every open connection; fires when all is closed."""
-    stopped = maybeDeferred(emulator.port.stopListening)
+
+    def stop_listening() -> Deferred[None]:
+        return emulator.port.stopListening() or succeed(None)
+
+    stopped = maybeDeferred(stop_listening)
     closed = emulator.site.close_connections()
     return gatherResults([stopped, closed]).addCallback(lambda _: None)
 
@@ -147,7 +153,7 @@ class GraphQLWSClient:
 
     def next_message(self, timeout: float | None = None) -> Deferred[Any]:
         """The next frame received, decoded from JSON; see `next_text`."""
-        return self.next_text(timeout).addCallback(json.loads)
+        return self.next_text(timeout).addCallback(lambda text: json.loads(text))
 
     def wait_closed(self, timeout: float | None = None) -> Deferred[tuple[int | None, str | None]]:
         """``(code, reason)`` once the socket has closed."""
@@ -222,7 +228,8 @@ class _ClientProtocol(WebSocketClientProtocol):
 
 
 class _ClientFactory(WebSocketClientFactory):
-    protocol = _ClientProtocol
+    # Twisted's stubs want a protocol whose `factory` is any Factory; ours names its own factory type.
+    protocol = _ClientProtocol  # type: ignore[assignment]
 
     def __init__(self, client: GraphQLWSClient, url: str, protocols: Sequence[str]) -> None:
         super().__init__(url, protocols=list(protocols) or None, reactor=client.reactor)
@@ -261,6 +268,6 @@ def ws_connect(
             client._opened.errback(failure)
 
     endpoint = TCP4ClientEndpoint(reactor, address.hostname, address.port, timeout=timeout)
-    connected = endpoint.connect(factory)  # type: ignore[arg-type]
+    connected = endpoint.connect(factory)
     connected.addErrback(not_connected)
     return client._opened.addTimeout(timeout, reactor).addCallbacks(opened, not_opened)

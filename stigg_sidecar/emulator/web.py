@@ -333,7 +333,7 @@ def _header(request: IRequest, name: bytes) -> str | None:
 
 
 def _query_arg(request: IRequest, name: str) -> str | None:
-    values = request.args.get(name.encode())  # type: ignore[attr-defined]
+    values = request.args.get(name.encode())
     if not values or not values[0]:
         return None
     return values[0].decode("utf-8", "replace")

@@ -34,12 +34,12 @@ all of its API keys share. Closes (code, reason), as graphql-ws's server closes:
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionRequest
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.logger import Logger
 
 from stigg_sidecar.emulator import graphql
@@ -206,7 +206,7 @@ class GraphQLTransportWSProtocol(WebSocketServerProtocol):
     def abort(self) -> None:
         """Drop the TCP connection without a close frame: the client sees 1006."""
         self._closing = True
-        self.transport.abortConnection()
+        cast(ITCPTransport, self.transport).abortConnection()
 
     def _init_timed_out(self) -> None:
         self._init_timer = None
@@ -220,7 +220,8 @@ class GraphQLTransportWSProtocol(WebSocketServerProtocol):
 
 
 class SocketFactory(WebSocketServerFactory):
-    protocol = GraphQLTransportWSProtocol
+    # Twisted's stubs want a protocol whose `factory` is any Factory; ours names its own factory type.
+    protocol = GraphQLTransportWSProtocol  # type: ignore[assignment]
 
     def __init__(self, hub: SocketHub) -> None:
         super().__init__(reactor=hub.reactor)

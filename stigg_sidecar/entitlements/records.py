@@ -161,7 +161,7 @@ def shared_feature(feature: Feature) -> Feature:
 
 
 def _shared(obj: object) -> bool:
-    return type(obj) is Feature and _SHARED_FEATURES.get(obj) is obj  # type: ignore[call-overload]
+    return type(obj) is Feature and _SHARED_FEATURES.get(obj) is obj
 
 
 def deep_size(root: object) -> int:

@@ -17,7 +17,7 @@ from stigg_sidecar.entitlements.decide import Decision
 from stigg_sidecar.entitlements.fallback import FallbackValues
 from stigg_sidecar.entitlements.records import Currency, Feature, thaw_json
 
-REASONS: Mapping[str, int] = {
+REASONS: Mapping[str, pb.AccessDeniedReason] = {
     "Unknown": pb.ACCESS_DENIED_REASON_UNKNOWN,
     "CustomerIsArchived": pb.ACCESS_DENIED_REASON_CUSTOMER_IS_ARCHIVED,
     "CustomerNotFound": pb.ACCESS_DENIED_REASON_CUSTOMER_NOT_FOUND,
@@ -33,18 +33,18 @@ REASONS: Mapping[str, int] = {
     "Revoked": pb.ACCESS_DENIED_REASON_REVOKED,
     "EntitlementNotFound": pb.ACCESS_DENIED_REASON_ENTITLEMENT_NOT_FOUND,
 }
-FEATURE_TYPES: Mapping[str, int] = {
+FEATURE_TYPES: Mapping[str, pb.FeatureType] = {
     "BOOLEAN": pb.FEATURE_TYPE_BOOLEAN,
     "NUMBER": pb.FEATURE_TYPE_NUMBER,
     "ENUM": pb.FEATURE_TYPE_ENUM,
 }
-METER_TYPES: Mapping[str | None, int] = {
+METER_TYPES: Mapping[str | None, pb.MeterType] = {
     None: pb.METER_TYPE_NONE,
     "None": pb.METER_TYPE_NONE,
     "Fluctuating": pb.METER_TYPE_FLUCTUATING,
     "Incremental": pb.METER_TYPE_INCREMENTAL,
 }
-RESET_PERIODS: Mapping[str, int] = {
+RESET_PERIODS: Mapping[str, pb.EntitlementResetPeriod] = {
     "DAY": pb.ENTITLEMENT_RESET_PERIOD_DAY,
     "HOUR": pb.ENTITLEMENT_RESET_PERIOD_HOUR,
     "MONTH": pb.ENTITLEMENT_RESET_PERIOD_MONTH,
@@ -53,7 +53,7 @@ RESET_PERIODS: Mapping[str, int] = {
 }
 
 
-def reason(name: str | None) -> int | None:
+def reason(name: str | None) -> pb.AccessDeniedReason | None:
     """A GraphQL reason as the proto enum; an unrecognised one is UNKNOWN, never dropped."""
     if name is None:
         return None
@@ -192,7 +192,8 @@ def generic_response(d: Decision) -> pb.GetEntitlementResponse:
 
 
 def entitlement_v1(d: Decision) -> pb.Entitlement:
-    return pb.Entitlement(**{d.kind: _BUILDERS[d.kind](d)})
+    # The oneof member is named by the decision's kind; the stubs cannot type a keyword chosen at run time.
+    return pb.Entitlement(**{d.kind: _BUILDERS[d.kind](d)})  # type: ignore[arg-type]
 
 
 def entitlement_v2(d: Decision) -> pb.EntitlementV2:
@@ -200,7 +201,7 @@ def entitlement_v2(d: Decision) -> pb.EntitlementV2:
         has_access=d.has_access,
         is_fallback=d.is_fallback,
         access_denied_reason=reason(d.reason),
-        **{d.kind: _BUILDERS[d.kind](d)},
+        **{d.kind: _BUILDERS[d.kind](d)},  # type: ignore[arg-type]  # oneof member named at run time
     )
 
 

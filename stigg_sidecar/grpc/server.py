@@ -54,7 +54,7 @@ class GrpcService(Service):
         self._max_message_bytes = max_message_bytes
         self._grace = grace
         self._on_serving = on_serving
-        self._interceptors = tuple(interceptors)
+        self._interceptors = list(interceptors)
         self._server: grpc.Server | None = None
         self.port: int | None = None
 
@@ -95,6 +95,7 @@ class GrpcService(Service):
         self._server.start()
         log.info("gRPC listening on {address}:{port}", address=self._address, port=self.port)
         if self._on_serving is not None:
+            assert self.port is not None  # bound by privilegedStartService
             self._on_serving(self.port)
 
     def stopService(self) -> Deferred | None:

@@ -252,15 +252,18 @@ class SidecarServicer(SidecarServiceServicer):
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
         # Credits have no configured fallback (Stigg's creditEntitlementsFallback is not a setting).
+        # Exactly one of the two ids is set (checked above): `feature_id` whenever `currency_id` is None.
         if currency_id is not None:
             has_own = options is not None and options.HasField("fallback")
-            fb = convert.fallback_values(options.fallback) if has_own else None
+            fb = convert.fallback_values(options.fallback) if options is not None and has_own else None
         else:
+            assert feature_id is not None
             fb = self._fallback_for(feature_id, options)
 
         def fallback_decision_v2() -> Decision:
             if currency_id is not None:
                 return fallback_decision("credit", currency_id, fb, requested)
+            assert feature_id is not None
             return fallback_decision(_generic_kind(requested, values, fb), feature_id, fb, requested, values)
 
         def answer() -> pb.GetEntitlementV2Response:
@@ -270,6 +273,7 @@ class SidecarServicer(SidecarServiceServicer):
             elif currency_id is not None:
                 decision = decide_credit(entry, currency_id, requested, fb, self._source.now_ms())
             else:
+                assert feature_id is not None
                 decision = decide_feature(entry, feature_id, None, requested, values, fb, self._source.now_ms())
             return pb.GetEntitlementV2Response(entitlement=convert.entitlement_v2(self._counted(decision)))
 

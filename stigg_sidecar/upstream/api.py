@@ -84,10 +84,21 @@ def identification_headers(api_key: str) -> dict[str, str]:
     }
 
 
+def _treq_headers(*parts: Mapping[str, str]) -> dict[bytes | str, bytes | str]:
+    """The parts merged (a later part wins) into the header mapping type treq declares."""
+    merged: dict[bytes | str, bytes | str] = {}
+    for part in parts:
+        for name, value in part.items():
+            merged[name] = value
+    return merged
+
+
 def _graphql_failure(errors: Sequence[Any]) -> UpstreamError:
     first = errors[0] if errors and isinstance(errors[0], dict) else {}
     message = str(first.get("message") or "GraphQL error")
-    extensions = first.get("extensions") if isinstance(first.get("extensions"), dict) else {}
+    extensions = first.get("extensions")
+    if not isinstance(extensions, dict):
+        extensions = {}
     code = str(extensions.get("code") or "")
     if code == "Unauthenticated":
         return UpstreamError(WriteFailure.UNAUTHENTICATED, "Stigg rejected the API key")
@@ -305,16 +316,16 @@ class StiggApi:
 
     def _edge_get(self, endpoint: str, path: str, timeout: float) -> Deferred:
         url = f"{self._edge_url}{path}"
-        headers = dict(self._headers, **{"X-API-VERSION": "1", "accept": "application/json"})
+        headers = _treq_headers(self._headers, {"X-API-VERSION": "1", "accept": "application/json"})
         return self._call(endpoint, lambda t: self._edge.get(url, headers=headers, allow_redirects=False), timeout)
 
     def _graphql_post(
         self, operation: str, query: str, variables: Mapping[str, Any], timeout: float, retryable: bool = True
     ) -> Deferred:
         body = json.dumps({"operationName": operation, "variables": variables, "query": query}).encode()
-        headers = dict(
+        headers = _treq_headers(
             self._headers,
-            **{
+            {
                 "content-type": "application/json",
                 "accept": "*/*",
                 "x-graphql-operation-name": operation,

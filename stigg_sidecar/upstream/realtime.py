@@ -19,6 +19,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
 from stigg_sidecar.upstream.operations import SUBSCRIPTIONS
@@ -55,7 +56,7 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
         self._subscriptions: dict[str, str] = {}
         self._ping_call = None
         self._pong_deadline = None
-        self._send({"type": "connection_init", "payload": {"headers": service.init_headers}})
+        self._send_json({"type": "connection_init", "payload": {"headers": service.init_headers}})
         # Stigg's client waits for the ack forever; a socket that never gets one is replaced.
         self._ack_deadline = service.reactor.callLater(service.ack_timeout, self._no_ack)
 
@@ -64,7 +65,8 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
         log.warn("No connection_ack from Stigg within {t}s; reconnecting", t=self.factory.service.ack_timeout)
         self.dropConnection(abort=True)
 
-    def _send(self, message: Mapping[str, Any]) -> None:
+    # Not `_send`: autobahn's WebSocketProtocol._send flushes its own send queue.
+    def _send_json(self, message: Mapping[str, Any]) -> None:
         self.sendMessage(json.dumps(message).encode())
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -79,14 +81,14 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
             if self._ack_deadline is not None and self._ack_deadline.active():
                 self._ack_deadline.cancel()
             self._ack_deadline = None
-            for field, (operation, query) in SUBSCRIPTIONS.items():
+            for name, (operation, query) in SUBSCRIPTIONS.items():
                 sub_id = str(uuid.uuid4())
-                self._subscriptions[sub_id] = field
-                self._send({"id": sub_id, "type": "subscribe", "payload": {"operationName": operation, "query": query}})
+                self._subscriptions[sub_id] = name
+                self._send_json({"id": sub_id, "type": "subscribe", "payload": {"operationName": operation, "query": query}})
             self._schedule_ping()
             service.connected(self)
         elif kind == "ping":
-            self._send({"type": "pong"})
+            self._send_json({"type": "pong"})
         elif kind == "pong":
             if self._pong_deadline is None:
                 return  # unsolicited (the protocol allows it): no ping of ours is waiting
@@ -126,7 +128,7 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
 
     def _ping(self) -> None:
         self._ping_call = None
-        self._send({"type": "ping"})
+        self._send_json({"type": "ping"})
         self._pong_deadline = self.factory.service.reactor.callLater(self.factory.service.pong_timeout, self._no_pong)
 
     def _no_pong(self) -> None:
@@ -145,7 +147,8 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
 
 
 class _Factory(WebSocketClientFactory):
-    protocol = GraphqlWsProtocol
+    # Twisted's stubs want a protocol whose `factory` is any Factory; ours names its own factory type.
+    protocol = GraphqlWsProtocol  # type: ignore[assignment]
     noisy = False
 
     def __init__(self, service: "RealtimeService", url: str) -> None:
@@ -156,9 +159,11 @@ class _Factory(WebSocketClientFactory):
 
 def _endpoint(reactor, ws_url: str):
     parts = urlsplit(f"{ws_url}/graphql")
+    if not parts.hostname:
+        raise ValueError(f"WS_URL has no host: {ws_url!r}")
     secure = parts.scheme == "wss"
     port = parts.port or (443 if secure else 80)
-    endpoint = HostnameEndpoint(reactor, parts.hostname, port, timeout=10)
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, parts.hostname, port, timeout=10)
     if secure:
         from twisted.internet.ssl import optionsForClientTLS
 
