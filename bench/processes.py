@@ -1,4 +1,5 @@
-"""Child processes for the benchmarks: the emulator, the sidecar, the bare server, and their cleanup.
+"""Child processes for the benchmarks: the emulator, the sidecar, the bare server, the Node
+reference (Stigg's Node SDK behind grpc-js, bench/node), and their cleanup.
 
 Owns starting each one as a real process (twistd or python, pinned to a core with taskset), waiting
 for it to be ready under a deadline, reading its RSS, and stopping it: SIGTERM, a bounded wait,
@@ -298,3 +299,110 @@ def start_bare_server(
 
     wait_until(listening, timeout, "waiting for the bare server to listen", child)
     return child, port
+
+
+# -- Node reference: Stigg's Node SDK behind grpc-js (bench/node) -----------------------------
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+NODE_INSTALL_TIMEOUT = 600.0
+
+
+def _installed_as_locked() -> bool:
+    """Every package of bench/node/package-lock.json is in node_modules at its locked version."""
+    lock = json.loads((NODE_DIR / "package-lock.json").read_text())
+    for where, locked in lock.get("packages", {}).items():
+        if not where or locked.get("optional") or locked.get("dev"):
+            continue
+        try:
+            installed = json.loads((NODE_DIR / where / "package.json").read_text())
+        except (OSError, ValueError):
+            return False
+        if str(installed.get("version")).lstrip("v") != str(locked.get("version")).lstrip("v"):
+            return False  # (redlock's own package.json says "v5.0.0-beta2", its lock entry not)
+    return True
+
+
+def ensure_node_reference() -> None:
+    """bench/node's packages installed exactly as locked: `npm ci` when any is missing or differs.
+
+    Raises BenchError naming what to install if node or npm is not on PATH."""
+    missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
+    if missing:
+        raise BenchError(
+            f"the Node reference needs {' and '.join(missing)} on PATH "
+            "(Debian: apt-get install nodejs npm); or run with --no-node"
+        )
+    if _installed_as_locked():
+        return
+    print(f"installing the Node reference's packages: npm ci in {NODE_DIR}", flush=True)
+    try:
+        done = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"],
+            cwd=NODE_DIR,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=NODE_INSTALL_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"npm ci in {NODE_DIR} took over {NODE_INSTALL_TIMEOUT:.0f}s") from None
+    if done.returncode != 0:
+        raise BenchError(f"npm ci in {NODE_DIR} failed ({done.returncode}):\n{done.stdout[-3000:]}")
+
+
+class NodeReference:
+    """A started bench/node/server.js: Stigg's Node SDK 3.95.0 answering the sidecar's gRPC API."""
+
+    def __init__(self, child: Child, grpc_port: int, stats_port: int) -> None:
+        self.child = child
+        self.grpc_port = grpc_port
+        self.stats_port = stats_port
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def stats(self) -> dict[str, float]:
+        """The SDK's cache entries and its hit/miss counts since start, and the heap in use."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.stats_port}/stats", timeout=10) as r:
+            return json.loads(r.read())
+
+
+def _printed_address(child: Child, prefix: str) -> str | None:
+    for line in child.output().splitlines():
+        if line.startswith(prefix):
+            return line[len(prefix) :].strip()
+    return None
+
+
+def start_node_reference(
+    children: Children,
+    cpu: int | None,
+    api_url: str,
+    extra_env: Mapping[str, str] | None = None,
+    timeout: float = START_TIMEOUT,
+) -> NodeReference:
+    """Start bench/node/server.js against `api_url` (installing its packages first if needed) and
+    wait until the SDK has initialized and gRPC listens; ports are picked by the server itself."""
+    ensure_node_reference()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STIGG_", "NODE_OPTIONS"))}
+    env.update(
+        STIGG_API_KEY=API_KEY,
+        STIGG_API_URL=api_url,
+        PORT="0",
+        STATS_PORT="0",
+        BIND_ADDRESS="127.0.0.1",
+        NODE_ENV="production",
+    )
+    env.update(extra_env or {})
+    child = children.start("node-reference", pinned(cpu, ["node", str(NODE_DIR / "server.js")]), env)
+    wait_until(
+        lambda: _printed_address(child, "node reference listening on ") is not None,
+        timeout,
+        "waiting for the Node reference to listen",
+        child,
+    )
+    grpc_address = _printed_address(child, "node reference listening on ") or ""
+    stats_address = _printed_address(child, "node reference stats on ") or ""
+    stats_port = int(stats_address.rsplit(":", 1)[1].split("/", 1)[0])
+    return NodeReference(child, int(grpc_address.rsplit(":", 1)[1]), stats_port)
