@@ -406,3 +406,17 @@ def start_node_reference(
     stats_address = _printed_address(child, "node reference stats on ") or ""
     stats_port = int(stats_address.rsplit(":", 1)[1].split("/", 1)[0])
     return NodeReference(child, int(grpc_address.rsplit(":", 1)[1]), stats_port)
+
+
+def start_fast_upstream(
+    children: Children, cpu: int | None, responses: Path, timeout: float = START_TIMEOUT
+) -> tuple[Child, str]:
+    """Start bench/node/upstream.js serving the recorded answers in `responses`; return it and its
+    base URL."""
+    ensure_node_reference()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NODE_OPTIONS")}
+    env.update(RESPONSES=str(responses), PORT="0", BIND_ADDRESS="127.0.0.1", NODE_ENV="production")
+    child = children.start("fast-upstream", pinned(cpu, ["node", str(NODE_DIR / "upstream.js")]), env)
+    prefix = "fast upstream listening on "
+    wait_until(lambda: _printed_address(child, prefix) is not None, timeout, "waiting for the upstream", child)
+    return child, _printed_address(child, prefix) or ""

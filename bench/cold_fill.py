@@ -1,0 +1,303 @@
+"""Cold-fill benchmark: customers fetched and cached per second at 64 concurrent cold reads, the
+sidecar beside Stigg's Node SDK, from a fast upstream.
+
+    python bench/cold_fill.py [--customers 10000] [--concurrency 64] [--repeat 3] [--no-node]
+
+The upstream is bench/node/upstream.js serving the emulator's own answers (computed here by the
+emulator's code from a generated data file of --customers customers of ten features) from memory,
+pinned to core 1 with this script; the emulator itself, Python on one core, would be slower than
+the servers it feeds and measure itself. For each repeat, a fresh sidecar (`twistd stigg-sidecar`,
+its cache budget far above the customers' needs, POLL_INTERVAL_SECS=0) and then a fresh Node
+reference (bench/node/server.js: `@stigg/node-server-sdk` 3.95.0 with its in-memory cache and
+real-time updates, behind grpc-js), each pinned to core 0, get one GetBooleanEntitlement per
+customer, every customer cold, --concurrency of them in flight at once. Each answer must be Stigg's
+data (granted) or a fallback, which is counted; any error or wrong answer aborts.
+
+Prints per server and repeat: the seconds from the first read to the last answer, the answers from
+Stigg's data and the fallbacks, the customers the server holds in its cache afterwards (the
+sidecar's sidecar_cache_entries, the SDK's own entry count) and the fills per second (cached /
+seconds), the upstream's fetches, and the CPU use of the server and of the upstream over the fill
+(an upstream near 100% would mean it is the limit). Then the median fill rate of each and
+sidecar / Node. Benchmarks are run by hand, never in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import grpc
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+from grpc_load import cpu_seconds
+from memory import metrics
+from processes import (
+    API_KEY,
+    BenchError,
+    Children,
+    ensure_node_reference,
+    rss_kib,
+    run_with_children,
+    start_fast_upstream,
+    start_node_reference,
+    start_sidecar,
+    write_emulator_data,
+)
+from seed import customer_id, entitlements
+from twisted.internet.task import Clock
+
+from stigg_sidecar._proto import sidecar_pb2 as pb
+from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
+from stigg_sidecar.emulator.data import load_data_file
+from stigg_sidecar.emulator.graphql import SDK_CONFIGURATION
+from stigg_sidecar.emulator.state import EmulatorState
+
+SERVER_CPU = 0  # the sidecar and the Node reference
+LOAD_CPU = 1  # the upstream and this script
+CACHE_BUDGET = 16 << 30
+CALL_TIMEOUT = 30.0
+
+
+# -- the upstream's answers -------------------------------------------------------------------
+
+
+def record_answers(data_path: Path, customers: int, out: Path) -> None:
+    """The emulator's Edge answers for every customer (what `stigg-emulator` would serve for this
+    data file), written for bench/node/upstream.js."""
+    clock = Clock()
+    clock.advance(time.time())
+    state = EmulatorState(load_data_file(str(data_path)), clock=clock)
+    responses: dict[str, object] = {
+        "/v1/config/server-sdk-configuration.json": {"data": {"sdkConfiguration": dict(SDK_CONFIGURATION)}}
+    }
+    for i in range(customers):
+        cid = customer_id(i)
+        # Stigg's sidecar and this one read entitlements-state.json; Node SDK 3.95 entitlements.json.
+        responses[f"/v1/c/{cid}/entitlements-state.json"] = {"data": {"entitlementsState": state.entitlements_state(cid)}}
+        responses[f"/v1/c/{cid}/entitlements.json"] = {"data": {"entitlements": state.entitlements_v1(cid)}}
+    with open(out, "w") as f:
+        json.dump({"apiKey": API_KEY, "responses": responses}, f, separators=(",", ":"))
+
+
+def upstream_fetches(base_url: str) -> int:
+    """Customer answers the upstream has served so far (both Edge paths)."""
+    with urllib.request.urlopen(f"{base_url}/_upstream/requests", timeout=10) as r:
+        counts = json.loads(r.read())
+    return sum(n for kind, n in counts.items() if kind.startswith("/v1/c/"))
+
+
+# -- the cold reads ---------------------------------------------------------------------------
+
+
+class ColdReads:
+    """One GetBooleanEntitlement per customer, at most `concurrency` in flight; counts granted
+    answers and fallbacks, keeps anything else as an error."""
+
+    def __init__(self, stub: SidecarServiceStub, customers: int, concurrency: int) -> None:
+        self._stub = stub
+        self._total = customers
+        self._slots = threading.Semaphore(concurrency)
+        self._lock = threading.Lock()
+        self._all_done = threading.Event()
+        self._finished = 0
+        self.granted = 0
+        self.fallbacks = 0
+        self.errors: list[str] = []
+
+    def run(self, timeout: float) -> float:
+        """Seconds from the first read to the last answer."""
+        started = time.monotonic()
+        deadline = started + timeout
+        for i in range(self._total):
+            while not self._slots.acquire(timeout=1):
+                if time.monotonic() > deadline or self.errors:
+                    raise BenchError(self._why(timeout))
+            if self.errors:
+                raise BenchError(self._why(timeout))
+            request = pb.GetBooleanEntitlementRequest(customer_id=customer_id(i), feature_id="feature-bool-0")
+            self._stub.GetBooleanEntitlement.future(request, timeout=CALL_TIMEOUT).add_done_callback(
+                lambda f, i=i: self._done(i, f)
+            )
+        if not self._all_done.wait(max(0.0, deadline - time.monotonic())) or self.errors:
+            raise BenchError(self._why(timeout))
+        return time.monotonic() - started
+
+    def _why(self, timeout: float) -> str:
+        if self.errors:
+            return f"{len(self.errors)} errors or wrong answers in the cold reads, first: {self.errors[0]}"
+        return f"the cold reads did not finish within {timeout:.0f}s ({self._finished}/{self._total} done)"
+
+    def _done(self, i: int, future: grpc.Future) -> None:
+        granted = fallback = 0
+        try:
+            r = future.result()
+            if r.is_fallback:
+                fallback = 1
+            elif r.has_access:
+                granted = 1
+            else:
+                self.errors.append(f"{customer_id(i)}: denied without a fallback: {r}")
+        except grpc.RpcError as e:
+            self.errors.append(f"{customer_id(i)}: {e.code()} {e.details()}")
+        self._slots.release()
+        with self._lock:
+            self.granted += granted
+            self.fallbacks += fallback
+            self._finished += 1
+            if self._finished == self._total:
+                self._all_done.set()
+
+
+@dataclass
+class Fill:
+    server: str
+    seconds: float
+    granted: int
+    fallbacks: int
+    cached: int
+    fetches: int
+    server_cpu: float  # percent of one core over the fill
+    upstream_cpu: float
+    rss_kib: int
+
+    @property
+    def rate(self) -> float:
+        """Customers fetched and cached per second."""
+        return self.cached / self.seconds
+
+
+def fill(
+    server: str,
+    pid: int,
+    target: str,
+    cached: Callable[[], int],
+    upstream_pid: int,
+    upstream_url: str,
+    args: argparse.Namespace,
+) -> Fill:
+    channel = grpc.insecure_channel(target)
+    try:
+        reads = ColdReads(SidecarServiceStub(channel), args.customers, args.concurrency)
+        fetched_before = upstream_fetches(upstream_url)
+        cpu_before, upstream_before, wall_before = cpu_seconds(pid), cpu_seconds(upstream_pid), time.monotonic()
+        seconds = reads.run(args.timeout)
+        wall = time.monotonic() - wall_before
+        server_cpu = 100 * (cpu_seconds(pid) - cpu_before) / wall
+        upstream_cpu = 100 * (cpu_seconds(upstream_pid) - upstream_before) / wall
+        return Fill(
+            server,
+            seconds,
+            reads.granted,
+            reads.fallbacks,
+            cached(),
+            upstream_fetches(upstream_url) - fetched_before,
+            server_cpu,
+            upstream_cpu,
+            rss_kib(pid),
+        )
+    finally:
+        channel.close()
+
+
+def show(f: Fill, customers: int) -> None:
+    print(
+        f"  {f.server:<8} {f.seconds:6.2f}s  {f.granted:>6} granted {f.fallbacks:>6} fallbacks  "
+        f"{f.cached:>6} cached  {f.rate:7.0f}/s  {f.fetches:>6} fetches  "
+        f"cpu {f.server_cpu:3.0f}% (upstream {f.upstream_cpu:3.0f}%)  RSS {f.rss_kib / 1024:.0f} MiB",
+        flush=True,
+    )
+    if f.cached < customers - f.fallbacks:
+        print(f"  warning: {f.server} holds {f.cached} customers after {f.granted} answers from Stigg's data")
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--customers", type=int, default=10_000, help="cold customers per fill (default 10000)")
+    parser.add_argument("--concurrency", type=int, default=64, help="cold reads in flight (default 64)")
+    parser.add_argument("--repeat", type=int, default=1, help="fills per server on fresh servers, alternating (default 1)")
+    parser.add_argument("--timeout", type=float, default=600, help="bound on each fill, seconds (default 600)")
+    parser.add_argument(
+        "--no-node", action="store_true", help="leave out the Node reference (Stigg's Node SDK behind grpc-js)"
+    )
+    args = parser.parse_args()
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("cold_fill: needs cores 0 and 1 (servers on one, upstream and reads on the other)")
+    os.sched_setaffinity(0, {LOAD_CPU})
+    return run_with_children(bench, args)
+
+
+def bench(children: Children, args: argparse.Namespace) -> int:
+    ensure_node_reference()  # the upstream is Node too
+    data = children.path("emulator-data.json")
+    write_emulator_data(data, {customer_id(i): entitlements(i) for i in range(args.customers)})
+    answers = children.path("upstream-answers.json")
+    record_answers(data, args.customers, answers)
+    upstream, upstream_url = start_fast_upstream(children, LOAD_CPU, answers)
+    print(f"fast upstream pid {upstream.pid} on core {LOAD_CPU}, {upstream_url}: the emulator's answers for {args.customers} customers")
+    print(
+        f"{args.customers} cold customers per fill, {args.concurrency} reads in flight; servers on core {SERVER_CPU}\n"
+        "cached: customers in the server's cache afterwards; /s: cached per second of the fill; fetches: the\n"
+        "upstream's customer answers; cpu: of the server over the fill (100 = its core), and of the upstream"
+    )
+    fills: dict[str, list[Fill]] = {"sidecar": [], "node": []}
+    for attempt in range(args.repeat):
+        print(f"== fill {attempt + 1} of {args.repeat}")
+        sidecar = start_sidecar(
+            children,
+            SERVER_CPU,
+            upstream_url,
+            {"SHUTDOWN_GRACE_SECS": "1", "CACHE_MAX_SIZE_BYTES": str(CACHE_BUDGET), "POLL_INTERVAL_SECS": "0"},
+        )
+        f = fill(
+            "sidecar",
+            sidecar.child.pid,
+            sidecar.target,
+            lambda port=sidecar.http_port: int(metrics(port).get("sidecar_cache_entries", 0)),
+            upstream.pid,
+            upstream_url,
+            args,
+        )
+        show(f, args.customers)
+        fills["sidecar"].append(f)
+        sidecar.child.stop()
+        if args.no_node:
+            continue
+        node = start_node_reference(children, SERVER_CPU, upstream_url, {"CACHE_MAX_SIZE_BYTES": str(CACHE_BUDGET)})
+        f = fill(
+            "node",
+            node.child.pid,
+            node.target,
+            lambda node=node: int(node.stats()["cacheEntries"]),
+            upstream.pid,
+            upstream_url,
+            args,
+        )
+        show(f, args.customers)
+        fills["node"].append(f)
+        node.child.stop()
+
+    print(f"\n== median of {args.repeat}: customers fetched and cached per second at {args.concurrency} cold reads")
+    medians = {name: statistics.median(f.rate for f in runs) for name, runs in fills.items() if runs}
+    for name, rate in medians.items():
+        rates = ", ".join(f"{f.rate:.0f}" for f in fills[name])
+        fallbacks = sum(f.fallbacks for f in fills[name])
+        print(f"  {name:<8} {rate:7.0f}/s  (fills: {rates}; {fallbacks} fallbacks in all)")
+    if "node" in medians:
+        print(f"  sidecar / Node {medians['sidecar'] / medians['node']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
