@@ -11,8 +11,11 @@ FROM python:3.11-slim
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sidecar
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
-    && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+    && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
+    && mkdir -p /var/lib/stigg-sidecar && chown sidecar /var/lib/stigg-sidecar
 USER sidecar
+# STATE_DIR (write spool, cache snapshot) when set to this path: mount a volume here.
+VOLUME /var/lib/stigg-sidecar
 WORKDIR /tmp
 ENV PORT=8443 HTTP_PORT=8080 PYTHONUNBUFFERED=1
 EXPOSE 8443 8080

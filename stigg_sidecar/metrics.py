@@ -59,6 +59,24 @@ class Metrics:
         )
         self.realtime_malformed = Gauge("sidecar_realtime_malformed_frames", "Real-time frames ignored", registry=r)
         self.ready = Gauge("sidecar_ready", "1 while readiness is UP", registry=r)
+        # The write spool (SPOOL_WRITES) and the cache snapshot (STATE_DIR).
+        self.spool_records = Gauge("sidecar_spool_records", "Acknowledged writes waiting for delivery", registry=r)
+        self.spool_bytes = Gauge("sidecar_spool_bytes", "Bytes of the records waiting for delivery", registry=r)
+        self.spool_oldest_age = Gauge(
+            "sidecar_spool_oldest_age_seconds", "Age of the oldest record waiting for delivery (0: none)", registry=r
+        )
+        self.spool_delivered = Counter("sidecar_spool_delivered", "Spooled records Stigg accepted", registry=r)
+        self.spool_dead_letters = Counter(
+            "sidecar_spool_dead_letters", "Spooled records Stigg refused for good (moved to the dead letters)", registry=r
+        )
+        self.spool_batch_size = Histogram(
+            "sidecar_spool_batch_size", "Records per delivery call to Stigg",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r,
+        )
+        self.snapshot_loaded_age = Gauge(
+            "sidecar_snapshot_loaded_age_seconds", "Age of the cache snapshot loaded at start (-1: none loaded)", registry=r
+        )
+        self.snapshot_loaded_age.set(-1)
 
     def cache_hit(self) -> None:
         self.hot.mine().hits += 1

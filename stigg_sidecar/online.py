@@ -17,7 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
@@ -28,6 +28,7 @@ from stigg_sidecar.cache.redis import RedisMirror
 from stigg_sidecar.entitlements.records import (
     CustomerEntry,
     MalformedState,
+    Usage,
     apply_usage,
     cache_key,
     entry_from_state,
@@ -36,7 +37,11 @@ from stigg_sidecar.entitlements.records import (
 from stigg_sidecar.reports import UsageReport
 from stigg_sidecar.upstream.api import StiggApi, UpstreamError
 
+if TYPE_CHECKING:
+    from stigg_sidecar.delivery.pending import PendingUsage
+
 log = Logger()
+
 
 def call_on_reactor(reactor, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
     """Run `fn(*args)` on the reactor thread and wait up to `timeout` seconds for its result
@@ -99,6 +104,8 @@ class OnlineSidecar:
         self._inflight: dict[tuple[str, str], list[Deferred]] = {}
         self.mirror: RedisMirror | None = None  # set when REDIS_ENVIRONMENT_PREFIX is
         self.key_rejected = False  # set by the key check: no network, fallbacks only
+        # Spooled usage not yet delivered, applied on top of what Stigg says (SPOOL_WRITES).
+        self.pending: PendingUsage | None = None
         self._fallback_log = _ThrottledWarning(interval=10.0)
 
     def set_counters(self, on_hit: Callable[[], None], on_miss: Callable[[], None]) -> None:
@@ -212,7 +219,11 @@ class OnlineSidecar:
         return current
 
     def store(self, entry: CustomerEntry, force: bool = False) -> CustomerEntry:
-        """Cache `entry` unless a newer one is cached (or `force`); return whichever is current."""
+        """Cache `entry` unless a newer one is cached (or `force`); return whichever is current.
+
+        Usage acknowledged but not yet delivered (the write spool) is applied on top of it."""
+        if self.pending is not None:
+            entry = self.pending.adjust_entry(entry)
         if self.cache.put(entry, force=force):
             return self.cache.get_entry(entry.key) or entry
         return self.cache.get_entry(entry.key) or entry
@@ -261,7 +272,11 @@ class OnlineSidecar:
     ) -> None:
         """One entitlement's usage changed upstream: apply it in memory and in Redis if newer."""
         key = cache_key(customer_id, resource_id)
-        self.cache.update(key, lambda e: apply_usage(e, kind, ref_id, current, start, end, stamp))
+        shown = Usage(current, start, end, stamp)
+        if self.pending is not None:
+            shown = self.pending.adjust_usage(key, kind, ref_id, shown)
+        self.cache.update(key, lambda e: apply_usage(
+            e, kind, ref_id, shown.current_usage, shown.usage_period_start, shown.usage_period_end, shown.updated_at))
         if self.mirror is not None:
             self.mirror.write_usage(customer_id, resource_id, kind, ref_id, current, start, end, stamp)
 

@@ -165,6 +165,12 @@ SPECS: tuple[Spec, ...] = (
     Spec("METRICS_ENABLED", "1", parse_bool, "serve Prometheus metrics at /metrics and count on the hot path"),
     Spec("LOG_LEVEL", "info", _parse_choice(LOG_LEVELS), "lowest log level written"),
     Spec("LOG_FORMAT", "text", _parse_choice(LOG_FORMATS), "text for people, json for one object per line"),
+    Spec("STATE_DIR", "", _parse_str, "a directory this sidecar owns for its cache snapshot and write spool (unset: nothing on disk)"),
+    Spec("SPOOL_WRITES", "0", parse_bool, "acknowledge writes once durable in STATE_DIR and deliver them in the background"),
+    Spec("SPOOL_MAX_BYTES", "268435456", _parse_int(4096), "size of the write spool; past it writes fail RESOURCE_EXHAUSTED (bytes)"),
+    Spec("SPOOL_BATCH_SIZE", "100", _parse_int(1, 1000), "most spooled records delivered in one call to Stigg"),
+    Spec("SPOOL_FLUSH_MS", "100", _parse_int(0, 60_000), "how long a spooled record may wait for a fuller batch (ms)"),
+    Spec("SNAPSHOT_INTERVAL_SECS", "60", _parse_seconds, "write the cache snapshot this often when it changed (STATE_DIR)"),
 )
 
 
@@ -201,6 +207,12 @@ class Settings:
     metrics_enabled: bool = True
     log_level: str = "info"
     log_format: str = "text"
+    state_dir: str = ""
+    spool_writes: bool = False
+    spool_max_bytes: int = 268435456
+    spool_batch_size: int = 100
+    spool_flush_ms: int = 100
+    snapshot_interval_secs: float = 60.0
 
     @property
     def redis_enabled(self) -> bool:
@@ -237,4 +249,11 @@ def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str | None
         raise SettingsError(f"HTTP_PORT must differ from PORT (both are {values['port']})")
     if values.get("health_endpoint_url") == values.get("ready_endpoint_url"):
         raise SettingsError("HEALTH_ENDPOINT_URL must differ from READY_ENDPOINT_URL")
+    if values.get("spool_writes"):
+        if not values.get("state_dir"):
+            raise SettingsError("SPOOL_WRITES needs STATE_DIR: the directory the write spool is kept in")
+        if values.get("offline"):
+            raise SettingsError("SPOOL_WRITES cannot be used with OFFLINE: nothing is delivered offline")
+    if values.get("snapshot_interval_secs") == 0:
+        raise SettingsError("SNAPSHOT_INTERVAL_SECS must be more than 0")
     return Settings(**values)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ validates them into Settings (exiting with one clear line on a bad value) and bu
     ├── RedisMirror      the cache mirrored to Redis (online, REDIS_ENVIRONMENT_PREFIX set)
     ├── Poller           refreshes cached entries while the socket is down or disabled (online only)
     ├── RealtimeService  Stigg's GraphQL WebSocket, kept alive by ClientService (online, WS_ENABLED)
+    ├── SpooledDelivery  writes durable in STATE_DIR, delivered in batches (online, SPOOL_WRITES)
     └── GrpcService      stigg.sidecar.v1.SidecarService on PORT (stops first, draining)
 """
 
@@ -29,6 +30,9 @@ from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.cache.redis import RedisMirror
 from stigg_sidecar.delivery.crossing import WriteGate
 from stigg_sidecar.delivery.direct import DirectDelivery
+from stigg_sidecar.delivery.pending import PendingUsage
+from stigg_sidecar.delivery.spool import SpoolFile
+from stigg_sidecar.delivery.spooled import SpooledDelivery
 from stigg_sidecar.delivery.upstream import UpstreamWrites
 from stigg_sidecar.grpc.server import GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
@@ -39,6 +43,7 @@ from stigg_sidecar.offline import OfflineSidecar
 from stigg_sidecar.online import CacheUpdates, OnlineSidecar
 from stigg_sidecar.service import SidecarService
 from stigg_sidecar.settings import SPECS, Settings, SettingsError, load_settings
+from stigg_sidecar.state.directory import StateDirectory, StateDirectoryError
 from stigg_sidecar.upstream.api import StiggApi
 from stigg_sidecar.upstream.poller import Poller, Refresher
 from stigg_sidecar.upstream.realtime import RealtimeService
@@ -99,7 +104,8 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
     ).setServiceParent(top)
 
     backend: OfflineSidecar | OnlineSidecar
-    writer: OfflineSidecar | DirectDelivery
+    writer: OfflineSidecar | DirectDelivery | SpooledDelivery
+    state_dir = StateDirectory(settings.state_dir).lock() if settings.state_dir else None
     if settings.offline:
         backend = writer = OfflineSidecar()
     else:
@@ -140,6 +146,27 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         writer = DirectDelivery(
             WriteGate(reactor, online.waiting_slots, lambda: online.key_rejected), UpstreamWrites(api, online), online
         )
+        if settings.spool_writes:
+            assert state_dir is not None
+            online.pending = PendingUsage(cache)
+            writer = SpooledDelivery(
+                reactor,
+                WriteGate(reactor, online.waiting_slots, lambda: online.key_rejected, waiting_for="the write spool"),
+                UpstreamWrites(api, online),
+                SpoolFile(reactor, state_dir.file("spool.sqlite3")),
+                online.pending,
+                reloads=writer,
+                max_bytes=settings.spool_max_bytes,
+                batch_size=settings.spool_batch_size,
+                flush_interval=settings.spool_flush_ms / 1000,
+                send_timeout=fetch_timeout,
+                grace=settings.shutdown_grace_secs,
+                readiness=readiness,
+                metrics=metrics,
+            )
+            writer.setServiceParent(top)  # after Stigg's client: stops (flushing) before it closes
+            if metrics is not None:
+                _observe_spool(metrics, writer)
         if metrics is not None:
             _observe_online(metrics, reactor, api, backend, cache, realtime)
     top.backend = backend
@@ -188,9 +215,15 @@ def _observe_online(metrics: Metrics, reactor, api: StiggApi, backend: OnlineSid
         metrics.realtime_malformed.set_function(lambda: realtime.malformed)
 
 
+def _observe_spool(metrics: Metrics, spool: SpooledDelivery) -> None:
+    metrics.spool_records.set_function(lambda: spool.records)
+    metrics.spool_bytes.set_function(lambda: spool.bytes)
+    metrics.spool_oldest_age.set_function(spool.oldest_age)
+
+
 def makeService(options: Options) -> SidecarService:
     try:
         settings = load_settings(os.environ, options.overrides())
         return build_sidecar(settings)
-    except SettingsError as e:
+    except (SettingsError, StateDirectoryError) as e:
         raise SystemExit(f"stigg-sidecar: {e}") from None

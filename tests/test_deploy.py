@@ -158,6 +158,13 @@ class KubernetesManifestTests(SynchronousTestCase):
         grace = self.pod.get("terminationGracePeriodSeconds", 30)
         self.assertGreater(grace, self.settings().shutdown_grace_secs)
 
+    def test_state_dir_is_a_mounted_volume_and_the_image_volume(self):
+        state_dir = self.settings().state_dir
+        mounts = {m["mountPath"]: m["name"] for m in self.sidecar["volumeMounts"]}
+        self.assertIn(state_dir, mounts)
+        self.assertIn(mounts[state_dir], {v["name"] for v in self.pod["volumes"]})
+        self.assertIn(state_dir, dockerfile_instructions("VOLUME"))
+
     def test_runs_as_the_image_user(self):
         (uid,) = re.findall(r"--uid (\d+)", DOCKERFILE.read_text())
         self.assertEqual(self.sidecar["securityContext"]["runAsUser"], int(uid))

@@ -36,8 +36,10 @@ class WriteGate:
     whether Stigg refused the API key (then nothing is sent).
     """
 
-    def __init__(self, reactor, slots: threading.Semaphore, key_rejected: Callable[[], bool]) -> None:
+    def __init__(self, reactor, slots: threading.Semaphore, key_rejected: Callable[[], bool],
+                 waiting_for: str = "Stigg") -> None:
         self._reactor = reactor
+        self._waiting_for = waiting_for  # what a timeout message says did not answer
         self._slots = slots
         self._key_rejected = key_rejected
 
@@ -55,7 +57,7 @@ class WriteGate:
         try:
             return call_on_reactor(self._reactor, fn, *args, budget, timeout=timeout)
         except TimeoutError:
-            raise WriteError(WriteFailure.DEADLINE_EXCEEDED, f"Stigg did not answer within {timeout:.3g}s") from None
+            raise WriteError(WriteFailure.DEADLINE_EXCEEDED, f"{self._waiting_for} did not answer within {timeout:.3g}s") from None
         except UpstreamError as e:
             raise WriteError(e.failure, e.message) from None
         except (WriteError, MalformedState):

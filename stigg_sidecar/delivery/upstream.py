@@ -7,7 +7,7 @@ to the cache through the online backend, and builds the acknowledgements from it
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
@@ -43,10 +43,14 @@ class UpstreamWrites:
         self._backend = backend  # OnlineSidecar: apply_usage_result
 
     @inlineCallbacks
-    def usage(self, usages: Sequence[UsageReport], keys: Sequence[str] | None, timeout: float):
+    def usage(self, usages: Sequence[UsageReport], keys: Sequence[str] | None, timeout: float,
+              settled: Callable[[], None] | None = None):
         """Send `usages` (with these idempotency keys, else fresh ones); fires with Stigg's results
-        in order, already applied to the cache."""
+        in order, already applied to the cache. `settled` runs when the results arrive, before
+        they are applied (the spool takes its records out of the pending usage there)."""
         results = yield self._api.report_usage(usages, timeout, keys=keys)
+        if settled is not None:
+            settled()
         for usage, result in zip(usages, results, strict=True):
             self._backend.apply_usage_result(usage, result)
         return results

@@ -46,14 +46,17 @@ _CONNECTION_ERRORS = (
 
 class UpstreamError(Exception):
     """A call to Stigg failed. `message` is safe to return to a caller; `retryable` says whether
-    trying again might help; `failure` is the gRPC status a write turns it into."""
+    trying again might help; `failure` is the gRPC status a write turns it into; `code` is the
+    GraphQL error code when Stigg answered with one (the request reached Stigg and was refused)."""
 
-    def __init__(self, failure: WriteFailure, message: str, retryable: bool = False, retry_after: float | None = None):
+    def __init__(self, failure: WriteFailure, message: str, retryable: bool = False, retry_after: float | None = None,
+                 code: str | None = None):
         super().__init__(message)
         self.failure = failure
         self.message = message
         self.retryable = retryable
         self.retry_after = retry_after
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,18 @@ def _treq_headers(*parts: Mapping[str, str]) -> dict[bytes | str, bytes | str]:
 
 
 def _graphql_failure(errors: Sequence[Any]) -> UpstreamError:
+    error = _graphql_error(errors)
+    error.code = _graphql_code(errors)
+    return error
+
+
+def _graphql_code(errors: Sequence[Any]) -> str:
+    first = errors[0] if errors and isinstance(errors[0], dict) else {}
+    extensions = first.get("extensions") if isinstance(first.get("extensions"), dict) else {}
+    return str(extensions.get("code") or "")
+
+
+def _graphql_error(errors: Sequence[Any]) -> UpstreamError:
     first = errors[0] if errors and isinstance(errors[0], dict) else {}
     message = str(first.get("message") or "GraphQL error")
     extensions = first.get("extensions")

@@ -1,0 +1,212 @@
+"""SpoolFile: the write spool on disk, one SQLite database in WAL mode owned by one thread.
+
+SQLite (the standard library's sqlite3) gives what the spool needs without a service: atomic,
+durable transactions (`synchronous=FULL` syncs the write-ahead log before a commit returns), a
+torn tail detected and rolled back on open (WAL frames carry checksums; a transaction that was not
+fully written was never acknowledged), and a file anyone can inspect with the sqlite3 shell.
+
+Every SQLite call runs on the writer thread, which owns the connection: the reactor never waits
+on the disk. Jobs queue up while a commit is syncing, and the thread runs all queued jobs in one
+transaction: concurrent writes share one sync (group commit). Results are handed back to the
+reactor with `callFromThread`.
+
+Tables: `spool` (records waiting for delivery: seq, kind, body, created_ms) and `dead_letters`
+(records Stigg refused for good, with the error and when). A body is the record as JSON (see
+`delivery.records`); the format of the whole file is `PRAGMA user_version`.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
+
+FORMAT_VERSION = 1
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS spool ("
+    " seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, body TEXT NOT NULL, created_ms INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS dead_letters ("
+    " seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, body TEXT NOT NULL, created_ms INTEGER NOT NULL,"
+    " failed_ms INTEGER NOT NULL, error TEXT NOT NULL)",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    seq: int
+    kind: str  # "usage" | "event"
+    body: str
+    created_ms: int
+
+
+class SpoolFileError(Exception):
+    """The spool file cannot be used (not a database, a newer format, not writable)."""
+
+
+class _Job:
+    __slots__ = ("run", "done", "result")
+
+    def __init__(self, run: Callable[[sqlite3.Connection], Any], done: Deferred) -> None:
+        self.run = run
+        self.done = done
+        self.result: Any = None
+
+
+_STOP = object()
+
+
+class SpoolFile:
+    def __init__(self, reactor, path: str) -> None:
+        self._reactor = reactor
+        self.path = path
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.commits = 0  # transactions synced so far (the writer thread counts, tests read)
+
+    # -- reactor ----------------------------------------------------------------------------------
+
+    def open(self) -> Deferred:
+        """Start the writer thread, create or check the file; fires with every StoredRecord."""
+        self._thread = threading.Thread(target=self._serve, name="spool-writer", daemon=True)
+        self._thread.start()
+        return self._submit(_load)
+
+    def append(self, rows: Sequence[tuple[str, str, int]]) -> Deferred:
+        """Store (kind, body, created_ms) rows; fires with their seqs once synced to disk."""
+        return self._submit(lambda db: [_insert(db, row) for row in rows])
+
+    def delete(self, seqs: Sequence[int]) -> Deferred:
+        return self._submit(lambda db: db.executemany("DELETE FROM spool WHERE seq = ?", [(s,) for s in seqs]))
+
+    def dead_letter(self, seqs: Sequence[int], error: str, failed_ms: int) -> Deferred:
+        """Move records from the spool to the dead-letter table, in one transaction."""
+
+        def move(db: sqlite3.Connection) -> None:
+            for seq in seqs:
+                db.execute(
+                    "INSERT OR REPLACE INTO dead_letters (seq, kind, body, created_ms, failed_ms, error)"
+                    " SELECT seq, kind, body, created_ms, ?, ? FROM spool WHERE seq = ?",
+                    (failed_ms, error, seq),
+                )
+                db.execute("DELETE FROM spool WHERE seq = ?", (seq,))
+
+        return self._submit(move)
+
+    def dead_letters(self) -> Deferred:
+        """Fires with [(seq, kind, body, error)] of the dead-letter table (for tests and tools)."""
+        return self._submit(
+            lambda db: db.execute("SELECT seq, kind, body, error FROM dead_letters ORDER BY seq").fetchall()
+        )
+
+    def close(self) -> Deferred:
+        """Finish the queued jobs, close the database; fires when the thread is gone."""
+        done: Deferred = Deferred()
+        if self._thread is None:
+            done.callback(None)
+            return done
+        thread, self._thread = self._thread, None
+
+        def wait() -> None:
+            thread.join()
+            self._reactor.callFromThread(done.callback, None)
+
+        self._jobs.put(_STOP)
+        threading.Thread(target=wait, name="spool-close", daemon=True).start()
+        return done
+
+    def _submit(self, run: Callable[[sqlite3.Connection], Any]) -> Deferred:
+        done: Deferred = Deferred()
+        if self._thread is None:
+            done.errback(Failure(SpoolFileError("the spool is closed")))
+            return done
+        self._jobs.put(_Job(run, done))
+        return done
+
+    # -- the writer thread ------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        db: sqlite3.Connection | None = None
+        try:
+            db = _connect(self.path)
+        except Exception as e:
+            opening_error = e
+        else:
+            opening_error = None
+        while True:
+            first = self._jobs.get()
+            jobs = [first]
+            while True:  # everything queued while the last commit synced: one transaction
+                try:
+                    jobs.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(job is _STOP for job in jobs)
+            jobs = [job for job in jobs if job is not _STOP]
+            if opening_error is not None or db is None:
+                error = SpoolFileError(f"cannot open the spool {self.path}: {opening_error}")
+                for job in jobs:
+                    self._reactor.callFromThread(job.done.errback, Failure(error))
+            elif jobs:
+                self._run_together(db, jobs)
+            if stop:
+                if db is not None:
+                    db.close()
+                return
+
+    def _run_together(self, db: sqlite3.Connection, jobs: list[_Job]) -> None:
+        try:
+            with db:  # one transaction, committed (and synced) at the end
+                for job in jobs:
+                    job.result = job.run(db)
+        except Exception:
+            # One bad job must not fail the others: run each in its own transaction.
+            for job in jobs:
+                try:
+                    with db:
+                        job.result = job.run(db)
+                except Exception as e:
+                    self._reactor.callFromThread(job.done.errback, Failure(e))
+                    job.done = None  # type: ignore[assignment]
+        self.commits += 1
+        for job in jobs:
+            if job.done is not None:
+                self._reactor.callFromThread(job.done.callback, job.result)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path)  # `with db` opens one transaction and commits it
+    try:
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise SpoolFileError(f"cannot use write-ahead logging (journal_mode is {mode})")
+        db.execute("PRAGMA synchronous=FULL")  # the WAL is synced before a commit returns
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > FORMAT_VERSION:
+            raise SpoolFileError(f"written by a newer sidecar (format {version}, this one reads {FORMAT_VERSION})")
+        with db:
+            for statement in _SCHEMA:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version={FORMAT_VERSION}")
+    except Exception:
+        db.close()
+        raise
+    return db
+
+
+def _load(db: sqlite3.Connection) -> list[StoredRecord]:
+    rows = db.execute("SELECT seq, kind, body, created_ms FROM spool ORDER BY seq").fetchall()
+    return [StoredRecord(*row) for row in rows]
+
+
+def _insert(db: sqlite3.Connection, row: tuple[str, str, int]) -> int:
+    cursor = db.execute("INSERT INTO spool (kind, body, created_ms) VALUES (?, ?, ?)", row)
+    return int(cursor.lastrowid or 0)

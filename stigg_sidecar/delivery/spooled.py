@@ -1,0 +1,415 @@
+"""SpooledDelivery: the Writer when SPOOL_WRITES is on: durable first, delivered in the background.
+
+A write is validated by the servicer, crosses to the reactor once (`WriteGate`), gets its
+idempotency key, and is appended to the `SpoolFile`; once that append is synced to disk the
+write is acknowledged and its usage is counted in the cache at once (`PendingUsage`). Everything
+after that runs on the reactor:
+
+- Delivery in batches (ReportUsageBulk, one ReportEvent with many events) through the same
+  `UpstreamWrites` as direct writes: a batch goes when `batch_size` records wait, or
+  `flush_interval` after the first one came; one batch per kind in flight, in spool order.
+- A batch that fails on the way (Stigg down, slow, 5xx) is retried as it was, after a capped,
+  jittered exponential backoff; the idempotency keys make a repeat count once.
+- A batch Stigg refuses for good (a GraphQL error such as FeatureNotFound or BadUserInput) is
+  split in halves until the record to blame is alone; that record goes to the dead-letter table
+  with one log line, and the records behind it keep going.
+- Stop: deliver what can be delivered within `grace` seconds; the rest stays on disk for the
+  next start, which loads it before readiness and delivers it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from stigg_sidecar.delivery import records as bodies
+from stigg_sidecar.delivery.crossing import WriteGate
+from stigg_sidecar.delivery.pending import PendingUsage
+from stigg_sidecar.delivery.spool import SpoolFile, StoredRecord
+from stigg_sidecar.delivery.upstream import UpstreamWrites
+from stigg_sidecar.reports import EventReport, UsageAck, UsageReport, WriteError, WriteFailure, measurement_id
+from stigg_sidecar.upstream.api import RetryPolicy, UpstreamError
+
+log = Logger()
+
+KINDS = (bodies.USAGE, bodies.EVENT)
+# Between attempts at a batch while Stigg is down: 0.25-0.5 s at first, at most 15-30 s.
+DELIVERY_BACKOFF = RetryPolicy(initial=0.5, factor=2.0, max_delay=30.0)
+# GraphQL error codes that do not blame the records: retried like an outage.
+_NOT_REFUSALS = {"", "Unauthenticated", "RateLimitExceeded", "INTERNAL_SERVER_ERROR"}
+
+
+def is_refusal(error: BaseException) -> bool:
+    """Whether Stigg refused the batch for good: it answered with a GraphQL error about the input."""
+    return isinstance(error, UpstreamError) and error.code is not None and error.code not in _NOT_REFUSALS
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    seq: int
+    kind: str
+    size: int
+    created_ms: int
+    key: str
+    usage: UsageReport | None = None
+    event: EventReport | None = None
+
+
+class SpooledDelivery(Service):
+    name = "delivery"
+
+    def __init__(
+        self,
+        clock,
+        gate: WriteGate,
+        writes: UpstreamWrites,
+        spool: SpoolFile,
+        pending: PendingUsage,
+        reloads,
+        *,
+        max_bytes: int,
+        batch_size: int = 100,
+        flush_interval: float = 0.1,
+        send_timeout: float = 10.0,
+        grace: float = 10.0,
+        backoff: RetryPolicy = DELIVERY_BACKOFF,
+        rng: Callable[[], float] = random.random,
+        readiness=None,
+        metrics=None,
+    ) -> None:
+        self._clock = clock
+        self._gate = gate
+        self._writes = writes
+        self.spool = spool
+        self._pending = pending
+        self._reloads = reloads  # a DirectDelivery: reloads are reads, never spooled
+        self._max_bytes = max_bytes
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._send_timeout = send_timeout
+        self._grace = grace
+        self._backoff = backoff
+        self._rng = rng
+        self._readiness = readiness
+        self._metrics = metrics
+        self._queues: dict[str, OrderedDict[int, _Record]] = {kind: OrderedDict() for kind in KINDS}
+        self._retries: dict[str, deque[list[int]]] = {kind: deque() for kind in KINDS}  # batches to send as they are
+        self._inflight: dict[str, list[int] | None] = {kind: None for kind in KINDS}
+        self._failures: dict[str, int] = {kind: 0 for kind in KINDS}  # consecutive, for the backoff
+        self._waiting: dict[str, Any] = {kind: None for kind in KINDS}  # backoff timers
+        self._flush_timer: Any = None
+        self._bytes = 0
+        self._reserved = 0  # bytes of appends not yet synced
+        self._loaded = False
+        self._stopping = False
+        self.delivered = 0
+        self.dead_lettered = 0
+
+    # -- gauges -----------------------------------------------------------------------------------
+
+    @property
+    def records(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def oldest_age(self) -> float:
+        """Seconds since the oldest undelivered record was acknowledged (0 when none waits)."""
+        oldest = [next(iter(q.values())).created_ms for q in self._queues.values() if q]
+        return max(0.0, self._clock.seconds() - min(oldest) / 1000) if oldest else 0.0
+
+    # -- handler threads --------------------------------------------------------------------------
+
+    def report_usage(self, usages: Sequence[UsageReport], timeout: float) -> Sequence[UsageAck]:
+        return self._gate.run(self._accept_usage, usages, timeout=timeout)
+
+    def report_events(self, events: Sequence[EventReport], timeout: float) -> None:
+        self._gate.run(self._accept_events, events, timeout=timeout)
+
+    def reload(self, customer_id: str, resource_id: str | None, timeout: float) -> bool:
+        return self._reloads.reload(customer_id, resource_id, timeout)
+
+    # -- reactor: accepting -----------------------------------------------------------------------
+
+    def _accept_usage(self, usages: Sequence[UsageReport], budget: float) -> Deferred:
+        keyed = [(u, measurement_id()) for u in usages]
+        rows = [(bodies.usage_body(u, key), (u, key)) for u, key in keyed]
+        return self._append(bodies.USAGE, rows).addCallback(self._usage_acks)
+
+    def _accept_events(self, events: Sequence[EventReport], budget: float) -> Deferred:
+        rows = [(bodies.event_body(e), e) for e in events]
+        return self._append(bodies.EVENT, rows).addCallback(lambda _: None)
+
+    def _append(self, kind: str, rows: list[tuple[str, Any]]) -> Deferred:
+        if not self.running or self._stopping:
+            raise WriteError(WriteFailure.UNAVAILABLE, "the sidecar is shutting down; write not accepted")
+        if not self._loaded:
+            raise WriteError(WriteFailure.UNAVAILABLE, "the write spool is not open yet; try again shortly")
+        size = sum(len(body) for body, _ in rows)
+        if self._bytes + self._reserved + size > self._max_bytes:
+            raise WriteError(
+                WriteFailure.RESOURCE_EXHAUSTED,
+                f"write spool full: {self._bytes} of {self._max_bytes} bytes (SPOOL_MAX_BYTES) wait for delivery to Stigg",
+            )
+        self._reserved += size
+        now_ms = int(self._clock.seconds() * 1000)
+
+        def synced(seqs: list[int]) -> list[_Record]:
+            self._reserved -= size
+            added = []
+            for seq, (body, payload) in zip(seqs, rows, strict=True):
+                if kind == bodies.USAGE:
+                    usage, key = payload
+                    record = _Record(seq, kind, len(body), now_ms, key, usage=usage)
+                else:
+                    record = _Record(seq, kind, len(body), now_ms, payload.idempotency_key, event=payload)
+                self._register(record)
+                added.append(record)
+            self._kick(kind)
+            return added
+
+        def failed(failure: Failure) -> None:
+            self._reserved -= size
+            log.error("Appending to the write spool failed: {why}", why=failure.getErrorMessage())
+            raise WriteError(WriteFailure.UNAVAILABLE, "the write spool could not be written; write not accepted")
+
+        return self.spool.append([(kind, body, now_ms) for body, _ in rows]).addCallbacks(synced, failed)
+
+    def _register(self, record: _Record) -> None:
+        self._queues[record.kind][record.seq] = record
+        self._bytes += record.size
+
+    def _usage_acks(self, added: list[_Record]) -> list[UsageAck]:
+        acks = []
+        for record in added:
+            usage = record.usage
+            assert usage is not None
+            shown = self._pending.add(record.seq, usage)
+            acks.append(
+                UsageAck(
+                    measurement_id=record.key,
+                    customer_id=usage.customer_id,
+                    feature_id=usage.feature_id,
+                    resource_id=usage.resource_id,
+                    current_usage=shown.current_usage if shown is not None else None,
+                    usage_period_start=shown.usage_period_start if shown is not None else None,
+                    usage_period_end=shown.usage_period_end if shown is not None else None,
+                )
+            )
+        return acks
+
+    # -- reactor: starting and stopping -----------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self._readiness is not None:
+            self._readiness.block("spool", "loading the write spool")
+        self.spool.open().addCallbacks(self._opened, self._not_opened)
+
+    def _opened(self, stored: list[StoredRecord]) -> None:
+        unreadable = []
+        for row in stored:
+            try:
+                if row.kind == bodies.USAGE:
+                    spooled = bodies.read_usage(row.body)
+                    record = _Record(row.seq, row.kind, len(row.body), row.created_ms, spooled.key, usage=spooled.usage)
+                    self._pending.add(row.seq, spooled.usage)
+                elif row.kind == bodies.EVENT:
+                    event = bodies.read_event(row.body)
+                    record = _Record(row.seq, row.kind, len(row.body), row.created_ms, event.idempotency_key, event=event)
+                else:
+                    raise bodies.BodyError(f"unknown kind {row.kind!r}")
+            except bodies.BodyError as e:
+                unreadable.append((row.seq, str(e)))
+                continue
+            self._register(record)
+        for seq, why in unreadable:
+            log.warn("Spooled record {seq} is unreadable ({why}); moved to the dead letters", seq=seq, why=why)
+            self.spool.dead_letter([seq], f"unreadable: {why}", int(self._clock.seconds() * 1000))
+        if self.records:
+            log.info("Write spool {path}: {n} records from before the restart, delivering", path=self.spool.path,
+                     n=self.records)
+        self._loaded = True
+        if self._readiness is not None:
+            self._readiness.unblock("spool")
+        for kind in KINDS:
+            self._pump(kind)
+
+    def _not_opened(self, failure: Failure) -> None:
+        log.error("The write spool cannot be opened: {why}; writes are refused", why=failure.getErrorMessage())
+        if self._readiness is not None:
+            self._readiness.block("spool", f"the write spool cannot be opened: {failure.getErrorMessage()}")
+
+    @inlineCallbacks
+    def stopService(self):
+        """Deliver what can be delivered within the grace period; the rest stays on disk."""
+        super().stopService()
+        self._stopping = True
+        deadline = self._clock.seconds() + self._grace
+        if self._flush_timer is not None and self._flush_timer.active():
+            self._flush_timer.cancel()
+        self._flush_timer = None
+        for kind in KINDS:
+            timer = self._waiting[kind]
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._waiting[kind] = None
+            self._pump(kind)
+        while self._loaded and self._busy() and self._clock.seconds() < deadline:
+            yield deferLater(self._clock, min(0.05, max(0.0, deadline - self._clock.seconds())), lambda: None)
+        for kind in KINDS:
+            timer = self._waiting[kind]
+            if timer is not None and timer.active():
+                timer.cancel()
+        if self.records:
+            log.info("{n} spooled records stay on disk for the next start", n=self.records)
+        yield self.spool.close()
+
+    def _busy(self) -> bool:
+        return any(self._queues[kind] or self._inflight[kind] for kind in KINDS)
+
+    # -- reactor: delivering ----------------------------------------------------------------------
+
+    def _kick(self, kind: str) -> None:
+        """Records came: send a full batch now, else within the flush interval."""
+        if len(self._queues[kind]) >= self._batch_size:
+            self._pump(kind)
+        elif self._flush_timer is None or not self._flush_timer.active():
+            self._flush_timer = self._clock.callLater(self._flush_interval, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_timer = None
+        for kind in KINDS:
+            self._pump(kind)
+
+    def _pump(self, kind: str) -> None:
+        """Send the next batch of `kind` unless one is in flight or waiting out a backoff."""
+        if not self._loaded or self._inflight[kind] is not None or self._waiting[kind] is not None:
+            return
+        if not self.running and not self._stopping:
+            return
+        queue = self._queues[kind]
+        batch: list[int] = []
+        retries = self._retries[kind]
+        while retries and not batch:
+            batch = [seq for seq in retries.popleft() if seq in queue]
+        if not batch:
+            batch = list(itertools.islice(queue, self._batch_size))
+        if not batch:
+            return
+        self._inflight[kind] = batch
+        records = [queue[seq] for seq in batch]
+        if self._metrics is not None:
+            self._metrics.spool_batch_size.observe(len(records))
+        if kind == bodies.USAGE:
+            usages = [r.usage for r in records]
+
+            def settled() -> None:
+                for r in records:
+                    self._pending.remove(r.seq, r.usage)
+
+            sent = self._writes.usage(usages, [r.key for r in records], self._send_timeout, settled)
+        else:
+            sent = self._writes.events([r.event for r in records], self._send_timeout)
+        sent.addCallbacks(self._delivered, self._failed, callbackArgs=(kind, records), errbackArgs=(kind, records))
+
+    def _delivered(self, _: Any, kind: str, records: list[_Record]) -> None:
+        queue = self._queues[kind]
+        for r in records:
+            if queue.pop(r.seq, None) is not None:
+                self._bytes -= r.size
+            if r.usage is not None:
+                self._pending.refresh(r.usage)
+        self.spool.delete([r.seq for r in records]).addErrback(
+            lambda f: log.warn("Could not delete delivered records from the spool: {why}", why=f.getErrorMessage())
+        )
+        self.delivered += len(records)
+        if self._metrics is not None:
+            self._metrics.spool_delivered.inc(len(records))
+        if self._failures[kind]:
+            log.info("Stigg takes spooled {kind} records again; {n} still waiting", kind=kind, n=len(queue))
+        self._failures[kind] = 0
+        self._inflight[kind] = None
+        self._next(kind)
+
+    def _next(self, kind: str) -> None:
+        queue = self._queues[kind]
+        if self._retries[kind] or len(queue) >= self._batch_size or self._stopping:
+            self._pump(kind)
+        elif queue:
+            self._kick(kind)
+
+    def _failed(self, failure: Failure, kind: str, records: list[_Record]) -> None:
+        error = failure.value
+        batch = [r.seq for r in records]
+        if is_refusal(error):
+            if len(records) == 1:
+                self._dead_letter(kind, records[0], getattr(error, "message", str(error)))
+                return
+            # All or nothing: halve the batch until the refused record is alone.
+            middle = len(batch) // 2
+            self._retries[kind].appendleft(batch[middle:])
+            self._retries[kind].appendleft(batch[:middle])
+            self._inflight[kind] = None
+            self._pump(kind)
+            return
+        self._inflight[kind] = None
+        self._retries[kind].appendleft(batch)  # the same batch again: same keys, counted once
+        self._failures[kind] += 1
+        why = error.message if isinstance(error, UpstreamError) else repr(error)
+        if not isinstance(error, UpstreamError):
+            log.failure("Delivering spooled {kind} records failed unexpectedly", failure, kind=kind)
+        delay = self._backoff.delay(min(self._failures[kind], 64), self._rng)
+        if isinstance(error, UpstreamError) and error.retry_after:
+            delay = max(delay, error.retry_after)
+        if self._failures[kind] == 1:
+            log.warn(
+                "Could not deliver spooled {kind} records ({why}); {n} kept on disk, retrying with backoff",
+                kind=kind, why=why, n=len(self._queues[kind]),
+            )
+        self._waiting[kind] = self._clock.callLater(delay, self._retry, kind)
+
+    def _retry(self, kind: str) -> None:
+        self._waiting[kind] = None
+        self._pump(kind)
+
+    def _dead_letter(self, kind: str, record: _Record, why: str) -> None:
+        def moved(_: Any) -> None:
+            if self._queues[kind].pop(record.seq, None) is not None:
+                self._bytes -= record.size
+            if record.usage is not None:
+                self._pending.remove(record.seq, record.usage)
+                self._pending.refresh(record.usage)
+            self.dead_lettered += 1
+            if self._metrics is not None:
+                self._metrics.spool_dead_letters.inc()
+            what = (f"usage of {record.usage.feature_id}" if record.usage is not None
+                    else f"event {record.event.event_name if record.event else '?'}")
+            customer = record.usage.customer_id if record.usage is not None else (record.event.customer_id if record.event else "?")
+            log.warn(
+                "Stigg refused spooled {what} for customer {customer} (idempotency key {key}) for good: {why};"
+                " moved to the dead letters of {path}",
+                what=what, customer=customer, key=record.key, why=why, path=self.spool.path,
+            )
+            self._inflight[kind] = None
+            self._next(kind)
+
+        def not_moved(failure: Failure) -> None:
+            log.warn("Could not move a refused record to the dead letters: {why}", why=failure.getErrorMessage())
+            self._inflight[kind] = None
+            self._failures[kind] += 1
+            self._waiting[kind] = self._clock.callLater(self._backoff.delay(self._failures[kind], self._rng),
+                                                        self._retry, kind)
+
+        self.spool.dead_letter([record.seq], why, int(self._clock.seconds() * 1000)).addCallbacks(moved, not_moved)
