@@ -135,12 +135,11 @@ class SpoolFile:
 
     def _serve(self) -> None:
         db: sqlite3.Connection | None = None
+        opening_error: Exception | None = None
         try:
             db = _connect(self.path)
         except Exception as e:
             opening_error = e
-        else:
-            opening_error = None
         while True:
             first = self._jobs.get()
             jobs = [first]

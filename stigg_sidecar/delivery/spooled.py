@@ -313,15 +313,16 @@ class SpooledDelivery(Service):
         if self._metrics is not None:
             self._metrics.spool_batch_size.observe(len(records))
         if kind == bodies.USAGE:
-            usages = [r.usage for r in records]
+            usages = [r.usage for r in records if r.usage is not None]
 
             def settled() -> None:
                 for r in records:
-                    self._pending.remove(r.seq, r.usage)
+                    if r.usage is not None:
+                        self._pending.remove(r.seq, r.usage)
 
             sent = self._writes.usage(usages, [r.key for r in records], self._send_timeout, settled)
         else:
-            sent = self._writes.events([r.event for r in records], self._send_timeout)
+            sent = self._writes.events([r.event for r in records if r.event is not None], self._send_timeout)
         sent.addCallbacks(self._delivered, self._failed, callbackArgs=(kind, records), errbackArgs=(kind, records))
 
     def _delivered(self, _: Any, kind: str, records: list[_Record]) -> None:
@@ -352,6 +353,7 @@ class SpooledDelivery(Service):
 
     def _failed(self, failure: Failure, kind: str, records: list[_Record]) -> None:
         error = failure.value
+        assert error is not None
         batch = [r.seq for r in records]
         if is_refusal(error):
             if len(records) == 1:

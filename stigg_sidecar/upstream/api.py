@@ -104,8 +104,8 @@ def _graphql_failure(errors: Sequence[Any]) -> UpstreamError:
 
 def _graphql_code(errors: Sequence[Any]) -> str:
     first = errors[0] if errors and isinstance(errors[0], dict) else {}
-    extensions = first.get("extensions") if isinstance(first.get("extensions"), dict) else {}
-    return str(extensions.get("code") or "")
+    extensions = first.get("extensions")
+    return str(extensions.get("code") or "") if isinstance(extensions, dict) else ""
 
 
 def _graphql_error(errors: Sequence[Any]) -> UpstreamError:
