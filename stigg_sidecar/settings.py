@@ -65,6 +65,18 @@ def _parse_str(text: str) -> str:
     return text.strip()
 
 
+def _parse_host_ports(text: str) -> tuple[tuple[str, int], ...]:
+    """`host:port` items separated by commas (or spaces); `[::1]:26379` for an IPv6 host."""
+    found = []
+    for item in text.replace(",", " ").split():
+        host, sep, port = item.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"must be host:port items separated by commas, got {item!r}")
+        found.append((host, int(port)))
+    return tuple(found)
+
+
 def _parse_url(schemes: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         url = text.strip().rstrip("/")
@@ -154,6 +166,11 @@ SPECS: tuple[Spec, ...] = (
     Spec("REDIS_TLS", "0", parse_bool, "connect to Redis over TLS"),
     Spec("REDIS_KEYS_TTL_IN_SECS", "604800", _parse_int(), "TTL of every Redis key in seconds (negative: none)"),
     Spec("REDIS_TIMEOUT_MS", "250", _parse_int(1, 60_000), "bound on every Redis call (ms)"),
+    Spec(
+        "REDIS_SENTINELS", "", _parse_host_ports,
+        "Redis Sentinels as host:port,host:port; when set, the master is found (and followed) through them",
+    ),
+    Spec("REDIS_SENTINEL_MASTER", "mymaster", _parse_str, "the master's name in Sentinel"),
     Spec("BIND_ADDRESS", "0.0.0.0", _parse_str, "interface the gRPC and HTTP servers listen on"),
     Spec("PORT", "8443", _parse_int(0, 65535), "gRPC port"),
     Spec("HTTP_PORT", "8080", _parse_int(0, 65535), "HTTP port for health, readiness and metrics"),
@@ -196,6 +213,8 @@ class Settings:
     redis_tls: bool = False
     redis_keys_ttl_in_secs: int = 604800
     redis_timeout_ms: int = 250
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str = "mymaster"
     bind_address: str = "0.0.0.0"
     port: int = 8443
     http_port: int = 8080

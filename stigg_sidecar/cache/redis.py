@@ -1,7 +1,9 @@
 """RedisMirror: the memory cache mirrored to Redis in Stigg's key layout (REDIS_ENVIRONMENT_PREFIX).
 
 Owns two connections to one Redis (commands, and pub/sub), each kept alive by a ClientService
-with backoff; the newer-wins Lua scripts; the cross-instance fetch lock and its channel; peer
+with backoff, to REDIS_HOST or to the master that Redis Sentinel names (REDIS_SENTINELS: asked
+again on every connect, and a connection to a server that is not, or no longer, the master is
+dropped, so a failover is followed by itself); the newer-wins Lua scripts; the cross-instance fetch lock and its channel; peer
 change notifications. The key names and the JSON live in `redis_format` (docs/redis-format.md).
 It never touches the memory cache: its owner calls it and applies what it answers.
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import random
 import secrets
-from typing import Any, Callable, Generator
+from typing import Any, Callable, Generator, Sequence
 
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
@@ -25,13 +27,13 @@ from twisted.application.service import Service
 from twisted.internet import error as net_error
 from twisted.internet import protocol as net_protocol
 from twisted.internet.defer import Deferred, TimeoutError, gatherResults, inlineCallbacks, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
-from zope.interface import provider
+from zope.interface import implementer, provider
 
 from stigg_sidecar.cache.redis_format import (
     FEATURE,
@@ -63,6 +65,7 @@ log = Logger()
 _FIRST_RECONNECT_DELAY = 0.1  # backoffPolicy doubles it before the first retry
 FORMAT_LOG_INTERVAL = 300.0  # seconds between two log lines about the same unreadable key
 _FORMAT_LOG_KEYS = 1000  # unreadable keys remembered for that, at most
+_SENTINEL_MAX_RECONNECT_DELAY = 0.5  # after a failover the new master is used within this
 
 # Newer wins (STIGG_REFERENCE §3.4 Writes 3-4), atomically for every item of one call.
 # KEYS[1]: the entry's entitlements#timestamp (the guard), then key, key#timestamp per item.
@@ -117,6 +120,22 @@ return n
 def _warnings_only(event: dict) -> None:
     if event.get("log_level") in (LogLevel.warn, LogLevel.error, LogLevel.critical):
         globalLogPublisher(event)
+
+
+class _NotMaster(Exception):
+    """The server Sentinel named answers ROLE with something else than master."""
+
+
+@implementer(IStreamClientEndpoint)
+class _SentinelEndpoint:
+    """Connects to whichever server the mirror's Sentinels name as the master right now."""
+
+    def __init__(self, mirror: RedisMirror) -> None:
+        self.mirror = mirror
+
+    def connect(self, factory: Any) -> Deferred:
+        d = self.mirror.find_master()
+        return d.addCallback(lambda address: self.mirror.server_endpoint(*address).connect(factory))
 
 
 class _QuietClientService(ClientService):
@@ -229,6 +248,12 @@ class _Link:
                 yield self._bounded(p.execute_command("AUTH", *user, mirror._password))
             stage = "PING"  # NOAUTH here: Redis wants a password we were not given
             yield self._bounded(p.execute_command("PING"))
+            if mirror.sentinels:
+                stage = "ROLE"
+                role = yield self._bounded(p.execute_command("ROLE"))
+                if not role or role[0] != "master":
+                    # Sentinel named a master that is not (yet, or any more) one: ask again.
+                    raise _NotMaster()
             if mirror.db and self.name == "commands":
                 stage = "SELECT"
                 yield self._bounded(p.execute_command("SELECT", mirror.db))
@@ -255,6 +280,12 @@ class _Link:
 
     def _bounded(self, d: Deferred) -> Deferred:
         return d.addTimeout(self.handshake_timeout, self.reactor)
+
+    def drop(self) -> None:
+        """Close the connection; the ClientService makes a new one (through `endpoint`)."""
+        p = self.protocol
+        if p is not None and p.connected:
+            p.transport.abortConnection()
 
     def probe(self) -> None:
         """PING behind whatever is in flight; no answer within `wedge_timeout` means the
@@ -300,11 +331,15 @@ class RedisMirror(Service):
         max_reconnect_delay: float = 10.0,
         health_interval: float = 15.0,
         tls_trust_root: Any = None,
+        sentinels: Sequence[tuple[str, int]] = (),
+        sentinel_master: str = "mymaster",
     ) -> None:
         """`on_peer_change(cache_key, kind)` hears the entries other sidecars changed ("entry",
         "usage", "purge"). `require_customer_entry`: a resource read misses unless the
         customer-level entry is cached and not newer (Stigg's rule §3.4 Read 3).
-        `tls_trust_root` (a twisted.internet.ssl trust root) replaces the platform's CAs."""
+        `tls_trust_root` (a twisted.internet.ssl trust root) replaces the platform's CAs.
+        With `sentinels` ((host, port), ...), `host` and `port` are ignored: every connect asks
+        the Sentinels, in order, for the address of `sentinel_master`."""
         if not prefix:
             raise ValueError("RedisMirror needs a key prefix (REDIS_ENVIRONMENT_PREFIX)")
         self.reactor = reactor
@@ -314,6 +349,9 @@ class RedisMirror(Service):
         self._password = password
         self.tls = tls
         self.tls_trust_root = tls_trust_root
+        self.sentinels = tuple(sentinels)
+        self.sentinel_master = sentinel_master
+        self._sentinels_answering: bool | None = None
         self.ttl_secs = ttl_secs
         self.timeout = timeout_ms / 1000
         self.require_customer_entry = require_customer_entry
@@ -326,6 +364,9 @@ class RedisMirror(Service):
         self._rejected: set[str] = set()  # handshake stages already logged as rejected
         self._logged_errors: set[str] = set()  # error kinds already logged since the last connect
         self._format_logged: dict[str, float] = {}  # unreadable key -> when it was last logged
+        if self.sentinels:
+            # Reconnecting asks the Sentinels, which is cheap; the sooner, the shorter a failover.
+            max_reconnect_delay = min(max_reconnect_delay, _SENTINEL_MAX_RECONNECT_DELAY)
         self._commands = _Link(self, "commands", _CommandProtocol, max_reconnect_delay)
         self._subscriber = _Link(self, "subscriber", _SubscriberProtocol, max_reconnect_delay)
         self._subscriber.prepare = self._subscribe_all
@@ -350,6 +391,8 @@ class RedisMirror(Service):
             ttl_secs=settings.redis_keys_ttl_in_secs,
             timeout_ms=settings.redis_timeout_ms,
             on_peer_change=on_peer_change,
+            sentinels=settings.redis_sentinels,
+            sentinel_master=settings.redis_sentinel_master,
             **options,
         )
 
@@ -358,6 +401,7 @@ class RedisMirror(Service):
 
     @property
     def address(self) -> str:
+        """The Redis connected to (with Sentinel: the master it last named)."""
         return f"{self.host}:{self.port}"
 
     @property
@@ -371,12 +415,62 @@ class RedisMirror(Service):
         return self._subscriber.protocol is not None
 
     def endpoint(self) -> Any:
+        """Where the links connect: REDIS_HOST, or whichever master the Sentinels name."""
+        if self.sentinels:
+            return _SentinelEndpoint(self)
+        return self.server_endpoint(self.host, self.port)
+
+    def server_endpoint(self, host: str, port: int) -> IStreamClientEndpoint:
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
-            self.reactor, self.host, self.port, timeout=max(1.0, 4 * self.timeout)
+            self.reactor, host, port, timeout=max(1.0, 4 * self.timeout)
         )
         if self.tls:
-            endpoint = wrapClientTLS(optionsForClientTLS(self.host, trustRoot=self.tls_trust_root), endpoint)
+            endpoint = wrapClientTLS(optionsForClientTLS(host, trustRoot=self.tls_trust_root), endpoint)
         return endpoint
+
+    @inlineCallbacks
+    def find_master(self) -> Generator[Deferred, Any, tuple[str, int]]:
+        """The master's (host, port) as the first Sentinel that knows it says; ConnectError when
+        none does (the link retries with backoff). Logs when the answer changes."""
+        for host, port in self.sentinels:
+            try:
+                address = yield self._ask_sentinel(host, port)
+            except Exception:
+                continue
+            if address is None:
+                continue
+            if address != (self.host, self.port) or self._sentinels_answering is None:
+                log.info(
+                    "Redis Sentinel names {address} as master {name}",
+                    address=f"{address[0]}:{address[1]}",
+                    name=self.sentinel_master,
+                )
+            self._sentinels_answering = True
+            self.host, self.port = address
+            return address
+        if self._sentinels_answering is not False and self.running:
+            log.warn(
+                "No Redis Sentinel ({sentinels}) named a master {name}; retrying with backoff",
+                sentinels=",".join(f"{h}:{p}" for h, p in self.sentinels),
+                name=self.sentinel_master,
+            )
+        self._sentinels_answering = False
+        raise net_error.ConnectError(string="no Redis Sentinel named the master")
+
+    @inlineCallbacks
+    def _ask_sentinel(self, host: str, port: int) -> Generator[Deferred, Any, tuple[str, int] | None]:
+        bound = max(1.0, 4 * self.timeout)
+        endpoint = HostnameEndpoint(self.reactor, host, port, timeout=bound)
+        protocol = txredisapi.RedisProtocol(charset="utf-8", replyTimeout=None, convertNumbers=False)
+        p = yield connectProtocol(endpoint, protocol)
+        try:
+            d = p.execute_command("SENTINEL", "get-master-addr-by-name", self.sentinel_master)
+            reply = yield d.addTimeout(bound, self.reactor)
+        finally:
+            p.transport.abortConnection()
+        if not isinstance(reply, list) or len(reply) != 2:
+            return None  # nil: the Sentinel does not monitor that name
+        return str(reply[0]), int(reply[1])
 
     # -- service ----------------------------------------------------------------------------------
 
@@ -669,6 +763,9 @@ class RedisMirror(Service):
         elif failure.check(txredisapi.ResponseError):
             text = self._scrub(str(failure.value))
             code = text.split(" ", 1)[0] if text else "error"
+            if code == "READONLY" and self.sentinels:
+                # The master was demoted under us: reconnect, which asks the Sentinels again.
+                self._commands.drop()
             self._log_once(
                 code,
                 "Redis answered an error ({error}); the call was skipped (further {code} errors are "

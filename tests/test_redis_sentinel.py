@@ -1,0 +1,186 @@
+"""Redis Sentinel with real processes: a master, its replica and a Sentinel on 127.0.0.1.
+
+The sidecar finds the master through REDIS_SENTINELS; the master is killed; the Sentinel
+promotes the replica; the sidecar follows by itself and writes resume, while gRPC reads keep
+answering (memory, then Stigg) without one failure. The failover time is printed, not asserted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from stigg_sidecar._proto import sidecar_pb2 as pb
+from stigg_sidecar.cache.redis import RedisMirror
+from stigg_sidecar.entitlements.records import entry_from_state
+from stigg_sidecar.settings import SettingsError, load_settings
+from tests import data
+from tests.redis_sentinel import MASTER_NAME, SentinelGroup
+from tests.support import OnlineHarness
+from tests.test_records import boolean_item, metered_item, state
+
+PREFIX = "sentinel-env"
+
+
+class SentinelSettingsTests(SynchronousTestCase):
+    def test_sentinels_are_host_port_pairs(self) -> None:
+        settings = load_settings({
+            "SERVER_API_KEY": "k",
+            "REDIS_SENTINELS": "10.0.0.1:26379, sentinel-b:26380,[::1]:26381",
+            "REDIS_SENTINEL_MASTER": "cache",
+        })
+        self.assertEqual(
+            settings.redis_sentinels, (("10.0.0.1", 26379), ("sentinel-b", 26380), ("::1", 26381))
+        )
+        self.assertEqual(settings.redis_sentinel_master, "cache")
+        self.assertEqual(load_settings({"SERVER_API_KEY": "k"}).redis_sentinels, ())
+
+    def test_a_bad_sentinel_address_is_refused_by_name(self) -> None:
+        for text in ("sentinel-a", "host:port", "host:0", ":26379"):
+            with self.assertRaises(SettingsError) as caught:
+                load_settings({"SERVER_API_KEY": "k", "REDIS_SENTINELS": text})
+            self.assertIn("REDIS_SENTINELS", str(caught.exception))
+
+
+class SentinelFailoverTests(TestCase):
+    timeout = 120
+
+    def setUp(self):
+        self.group = SentinelGroup().start()
+        self.addCleanup(self.group.cleanup)
+
+    async def test_failover_is_followed_with_no_failed_read(self):
+        group = self.group
+        seed = {"apiKeys": ["test-key"], "customers": {f"c{i}": data.ACME for i in range(40)}}
+        h = await OnlineHarness(self, reactor).start(
+            seed,
+            REDIS_ENVIRONMENT_PREFIX=PREFIX,
+            REDIS_SENTINELS=f"127.0.0.1:{group.sentinel.port}",
+            REDIS_SENTINEL_MASTER=MASTER_NAME,
+            REDIS_HOST="127.0.0.1",
+            REDIS_PORT="1",  # ignored with Sentinels: nothing listens there
+        )
+        mirror = h.sidecar.backend.mirror
+
+        async def connected():
+            return mirror.connected and mirror.subscribed
+
+        await h.wait_until(connected, timeout=10)
+        self.assertEqual(mirror.address, f"127.0.0.1:{group.master.port}")
+
+        failed, answered = [], 0
+
+        async def read(customer):
+            nonlocal answered
+            request = pb.GetMeteredEntitlementRequest(customer_id=customer, feature_id="api-calls")
+            try:
+                r = await h.call("GetMeteredEntitlement", request)
+            except Exception as e:
+                failed.append(f"{customer}: {e!r}")
+                return
+            answered += 1
+            if r.is_fallback or r.entitlement.current_usage != 90:
+                failed.append(f"{customer}: fallback={r.is_fallback} usage={r.entitlement.current_usage}")
+
+        for i in range(10):  # cached in memory and Redis before the failover
+            await read(f"c{i}")
+
+        def in_master(server, customer):
+            return server.command("EXISTS", f"{PREFIX}:c_{customer}") == 1
+
+        async def c9_in_master():
+            return in_master(group.master, "c9")
+
+        await h.wait_until(c9_in_master, timeout=5)
+
+        killed_at = time.monotonic()
+        group.master.kill9()
+        promoted_at = written_at = None
+        i = 10
+        deadline = killed_at + 30
+        while time.monotonic() < deadline:
+            await read(f"c{i % 40}")  # old ones from memory, new ones through Redis or from Stigg
+            i += 1
+            if promoted_at is None and group.sentinel.master_address() == ("127.0.0.1", group.replica.port):
+                promoted_at = time.monotonic()
+            if promoted_at is not None and mirror.connected and mirror.address.endswith(f":{group.replica.port}"):
+                if written_at is None:
+                    await h.admin("PUT", f"customers/late{i}", data.ACME)
+                    await read(f"late{i}")
+                    if await _eventually(h, lambda n=i: in_master(group.replica, f"late{n}")):
+                        written_at = time.monotonic()
+                elif i >= 80:
+                    break
+        self.assertIsNotNone(promoted_at, "the Sentinel did not promote the replica: " + group.sentinel.log_tail())
+        self.assertIsNotNone(written_at, "the sidecar did not write to the new master")
+        self.assertEqual(failed, [])
+        self.assertGreaterEqual(answered, 80)
+        self.assertEqual(group.replica.command("ROLE")[0], "master")
+        print(
+            f"\nSentinel failover: replica promoted {promoted_at - killed_at:.2f} s after the master was "
+            f"killed; sidecar writing to it {written_at - killed_at:.2f} s after; "
+            f"{answered} reads meanwhile, {len(failed)} failed"
+        )
+
+    async def test_a_demoted_master_is_left_for_the_promoted_one(self):
+        # A manual failover keeps the old master running, as a replica: the mirror must not stay
+        # on it (Sentinel kills its clients; a write answered READONLY also makes it reconnect).
+        group = self.group
+        mirror = RedisMirror(
+            reactor, PREFIX, sentinels=[("127.0.0.1", group.sentinel.port)], sentinel_master=MASTER_NAME,
+            timeout_ms=500,
+        )
+        mirror.startService()
+        self.addCleanup(mirror.stopService)
+        entry = entry_from_state("cust-1", None, state(metered_item(), boolean_item()), 0)
+        h = _Waiter(reactor)
+        await h.wait_until(lambda: mirror.connected and mirror.subscribed)
+        self.assertTrue(await mirror.write(entry))
+        group.sentinel.failover()
+        await h.wait_until(lambda: group.sentinel.master_address() == ("127.0.0.1", group.replica.port))
+
+        stamp = entry.timestamp
+
+        async def writes_to_the_new_master() -> bool:
+            nonlocal stamp
+            stamp += 1
+            await mirror.write(replace(entry, timestamp=stamp))
+            return group.replica.command("GET", f"{PREFIX}:c_cust-1#timestamp") == str(stamp)
+
+        await h.wait_until_async(writes_to_the_new_master)
+        self.assertEqual(mirror.address, f"127.0.0.1:{group.replica.port}")
+        self.assertEqual(await mirror.read("cust-1"), replace(entry, timestamp=stamp))
+
+
+class _Waiter:
+    def __init__(self, reactor, timeout: float = 15.0) -> None:
+        self.reactor, self.timeout = reactor, timeout
+
+    async def wait_until(self, predicate) -> None:
+        async def check():
+            return predicate()
+
+        await self.wait_until_async(check)
+
+    async def wait_until_async(self, predicate) -> None:
+        deadline = self.reactor.seconds() + self.timeout
+        while self.reactor.seconds() < deadline:
+            if await predicate():
+                return
+            await deferLater(self.reactor, 0.05, lambda: None)
+        raise AssertionError(f"condition not met within {self.timeout}s")
+
+
+async def _eventually(h, predicate, timeout: float = 3.0) -> bool:
+    try:
+        async def check():
+            return predicate()
+
+        await h.wait_until(check, timeout=timeout)
+    except AssertionError:
+        return False
+    return True
