@@ -47,6 +47,11 @@ USAGE_UPDATED = """subscription OnUsageUpdatedV2 { usageUpdatedV2 { customerId r
   usagePeriodEnd } } }"""
 PACKAGE_PUBLISHED = """subscription OnPackagePublished { packagePublished { accountId
   environmentId packageType packageRefId packageVersion migrationType } }"""
+V1_ENTITLEMENTS_UPDATED = """subscription OnEntitlementsUpdated { entitlementsUpdated {
+  ...EntitlementsUpdatedPayload } }"""
+V1_USAGE_UPDATED = "subscription OnUsageUpdated { usageUpdated { ...EntitlementUsageUpdated } }"
+CREDIT_BALANCE_UPDATED = """subscription OnCreditBalanceUpdated { creditBalanceUpdated {
+  ...CreditBalanceUpdatedPayload } }"""
 REPORT_USAGE = (
     "mutation ReportUsage($input: ReportUsageInput!) { reportUsage(input: $input) { id } }"
 )
@@ -391,6 +396,97 @@ class EmulatorWebSocketTests(TestCase):
         with self.assertRaises(TimeoutError):  # nothing more: one event per entitlement changed
             await client.next_message(timeout=0.2)
 
+    async def test_v1_subscriptions_push_the_payloads_of_stiggs_schema(self) -> None:
+        # stigg-api-client 6.25.0: EntitlementsUpdatedPayload, EntitlementUsageUpdated and
+        # CreditBalanceUpdatedPayload, the fragments Node SDK 3.x subscribes with.
+        client = await self.subscribed(V1_ENTITLEMENTS_UPDATED, V1_USAGE_UPDATED, CREDIT_BALANCE_UPDATED)
+        credit = {"usageLimit": 50, "currentUsage": 20, "validUntil": "2099-03-01T00:00:00Z",
+                  "currency": {"currencyId": "gems", "unitSingular": "gem", "unitPlural": "gems"}}
+        body = {"entitlements": [{"feature": {"refId": "f", "featureType": "BOOLEAN"}}, credit]}
+        status, put = await self.request("PUT", "/_emulator/customers/acme", body)
+        self.assertEqual(status, 200)
+        first, second = await client.next_message(), await client.next_message()
+        self.assertEqual((first["id"], second["id"]), ("sub-0", "sub-2"))
+        updated = first["payload"]["data"]["entitlementsUpdated"]
+        self.assertEqual(updated["__typename"], "EntitlementsUpdated")
+        self.assertEqual((updated["accountId"], updated["environmentId"]), (ACCOUNT_ID, ENVIRONMENT_ID))
+        self.assertEqual(updated["entitlements"], put["entitlementsState"]["entitlements"])
+        self.assertEqual([e["feature"]["refId"] for e in updated["entitlements"]], ["f"])  # V1: features
+        self.assertEqual(
+            second["payload"]["data"]["creditBalanceUpdated"],
+            {
+                "__typename": "CreditBalanceUpdated",
+                "accountId": ACCOUNT_ID,
+                "environmentId": ENVIRONMENT_ID,
+                "customerId": "acme",
+                "resourceId": None,
+                "currencyId": "gems",
+                "currency": {
+                    "__typename": "SlimCustomCurrency",
+                    "currencyId": "gems",
+                    "displayName": "gems",
+                    "symbol": None,
+                    "units": {"__typename": "Units", "singular": "gem", "plural": "gems"},
+                },
+                "currentBalance": 30,
+                "totalConsumed": 20,
+                "totalGranted": 50,
+                "validUntil": 4076006400000.0,
+            },
+        )
+        await self.request("PUT", "/_emulator/customers/acme", SEED["customers"]["acme"])
+        for _ in range(2 + 1):  # entitlementsUpdated (customer, site-1) and the tokens balance
+            await client.next_message()
+        await self.report_usage({"customerId": "acme", "featureId": "feature-api-calls", "value": 5})
+        message = await client.next_message()
+        self.assertEqual(message["id"], "sub-1")
+        usage = message["payload"]["data"]["usageUpdated"]
+        self.assertEqual(usage["__typename"], "UsageUpdated")
+        self.assertEqual(
+            usage["usage"],
+            {
+                "__typename": "UsageMeasurementUpdated",
+                "accountId": ACCOUNT_ID,
+                "environmentId": ENVIRONMENT_ID,
+                "customerId": "acme",
+                "resourceId": None,
+                "featureId": "feature-api-calls",
+                "currentUsage": 15,
+                "usagePeriodStart": 4070908800000.0,
+                "usagePeriodEnd": 4073587200000.0,
+                "nextResetDate": 4073587200000.0,
+            },
+        )
+        self.assertEqual(usage["entitlement"]["__typename"], "Entitlement")
+        self.assertEqual(usage["entitlement"]["currentUsage"], 15)
+
+    async def test_admin_put_takes_the_data_files_customer_shape_with_resources(self) -> None:
+        client = await self.subscribed(ENTITLEMENTS_UPDATED)
+        seats = {"usageLimit": 7, "feature": {"refId": "feature-seats", "featureType": "NUMBER",
+                                              "meterType": "Fluctuating"}}
+        body = {"entitlements": [], "resources": {"site-2": {"entitlements": [seats]}}}
+        status, put = await self.request("PUT", "/_emulator/customers/acme", body)
+        self.assertEqual(status, 200, put)
+        self.assertEqual(set(put["resources"]), {"site-2"})
+        pushed = []
+        for _ in range(3):  # the customer, site-1 (removed) and site-2
+            data = (await client.next_message())["payload"]["data"]["entitlementsUpdatedV2"]
+            pushed.append((data["resourceId"], len(data["entitlements"])))
+        self.assertEqual(pushed, [(None, 0), ("site-1", 0), ("site-2", 1)])
+        _, edge = await self.request("GET", "/v1/c/acme/entitlements-state.json?resourceId=site-2", key=KEY)
+        self.assertEqual(edge["data"]["entitlementsState"]["entitlementsV2"][0]["usageLimit"], 7)
+        _, gone = await self.request("GET", "/v1/c/acme/entitlements-state.json?resourceId=site-1", key=KEY)
+        self.assertEqual(gone["data"]["entitlementsState"]["accessDeniedReason"], "NoActiveSubscription")
+        # a resource PUT takes one entity, never resources; a bad resource is named
+        status, error = await self.request(
+            "PUT", "/_emulator/customers/acme?resourceId=site-2", {"resources": {}}
+        )
+        self.assertEqual((status, error["error"]), (400, "resources: unknown field"))
+        status, error = await self.request(
+            "PUT", "/_emulator/customers/acme", {"resources": {"r": {"entitlements": 3}}}
+        )
+        self.assertEqual((status, error["error"]), (400, "resources.r.entitlements: must be a list"))
+
     async def test_publish_pushes_package_published(self) -> None:
         client = await self.subscribed(PACKAGE_PUBLISHED)
         body = {"migrationType": "ALL_CUSTOMERS", "packageRefId": "plan-pro", "packageVersion": 3}
@@ -437,7 +533,7 @@ class EmulatorWebSocketTests(TestCase):
     async def test_unknown_subscription_gets_an_error_and_the_socket_stays(self) -> None:
         client = await self.acknowledged()
         for subscription_id, query in (
-            ("v1", "subscription { entitlementsUpdated { customerId } }"),
+            ("v0", "subscription { entitlementsUpdatedV0 { customerId } }"),
             ("q", "query GetEntitlementsState { entitlementsState { accessDeniedReason } }"),
         ):
             client.subscribe(subscription_id, query)

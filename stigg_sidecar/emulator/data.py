@@ -1,7 +1,7 @@
 """The emulator's data file: its format, its validation, and Stigg's entitlement JSON shapes.
 
 Owns the parsing of the data file (and of the admin API's PUT bodies, which use the same
-per-customer shape) into `EmulatorData`, with error messages that name the offending place, e.g.
+per-customer shape, resources included) into `EmulatorData`, with error messages that name the offending place, e.g.
 ``customers.acme.entitlements[2].feature.featureType: must be one of BOOLEAN, NUMBER, ENUM``.
 Entitlements are normalised into exactly the JSON Stigg's API returns (every field of the client
 fragments present, ``__typename`` on every object), so they can be served as they are.
@@ -153,22 +153,28 @@ def parse_data(raw: object) -> EmulatorData:
         place = _child("customers", customer_id)
         if not customer_id:
             raise DataError(f"{place}: customer ids must be non-empty")
-        customer_obj = _object(customer_raw, place)
-        _check_keys(customer_obj, ("accessDeniedReason", "entitlements", "resources"), place)
-        state = parse_entity_state(
-            {k: v for k, v in customer_obj.items() if k != "resources"}, place=place
-        )
-        resources = {}
-        resources_place = _child(place, "resources")
-        for resource_id, resource_raw in _object(
-            customer_obj.get("resources", {}), resources_place
-        ).items():
-            resource_place = _child(resources_place, resource_id)
-            if not resource_id:
-                raise DataError(f"{resource_place}: resource ids must be non-empty")
-            resources[resource_id] = parse_entity_state(resource_raw, place=resource_place)
-        customers[customer_id] = CustomerData(state, resources)
+        customers[customer_id] = parse_customer(customer_raw, place=place)
     return EmulatorData(api_keys=list(keys), customers=customers)
+
+
+def parse_customer(raw: object, *, place: str = "") -> CustomerData:
+    """Validate one customer of the data file: ``{"accessDeniedReason", "entitlements",
+    "resources": {resourceId: {"accessDeniedReason", "entitlements"}}}`` (the admin PUT body)."""
+    customer_obj = _object(raw, place or "(body)")
+    _check_keys(customer_obj, ("accessDeniedReason", "entitlements", "resources"), place)
+    state = parse_entity_state(
+        {k: v for k, v in customer_obj.items() if k != "resources"}, place=place
+    )
+    resources = {}
+    resources_place = _child(place, "resources")
+    for resource_id, resource_raw in _object(
+        customer_obj.get("resources", {}), resources_place
+    ).items():
+        resource_place = _child(resources_place, resource_id)
+        if not resource_id:
+            raise DataError(f"{resource_place}: resource ids must be non-empty")
+        resources[resource_id] = parse_entity_state(resource_raw, place=resource_place)
+    return CustomerData(state, resources)
 
 
 def parse_entity_state(raw: object, *, place: str = "") -> EntityState:

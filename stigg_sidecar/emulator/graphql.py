@@ -7,8 +7,10 @@ and the GraphQL response envelopes. It is not a GraphQL engine: the operation is
 Stigg's clients select, with ``__typename`` on each object.
 
 Also owns the subscriptions' side: which root field a ``subscription`` document asks for
-(`subscription_field`) and the ``next`` payload each `StateChange` becomes for it
-(`subscription_data`).
+(`subscription_field`) and the ``next`` payloads each `StateChange` becomes for it
+(`subscription_events`), for the V2 subscriptions and for the v1 ones (entitlementsUpdated,
+usageUpdated, creditBalanceUpdated) with the payloads of Stigg's schema (stigg-api-client
+6.25.0).
 
 Pure functions over the state: no HTTP, no JSON encoding, no clock of its own.
 """
@@ -21,6 +23,8 @@ from typing import Any, Callable, Mapping
 
 from stigg_sidecar.emulator.data import parse_timestamp
 from stigg_sidecar.emulator.state import (
+    ACCOUNT_ID,
+    ENVIRONMENT_ID,
     EmulatorState,
     EntitlementsChanged,
     PackagePublished,
@@ -44,7 +48,18 @@ SDK_CONFIGURATION = {
 ENTITLEMENTS_UPDATED = "entitlementsUpdatedV2"
 USAGE_UPDATED = "usageUpdatedV2"
 PACKAGE_PUBLISHED = "packagePublished"
-SUBSCRIPTIONS = (ENTITLEMENTS_UPDATED, USAGE_UPDATED, PACKAGE_PUBLISHED)
+# The v1 subscriptions, which Stigg's Node SDK 3.x (and other older SDKs) subscribe to.
+ENTITLEMENTS_UPDATED_V1 = "entitlementsUpdated"
+USAGE_UPDATED_V1 = "usageUpdated"
+CREDIT_BALANCE_UPDATED = "creditBalanceUpdated"
+SUBSCRIPTIONS = (
+    ENTITLEMENTS_UPDATED,
+    USAGE_UPDATED,
+    PACKAGE_PUBLISHED,
+    ENTITLEMENTS_UPDATED_V1,
+    USAGE_UPDATED_V1,
+    CREDIT_BALANCE_UPDATED,
+)
 
 _TOKENS = re.compile(r"#[^\n]*|\"(?:[^\"\\]|\\.)*\"|[{}]|\b(query|mutation|subscription)\b\s*(\w*)")
 
@@ -126,8 +141,52 @@ def subscription_field(query: str) -> tuple[str, str] | None:
     return None
 
 
+def subscription_events(field: str, change: StateChange) -> list[dict[str, Any]]:
+    """The objects a subscription to ``field`` receives for ``change``, in order: one, none, or
+    for ``creditBalanceUpdated`` one per credit entitlement of a replaced customer."""
+    if field == CREDIT_BALANCE_UPDATED:
+        return _credit_balances(change)
+    data = subscription_data(field, change)
+    return [] if data is None else [data]
+
+
 def subscription_data(field: str, change: StateChange) -> dict[str, Any] | None:
-    """The object a subscription to ``field`` receives for ``change``, or None if none."""
+    """The object a subscription to ``field`` receives for ``change``, or None if none (the
+    first credit's, for ``creditBalanceUpdated``)."""
+    if field == CREDIT_BALANCE_UPDATED:
+        balances = _credit_balances(change)
+        return balances[0] if balances else None
+    if field == ENTITLEMENTS_UPDATED_V1 and isinstance(change, EntitlementsChanged):
+        # Stigg's schema (stigg-api-client 6.25.0): EntitlementsUpdated, V1 `Entitlement`s.
+        return {
+            "__typename": "EntitlementsUpdated",
+            "accountId": ACCOUNT_ID,
+            "environmentId": ENVIRONMENT_ID,
+            "customerId": change.customer_id,
+            "resourceId": change.resource_id,
+            "accessDeniedReason": change.state["accessDeniedReason"],
+            "entitlements": change.state["entitlements"],
+        }
+    if field == USAGE_UPDATED_V1 and isinstance(change, UsageChanged):
+        if change.reference_type != "FEATURE" or change.entitlement is None:
+            return None
+        end = _epoch_ms(change.usage_period_end)
+        return {
+            "__typename": "UsageUpdated",
+            "usage": {
+                "__typename": "UsageMeasurementUpdated",
+                "accountId": ACCOUNT_ID,
+                "environmentId": ENVIRONMENT_ID,
+                "customerId": change.customer_id,
+                "resourceId": change.resource_id,
+                "featureId": change.reference_id,
+                "currentUsage": change.current_usage,
+                "usagePeriodStart": _epoch_ms(change.usage_period_start),
+                "usagePeriodEnd": end,
+                "nextResetDate": end,
+            },
+            "entitlement": change.entitlement,
+        }
     if field == ENTITLEMENTS_UPDATED and isinstance(change, EntitlementsChanged):
         return {
             "__typename": "EntitlementsUpdatedV2",
@@ -165,6 +224,49 @@ def subscription_data(field: str, change: StateChange) -> dict[str, Any] | None:
             "migrationType": change.migration_type,
         }
     return None
+
+
+def _credit_balances(change: StateChange) -> list[dict[str, Any]]:
+    """creditBalanceUpdated for each credit entitlement of a replaced customer (or resource):
+    granted is its limit, consumed its usage, the balance what is left."""
+    if not isinstance(change, EntitlementsChanged):
+        return []
+    balances = []
+    for item in change.state["entitlementsV2"]:
+        if item["__typename"] != "CreditEntitlement":
+            continue
+        currency = item["currency"]
+        granted = item["usageLimit"] or 0
+        consumed = item["currentUsage"] or 0
+        balances.append({
+            "__typename": "CreditBalanceUpdated",
+            "accountId": ACCOUNT_ID,
+            "environmentId": ENVIRONMENT_ID,
+            "customerId": change.customer_id,
+            "resourceId": change.resource_id,
+            "currencyId": currency["currencyId"],
+            "currency": {
+                "__typename": "SlimCustomCurrency",
+                "currencyId": currency["currencyId"],
+                "displayName": currency["displayName"],
+                "symbol": None,
+                "units": {
+                    "__typename": "Units",
+                    "singular": currency["unitSingular"],
+                    "plural": currency["unitPlural"],
+                },
+            },
+            "currentBalance": granted - consumed,
+            "totalConsumed": consumed,
+            "totalGranted": granted,
+            "validUntil": _epoch_ms(item["validUntil"]),
+        })
+    return balances
+
+
+def _epoch_ms(timestamp: str | None) -> float | None:
+    """A DateTime as the schema's Float fields carry times: epoch milliseconds."""
+    return None if timestamp is None else parse_timestamp(timestamp).timestamp() * 1000
 
 
 _COMMENTS_AND_STRINGS = re.compile(r'#[^\n]*|"""(?:[^"\\]|\\.|"(?!""))*"""|"(?:[^"\\\n]|\\.)*"')

@@ -101,6 +101,8 @@ class UsageChanged:
     usage_updated_at: str | None
     usage_period_start: str | None
     usage_period_end: str | None
+    # The V1 `Entitlement` after the change (usageUpdated carries it); None for credits.
+    entitlement: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -294,6 +296,20 @@ class EmulatorState:
             state = self.entitlements_state(customer_id, resource_id)
             self._announce(EntitlementsChanged(customer_id, resource_id, state))
 
+    def replace_resources(self, customer_id: str, resources: Mapping[str, EntityState]) -> None:
+        """Make ``resources`` all of a customer's resources: each is replaced as by `replace`,
+        and a resource no longer listed is removed (announced, with what Edge now answers)."""
+        customer = self._customers.get(customer_id)
+        removed = [] if customer is None else [r for r in customer.resources if r not in resources]
+        for resource_id in removed:
+            assert customer is not None
+            del customer.resources[resource_id]
+            if self._listeners:
+                state = self.entitlements_state(customer_id, resource_id)
+                self._announce(EntitlementsChanged(customer_id, resource_id, state))
+        for resource_id, entity in resources.items():
+            self.replace(customer_id, resource_id, entity)
+
     def entitlements_state(
         self, customer_id: str, resource_id: str | None = None
     ) -> dict[str, Any]:
@@ -372,6 +388,7 @@ class EmulatorState:
                     usage_updated_at=item["usageUpdatedAt"],
                     usage_period_start=item["usagePeriodStart"],
                     usage_period_end=item["usagePeriodEnd"],
+                    entitlement=v1_entitlement(item, report.customer_id, report.resource_id),
                 )
             )
         return results

@@ -14,7 +14,9 @@ Stigg endpoints (counted under the name in brackets; faults apply):
        faults apply to the upgrade (down drops it, latency delays it, error_status answers it),
        except ``malformed``; setting ``down`` also drops the open sockets.
 Admin endpoints (no key, never faulted):
-  PUT  /_emulator/customers/{customerId}[?resourceId=]  body {"accessDeniedReason", "entitlements"}
+  PUT  /_emulator/customers/{customerId}[?resourceId=]  body {"accessDeniedReason", "entitlements"},
+       without resourceId also "resources" (the data file's customer shape): when given, they
+       replace the customer's resources (one entitlementsUpdated each, removed ones included)
   GET  /_emulator/usage, GET /_emulator/events          what was reported, oldest first
   GET  /_emulator/requests, POST /_emulator/requests/reset
   GET  /_emulator/faults, POST /_emulator/faults        body: any of the `Faults` settings
@@ -39,7 +41,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Site
 
 from stigg_sidecar.emulator import graphql
-from stigg_sidecar.emulator.data import DataError, parse_entity_state
+from stigg_sidecar.emulator.data import DataError, parse_customer, parse_entity_state
 from stigg_sidecar.emulator.state import EmulatorState
 from stigg_sidecar.emulator.websocket import SocketHub
 
@@ -136,22 +138,27 @@ class EmulatorApp:
 
     @app.route("/_emulator/customers/<path:customerId>", methods=["PUT"])
     def admin_put_customer(self, request: IRequest, customerId: str) -> Any:
+        resource_id = _query_arg(request, "resourceId")
         try:
             body = json.loads(request.content.read())
-            entity = parse_entity_state(body)
+            if resource_id is None:
+                customer = parse_customer(body)
+            else:
+                entity = parse_entity_state(body)
         except (ValueError, DataError) as error:  # DataError is a ValueError; explicit for readers
             return _json(request, 400, {"error": str(error)})
-        resource_id = _query_arg(request, "resourceId")
-        self.state.replace(customerId, resource_id, entity)
-        return _json(
-            request,
-            200,
-            {
-                "customerId": customerId,
-                "resourceId": resource_id,
-                "entitlementsState": self.state.entitlements_state(customerId, resource_id),
-            },
-        )
+        answer: dict[str, Any] = {"customerId": customerId, "resourceId": resource_id}
+        if resource_id is not None:
+            self.state.replace(customerId, resource_id, entity)
+        else:
+            self.state.replace(customerId, None, customer.state)
+            if "resources" in body:  # the data file's shape: these become the resources
+                self.state.replace_resources(customerId, customer.resources)
+                answer["resources"] = {
+                    rid: self.state.entitlements_state(customerId, rid) for rid in customer.resources
+                }
+        answer["entitlementsState"] = self.state.entitlements_state(customerId, resource_id)
+        return _json(request, 200, answer)
 
     @app.route("/_emulator/usage", methods=["GET"])
     def admin_usage(self, request: IRequest) -> Any:

@@ -18,7 +18,8 @@ The conversation, server side (``id`` is the client's subscription id)::
                                                    if q is not one of the subscriptions below
     {"type":"complete","id":i}                 (no more ``next`` for i)
 
-Subscriptions: entitlementsUpdatedV2, usageUpdatedV2, packagePublished. Every change goes to
+Subscriptions: entitlementsUpdatedV2, usageUpdatedV2, packagePublished, and the v1
+entitlementsUpdated, usageUpdated, creditBalanceUpdated. Every change goes to
 every acknowledged socket that subscribed to its field: the emulator has one environment, which
 all of its API keys share. Closes (code, reason), as graphql-ws's server closes:
 
@@ -184,8 +185,7 @@ class GraphQLTransportWSProtocol(WebSocketServerProtocol):
     def deliver(self, change: StateChange) -> None:
         """Send ``change`` to each of this socket's subscriptions that receives it."""
         for subscription_id, (key, field) in list(self.subscriptions.items()):
-            data = graphql.subscription_data(field, change)
-            if data is not None:
+            for data in graphql.subscription_events(field, change):
                 payload = {"data": {key: data}}
                 self.send({"id": subscription_id, "type": "next", "payload": payload})
 
