@@ -1,7 +1,9 @@
 """Log output: twisted.logger events as text lines or JSON objects on stdout, filtered by level.
 
 Owns formatting only. Secrets stay out by construction: no code passes a secret into a log event,
-and settings objects hide them from repr.
+and settings objects hide them from repr. Input cannot inflate a line: code quotes caller input
+through stigg_sidecar.quoting, and as a backstop every string field is clipped and every line is
+bounded here, so a log line never carries megabytes whatever an event holds.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from stigg_sidecar.quoting import clipped
+
 _LEVELS = {
     "debug": LogLevel.debug,
     "info": LogLevel.info,
@@ -32,6 +36,21 @@ _LEVELS = {
 _INTERNAL = {"log_logger", "log_source", "log_format", "log_flattened", "log_trace", "log_io", "log_time",
              "log_level", "log_namespace", "log_failure", "log_text", "log_system", "format", "message",
              "isError", "system", "time", "failure", "why"}
+# A string field longer than this is clipped (code quotes input to ~100 characters already).
+_FIELD_LIMIT = 1000
+# The longest line written, tracebacks included.
+_LINE_LIMIT = 32 * 1024
+
+
+def _bounded(event: dict) -> dict:
+    """`event` with every long string field clipped (a copy only when one is)."""
+    long = [k for k, v in event.items() if isinstance(v, str) and len(v) > _FIELD_LIMIT and not k.startswith("log_")]
+    if not long:
+        return event
+    event = dict(event)
+    for k in long:
+        event[k] = clipped(event[k], _FIELD_LIMIT)
+    return event
 
 
 def _json_safe(value: Any) -> Any:
@@ -52,6 +71,7 @@ class JsonLineObserver:
         self._out = out
 
     def __call__(self, event: dict) -> None:
+        event = _bounded(event)
         level = event.get("log_level", LogLevel.info)
         record = {
             "timestamp": event.get("log_time"),
@@ -62,8 +82,9 @@ class JsonLineObserver:
         }
         failure = event.get("log_failure")
         if isinstance(failure, Failure):
-            record["error"] = failure.getErrorMessage()
-            record["traceback"] = failure.getTraceback()
+            record["error"] = clipped(failure.getErrorMessage(), _FIELD_LIMIT)
+            record["traceback"] = clipped(failure.getTraceback(), _LINE_LIMIT)
+        # (Never cut as a whole: a cut object is not JSON. Its parts are bounded instead.)
         self._out.write(json.dumps(record, default=repr) + "\n")
         self._out.flush()
 
@@ -74,8 +95,10 @@ class TextLineObserver:
         self._out = out
 
     def __call__(self, event: dict) -> None:
-        text = formatEventAsClassicLogText(event)
+        text = formatEventAsClassicLogText(_bounded(event))
         if text:
+            if len(text) > _LINE_LIMIT:
+                text = clipped(text, _LINE_LIMIT) + "\n"
             self._out.write(text)
             self._out.flush()
 

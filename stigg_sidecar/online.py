@@ -34,6 +34,7 @@ from stigg_sidecar.entitlements.records import (
     entry_from_state,
     parse_time,
 )
+from stigg_sidecar.quoting import clipped, quoted
 from stigg_sidecar.reports import UsageReport
 from stigg_sidecar.upstream.api import StiggApi, UpstreamError
 
@@ -78,8 +79,8 @@ class _ThrottledWarning:
         log.warn(
             "Entitlements for {customer} unavailable ({why}); answering fallbacks"
             " ({suppressed} more fallback reads since the last such line)",
-            customer=customer_id,
-            why=why,
+            customer=quoted(customer_id),
+            why=clipped(why),
             suppressed=suppressed,
         )
 

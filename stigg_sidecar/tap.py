@@ -25,7 +25,6 @@ from grpc_reflection.v1alpha import reflection
 from twisted.python import usage
 
 from stigg_sidecar._proto import sidecar_pb2
-from stigg_sidecar._proto.sidecar_pb2_grpc import add_SidecarServiceServicer_to_server
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.cache.redis import RedisMirror
 from stigg_sidecar.delivery.crossing import WriteGate
@@ -34,6 +33,7 @@ from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.delivery.spool import SpoolFile
 from stigg_sidecar.delivery.spooled import SpooledDelivery
 from stigg_sidecar.delivery.upstream import UpstreamWrites
+from stigg_sidecar.grpc.intake import add_sidecar_service
 from stigg_sidecar.grpc.server import GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
 from stigg_sidecar.health import Readiness
@@ -181,7 +181,7 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
     )
     GrpcService(
         [
-            lambda server: add_SidecarServiceServicer_to_server(servicer, server),
+            lambda server: add_sidecar_service(servicer, server),
             lambda server: _grpc_health_and_reflection(server, readiness),
         ],
         address=settings.bind_address,

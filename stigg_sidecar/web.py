@@ -12,6 +12,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
 from stigg_sidecar.health import Readiness
@@ -60,6 +61,26 @@ def health_app(health_path: str, ready_path: str, readiness: Readiness, metrics:
     return app
 
 
+class _DecodableOnly(Resource):
+    """Answers 400 to a request whose path or host is not UTF-8, before Klein sees it: Klein
+    would log a full traceback for each such request (anyone reaching the port could fill the
+    logs with them) before answering the same 400."""
+
+    isLeaf = True
+
+    def __init__(self, app: IResource) -> None:
+        super().__init__()
+        self._app = app
+
+    def render(self, request):
+        try:
+            request.getRequestHostname().decode("utf-8")
+            b"/".join(request.prepath + request.postpath).decode("utf-8")
+        except UnicodeDecodeError:
+            return _json(request, 400, {"error": "Bad Request"})
+        return self._app.render(request)
+
+
 class _QuietSite(Site):
     """Probes hit these paths every few seconds; an access log line each would drown the logs."""
 
@@ -78,7 +99,7 @@ class HttpService(Service):
     name = "http"
 
     def __init__(self, app: Klein, address: str, port: int, reactor) -> None:
-        self._site = _QuietSite(app.resource())
+        self._site = _QuietSite(_DecodableOnly(app.resource()))
         self._reactor = reactor
         self._address = address
         self._requested_port = port

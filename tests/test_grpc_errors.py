@@ -9,7 +9,8 @@ import grpc
 from twisted.trial.unittest import SynchronousTestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
-from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub, add_SidecarServiceServicer_to_server
+from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
+from stigg_sidecar.grpc.intake import add_sidecar_service
 from stigg_sidecar.grpc.server import GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
 from stigg_sidecar.offline import OfflineSidecar
@@ -22,7 +23,7 @@ class InvalidArgumentTests(SynchronousTestCase):
         backend = OfflineSidecar()
         servicer = SidecarServicer(backend, backend, {}, read_timeout=1, write_timeout=1)
         self.service = GrpcService(
-            [lambda s: add_SidecarServiceServicer_to_server(servicer, s)],
+            [lambda s: add_sidecar_service(servicer, s)],
             address="127.0.0.1",
             port=0,
             max_workers=4,
@@ -119,6 +120,7 @@ class InvalidArgumentTests(SynchronousTestCase):
         from google.protobuf.timestamp_pb2 import Timestamp
 
         request = pb.ReportUsageRequest(customer_id="c", feature_id="f", value=1, timestamp=Timestamp(seconds=10**13))
-        self.assertInvalid("ReportUsage", request, "timestamp is out of range")
+        in_range = "it must be between 1970-01-01T00:00:00Z and 2100-01-01T00:00:00Z"
+        self.assertInvalid("ReportUsage", request, f"timestamp is out of range: {in_range}")
         event = pb.Event(event_name="e", customer_id="c", idempotency_key="k", timestamp=Timestamp(seconds=-(10**13)))
-        self.assertInvalid("ReportEvents", pb.ReportEventsRequest(events=[event]), "events[0].timestamp is out of range")
+        self.assertInvalid("ReportEvents", pb.ReportEventsRequest(events=[event]), f"events[0].timestamp is out of range: {in_range}")

@@ -28,6 +28,8 @@ from stigg_sidecar.entitlements.decide import (
 )
 from stigg_sidecar.entitlements.fallback import FallbackValues
 from stigg_sidecar.grpc import convert
+from stigg_sidecar.grpc.intake import InvalidArgument as _InvalidArgument
+from stigg_sidecar.quoting import clipped, quoted
 from stigg_sidecar.reports import EntitlementSource, EventReport, UsageReport, WriteError, Writer
 
 log = Logger()
@@ -39,12 +41,11 @@ _MEMO_LIMIT = 16
 # (about 400 bytes measured with tracemalloc), charged to the cache's byte budget.
 _MEMO_ITEM_BYTES = 512
 
+# The longest status detail sent (messages quote input through stigg_sidecar.quoting already).
+_MAX_DETAILS = 1000
+
 # Time kept back from the caller's deadline so a late lookup still leaves room to answer.
 _DEADLINE_MARGIN = 0.02
-
-
-class _InvalidArgument(Exception):
-    pass
 
 
 def _required(value: str, name: str) -> str:
@@ -129,7 +130,9 @@ class SidecarServicer(SidecarServiceServicer):
         return decision
 
     def _abort(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-        context.abort(code, message)
+        # Bounded whatever it quotes: a long status detail would pass the client's metadata limit
+        # and reach the caller as RESOURCE_EXHAUSTED instead of this error.
+        context.abort(code, clipped(message, _MAX_DETAILS))
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     def _entry(self, context: grpc.ServicerContext, customer_id: str, resource_id: str | None):
@@ -377,7 +380,7 @@ class SidecarServicer(SidecarServiceServicer):
                 exists = self._writer.reload(customer_id, resource_id, self._budget(context, self._read_timeout))
             except WriteError as e:
                 # Stigg's contract: a reload that fails reports false rather than an error.
-                log.warn("Reload of {customer} failed: {why}", customer=customer_id, why=e.message)
+                log.warn("Reload of {customer} failed: {why}", customer=quoted(customer_id), why=clipped(e.message))
                 exists = False
             return pb.ReloadEntitlementsResponse(entitled_entity_exists=exists)
 

@@ -28,12 +28,18 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, Respon
 from twisted.web.http_headers import Headers
 
 import stigg_sidecar
+from stigg_sidecar.quoting import clipped
 from stigg_sidecar.reports import EventReport, UsageReport, WriteFailure, measurement_id
 from stigg_sidecar.upstream import operations
 
 log = Logger()
 
 _PROCESS_TIMESTAMP = str(int(time.time() * 1000))
+# The longest Edge URL sent. Servers and proxies refuse longer request lines (8 KiB is common;
+# Twisted's is 16 KiB) by closing the connection, which would look like a network error and be
+# retried in vain: such a request fails at once instead. Ids within the sidecar's input limits
+# stay far below it.
+MAX_URL_LENGTH = 8192
 _CONNECTION_ERRORS = (
     error.ConnectError,
     error.ConnectionLost,
@@ -110,7 +116,8 @@ def _graphql_code(errors: Sequence[Any]) -> str:
 
 def _graphql_error(errors: Sequence[Any]) -> UpstreamError:
     first = errors[0] if errors and isinstance(errors[0], dict) else {}
-    message = str(first.get("message") or "GraphQL error")
+    # Stigg's messages can echo the request (ids), so they are clipped before they go anywhere.
+    message = clipped(str(first.get("message") or "GraphQL error"))
     extensions = first.get("extensions")
     if not isinstance(extensions, dict):
         extensions = {}
@@ -331,6 +338,10 @@ class StiggApi:
 
     def _edge_get(self, endpoint: str, path: str, timeout: float) -> Deferred:
         url = f"{self._edge_url}{path}"
+        if len(url) > MAX_URL_LENGTH:
+            return defer.fail(UpstreamError(
+                WriteFailure.INVALID_ARGUMENT, f"the Edge API URL would be {len(url)} characters (at most {MAX_URL_LENGTH})"
+            ))
         headers = _treq_headers(self._headers, {"X-API-VERSION": "1", "accept": "application/json"})
         return self._call(endpoint, lambda t: self._edge.get(url, headers=headers, allow_redirects=False), timeout)
 
