@@ -100,3 +100,35 @@ class ExpiryTests(SynchronousTestCase):
         credits = {"t": CreditEntitlement(Currency("t"), valid_until=7000)}
         self.assertEqual(earliest_expiry(CustomerEntry("c", features=ents, credits=credits)), 7000)
         self.assertIsNone(earliest_expiry(entry("c")))
+
+
+class RecencyTests(SynchronousTestCase):
+    def test_reads_from_handler_threads_order_refreshes_and_eviction(self):
+        import threading
+
+        one = entry("a").size
+        cache = EntitlementCache(max_bytes=one * 4, low_water=1.0)
+        for name in "abcd":
+            cache.put(entry(name))
+        reader = threading.Thread(target=lambda: [cache.get(cache_key(n, None)) for n in "ca"])
+        reader.start()
+        reader.join(5)
+        self.assertEqual(cache.keys_by_recency(), ["c_a", "c_c", "c_d", "c_b"])
+        cache.put(entry("e"))  # evicts the least recently read: b
+        self.assertEqual(cache.keys_by_recency(), ["c_e", "c_a", "c_c", "c_d"])
+
+    def test_one_store_evicts_a_bounded_batch(self):
+        from stigg_sidecar.cache import memory
+
+        one = entry("x").size
+        cache = EntitlementCache(max_bytes=one * 1000, low_water=0.5)
+        for i in range(1000):
+            cache.put(entry(f"c{i}"))
+        cache.put(entry("new"))
+        # Down under the budget plus at most the bounded extra, not all the way to low water.
+        self.assertLessEqual(cache.evictions, 1 + memory._MAX_EXTRA_EVICTIONS)
+        self.assertLessEqual(cache.bytes, cache.max_bytes)
+        for i in range(20):
+            cache.put(entry(f"more{i}"))
+        self.assertLessEqual(cache.bytes, cache.max_bytes)
+        self.assertEqual(cache.bytes, sum(e.size for e in cache.entries()))

@@ -1,18 +1,30 @@
 """EntitlementCache: the in-memory cache of customer entries, bounded in bytes.
 
-Owned by the reactor: only reactor code calls `put`, `update`, `purge` and `clear`. gRPC handler
-threads call `get`, which is one dict lookup and one attribute write (the recency stamp) with no
-lock: entries are immutable and replaced whole, and a dict read of a key being replaced sees
-either the old entry or the new one. Eviction is approximate LRU, in batches: when the byte total
-passes the budget, the least recently read entries go until the total is under `low_water` of it.
+Owned by the reactor: only reactor code calls `put`, `update`, `charge`, `purge` and `clear`.
+gRPC handler threads call `get`, which is one dict lookup and one append to a bounded deque of
+recent reads, with no lock (a deque append is atomic): entries are immutable and replaced whole,
+and a dict read of a key being replaced sees either the old slot or the new one.
+
+Every operation is O(1); nothing walks or sorts the whole cache on the reactor. The slots sit in
+an OrderedDict in recency order (front = least recent). Readers do not reorder it themselves (the
+reactor owns it); the reactor replays the recent reads (`move_to_end`, each O(1)) before it evicts
+or lists keys. Recency is approximate only in that reads older than the deque's length are
+forgotten when the reactor has not replayed them in time.
 """
 
 from __future__ import annotations
 
-import itertools
+from collections import OrderedDict, deque
 from typing import Callable, Iterator
 
 from stigg_sidecar.entitlements.records import CustomerEntry, keep_newer_usage, newer_or_equal
+
+# Reads remembered for the reactor to replay: bounds both the memory and one replay's work
+# (~1 ms at the bound).
+_RECENT_READS = 8192
+# Entries one call evicts at most beyond what brings the total under `max_bytes` (the batch down
+# to `low_water`): a batch amortizes the check, a bound keeps a pause short at any cache size.
+_MAX_EXTRA_EVICTIONS = 64
 
 
 def earliest_expiry(entry: CustomerEntry) -> int | None:
@@ -23,11 +35,10 @@ def earliest_expiry(entry: CustomerEntry) -> int | None:
 
 
 class _Slot:
-    __slots__ = ("entry", "used", "expires", "extra")
+    __slots__ = ("entry", "expires", "extra")
 
-    def __init__(self, entry: CustomerEntry, used: int) -> None:
+    def __init__(self, entry: CustomerEntry) -> None:
         self.entry = entry
-        self.used = used
         self.expires = earliest_expiry(entry)
         self.extra = 0  # bytes charged for what readers memoized on the entry
 
@@ -40,10 +51,10 @@ class EntitlementCache:
     def __init__(self, max_bytes: int, low_water: float = 0.9) -> None:
         self.max_bytes = max_bytes
         self._low_water_bytes = int(max_bytes * low_water)
-        self._slots: dict[str, _Slot] = {}
+        # Front = least recently placed or given a second chance; back = newest.
+        self._slots: OrderedDict[str, _Slot] = OrderedDict()
+        self._reads: deque[str] = deque(maxlen=_RECENT_READS)
         self._bytes = 0
-        # A global tick for recency: next() on itertools.count is atomic under the GIL.
-        self._ticks = itertools.count()
         self.evictions = 0
 
     # -- any thread -------------------------------------------------------------------------------
@@ -52,7 +63,7 @@ class EntitlementCache:
         slot = self._slots.get(key)
         if slot is None:
             return None
-        slot.used = next(self._ticks)
+        self._reads.append(key)
         return slot.entry
 
     def get_entry(self, key: str) -> CustomerEntry | None:
@@ -65,7 +76,7 @@ class EntitlementCache:
         slot = self._slots.get(key)
         if slot is None or (slot.expires is not None and slot.expires <= now_ms):
             return None
-        slot.used = next(self._ticks)
+        self._reads.append(key)
         return slot.entry
 
     def __len__(self) -> int:
@@ -121,31 +132,48 @@ class EntitlementCache:
 
     def clear(self) -> None:
         self._slots.clear()
+        self._reads.clear()
         self._bytes = 0
 
     def keys_by_recency(self) -> list[str]:
-        """Keys, most recently read first (for refreshes that should favour hot customers)."""
-        return [k for k, _ in sorted(self._slots.items(), key=lambda kv: kv[1].used, reverse=True)]
+        """Keys, most recently placed or read first, approximately (for refreshes that should
+        favour hot customers). A snapshot copied at C speed, never sorted."""
+        self._replay_reads()
+        return list(reversed(self._slots))
 
     def entries(self) -> Iterator[CustomerEntry]:
         return (slot.entry for slot in list(self._slots.values()))
 
     def _store(self, key: str, entry: CustomerEntry, slot: _Slot | None) -> None:
         if slot is None:
-            self._slots[key] = _Slot(entry, next(self._ticks))
+            self._slots[key] = _Slot(entry)
         else:
             self._bytes -= slot.bytes
-            # A new slot, not a mutated one: a reader holding the old slot keeps a whole entry.
-            self._slots[key] = _Slot(entry, slot.used)
+            # A new slot, not a mutated one: a reader holding the old slot sees its entry and
+            # expiry together. Assigning an existing key keeps its place in the order.
+            self._slots[key] = _Slot(entry)
         self._bytes += entry.size
         if self._bytes > self.max_bytes:
             self._evict()
 
+    def _replay_reads(self) -> None:
+        reads, slots = self._reads, self._slots
+        # Only what is there now: handler threads may keep appending meanwhile.
+        for _ in range(len(reads)):
+            key = reads.popleft()
+            if key in slots:
+                slots.move_to_end(key)
+
     def _evict(self) -> None:
-        by_age = sorted(self._slots.items(), key=lambda kv: kv[1].used)
-        for key, slot in by_age:
-            if self._bytes <= self._low_water_bytes:
-                break
-            del self._slots[key]
+        self._replay_reads()
+        slots = self._slots
+        extra = _MAX_EXTRA_EVICTIONS
+        while slots and self._bytes > self._low_water_bytes:
+            if self._bytes <= self.max_bytes:
+                if extra == 0:
+                    return
+                extra -= 1
+            key, slot = next(iter(slots.items()))
+            del slots[key]
             self._bytes -= slot.bytes
             self.evictions += 1
