@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import FrozenInstanceError
+from dataclasses import FrozenInstanceError, fields, replace
 from typing import Any
 
 from hypothesis import given
@@ -21,6 +21,7 @@ from stigg_sidecar.entitlements.records import (
     Usage,
     apply_usage,
     cache_key,
+    entry_bytes,
     entry_from_state,
     newer_or_equal,
     thaw_json,
@@ -334,9 +335,9 @@ class SizeTests(SynchronousTestCase):
         many = entry_from_state("cust-1", None, state(*(boolean_item(f"f-{i}") for i in range(50))), NOW)
         self.assertLess(empty.size, one.size)
         self.assertLess(one.size, many.size)
-        # Fifty entitlements, each with a handful of objects (the feature definitions themselves
-        # are shared by the process and not charged): well past a few kilobytes.
-        self.assertGreater(many.size, 50 * 200)
+        # Fifty entitlements, each at least its own record (the feature definitions and plan
+        # terms are shared by the process and not charged): a few kilobytes.
+        self.assertGreater(many.size, 50 * 64)
 
     def test_size_counts_long_strings(self) -> None:
         short = entry_from_state("cust-1", None, state(boolean_item("f")), NOW)
@@ -466,3 +467,51 @@ class ParsingNeverCorruptsTests(SynchronousTestCase):
             with contextlib.suppress(MalformedState):
                 entry_from_state("c", None, candidate, NOW)
             self.assertEqual(candidate, before)
+
+
+class CompactRecordTests(SynchronousTestCase):
+    """The compact layout keeps the records' value semantics and charges sizes incrementally."""
+
+    def test_plan_terms_are_shared_between_customers(self) -> None:
+        first = entry_from_state("cust-1", None, state(metered_item()), NOW)
+        second = entry_from_state("cust-2", None, state(metered_item()), NOW)
+        a, b = first.features["feature-api-calls"], second.features["feature-api-calls"]
+        self.assertIs(a._terms, b._terms)
+        self.assertEqual(a, b)
+        self.assertEqual(hash(a), hash(b))
+
+    def test_replace_equality_and_copies_behave_as_for_a_dataclass(self) -> None:
+        ent = entry_from_state("cust-1", None, state(metered_item()), NOW).features["feature-api-calls"]
+        usage = Usage(3.0, OCT_1, NOV_1, ent.updated_at + 5)
+        changed = replace(ent, usage=usage)
+        self.assertEqual(changed.usage, usage)
+        self.assertEqual((changed.usage_limit, changed.feature), (ent.usage_limit, ent.feature))
+        self.assertNotEqual(changed, ent)
+        self.assertEqual(replace(changed, usage=ent.usage), ent)
+        self.assertEqual(copy.deepcopy(changed), changed)
+        self.assertEqual([f.name for f in fields(ent)][-2:], ["updated_at", "usage"])
+        with self.assertRaises(FrozenInstanceError):
+            ent.updated_at = 1  # type: ignore[misc]
+
+    def test_implicit_usage_reads_as_nothing_used_as_of_the_entitlement(self) -> None:
+        ent = FeatureEntitlement(Feature("f", "BOOLEAN"), updated_at=7, usage=Usage(0.0, None, None, 7))
+        self.assertEqual(ent.usage, Usage(0.0, None, None, 7))
+        self.assertEqual(FeatureEntitlement(Feature("f", "BOOLEAN"), updated_at=7).usage, Usage())
+
+    def test_usage_updates_keep_the_size_exact(self) -> None:
+        entry = entry_from_state("cust-1", None, state(metered_item(), boolean_item("b"), credit_item()), NOW)
+        at = entry.features["feature-api-calls"].usage.updated_at
+        for step, value in enumerate((1.5, 0.0, 10**6, 2.25), start=1):
+            updated = apply_usage(entry, "FEATURE", "feature-api-calls", value, OCT_1, NOV_1 + step, at + step)
+            assert updated is not None
+            self.assertEqual(updated.size, entry_bytes(updated))
+            rebuilt = replace(entry, features={**entry.features, "feature-api-calls": updated.features["feature-api-calls"]})
+            self.assertEqual((updated, updated.size), (rebuilt, rebuilt.size))
+            entry = updated
+
+    def test_maps_are_read_only_and_compare_as_mappings(self) -> None:
+        entry = entry_from_state("cust-1", None, state(metered_item(), boolean_item("b")), NOW)
+        self.assertEqual(dict(entry.features), {k: entry.features[k] for k in ("feature-api-calls", "b")})
+        self.assertIsNone(entry.features.get("nope"))
+        with self.assertRaises(TypeError):
+            entry.features["b"] = None  # type: ignore[index]

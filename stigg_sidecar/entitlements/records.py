@@ -16,10 +16,10 @@ import gc
 import math
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import FrozenInstanceError, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Iterator
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
@@ -60,7 +60,9 @@ class CreditRate:
 
 
 @dataclass(frozen=True, slots=True)
-class FeatureEntitlement:
+class _FeatureEntitlementFields:
+    """The public fields of `FeatureEntitlement`, in constructor order (see that class)."""
+
     feature: Feature
     usage_limit: float | None = None
     has_unlimited_usage: bool = False
@@ -73,6 +75,141 @@ class FeatureEntitlement:
     credit_rate: CreditRate | None = None
     updated_at: int = 0
     usage: Usage = Usage()
+
+
+_NO_USAGE = Usage()
+_TERMS_FIELDS = (
+    "feature", "usage_limit", "has_unlimited_usage", "has_soft_limit", "access_denied_reason",
+    "enum_values", "reset_period", "credit_rate",
+)  # fmt: skip
+
+# One instance of each distinct plan-level terms tuple (see FeatureEntitlement), shared by every
+# entitlement with those terms: customers of a plan repeat them. Shared terms are charged to no
+# entry, so the table is bounded in bytes, and large terms (long enum values...) are never shared
+# (each entry holding them is charged for them). Parsing runs on the reactor; a race elsewhere
+# could only store an equal tuple twice, which is harmless.
+_SHARED_TERMS: dict[tuple, tuple] = {}
+_SHARED_TERMS_MAX_BYTES = 16 << 20
+_SHARED_TERM_MAX_BYTES = 1024
+_shared_terms_bytes = 0
+
+
+def _shared_terms(terms: tuple) -> tuple:
+    global _shared_terms_bytes
+    existing = _SHARED_TERMS.get(terms)
+    if existing is not None:
+        return existing
+    if _shared_terms_bytes < _SHARED_TERMS_MAX_BYTES:
+        size = deep_size(terms)
+        if size <= _SHARED_TERM_MAX_BYTES:
+            _SHARED_TERMS[terms] = terms
+            _shared_terms_bytes += size
+    return terms
+
+
+class FeatureEntitlement:
+    """One feature entitlement of a customer: a frozen value with the fields (and constructor) of
+    `_FeatureEntitlementFields`, stored compactly because a cache holds millions of them.
+
+    The plan-level terms (feature, limit, flags, reason, enum values, reset period, credit rate)
+    live in one tuple shared by every customer with the same terms; the instance keeps only what
+    is the customer's own. Usage equal to "nothing used, as of the entitlement" is not stored
+    (`usage` builds it when asked). `dataclasses.replace`, `fields`, equality and hashing behave
+    as for the dataclass it replaces.
+    """
+
+    __slots__ = ("_terms", "updated_at", "_usage", "valid_until", "usage_period_anchor")
+    __dataclass_fields__ = _FeatureEntitlementFields.__dataclass_fields__  # type: ignore[attr-defined]
+    __dataclass_params__ = _FeatureEntitlementFields.__dataclass_params__  # type: ignore[attr-defined]
+    __match_args__ = _FeatureEntitlementFields.__match_args__
+
+    feature: Feature
+    usage_limit: float | None
+    has_unlimited_usage: bool
+    has_soft_limit: bool
+    access_denied_reason: str | None
+    enum_values: tuple[str, ...]
+    reset_period: str | None
+    credit_rate: CreditRate | None
+    updated_at: int
+    valid_until: int | None
+    usage_period_anchor: int | None
+
+    def __init__(
+        self,
+        feature: Feature,
+        usage_limit: float | None = None,
+        has_unlimited_usage: bool = False,
+        has_soft_limit: bool = False,
+        access_denied_reason: str | None = None,
+        enum_values: tuple[str, ...] = (),
+        valid_until: int | None = None,
+        usage_period_anchor: int | None = None,
+        reset_period: str | None = None,
+        credit_rate: CreditRate | None = None,
+        updated_at: int = 0,
+        usage: Usage = _NO_USAGE,
+    ) -> None:
+        terms = (
+            feature, usage_limit, has_unlimited_usage, has_soft_limit, access_denied_reason,
+            enum_values, reset_period, credit_rate,
+        )  # fmt: skip
+        put = object.__setattr__
+        put(self, "_terms", _shared_terms(terms))
+        put(self, "updated_at", updated_at)
+        if usage == _NO_USAGE:
+            usage = _NO_USAGE
+        elif usage.current_usage == 0.0 and usage.usage_period_start is None and usage.usage_period_end is None \
+                and usage.updated_at == updated_at:  # fmt: skip
+            usage = None  # the implicit usage: see the `usage` property
+        put(self, "_usage", usage)
+        put(self, "valid_until", valid_until)
+        put(self, "usage_period_anchor", usage_period_anchor)
+
+    @property
+    def usage(self) -> Usage:
+        usage = self._usage
+        return Usage(0.0, None, None, self.updated_at) if usage is None else usage
+
+    @property
+    def is_metered(self) -> bool:
+        return self.feature.is_metered
+
+    def _values(self) -> tuple:
+        return (*self._terms, self.updated_at, self.usage, self.valid_until, self.usage_period_anchor)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__dataclass_fields__)
+        return f"FeatureEntitlement({inner})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple:
+        return (FeatureEntitlement, tuple(getattr(self, name) for name in self.__dataclass_fields__))
+
+
+def _term(index: int, name: str) -> property:
+    def read(self: FeatureEntitlement) -> Any:
+        return self._terms[index]
+
+    return property(read, doc=f"{name}, from the shared terms")
+
+
+for _index, _name in enumerate(_TERMS_FIELDS):
+    setattr(FeatureEntitlement, _name, _term(_index, _name))
+del _index, _name
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,13 +240,85 @@ class CreditEntitlement:
         return self.usage_limit - self.current_usage
 
 
+class FrozenMap(Mapping):
+    """A read-only mapping for an entry's entitlements: a tuple of values and a key -> position
+    index shared by every map with the same keys in the same order (customers of a plan have the
+    same features), so each entry pays for a tuple, not a dict."""
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, items: Mapping[str, Any] | None = None) -> None:
+        items = items or {}
+        keys = tuple(items)
+        object.__setattr__(self, "_index", _shared_index(keys))
+        object.__setattr__(self, "_values", tuple(items[k] for k in keys))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[self._index[key]]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        position = self._index.get(key)
+        return default if position is None else self._values[position]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def values(self) -> Any:
+        return self._values
+
+    def replacing(self, key: str, value: Any) -> FrozenMap:
+        """A copy with the existing `key` mapped to `value` (same index, one new tuple)."""
+        position = self._index[key]
+        copy = object.__new__(FrozenMap)
+        object.__setattr__(copy, "_index", self._index)
+        object.__setattr__(copy, "_values", (*self._values[:position], value, *self._values[position + 1:]))
+        return copy
+
+    def own_bytes(self) -> int:
+        """What this map holds beyond its values and a shared index."""
+        size = sys.getsizeof(self) + sys.getsizeof(self._values)
+        return size if _SHARED_INDEXES.get(tuple(self._index)) is self._index else size + sys.getsizeof(self._index)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("FrozenMap is read-only")
+
+    def __reduce__(self) -> tuple:
+        return (FrozenMap, (dict(zip(self._index, self._values, strict=True)),))
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({dict(zip(self._index, self._values, strict=True))!r})"
+
+
+_SHARED_INDEXES: dict[tuple[str, ...], dict[str, int]] = {}
+_SHARED_INDEXES_MAX = 10_000
+
+
+def _shared_index(keys: tuple[str, ...]) -> dict[str, int]:
+    index = _SHARED_INDEXES.get(keys)
+    if index is None:
+        index = {k: i for i, k in enumerate(keys)}
+        if len(_SHARED_INDEXES) < _SHARED_INDEXES_MAX:
+            _SHARED_INDEXES[keys] = index
+    return index
+
+
+_EMPTY_MAP = FrozenMap()
+
+
 @dataclass(frozen=True, slots=True)
 class CustomerEntry:
     """One cache entry: a customer (or customer+resource) and all its entitlements.
 
     `features` is keyed by feature refId, `credits` by currency id; both are copied into read-only
     mappings on construction. `timestamp` is the upstream time the entry came from (§3.1.6).
-    `size` is the entry's in-memory footprint in bytes, computed once here.
+    `size` is the entry's in-memory footprint in bytes (shared objects not counted), computed once
+    here from the records' layout, without walking them.
     """
 
     customer_id: str
@@ -119,20 +328,36 @@ class CustomerEntry:
     credits: Mapping[str, CreditEntitlement] = field(default_factory=dict)
     timestamp: int = 0
     size: int = field(init=False, compare=False, default=0)
-    # Answers computed from this entry, for whoever reads it (the gRPC layer). Not part of the
-    # entry's value: never compared, never copied by `replace`, so a changed entry starts empty.
-    memo: dict = field(init=False, compare=False, repr=False, default_factory=dict)
+    # Answers computed from this entry, for whoever reads it (the gRPC layer): None until the
+    # first one. Not part of the entry's value: never compared, never copied by `replace`, so a
+    # changed entry starts empty.
+    memo: dict | None = field(init=False, compare=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
-        # Copy so no caller keeps a mutable handle on the entry's maps.
-        object.__setattr__(self, "features", MappingProxyType(dict(self.features)))
-        object.__setattr__(self, "credits", MappingProxyType(dict(self.credits)))
-        object.__setattr__(self, "memo", {})
-        object.__setattr__(self, "size", deep_size(self))
+        # Copy so no caller keeps a mutable handle on the entry's maps (a FrozenMap is immutable).
+        for name in ("features", "credits"):
+            value = getattr(self, name)
+            if type(value) is not FrozenMap:
+                object.__setattr__(self, name, FrozenMap(value) if value else _EMPTY_MAP)
+        object.__setattr__(self, "memo", None)
+        object.__setattr__(self, "size", entry_bytes(self))
 
     @property
     def key(self) -> str:
         return cache_key(self.customer_id, self.resource_id)
+
+
+def _derived(entry: CustomerEntry, size: int, **changes: Any) -> CustomerEntry:
+    """`replace(entry, **changes)` whose size the caller worked out (an O(1) change)."""
+    derived = object.__new__(CustomerEntry)
+    for name in _ENTRY_FIELDS:
+        object.__setattr__(derived, name, changes[name] if name in changes else getattr(entry, name))
+    object.__setattr__(derived, "memo", None)
+    object.__setattr__(derived, "size", size)
+    return derived
+
+
+_ENTRY_FIELDS = ("customer_id", "resource_id", "access_denied_reason", "features", "credits", "timestamp")
 
 
 def cache_key(customer_id: str, resource_id: str | None) -> str:
@@ -171,7 +396,10 @@ def deep_size(root: object) -> int:
     the None/True/False singletons and shared feature definitions belong to the whole process,
     not to one entry, so they are not counted.
     """
-    seen: set[int] = set()
+    return _deep_size(root, set())
+
+
+def _deep_size(root: object, seen: set[int]) -> int:
     total = 0
     pending: list[object] = [root]
     while pending:
@@ -184,6 +412,60 @@ def deep_size(root: object) -> int:
             fresh.append(obj)
         pending = gc.get_referents(*fresh)
     return total
+
+
+def _number_bytes(value: object, seen: set[int]) -> int:
+    """A number or string field's bytes, unless counted already or a cached small int."""
+    if value is None or id(value) in seen:
+        return 0
+    if type(value) is int and (-5 <= value <= 256 or _Times._SHARED.get(value) is value):  # type: ignore[operator]
+        return 0  # a cached small int, or a time shared by the process (see _Times)
+    seen.add(id(value))
+    return sys.getsizeof(value)
+
+
+def _usage_bytes(usage: Usage | None) -> int:
+    """What an entitlement's own usage record holds (the implicit and the default usage: nothing)."""
+    if usage is None or usage is _NO_USAGE:
+        return 0
+    seen: set[int] = set()
+    return (
+        sys.getsizeof(usage)
+        + _number_bytes(usage.current_usage, seen)
+        + _number_bytes(usage.usage_period_start, seen)
+        + _number_bytes(usage.usage_period_end, seen)
+        + _number_bytes(usage.updated_at, seen)
+    )
+
+
+_FEATURE_ENTITLEMENT_BYTES = sys.getsizeof(FeatureEntitlement(Feature("", "")))
+
+
+def _feature_entitlement_bytes(ent: FeatureEntitlement, seen: set[int]) -> int:
+    terms = ent._terms
+    size = _FEATURE_ENTITLEMENT_BYTES + _usage_bytes(ent._usage)
+    if _SHARED_TERMS.get(terms) is not terms:
+        size += _deep_size(terms, seen)
+    for number in (ent.updated_at, ent.valid_until, ent.usage_period_anchor):
+        size += _number_bytes(number, seen)
+    return size
+
+
+def entry_bytes(entry: CustomerEntry) -> int:
+    """The entry's own footprint in bytes, including its cache key; objects shared with other
+    entries (feature definitions, plan terms, map indexes) are not counted."""
+    seen: set[int] = set()
+    size = sys.getsizeof(entry) + sys.getsizeof(entry.key)
+    for text in (entry.customer_id, entry.resource_id, entry.access_denied_reason, entry.timestamp):
+        size += _number_bytes(text, seen)
+    for mapping in (entry.features, entry.credits):
+        if mapping is not _EMPTY_MAP:
+            size += mapping.own_bytes()  # type: ignore[attr-defined]
+    for ent in entry.features.values():
+        size += _feature_entitlement_bytes(ent, seen)
+    for credit in entry.credits.values():
+        size += _deep_size(credit, seen)
+    return size
 
 
 # --------------------------------------------------------------------------- parsing
@@ -209,7 +491,8 @@ def entry_from_state(customer_id: str, resource_id: str | None, state: Mapping[s
     if not isinstance(items, list):
         raise MalformedState(f"{where}.entitlementsV2: must be a list")
     reason = _string(state, "accessDeniedReason", where)
-    timestamp = _entry_timestamp(items, now_ms)
+    times = _Times()
+    timestamp = times.local(_entry_timestamp(items, now_ms))
 
     features: dict[str, FeatureEntitlement] = {}
     credits: dict[str, CreditEntitlement] = {}
@@ -219,7 +502,7 @@ def entry_from_state(customer_id: str, resource_id: str | None, state: Mapping[s
             raise MalformedState(f"{item_where}: must be an object")
         typename = item.get("__typename") or ("CreditEntitlement" if "currency" in item else "FeatureEntitlement")
         if typename == "FeatureEntitlement":
-            entitlement = _feature_entitlement(item, item_where, timestamp)
+            entitlement = _feature_entitlement(item, item_where, timestamp, times)
             if entitlement is not None:
                 features[entitlement.feature.id] = entitlement
         elif typename == "CreditEntitlement":
@@ -248,7 +531,35 @@ def _entry_timestamp(items: list[Any], now_ms: int) -> int:
     return now_ms
 
 
-def _feature_entitlement(item: Mapping[str, Any], where: str, default_time: int) -> FeatureEntitlement | None:
+class _Times:
+    """One parse's times as shared int objects: the same instant repeats in an entry (each
+    entitlement's update time), and period bounds repeat across customers (month starts), so
+    the latter are shared process-wide (a bounded table; past the bound, per entry only)."""
+
+    _SHARED: dict[int, int] = {}
+    _SHARED_MAX = 50_000
+
+    def __init__(self) -> None:
+        self._seen: dict[int, int] = {}
+
+    def local(self, value: int | None) -> int | None:
+        return value if value is None else self._seen.setdefault(value, value)
+
+    def shared(self, value: int | None) -> int | None:
+        if value is None:
+            return None
+        table = _Times._SHARED
+        existing = table.get(value)
+        if existing is not None:
+            return existing
+        if len(table) < _Times._SHARED_MAX:
+            table[value] = value
+        return self.local(value)
+
+
+def _feature_entitlement(
+    item: Mapping[str, Any], where: str, default_time: int, times: _Times
+) -> FeatureEntitlement | None:
     raw_feature = item.get("feature")
     if raw_feature is None:
         return None
@@ -267,10 +578,10 @@ def _feature_entitlement(item: Mapping[str, Any], where: str, default_time: int)
         display_name=_string(raw_feature, "displayName", feature_where),
         description=_string(raw_feature, "description", feature_where),
     ))
-    updated_at = parse_time(item.get("entitlementUpdatedAt"))
+    updated_at = times.local(parse_time(item.get("entitlementUpdatedAt")))
     if updated_at is None:
         updated_at = default_time
-    usage_updated_at = parse_time(item.get("usageUpdatedAt"))
+    usage_updated_at = times.local(parse_time(item.get("usageUpdatedAt")))
     return FeatureEntitlement(
         feature=feature,
         usage_limit=_number(item, "usageLimit", where),
@@ -278,15 +589,15 @@ def _feature_entitlement(item: Mapping[str, Any], where: str, default_time: int)
         has_soft_limit=_flag(item, "hasSoftLimit", where),
         access_denied_reason=_string(item, "accessDeniedReason", where),
         enum_values=_strings(item, "enumValues", where),
-        valid_until=_time(item, "validUntil", where),
-        usage_period_anchor=_time(item, "usagePeriodAnchor", where),
+        valid_until=times.shared(_time(item, "validUntil", where)),
+        usage_period_anchor=times.shared(_time(item, "usagePeriodAnchor", where)),
         reset_period=_string(item, "resetPeriod", where),
         credit_rate=_credit_rate(item.get("creditRate"), f"{where}.creditRate"),
         updated_at=updated_at,
         usage=Usage(
             current_usage=_number(item, "currentUsage", where) or 0.0,
-            usage_period_start=_time(item, "usagePeriodStart", where),
-            usage_period_end=_time(item, "usagePeriodEnd", where),
+            usage_period_start=times.shared(_time(item, "usagePeriodStart", where)),
+            usage_period_end=times.shared(_time(item, "usagePeriodEnd", where)),
             # Without its own stamp, fetched usage is as recent as the entitlement it came with.
             updated_at=updated_at if usage_updated_at is None else usage_updated_at,
         ),
@@ -461,9 +772,9 @@ def apply_usage(
         feature = entry.features.get(ref_id)
         if feature is None or feature.usage.updated_at > updated_at:
             return None
-        usage = Usage(current_usage, usage_period_start, usage_period_end, updated_at)
-        features = {**entry.features, ref_id: replace(feature, usage=usage)}
-        return replace(entry, features=features)
+        changed = replace(feature, usage=Usage(current_usage, usage_period_start, usage_period_end, updated_at))
+        size = entry.size - _usage_bytes(feature._usage) + _usage_bytes(changed._usage)
+        return _derived(entry, size, features=entry.features.replacing(ref_id, changed))  # type: ignore[attr-defined]
     if kind == "CREDIT":
         credit = entry.credits.get(ref_id)
         if credit is None or credit.usage_updated_at > updated_at:

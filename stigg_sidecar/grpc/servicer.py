@@ -9,6 +9,7 @@ a precise status. Never mutates shared state: that is the reactor's job, behind 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Callable, Mapping, NoReturn, TypeVar
 
 import grpc
@@ -40,6 +41,8 @@ _MEMO_LIMIT = 16
 # What one memoized answer costs beyond its wire size: the key, the tuple and the message objects
 # (about 400 bytes measured with tracemalloc), charged to the cache's byte budget.
 _MEMO_ITEM_BYTES = 512
+# An entry's memo dict, created with its first answer (a dict of up to _MEMO_LIMIT items).
+_MEMO_DICT_BYTES = sys.getsizeof(dict.fromkeys(range(_MEMO_LIMIT)))
 
 # The longest status detail sent (messages quote input through stigg_sidecar.quoting already).
 _MAX_DETAILS = 1000
@@ -181,14 +184,23 @@ class SidecarServicer(SidecarServiceServicer):
                 return build(self._counted(fallback_decision(kind, feature_id, fb, requested_usage, requested_values)))
             memo_key = (kind, request.SerializeToString())
             now = self._source.now_ms()
-            memoized = entry.memo.get(memo_key)
-            if memoized is not None and (memoized[1] is None or now < memoized[1]):
-                return memoized[0]
+            memo = entry.memo
+            if memo is not None:
+                memoized = memo.get(memo_key)
+                if memoized is not None and (memoized[1] is None or now < memoized[1]):
+                    return memoized[0]
             decision = self._counted(decide_feature(entry, feature_id, kind, requested_usage, requested_values, fb, now))
             response = build(decision)
-            if not decision.is_fallback and len(entry.memo) < _MEMO_LIMIT:
-                entry.memo[memo_key] = (response, decision.usage_period_end if kind == "metered" else None)
-                self._source.memo_grew(entry, _MEMO_ITEM_BYTES + len(memo_key[1]) + response.ByteSize())
+            if not decision.is_fallback and (memo is None or len(memo) < _MEMO_LIMIT):
+                charge = _MEMO_ITEM_BYTES + len(memo_key[1]) + response.ByteSize()
+                if memo is None:
+                    # The entry's first memoized answer: the memo itself is charged with it. Two
+                    # threads racing here each set a memo; the loser's answer is recomputed later.
+                    memo = {}
+                    object.__setattr__(entry, "memo", memo)
+                    charge += _MEMO_DICT_BYTES
+                memo[memo_key] = (response, decision.usage_period_end if kind == "metered" else None)
+                self._source.memo_grew(entry, charge)
             return response
 
         return self._read(context, answer, fallback)
