@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import FrozenInstanceError, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
@@ -107,101 +107,106 @@ def _shared_terms(terms: tuple) -> tuple:
     return terms
 
 
-class FeatureEntitlement:
-    """One feature entitlement of a customer: a frozen value with the fields (and constructor) of
-    `_FeatureEntitlementFields`, stored compactly because a cache holds millions of them.
+if TYPE_CHECKING:
+    # Type checkers see the dataclass whose fields and constructor the compact class keeps.
+    FeatureEntitlement = _FeatureEntitlementFields
+else:
 
-    The plan-level terms (feature, limit, flags, reason, enum values, reset period, credit rate)
-    live in one tuple shared by every customer with the same terms; the instance keeps only what
-    is the customer's own. Usage equal to "nothing used, as of the entitlement" is not stored
-    (`usage` builds it when asked). `dataclasses.replace`, `fields`, equality and hashing behave
-    as for the dataclass it replaces.
-    """
+    class FeatureEntitlement:
+        """One feature entitlement of a customer: a frozen value with the fields (and constructor) of
+        `_FeatureEntitlementFields`, stored compactly because a cache holds millions of them.
 
-    __slots__ = ("_terms", "updated_at", "_usage", "valid_until", "usage_period_anchor")
-    __dataclass_fields__ = _FeatureEntitlementFields.__dataclass_fields__  # type: ignore[attr-defined]
-    __dataclass_params__ = _FeatureEntitlementFields.__dataclass_params__  # type: ignore[attr-defined]
-    __match_args__ = _FeatureEntitlementFields.__match_args__
+        The plan-level terms (feature, limit, flags, reason, enum values, reset period, credit rate)
+        live in one tuple shared by every customer with the same terms; the instance keeps only what
+        is the customer's own. Usage equal to "nothing used, as of the entitlement" is not stored
+        (`usage` builds it when asked). `dataclasses.replace`, `fields`, equality and hashing behave
+        as for the dataclass it replaces.
+        """
 
-    feature: Feature
-    usage_limit: float | None
-    has_unlimited_usage: bool
-    has_soft_limit: bool
-    access_denied_reason: str | None
-    enum_values: tuple[str, ...]
-    reset_period: str | None
-    credit_rate: CreditRate | None
-    updated_at: int
-    valid_until: int | None
-    usage_period_anchor: int | None
+        __slots__ = ("_terms", "updated_at", "_usage", "valid_until", "usage_period_anchor")
+        __dataclass_fields__ = _FeatureEntitlementFields.__dataclass_fields__
+        __dataclass_params__ = _FeatureEntitlementFields.__dataclass_params__
+        __match_args__ = _FeatureEntitlementFields.__match_args__
 
-    def __init__(
-        self,
-        feature: Feature,
-        usage_limit: float | None = None,
-        has_unlimited_usage: bool = False,
-        has_soft_limit: bool = False,
-        access_denied_reason: str | None = None,
-        enum_values: tuple[str, ...] = (),
-        valid_until: int | None = None,
-        usage_period_anchor: int | None = None,
-        reset_period: str | None = None,
-        credit_rate: CreditRate | None = None,
-        updated_at: int = 0,
-        usage: Usage = _NO_USAGE,
-    ) -> None:
-        terms = (
-            feature, usage_limit, has_unlimited_usage, has_soft_limit, access_denied_reason,
-            enum_values, reset_period, credit_rate,
-        )  # fmt: skip
-        put = object.__setattr__
-        put(self, "_terms", _shared_terms(terms))
-        put(self, "updated_at", updated_at)
-        if usage == _NO_USAGE:
-            usage = _NO_USAGE
-        elif usage.current_usage == 0.0 and usage.usage_period_start is None and usage.usage_period_end is None \
-                and usage.updated_at == updated_at:  # fmt: skip
-            usage = None  # the implicit usage: see the `usage` property
-        put(self, "_usage", usage)
-        put(self, "valid_until", valid_until)
-        put(self, "usage_period_anchor", usage_period_anchor)
+        feature: Feature
+        usage_limit: float | None
+        has_unlimited_usage: bool
+        has_soft_limit: bool
+        access_denied_reason: str | None
+        enum_values: tuple[str, ...]
+        reset_period: str | None
+        credit_rate: CreditRate | None
+        updated_at: int
+        valid_until: int | None
+        usage_period_anchor: int | None
 
-    @property
-    def usage(self) -> Usage:
-        usage = self._usage
-        return Usage(0.0, None, None, self.updated_at) if usage is None else usage
+        def __init__(
+            self,
+            feature: Feature,
+            usage_limit: float | None = None,
+            has_unlimited_usage: bool = False,
+            has_soft_limit: bool = False,
+            access_denied_reason: str | None = None,
+            enum_values: tuple[str, ...] = (),
+            valid_until: int | None = None,
+            usage_period_anchor: int | None = None,
+            reset_period: str | None = None,
+            credit_rate: CreditRate | None = None,
+            updated_at: int = 0,
+            usage: Usage = _NO_USAGE,
+        ) -> None:
+            terms = (
+                feature, usage_limit, has_unlimited_usage, has_soft_limit, access_denied_reason,
+                enum_values, reset_period, credit_rate,
+            )  # fmt: skip
+            put = object.__setattr__
+            put(self, "_terms", _shared_terms(terms))
+            put(self, "updated_at", updated_at)
+            if usage == _NO_USAGE:
+                usage = _NO_USAGE
+            elif usage.current_usage == 0.0 and usage.usage_period_start is None and usage.usage_period_end is None \
+                    and usage.updated_at == updated_at:  # fmt: skip
+                usage = None  # the implicit usage: see the `usage` property
+            put(self, "_usage", usage)
+            put(self, "valid_until", valid_until)
+            put(self, "usage_period_anchor", usage_period_anchor)
 
-    @property
-    def is_metered(self) -> bool:
-        return self.feature.is_metered
+        @property
+        def usage(self) -> Usage:
+            usage = self._usage
+            return Usage(0.0, None, None, self.updated_at) if usage is None else usage
 
-    def _values(self) -> tuple:
-        return (*self._terms, self.updated_at, self.usage, self.valid_until, self.usage_period_anchor)
+        @property
+        def is_metered(self) -> bool:
+            return self.feature.is_metered
 
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._values() == other._values()  # type: ignore[attr-defined]
+        def _values(self) -> tuple:
+            return (*self._terms, self.updated_at, self.usage, self.valid_until, self.usage_period_anchor)
 
-    def __hash__(self) -> int:
-        return hash(self._values())
+        def __eq__(self, other: object) -> bool:
+            if other.__class__ is not self.__class__:
+                return NotImplemented
+            return self._values() == other._values()  # type: ignore[attr-defined]
 
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__dataclass_fields__)
-        return f"FeatureEntitlement({inner})"
+        def __hash__(self) -> int:
+            return hash(self._values())
 
-    def __setattr__(self, name: str, value: object) -> None:
-        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+        def __repr__(self) -> str:
+            inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__dataclass_fields__)
+            return f"FeatureEntitlement({inner})"
 
-    def __delattr__(self, name: str) -> None:
-        raise FrozenInstanceError(f"cannot delete field {name!r}")
+        def __setattr__(self, name: str, value: object) -> None:
+            raise FrozenInstanceError(f"cannot assign to field {name!r}")
 
-    def __reduce__(self) -> tuple:
-        return (FeatureEntitlement, tuple(getattr(self, name) for name in self.__dataclass_fields__))
+        def __delattr__(self, name: str) -> None:
+            raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+        def __reduce__(self) -> tuple:
+            return (FeatureEntitlement, tuple(getattr(self, name) for name in self.__dataclass_fields__))
 
 
 def _term(index: int, name: str) -> property:
-    def read(self: FeatureEntitlement) -> Any:
+    def read(self: Any) -> Any:
         return self._terms[index]
 
     return property(read, doc=f"{name}, from the shared terms")
@@ -246,6 +251,8 @@ class FrozenMap(Mapping):
     same features), so each entry pays for a tuple, not a dict."""
 
     __slots__ = ("_index", "_values")
+    _index: dict[str, int]
+    _values: tuple
 
     def __init__(self, items: Mapping[str, Any] | None = None) -> None:
         items = items or {}
@@ -418,7 +425,7 @@ def _number_bytes(value: object, seen: set[int]) -> int:
     """A number or string field's bytes, unless counted already or a cached small int."""
     if value is None or id(value) in seen:
         return 0
-    if type(value) is int and (-5 <= value <= 256 or _Times._SHARED.get(value) is value):  # type: ignore[operator]
+    if type(value) is int and (-5 <= value <= 256 or _Times._SHARED.get(value) is value):
         return 0  # a cached small int, or a time shared by the process (see _Times)
     seen.add(id(value))
     return sys.getsizeof(value)
@@ -442,8 +449,8 @@ _FEATURE_ENTITLEMENT_BYTES = sys.getsizeof(FeatureEntitlement(Feature("", "")))
 
 
 def _feature_entitlement_bytes(ent: FeatureEntitlement, seen: set[int]) -> int:
-    terms = ent._terms
-    size = _FEATURE_ENTITLEMENT_BYTES + _usage_bytes(ent._usage)
+    terms = ent._terms  # type: ignore[attr-defined]
+    size = _FEATURE_ENTITLEMENT_BYTES + _usage_bytes(ent._usage)  # type: ignore[attr-defined]
     if _SHARED_TERMS.get(terms) is not terms:
         size += _deep_size(terms, seen)
     for number in (ent.updated_at, ent.valid_until, ent.usage_period_anchor):
@@ -459,8 +466,8 @@ def entry_bytes(entry: CustomerEntry) -> int:
     for text in (entry.customer_id, entry.resource_id, entry.access_denied_reason, entry.timestamp):
         size += _number_bytes(text, seen)
     for mapping in (entry.features, entry.credits):
-        if mapping is not _EMPTY_MAP:
-            size += mapping.own_bytes()  # type: ignore[attr-defined]
+        if isinstance(mapping, FrozenMap) and mapping is not _EMPTY_MAP:
+            size += mapping.own_bytes()
     for ent in entry.features.values():
         size += _feature_entitlement_bytes(ent, seen)
     for credit in entry.credits.values():
@@ -542,8 +549,8 @@ class _Times:
     def __init__(self) -> None:
         self._seen: dict[int, int] = {}
 
-    def local(self, value: int | None) -> int | None:
-        return value if value is None else self._seen.setdefault(value, value)
+    def local(self, value: int) -> int:
+        return self._seen.setdefault(value, value)
 
     def shared(self, value: int | None) -> int | None:
         if value is None:
@@ -578,10 +585,11 @@ def _feature_entitlement(
         display_name=_string(raw_feature, "displayName", feature_where),
         description=_string(raw_feature, "description", feature_where),
     ))
-    updated_at = times.local(parse_time(item.get("entitlementUpdatedAt")))
-    if updated_at is None:
-        updated_at = default_time
-    usage_updated_at = times.local(parse_time(item.get("usageUpdatedAt")))
+    updated_at = parse_time(item.get("entitlementUpdatedAt"))
+    updated_at = default_time if updated_at is None else times.local(updated_at)
+    usage_updated_at = parse_time(item.get("usageUpdatedAt"))
+    if usage_updated_at is not None:
+        usage_updated_at = times.local(usage_updated_at)
     return FeatureEntitlement(
         feature=feature,
         usage_limit=_number(item, "usageLimit", where),
@@ -773,16 +781,18 @@ def apply_usage(
         if feature is None or feature.usage.updated_at > updated_at:
             return None
         changed = replace(feature, usage=Usage(current_usage, usage_period_start, usage_period_end, updated_at))
-        size = entry.size - _usage_bytes(feature._usage) + _usage_bytes(changed._usage)
-        return _derived(entry, size, features=entry.features.replacing(ref_id, changed))  # type: ignore[attr-defined]
+        size = entry.size - _usage_bytes(feature._usage) + _usage_bytes(changed._usage)  # type: ignore[attr-defined]
+        features = entry.features
+        assert isinstance(features, FrozenMap)  # __post_init__ makes it one
+        return _derived(entry, size, features=features.replacing(ref_id, changed))
     if kind == "CREDIT":
         credit = entry.credits.get(ref_id)
         if credit is None or credit.usage_updated_at > updated_at:
             return None
-        changed = replace(
+        changed_credit = replace(
             credit, current_usage=current_usage, usage_period_end=usage_period_end, usage_updated_at=updated_at
         )
-        return replace(entry, credits={**entry.credits, ref_id: changed})
+        return replace(entry, credits={**entry.credits, ref_id: changed_credit})
     return None
 
 
