@@ -1,0 +1,258 @@
+"""Stigg's official Node server SDK 3.95.0, as a real process, sharing Redis and the emulator
+with this sidecar: each reads the entries the other wrote (Stigg's format, docs/redis-format.md)
+with Stigg down, and the SDK gets the emulator's v1 pushes.
+
+Every kind of check (boolean, numeric, metered with usage, unlimited, soft limit, enum,
+resource-scoped, denied) is asked of both and must be answered the same. The counts and the push
+latency are printed (the figures the issue asks for), never asserted as times.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from stigg_sidecar._proto import sidecar_pb2 as pb
+from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
+from tests import data
+from tests.node_peer import NodePeer
+from tests.redis_server import RedisServer
+from tests.support import OnlineHarness
+
+PREFIX = "shared-env"
+KEY = "test-key"
+
+ACME = dict(data.ACME, resources={"site-1": data.customer(data.metered("seats", 3, 1))})
+SEED = {"apiKeys": [KEY], "customers": {"acme": ACME}}
+
+# (kind, customer, feature, resource, requested usage or values)
+CHECKS: list[tuple[str, str, str, str | None, Any]] = [
+    ("boolean", "acme", "sso", None, None),
+    ("boolean", "acme", "beta", None, None),  # revoked
+    ("boolean", "acme", "nope", None, None),  # not in the plan
+    ("numeric", "acme", "projects", None, None),
+    ("numeric", "acme", "seats-unlimited", None, None),
+    ("metered", "acme", "api-calls", None, 0),
+    ("metered", "acme", "api-calls", None, 10),
+    ("metered", "acme", "api-calls", None, 11),  # over the limit with usage 90 of 100
+    ("metered", "acme", "dashboards", None, 1000),  # unlimited
+    ("metered", "acme", "exports", None, 1),  # soft limit, already over it
+    ("enum", "acme", "regions", None, ["us"]),
+    ("enum", "acme", "regions", None, ["apac"]),
+    ("metered", "acme", "seats", "site-1", 2),  # resource-scoped
+    ("metered", "acme", "seats", "site-1", 3),
+]
+
+
+def reason_name(camel: str | None) -> str:
+    """Stigg's AccessDeniedReason (`RequestedUsageExceedingLimit`) as the proto enum's name."""
+    if not camel:
+        return "ACCESS_DENIED_REASON_UNSPECIFIED"
+    return "ACCESS_DENIED_REASON_" + re.sub(r"(?<!^)(?=[A-Z])", "_", camel).upper()
+
+
+def from_sdk(kind: str, answer: dict[str, Any]) -> dict[str, Any]:
+    out = {
+        "hasAccess": answer["hasAccess"],
+        "isFallback": answer["isFallback"],
+        "reason": reason_name(answer.get("accessDeniedReason")),
+    }
+    if kind == "numeric":
+        out.update(value=answer.get("value") or 0, isUnlimited=bool(answer.get("isUnlimited")))
+    elif kind == "metered":
+        out.update(
+            usageLimit=answer.get("usageLimit") or 0,
+            currentUsage=answer.get("currentUsage") or 0,
+            isUnlimited=bool(answer.get("isUnlimited")),
+            hasSoftLimit=bool(answer.get("hasSoftLimit")),
+        )
+    elif kind == "enum":
+        out.update(enumValues=sorted(answer.get("enumValues") or []))
+    return out
+
+
+def from_sidecar(kind: str, r: Any) -> dict[str, Any]:
+    out = {
+        "hasAccess": r.has_access,
+        "isFallback": r.is_fallback,
+        "reason": pb.AccessDeniedReason.Name(r.access_denied_reason),
+    }
+    e = r.entitlement
+    if kind == "numeric":
+        out.update(value=e.value, isUnlimited=e.is_unlimited)
+    elif kind == "metered":
+        out.update(
+            usageLimit=e.usage_limit, currentUsage=e.current_usage, isUnlimited=e.is_unlimited,
+            hasSoftLimit=e.has_soft_limit,
+        )
+    elif kind == "enum":
+        out.update(enumValues=sorted(e.enum_values))
+    return out
+
+
+async def ask_sidecar(h: OnlineHarness, check: tuple) -> dict[str, Any]:
+    kind, customer, feature, resource, extra = check
+    common = {"customer_id": customer, "feature_id": feature, "resource_id": resource or ""}
+    if kind == "boolean":
+        r = await h.call("GetBooleanEntitlement", pb.GetBooleanEntitlementRequest(**common))
+    elif kind == "numeric":
+        r = await h.call("GetNumericEntitlement", pb.GetNumericEntitlementRequest(**common))
+    elif kind == "metered":
+        options = pb.MeteredEntitlementOptions(requested_usage=extra)
+        r = await h.call("GetMeteredEntitlement", pb.GetMeteredEntitlementRequest(**common, options=options))
+    else:
+        options = pb.EnumEntitlementOptions(requested_values=extra)
+        r = await h.call("GetEnumEntitlement", pb.GetEnumEntitlementRequest(**common, options=options))
+    return from_sidecar(kind, r)
+
+
+async def ask_sdk(peer: NodePeer, check: tuple) -> dict[str, Any]:
+    kind, customer, feature, resource, extra = check
+    fields: dict[str, Any] = {"kind": kind, "customerId": customer, "featureId": feature, "resourceId": resource}
+    if kind == "metered":
+        fields["requestedUsage"] = extra
+    elif kind == "enum":
+        fields["requestedValues"] = extra
+    return from_sdk(kind, await peer.request("check", **fields))
+
+
+class NodeSdkTests(TestCase):
+    timeout = 120
+
+    def setUp(self):
+        self.redis = RedisServer().start()
+        self.addCleanup(self.redis.cleanup)
+
+    async def peer(self, emulator_url: str, redis: bool = True, realtime: bool = False) -> NodePeer:
+        peer = await NodePeer(reactor).start()
+        self.addCleanup(peer.stop)
+        options: dict[str, Any] = {"apiKey": KEY, "baseUri": emulator_url, "realtime": realtime}
+        if redis:
+            options["redis"] = {"host": "127.0.0.1", "port": self.redis.port, "environmentPrefix": PREFIX}
+        await peer.request("init", **options)
+        return peer
+
+    async def sidecar(self, emulator=None) -> OnlineHarness:
+        h = await OnlineHarness(self, reactor).start(
+            SEED, emulator=emulator, REDIS_ENVIRONMENT_PREFIX=PREFIX, REDIS_HOST="127.0.0.1",
+            REDIS_PORT=str(self.redis.port),
+        )
+        mirror = h.sidecar.backend.mirror
+
+        async def connected():
+            return mirror.connected
+
+        await h.wait_until(connected, timeout=10)
+        return h
+
+    async def test_the_sdk_answers_from_the_sidecars_entries_as_the_sidecar_does(self):
+        h = await self.sidecar()
+        expected = [await ask_sidecar(h, check) for check in CHECKS]
+        self.assertFalse([a for a in expected if a["isFallback"]])
+        await h.faults(down=True)  # Stigg is gone: the SDK has only what the sidecar wrote
+
+        peer = await self.peer(h.emulator.url)
+        answers = [await ask_sdk(peer, check) for check in CHECKS]
+        mismatches = [(c, e, a) for c, e, a in zip(CHECKS, expected, answers, strict=True) if e != a]
+        self.assertEqual(mismatches, [], peer.stderr_tail())
+        print(f"\nsidecar -> Node SDK 3.95.0: {len(CHECKS) - len(mismatches)} of {len(CHECKS)} answers match")
+        self.assertNotIn("TypeError", peer.stderr.decode(errors="replace"))
+
+    async def test_a_fresh_sidecar_answers_from_the_sdks_entries_with_stigg_down(self):
+        emulator = await start_emulator(reactor, SEED)
+        self.addCleanup(stop_emulator, emulator)
+        peer = await self.peer(emulator.url)
+        by_sdk = [await ask_sdk(peer, check) for check in CHECKS]
+        self.assertFalse([a for a in by_sdk if a["isFallback"]])
+        self.assertEqual(self.redis.command("EXISTS", f"{PREFIX}:c_acme", f"{PREFIX}:c_acme:r_site-1"), 2)
+        emulator.state.faults.update({"down": True})
+
+        h = await self.sidecar(emulator=emulator)
+        answers = [await ask_sidecar(h, check) for check in CHECKS]
+        fallbacks = [c for c, a in zip(CHECKS, answers, strict=True) if a["isFallback"]]
+        self.assertEqual(fallbacks, [])
+        mismatches = [(c, s, a) for c, s, a in zip(CHECKS, by_sdk, answers, strict=True) if s != a]
+        self.assertEqual(mismatches, [])
+        self.assertEqual(h.sidecar.backend.mirror.errors, 0)  # every entry read, none unreadable
+        print(f"\nNode SDK 3.95.0 -> sidecar: {len(CHECKS) - len(mismatches)} of {len(CHECKS)} answers match, "
+              f"{len(fallbacks)} fallbacks")
+
+    async def test_the_sdk_gets_an_admin_change_pushed_without_refetching(self):
+        emulator = await start_emulator(reactor, SEED)
+        self.addCleanup(stop_emulator, emulator)
+        peer = await self.peer(emulator.url, redis=False, realtime=True)
+        await peer.request("listen", event="entitlementsUpdated")
+        check = ("numeric", "acme", "projects", None, None)
+        self.assertEqual((await ask_sdk(peer, check))["value"], 10)
+        h = _Admin(self, emulator)
+        await h.wait_for_subscribers("entitlementsUpdated", "usageUpdated", "creditBalanceUpdated")
+        self.assertTrue(fetches_of(emulator))  # the first read fetched: this is how a fetch shows
+        emulator.state.reset_request_counts()
+
+        latencies = []
+        for limit in (20, 30, 40):
+            changed = dict(ACME, entitlements=[
+                e if e.get("feature", {}).get("refId") != "projects" else dict(e, usageLimit=limit)
+                for e in ACME["entitlements"]
+            ])
+            before = len(peer.events)
+            sent_at = time.time() * 1000
+            status, _ = await h.put("customers/acme", {k: v for k, v in changed.items() if k != "resources"})
+            self.assertEqual(status, 200)
+            await h.wait(lambda n=before: len(peer.events) > n)
+            latencies.append(peer.events[before]["at"] - sent_at)
+            self.assertEqual((await ask_sdk(peer, check))["value"], limit)
+        self.assertEqual(fetches_of(emulator), {})  # the new limits came by push: no refetch
+        print(f"\npush to Node SDK 3.95.0 (admin PUT -> SDK's entitlementsUpdated event): "
+              f"{', '.join(f'{ms:.1f}' for ms in latencies)} ms")
+
+
+def fetches_of(emulator: Any) -> dict[str, int]:
+    """The emulator's entitlements requests (Edge or GraphQL) since its counters were reset."""
+    return {k: v for k, v in emulator.state.request_counts().items() if "entitlements" in k.lower()}
+
+
+class _Admin:
+    """The emulator's admin API over HTTP, and bounded waits, for a test without a sidecar."""
+
+    def __init__(self, testcase: TestCase, emulator: Any) -> None:
+        from tests.support import http_client
+
+        self.emulator = emulator
+        self.http = http_client(testcase, reactor)
+
+    async def put(self, path: str, body: Any) -> tuple[int, Any]:
+        import json
+
+        response = await self.http.request(
+            "PUT", f"{self.emulator.url}/_emulator/{path}", data=json.dumps(body).encode()
+        )
+        return response.code, json.loads(await response.text())
+
+    async def wait(self, predicate, timeout: float = 10.0) -> None:
+        from twisted.internet.task import deferLater
+
+        deadline = reactor.seconds() + timeout
+        while not predicate():
+            if reactor.seconds() > deadline:
+                raise AssertionError(f"condition not met within {timeout}s")
+            await deferLater(reactor, 0.01, lambda: None)
+
+    async def wait_for_subscribers(self, *fields: str) -> None:
+        import json
+
+        async def subscribed() -> bool:
+            response = await self.http.get(f"{self.emulator.url}/_emulator/sockets")
+            return json.loads(await response.text())["subscriptions"] >= len(fields)
+
+        from twisted.internet.task import deferLater
+
+        deadline = reactor.seconds() + 10
+        while not await subscribed():
+            if reactor.seconds() > deadline:
+                raise AssertionError("the SDK did not subscribe")
+            await deferLater(reactor, 0.05, lambda: None)
