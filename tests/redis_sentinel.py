@@ -2,8 +2,9 @@
 
 `SentinelGroup().start()` starts a master and a replica (`RedisServer`, 127.0.0.1, free ports)
 and one Sentinel monitoring the master as `MASTER_NAME` with quorum 1, a short
-`down-after-milliseconds` and failover timeout, so that killing the master promotes the replica
-within a second or two. `master_address()` asks the Sentinel, as a client would.
+`down-after-milliseconds` (1 s: short, yet long enough that a loaded machine's pauses are not
+taken for a dead master) and failover timeout, so that killing the master promotes the replica
+within about two seconds. `master_address()` asks the Sentinel, as a client would.
 
 Like `redis_server.find_redis_server`, a missing `redis-sentinel` skips the test, except when
 the CI environment variable is set: there it fails (`.ci/run` installs it).
@@ -35,7 +36,7 @@ def find_redis_sentinel() -> str:
 
 
 class SentinelProcess:
-    def __init__(self, master_port: int, down_after_ms: int = 300, failover_timeout_ms: int = 2000) -> None:
+    def __init__(self, master_port: int, down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> None:
         self.binary = find_redis_sentinel()
         self.port = free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="redis-sentinel-test-")
