@@ -50,6 +50,13 @@ class Metrics:
             registry=r,
         )
         self.fallbacks = Counter("sidecar_fallback_answers", "Reads answered with a fallback, by reason", ["reason"], registry=r)
+        self.fast_failed_reads = Counter(
+            "sidecar_fast_failed_reads",
+            "Cache misses answered at once without waiting on Stigg: upstream_down (its circuit breaker"
+            " is open) or overloaded (MAX_WAITING_READS reads already wait)",
+            ["reason"],
+            registry=r,
+        )
         self.cache_entries = Gauge("sidecar_cache_entries", "Customers in the memory cache", registry=r)
         self.cache_bytes = Gauge("sidecar_cache_bytes", "Bytes held by the memory cache", registry=r)
         self.cache_evictions = Gauge("sidecar_cache_evictions", "Entries evicted for space so far", registry=r)

@@ -3,8 +3,9 @@
 The two halves of this class live on different threads, and that is the point of it:
 
 - `peek` and `lookup` are called on gRPC handler threads. A cache hit returns at once with no
-  lock and no thread hop. A miss crosses to the reactor with `call_on_reactor` under the caller's
-  deadline; past it a read answers None (the caller then answers the fallback).
+  lock and no thread hop. A miss crosses to the reactor with `crossing.wait_on_reactor` under the
+  caller's deadline, holding a place in the reads' wait budget and no runner role of the handler
+  pool; past the deadline a read answers None (the caller then answers the fallback).
 - `fetch`, `reload_entry`, `apply_usage_result`, ... run on the reactor: they own the in-flight
   fetch table (single flight: concurrent misses for one customer share one upstream request) and
   every cache change.
@@ -14,17 +15,16 @@ Writes (usage, events) and the handler side of reloads live in `stigg_sidecar.de
 
 from __future__ import annotations
 
-import concurrent.futures
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from stigg_sidecar.cache.memory import EntitlementCache, earliest_expiry
 from stigg_sidecar.cache.redis import RedisMirror
+from stigg_sidecar.crossing import BudgetExhausted, WaitBudget, wait_on_reactor
 from stigg_sidecar.entitlements.records import (
     CustomerEntry,
     MalformedState,
@@ -42,22 +42,6 @@ if TYPE_CHECKING:
     from stigg_sidecar.delivery.pending import PendingUsage
 
 log = Logger()
-
-
-def call_on_reactor(reactor, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
-    """Run `fn(*args)` on the reactor thread and wait up to `timeout` seconds for its result
-    (a Deferred is waited for). Raises TimeoutError past the deadline, or what `fn` raised."""
-    future: concurrent.futures.Future = concurrent.futures.Future()
-
-    def failed(failure: Failure) -> None:
-        future.set_exception(failure.value)
-
-    def run() -> None:
-        maybeDeferred(fn, *args).addCallbacks(future.set_result, failed)
-
-    reactor.callFromThread(run)
-    return future.result(timeout)
-
 
 class _ThrottledWarning:
     """One "answering fallbacks" line per interval, however many reads fall back: during an
@@ -92,13 +76,18 @@ class OnlineSidecar:
         api: StiggApi,
         cache: EntitlementCache,
         fetch_timeout: float,
-        waiting_slots: int = 8,
+        max_waiting_reads: int = 512,
+        max_waiting_writes: int = 256,
     ) -> None:
         self._reactor = reactor
-        # How many handler threads may wait on Stigg at once (the rest answer fallbacks at once).
-        self.waiting_slots = threading.BoundedSemaphore(waiting_slots)
+        # How many handler threads may wait on Stigg at once, reads and writes apart so neither
+        # takes the other's places. A waiting thread gives its runner role to another (the
+        # handler pool's blocking()), so these bound blocked threads, not the threads that serve.
+        self.waiting_reads = WaitBudget(max_waiting_reads, "reads")
+        self.waiting_writes = WaitBudget(max_waiting_writes, "writes")  # used by delivery's WriteGate
         self._on_hit: Callable[[], None] = lambda: None
         self._on_miss: Callable[[], None] = lambda: None
+        self._on_overloaded: Callable[[], None] = lambda: None
         self._api = api
         self.cache = cache
         self._fetch_timeout = fetch_timeout
@@ -109,9 +98,12 @@ class OnlineSidecar:
         self.pending: PendingUsage | None = None
         self._fallback_log = _ThrottledWarning(interval=10.0)
 
-    def set_counters(self, on_hit: Callable[[], None], on_miss: Callable[[], None]) -> None:
-        """Count cache hits and misses (metrics); called on handler threads, so thread-safe."""
-        self._on_hit, self._on_miss = on_hit, on_miss
+    def set_counters(
+        self, on_hit: Callable[[], None], on_miss: Callable[[], None], on_overloaded: Callable[[], None] = lambda: None
+    ) -> None:
+        """Count cache hits, misses and misses answered at once because too many reads already
+        wait (metrics); called on handler threads, so thread-safe."""
+        self._on_hit, self._on_miss, self._on_overloaded = on_hit, on_miss, on_overloaded
 
     def now_ms(self) -> int:
         return int(time.time() * 1000)
@@ -135,23 +127,20 @@ class OnlineSidecar:
         self._on_miss()
         if self.key_rejected:
             return None
-        if not self.waiting_slots.acquire(blocking=False):
-            # Every slot for waiting on Stigg is taken (Stigg is slow, many customers are cold):
-            # fetch in the background and answer the fallback now, so that threads stay free for
-            # the reads the cache can answer.
+        try:
+            return wait_on_reactor(self._reactor, self.waiting_reads, self.fetch, customer_id, resource_id, timeout=timeout)
+        except BudgetExhausted:
+            # MAX_WAITING_READS reads already wait (Stigg is slow and very many customers are
+            # cold): fetch in the background and answer the fallback now.
+            self._on_overloaded()
             self._reactor.callFromThread(self._fetch_quietly, customer_id, resource_id)
             self._fallback_log.warn(customer_id, "too many reads already waiting on Stigg")
-            return None
-        try:
-            return call_on_reactor(self._reactor, self.fetch, customer_id, resource_id, timeout=timeout)
         except TimeoutError:
             self._fallback_log.warn(customer_id, "not fetched in time")
         except UpstreamError as e:
             self._fallback_log.warn(customer_id, e.message)
         except MalformedState as e:
             self._fallback_log.warn(customer_id, f"malformed: {e}")
-        finally:
-            self.waiting_slots.release()
         return None
 
     def _fetch_quietly(self, customer_id: str, resource_id: str | None) -> None:

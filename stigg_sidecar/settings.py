@@ -176,7 +176,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("HTTP_PORT", "8080", _parse_int(0, 65535), "HTTP port for health, readiness and metrics"),
     Spec("HEALTH_ENDPOINT_URL", "livez", _parse_path, "liveness path"),
     Spec("READY_ENDPOINT_URL", "readyz", _parse_path, "readiness path"),
-    Spec("GRPC_MAX_WORKERS", "16", _parse_int(1, 1024), "gRPC handler threads"),
+    Spec("GRPC_MAX_WORKERS", "16", _parse_int(1, 1024), "gRPC handler threads running calls at once (calls waiting on Stigg do not count)"),
+    Spec("MAX_WAITING_READS", "512", _parse_int(1, 100_000), "cache misses waiting on Stigg at once; past it a miss answers its fallback at once"),
+    Spec("MAX_WAITING_WRITES", "256", _parse_int(1, 100_000), "writes waiting on Stigg at once; past it a write fails UNAVAILABLE"),
     Spec("GRPC_MAX_MESSAGE_BYTES", "4194304", _parse_int(1024, 1 << 30), "largest gRPC request accepted (bytes)"),
     Spec("SHUTDOWN_GRACE_SECS", "10", _parse_seconds, "how long in-flight calls may finish on shutdown"),
     Spec("METRICS_ENABLED", "1", parse_bool, "serve Prometheus metrics at /metrics and count on the hot path"),
@@ -221,6 +223,8 @@ class Settings:
     health_endpoint_url: str = "livez"
     ready_endpoint_url: str = "readyz"
     grpc_max_workers: int = 16
+    max_waiting_reads: int = 512
+    max_waiting_writes: int = 256
     grpc_max_message_bytes: int = 4194304
     shutdown_grace_secs: float = 10.0
     metrics_enabled: bool = True

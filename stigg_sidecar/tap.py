@@ -118,9 +118,10 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
             edge_enabled=settings.edge_enabled,
         )
         cache = EntitlementCache(settings.cache_max_size_bytes)
-        # A few handler threads never wait on Stigg, so memory keeps answering while Stigg is slow.
-        workers = settings.grpc_max_workers
-        backend = OnlineSidecar(reactor, api, cache, fetch_timeout, waiting_slots=max(1, workers - max(2, workers // 4)))
+        backend = OnlineSidecar(
+            reactor, api, cache, fetch_timeout,
+            max_waiting_reads=settings.max_waiting_reads, max_waiting_writes=settings.max_waiting_writes,
+        )
         if settings.redis_enabled:
             # Stigg's rule that a resource entry needs its customer's entry beside it is off: this
             # sidecar keeps entries per key, so a resource entry stands on its own.
@@ -144,14 +145,14 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
             realtime.setServiceParent(top)
         online = backend
         writer = DirectDelivery(
-            WriteGate(reactor, online.waiting_slots, lambda: online.key_rejected), UpstreamWrites(api, online), online
+            WriteGate(reactor, online.waiting_writes, lambda: online.key_rejected), UpstreamWrites(api, online), online
         )
         if settings.spool_writes:
             assert state_dir is not None
             online.pending = PendingUsage(cache)
             writer = SpooledDelivery(
                 reactor,
-                WriteGate(reactor, online.waiting_slots, lambda: online.key_rejected, waiting_for="the write spool"),
+                WriteGate(reactor, online.waiting_writes, lambda: online.key_rejected, waiting_for="the write spool"),
                 UpstreamWrites(api, online),
                 SpoolFile(reactor, state_dir.file("spool.sqlite3")),
                 online.pending,
@@ -200,7 +201,7 @@ def _observe_online(metrics: Metrics, reactor, api: StiggApi, backend: OnlineSid
                     realtime: RealtimeService | None) -> None:
     """Point the metrics at the parts they describe; gauges are read at scrape time."""
     api.on_attempt = metrics.upstream_attempt
-    backend.set_counters(metrics.cache_hit, metrics.cache_miss)
+    backend.set_counters(metrics.cache_hit, metrics.cache_miss, metrics.fast_failed_reads.labels("overloaded").inc)
     metrics.cache_entries.set_function(lambda: len(cache))
     metrics.cache_bytes.set_function(lambda: cache.bytes)
     metrics.cache_evictions.set_function(lambda: cache.evictions)

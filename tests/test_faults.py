@@ -159,16 +159,22 @@ class WriteBudgetTests(TestCase):
 
     async def test_waiting_writes_leave_threads_for_cached_reads(self):
         seed = {"apiKeys": ["test-key"], "customers": {"acme": data.ACME}}
-        h = await OnlineHarness(self, reactor).start(seed, GRPC_MAX_WORKERS="4", ENTITLEMENTS_TIMEOUT_MS="5000")
+        h = await OnlineHarness(self, reactor).start(
+            seed, GRPC_MAX_WORKERS="1", MAX_WAITING_WRITES="2", ENTITLEMENTS_TIMEOUT_MS="5000"
+        )
         await h.call("GetBooleanEntitlement", sso())
         await h.faults(latency_ms=1500)
         slow = [h.call("ReportUsage", usage()) for _ in range(2)]
-        from twisted.internet.task import deferLater
+        waiting = h.sidecar.backend.waiting_writes
 
-        await deferLater(reactor, 0.3, lambda: None)
+        async def both_waiting():
+            return waiting.in_use == 2
+
+        await h.wait_until(both_waiting)
         with self.assertRaises(grpc.RpcError) as caught:
             await h.call("ReportUsage", usage())
         self.assertEqual(caught.exception.code(), grpc.StatusCode.UNAVAILABLE)
+        self.assertIn("MAX_WAITING_WRITES", caught.exception.details())
         cached = await h.call("GetBooleanEntitlement", sso(), timeout=1)
         self.assertEqual((cached.has_access, cached.is_fallback), (True, False))
         self.assertEqual(len(await gatherResults(slow)), 2)

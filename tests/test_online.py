@@ -261,21 +261,30 @@ class CacheBoundOverGrpcTests(TestCase):
 class SlowUpstreamTests(TestCase):
     timeout = 30
 
-    async def test_threads_stay_free_for_cached_reads_while_stigg_is_slow(self):
+    async def test_misses_past_the_waiting_limit_answer_at_once_and_cached_reads_flow(self):
         seed = {"apiKeys": ["test-key"], "customers": {f"c{i}": data.ACME for i in range(4)}}
-        # 4 handler threads: at most 2 wait on Stigg, 2 always answer
-        h = await OnlineHarness(self, reactor).start(seed, GRPC_MAX_WORKERS="4", ENTITLEMENTS_TIMEOUT_MS="5000")
+        # One thread runs calls; two misses may wait on Stigg. The waiting ones hand the running
+        # role on, so the cached read is answered while both wait.
+        h = await OnlineHarness(self, reactor).start(
+            seed, GRPC_MAX_WORKERS="1", MAX_WAITING_READS="2", ENTITLEMENTS_TIMEOUT_MS="5000"
+        )
         await h.call("GetBooleanEntitlement", boolean("c0", "sso"))
         await h.faults(latency_ms=1500)
         slow = [h.call("GetBooleanEntitlement", boolean(c, "sso")) for c in ("c1", "c2")]
-        from twisted.internet.task import deferLater
+        waiting = h.sidecar.backend.waiting_reads
 
-        await deferLater(reactor, 0.3, lambda: None)  # both are waiting on Stigg now
+        async def both_waiting():
+            return waiting.in_use == 2
+
+        await h.wait_until(both_waiting)
         third = await h.call("GetBooleanEntitlement", boolean("c3", "sso"))
         self.assertTrue(third.is_fallback)
         cached = await h.call("GetBooleanEntitlement", boolean("c0", "sso"))
         self.assertEqual((cached.has_access, cached.is_fallback), (True, False))
+        self.assertEqual(waiting.in_use, 2)  # both still waiting: the answers above did not queue behind them
         self.assertEqual([r.is_fallback for r in await gatherResults(slow)], [False, False])
+        registry = h.sidecar.metrics.registry
+        self.assertEqual(registry.get_sample_value("sidecar_fast_failed_reads_total", {"reason": "overloaded"}), 1)
         # the fallback's customer was fetched in the background all the same
         async def fetched():
             r = await h.call("GetBooleanEntitlement", boolean("c3", "sso"))

@@ -8,13 +8,12 @@ gate refuses at once what could not be answered in time and turns every failure 
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable
 
 from twisted.logger import Logger
 
+from stigg_sidecar.crossing import BudgetExhausted, WaitBudget, wait_on_reactor
 from stigg_sidecar.entitlements.records import MalformedState
-from stigg_sidecar.online import call_on_reactor
 from stigg_sidecar.reports import WriteError, WriteFailure
 from stigg_sidecar.upstream.api import UpstreamError
 
@@ -32,11 +31,11 @@ MIN_WRITE_BUDGET = 0.05
 class WriteGate:
     """Runs `fn(*args, budget)` on the reactor for a handler thread and waits for its result.
 
-    `slots` bounds how many handler threads wait on the reactor at once; `key_rejected` says
-    whether Stigg refused the API key (then nothing is sent).
+    `slots` bounds how many handler threads wait on the reactor at once (MAX_WAITING_WRITES);
+    `key_rejected` says whether Stigg refused the API key (then nothing is sent).
     """
 
-    def __init__(self, reactor, slots: threading.Semaphore, key_rejected: Callable[[], bool],
+    def __init__(self, reactor, slots: WaitBudget, key_rejected: Callable[[], bool],
                  waiting_for: str = "Stigg") -> None:
         self._reactor = reactor
         self._waiting_for = waiting_for  # what a timeout message says did not answer
@@ -50,12 +49,14 @@ class WriteGate:
             raise WriteError(
                 WriteFailure.DEADLINE_EXCEEDED, f"the call's deadline leaves {timeout * 1000:.0f} ms: too little to reach Stigg"
             )
-        if not self._slots.acquire(blocking=False):
-            # Writes wait on Stigg too: they share the reads' slots so cached reads keep a reserve.
-            raise WriteError(WriteFailure.UNAVAILABLE, "too many calls already waiting on Stigg; try again shortly")
         budget = timeout - min(_HANDOFF_MAX, timeout * _HANDOFF_SHARE)
         try:
-            return call_on_reactor(self._reactor, fn, *args, budget, timeout=timeout)
+            return wait_on_reactor(self._reactor, self._slots, fn, *args, budget, timeout=timeout)
+        except BudgetExhausted:
+            raise WriteError(
+                WriteFailure.UNAVAILABLE,
+                f"{self._slots.limit} writes already waiting on {self._waiting_for} (MAX_WAITING_WRITES); try again shortly",
+            ) from None
         except TimeoutError:
             raise WriteError(WriteFailure.DEADLINE_EXCEEDED, f"{self._waiting_for} did not answer within {timeout:.3g}s") from None
         except UpstreamError as e:
@@ -67,5 +68,3 @@ class WriteGate:
             raise WriteError(
                 WriteFailure.UNAVAILABLE, f"the write to Stigg failed ({type(e).__name__}); it may or may not have been recorded"
             ) from None
-        finally:
-            self._slots.release()

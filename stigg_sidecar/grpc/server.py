@@ -1,13 +1,13 @@
 """GrpcService: grpcio's threaded server as a Twisted service.
 
-Owns the grpc.Server: its thread pool, its port and its graceful stop. Start binds and serves;
-stop refuses new calls at once and lets in-flight ones finish within the grace period, returning
-a Deferred the parent MultiService waits on. Knows nothing of entitlements.
+Owns the grpc.Server: its handler pool (`executor.HandlerPool`: `max_workers` threads run calls,
+more while calls block on Stigg), its port and its graceful stop. Start binds and serves; stop
+refuses new calls at once and lets in-flight ones finish within the grace period, returning a
+Deferred the parent MultiService waits on. Knows nothing of entitlements.
 """
 
 from __future__ import annotations
 
-from concurrent import futures
 from typing import Callable, Sequence
 
 import grpc
@@ -15,6 +15,8 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+
+from stigg_sidecar.grpc.executor import HandlerPool
 
 log = Logger()
 
@@ -56,11 +58,13 @@ class GrpcService(Service):
         self._on_serving = on_serving
         self._interceptors = list(interceptors)
         self._server: grpc.Server | None = None
+        self.pool: HandlerPool | None = None
         self.port: int | None = None
 
     def _build(self) -> grpc.Server:
+        self.pool = HandlerPool(self._max_workers, thread_name_prefix="grpc-handler")
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="grpc-handler"),
+            self.pool,
             options=[
                 ("grpc.max_receive_message_length", self._max_message_bytes),
                 ("grpc.so_reuseport", 0),
@@ -105,8 +109,15 @@ class GrpcService(Service):
             return None
         log.info("gRPC stopping: refusing new calls, {grace}s for in-flight ones", grace=self._grace)
         done = server.stop(self._grace)
+        pool, self.pool = self.pool, None
         # Waiting on the event blocks, so it happens on the reactor's thread pool (still running
         # while "before shutdown" triggers, which stop services, are pending).
         d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), done.wait, self._grace + 5)
-        d.addCallback(lambda _: log.info("gRPC stopped"))
+
+        def stopped(_: object) -> None:
+            if pool is not None:
+                pool.shutdown(wait=False)  # parked threads exit now, any still waiting after their call
+            log.info("gRPC stopped")
+
+        d.addCallback(stopped)
         return d

@@ -1,0 +1,83 @@
+"""Handler threads waiting on the reactor: the one way a gRPC handler asks the reactor for work.
+
+Owns the crossing (`call_on_reactor`: callFromThread, then wait under a deadline), the in-flight
+budgets that bound how many handler threads wait at once (`WaitBudget`, one for reads and one for
+writes, so neither takes the other's capacity), and `wait_on_reactor`, which puts the two
+together inside the handler pool's `blocking()` so a waiting thread hands its runner role to
+another and cached reads keep being served. Never touches state: `fn` runs on the reactor.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from typing import Any, Callable
+
+from twisted.internet.defer import maybeDeferred
+from twisted.python.failure import Failure
+
+from stigg_sidecar.grpc.executor import blocking
+
+
+class BudgetExhausted(Exception):
+    """Every place in a `WaitBudget` is taken; nothing was started."""
+
+    def __init__(self, budget: "WaitBudget") -> None:
+        super().__init__(f"{budget.limit} {budget.what} already waiting on Stigg")
+        self.budget = budget
+
+
+class WaitBudget:
+    """At most `limit` handler threads waiting at once for one kind of call ("reads", "writes").
+    Entering never waits: a full budget is an answer (a fallback, UNAVAILABLE), not a queue."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        if limit < 1:
+            raise ValueError("a wait budget needs at least one place")
+        self.limit = limit
+        self.what = what
+        self._lock = threading.Lock()
+        self._in_use = 0
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    def try_enter(self) -> bool:
+        with self._lock:
+            if self._in_use >= self.limit:
+                return False
+            self._in_use += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self._in_use -= 1
+
+
+def call_on_reactor(reactor, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+    """Run `fn(*args)` on the reactor thread and wait up to `timeout` seconds for its result
+    (a Deferred is waited for). Raises TimeoutError past the deadline, or what `fn` raised."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def failed(failure: Failure) -> None:
+        future.set_exception(failure.value)
+
+    def run() -> None:
+        maybeDeferred(fn, *args).addCallbacks(future.set_result, failed)
+
+    reactor.callFromThread(run)
+    return future.result(timeout)
+
+
+def wait_on_reactor(reactor, budget: WaitBudget, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+    """From a handler thread: run `fn(*args)` on the reactor and wait for its result, holding one
+    place of `budget` (BudgetExhausted at once when there is none) and no runner role (the
+    handler pool serves other calls meanwhile), for at most `timeout` seconds (TimeoutError)."""
+    if not budget.try_enter():
+        raise BudgetExhausted(budget)
+    try:
+        with blocking():
+            return call_on_reactor(reactor, fn, *args, timeout=timeout)
+    finally:
+        budget.leave()

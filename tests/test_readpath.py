@@ -1,0 +1,67 @@
+"""The read path under bursts and a slow Stigg, over real sockets (issue 10, findings 1 and 2).
+
+The emulator is Stigg; the sidecar runs in this reactor; calls are real gRPC over 127.0.0.1.
+A burst of cold reads must get Stigg's answers, not fallbacks; a slow Stigg holding many reads
+must not take the places writes and cached reads need.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
+from twisted.trial.unittest import TestCase
+
+from stigg_sidecar._proto import sidecar_pb2 as pb
+from tests import data
+from tests.support import OnlineHarness
+
+
+def sso(customer: str) -> pb.GetBooleanEntitlementRequest:
+    return pb.GetBooleanEntitlementRequest(customer_id=customer, feature_id="sso")
+
+
+def customers(n: int) -> dict:
+    return {"apiKeys": ["test-key"], "customers": {f"c{i}": data.ACME for i in range(n)}}
+
+
+class ColdBurstTests(TestCase):
+    timeout = 60
+
+    async def test_256_concurrent_cold_reads_all_answer_stiggs_data(self):
+        h = await OnlineHarness(self, reactor).start(customers(257))
+        await h.call("GetBooleanEntitlement", sso("c256"))  # connected and warm
+        answers = await gatherResults([h.call("GetBooleanEntitlement", sso(f"c{i}"), timeout=20) for i in range(256)])
+        self.assertEqual(sum(r.is_fallback for r in answers), 0)
+        self.assertTrue(all(r.has_access for r in answers))
+        counts = await h.requests()
+        self.assertEqual(counts["/v1/c/{customerId}/entitlements-state.json"], 257)
+
+
+class SlowStiggStormTests(TestCase):
+    timeout = 60
+
+    async def test_writes_and_cached_reads_go_through_while_64_cold_reads_wait_on_a_slow_stigg(self):
+        h = await OnlineHarness(self, reactor).start(customers(65), ENTITLEMENTS_TIMEOUT_MS="10000")
+        await h.call("GetBooleanEntitlement", sso("c64"))  # cached before Stigg slows down
+        await h.faults(latency_ms=3000)
+        storm = [h.call("GetBooleanEntitlement", sso(f"c{i}"), timeout=10) for i in range(64)]
+        waiting = h.sidecar.backend.waiting_reads
+
+        async def storm_waiting():
+            return waiting.in_use == 64
+
+        await h.wait_until(storm_waiting)
+        # the cached customer answers at once, from memory, while all 64 wait
+        cached = await h.call("GetBooleanEntitlement", sso("c64"), timeout=1)
+        self.assertEqual((cached.has_access, cached.is_fallback), (True, False))
+        self.assertEqual(waiting.in_use, 64)
+        writes = [
+            h.call("ReportUsage", pb.ReportUsageRequest(customer_id="c64", feature_id="api-calls", value=1), timeout=10)
+            for _ in range(8)
+        ]
+        acks = await gatherResults(writes)
+        self.assertEqual(len({a.measurement_id for a in acks}), 8)
+        answers = await gatherResults(storm)
+        self.assertEqual([r.is_fallback for r in answers], [False] * 64)
+        self.assertTrue(all(r.has_access for r in answers))
+        self.assertEqual(len((await h.admin("GET", "usage"))[1]), 8)
