@@ -8,7 +8,8 @@ Deferred the parent MultiService waits on. Knows nothing of entitlements.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from concurrent import futures
+from typing import Callable, Sequence, cast
 
 import grpc
 from twisted.application.service import Service
@@ -64,7 +65,8 @@ class GrpcService(Service):
     def _build(self) -> grpc.Server:
         self.pool = HandlerPool(self._max_workers, thread_name_prefix="grpc-handler")
         server = grpc.server(
-            self.pool,
+            # grpcio's stubs say ThreadPoolExecutor; the server only ever calls submit().
+            cast(futures.ThreadPoolExecutor, self.pool),
             options=[
                 ("grpc.max_receive_message_length", self._max_message_bytes),
                 ("grpc.so_reuseport", 0),
