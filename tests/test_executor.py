@@ -151,15 +151,15 @@ class HandlerPoolTests(TestCase):
         gate = Gate(pool, managed=True)
         running = pool.submit(gate)
         self.assertTrue(gate.started.wait(WAIT))
-        shutting = threading.Thread(target=pool.shutdown, kwargs={"wait": True})
-        shutting.start()
-        self.assertTrue(pool.wait_until(lambda c: c["parked"] == 0, WAIT))
+        pool.shutdown(wait=False)
         with self.assertRaises(RuntimeError):
             pool.submit(lambda: None)
+        waiting = threading.Thread(target=pool.shutdown, kwargs={"wait": True})
+        waiting.start()
         gate.open.set()
         self.assertTrue(running.result(WAIT))
-        shutting.join(WAIT)
-        self.assertFalse(shutting.is_alive())
+        waiting.join(WAIT)
+        self.assertFalse(waiting.is_alive())
         self.assertEqual(pool.counts()["threads"], 0)
 
 
