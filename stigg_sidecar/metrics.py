@@ -65,6 +65,11 @@ class Metrics:
             "sidecar_realtime_last_update_age_seconds", "Seconds since the last real-time update (-1: none yet)", registry=r
         )
         self.realtime_malformed = Gauge("sidecar_realtime_malformed_frames", "Real-time frames ignored", registry=r)
+        self.upstream_malformed = _CountedElsewhere(
+            "sidecar_upstream_malformed_entitlements",
+            "Entitlements Stigg sent with a malformed field, each left out of its customer (answered by fallbacks)",
+            registry=r,
+        )
         self.ready = Gauge("sidecar_ready", "1 while readiness is UP", registry=r)
         # The write spool (SPOOL_WRITES) and the cache snapshot (STATE_DIR).
         self.spool_records = Gauge("sidecar_spool_records", "Acknowledged writes waiting for delivery", registry=r)

@@ -15,6 +15,7 @@ Writes (usage, events) and the handler side of reloads live in `stigg_sidecar.de
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -42,6 +43,13 @@ if TYPE_CHECKING:
     from stigg_sidecar.delivery.pending import PendingUsage
 
 log = Logger()
+
+# Malformed entitlements from Stigg are logged once per customer per interval (seconds), for at
+# most this many customers remembered at once, naming at most this many items per line.
+_MALFORMED_LOG_INTERVAL = 60.0
+_MALFORMED_LOG_KEYS = 10_000
+_MALFORMED_LOG_ITEMS = 5
+
 
 class _ThrottledWarning:
     """One "answering fallbacks" line per interval, however many reads fall back: during an
@@ -97,6 +105,10 @@ class OnlineSidecar:
         # Spooled usage not yet delivered, applied on top of what Stigg says (SPOOL_WRITES).
         self.pending: PendingUsage | None = None
         self._fallback_log = _ThrottledWarning(interval=10.0)
+        # Entitlements Stigg sent malformed (each left out of its entry, answered by fallbacks):
+        # counted, and logged once per customer per interval (reactor only).
+        self.malformed_entitlements = 0
+        self._malformed_logged: dict[str, float] = {}
 
     def set_counters(
         self, on_hit: Callable[[], None], on_miss: Callable[[], None], on_overloaded: Callable[[], None] = lambda: None
@@ -195,6 +207,7 @@ class OnlineSidecar:
             use_edge = False if mode == "reload" else None
             state = yield self._api.fetch_state(customer_id, resource_id, self._fetch_timeout, use_edge)
             fetched = entry_from_state(customer_id, resource_id, state, self.now_ms())
+            self.count_malformed(fetched, throttled=(mode != "reload"))
         except Exception:
             if mirror is not None and token is not None:
                 mirror.release_fetch_lock(customer_id, resource_id, token, error="fetch failed")
@@ -207,6 +220,31 @@ class OnlineSidecar:
             if token is not None:
                 mirror.release_fetch_lock(customer_id, resource_id, token)
         return current
+
+    def count_malformed(self, entry: CustomerEntry, throttled: bool = True) -> None:
+        """Count the entitlements Stigg sent malformed in `entry` and say which and why: once per
+        customer per MALFORMED_LOG_INTERVAL, or every time when not `throttled` (a reload is
+        someone asking what Stigg has)."""
+        if not entry.malformed:
+            return
+        self.malformed_entitlements += len(entry.malformed)
+        key, now = entry.key, self._reactor.seconds()
+        logged = self._malformed_logged
+        if throttled and logged.get(key, -math.inf) > now:
+            return
+        if len(logged) >= _MALFORMED_LOG_KEYS:
+            logged.clear()  # bounded: at worst a customer is logged again early
+        logged[key] = now + _MALFORMED_LOG_INTERVAL
+        problems = "; ".join(clipped(m.problem) for m in entry.malformed[:_MALFORMED_LOG_ITEMS])
+        more = len(entry.malformed) - _MALFORMED_LOG_ITEMS
+        log.warn(
+            "Stigg sent {n} malformed entitlement(s) for {customer}: {problems}{more}. Reads of those answer"
+            " fallbacks; the customer's other entitlements are Stigg's data",
+            n=len(entry.malformed),
+            customer=quoted(entry.customer_id),
+            problems=problems,
+            more=f" (and {more} more)" if more > 0 else "",
+        )
 
     def store(self, entry: CustomerEntry, force: bool = False) -> CustomerEntry:
         """Cache `entry` unless a newer one is cached (or `force`); return whichever is current.
@@ -328,6 +366,7 @@ class CacheUpdates:
             return
         state = {"entitlementsV2": entitlements, "accessDeniedReason": reason}
         entry = entry_from_state(customer_id, resource_id, state, self._backend.now_ms())
+        self._backend.count_malformed(entry)
         if self._backend.cache.get_entry(key) is not None or self._backend.fetching(key):
             # (A fetch in flight may carry older data, e.g. from a lagging Edge: the push lands
             # first and newer wins when the fetch does.)

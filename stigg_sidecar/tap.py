@@ -205,6 +205,7 @@ def _observe_online(metrics: Metrics, reactor, api: StiggApi, backend: OnlineSid
     metrics.cache_entries.set_function(lambda: len(cache))
     metrics.cache_bytes.set_function(lambda: cache.bytes)
     metrics.cache_evictions.set_function(lambda: cache.evictions)
+    metrics.upstream_malformed.count_from(lambda: backend.malformed_entitlements)
     mirror = backend.mirror
     if mirror is not None:
         metrics.redis_client_errors.count_from(lambda: mirror.errors)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from dataclasses import FrozenInstanceError, fields, replace
 from typing import Any
 
@@ -274,11 +275,23 @@ class TimestampRuleTests(SynchronousTestCase):
 
 
 class MalformedStateTests(SynchronousTestCase):
+    """A malformed whole raises; a malformed entitlement is left out and listed, the rest kept."""
+
     def assertMalformed(self, raw: Any, place: str) -> None:
         with self.assertRaises(MalformedState) as caught:
             entry_from_state("cust-1", None, raw, NOW)
         self.assertIn(place, str(caught.exception))
         self.assertIsInstance(caught.exception, ValueError)
+
+    def assertItemMalformed(self, raw: Any, place: str, ref_id: str | None = "feature-api-calls") -> None:
+        good = boolean_item("feature-kept")
+        raw = {**raw, "entitlementsV2": [*raw["entitlementsV2"], good]}
+        entry = entry_from_state("cust-1", None, raw, NOW)
+        (malformed,) = entry.malformed
+        self.assertIn(place, malformed.problem)
+        self.assertEqual(malformed.ref_id, ref_id)
+        self.assertEqual(list(entry.features), ["feature-kept"])
+        self.assertEqual(dict(entry.credits), {})
 
     def test_state_not_an_object(self) -> None:
         self.assertMalformed(["nope"], "entitlementsState: must be an object")
@@ -287,42 +300,62 @@ class MalformedStateTests(SynchronousTestCase):
         self.assertMalformed({"entitlementsV2": {"a": 1}}, "entitlementsState.entitlementsV2: must be a list")
 
     def test_item_not_an_object(self) -> None:
-        self.assertMalformed(state(boolean_item(), "x"), "entitlementsState.entitlementsV2[1]: must be an object")
+        entry = entry_from_state("cust-1", None, state(boolean_item(), "x"), NOW)
+        self.assertEqual(list(entry.features), ["feature-sso"])
+        self.assertIn("entitlementsState.entitlementsV2[1]: must be an object", entry.malformed[0].problem)
+
+    def test_usage_overflowed_to_infinity_costs_one_entitlement(self) -> None:
+        # Two reports of 1e308 upstream: Stigg's usage is inf, which JSON carries as 1e999.
+        raw = json.loads(json.dumps(state(metered_item(currentUsage=1e308), boolean_item())).replace("1e+308", "1e999"))
+        entry = entry_from_state("cust-1", None, raw, NOW)
+        self.assertEqual(list(entry.features), ["feature-sso"])
+        self.assertEqual(
+            [(m.kind, m.ref_id) for m in entry.malformed], [("FEATURE", "feature-api-calls")]
+        )
+        self.assertIn("entitlementsV2[0].currentUsage: must be a finite number", entry.malformed[0].problem)
+
+    def test_a_later_good_item_for_the_same_feature_wins(self) -> None:
+        entry = entry_from_state("cust-1", None, state(metered_item(usageLimit="x"), metered_item()), NOW)
+        self.assertEqual((list(entry.features), entry.malformed), (["feature-api-calls"], ()))
+
+    def test_a_malformed_credit_is_listed_under_its_currency(self) -> None:
+        entry = entry_from_state("cust-1", None, state(credit_item(usageLimit=[1])), NOW)
+        self.assertEqual([(m.kind, m.ref_id) for m in entry.malformed], [("CREDIT", "cred-tokens")])
 
     def test_limit_of_wrong_type(self) -> None:
-        self.assertMalformed(state(metered_item(usageLimit="1000")), "entitlementsV2[0].usageLimit")
+        self.assertItemMalformed(state(metered_item(usageLimit="1000")), "entitlementsV2[0].usageLimit")
 
     def test_boolean_is_not_a_number(self) -> None:
-        self.assertMalformed(state(metered_item(currentUsage=True)), "entitlementsV2[0].currentUsage")
+        self.assertItemMalformed(state(metered_item(currentUsage=True)), "entitlementsV2[0].currentUsage")
 
     def test_flag_of_wrong_type(self) -> None:
-        self.assertMalformed(state(metered_item(hasSoftLimit="no")), "entitlementsV2[0].hasSoftLimit")
+        self.assertItemMalformed(state(metered_item(hasSoftLimit="no")), "entitlementsV2[0].hasSoftLimit")
 
     def test_bad_period_date(self) -> None:
-        self.assertMalformed(state(metered_item(usagePeriodEnd="next month")), "entitlementsV2[0].usagePeriodEnd")
+        self.assertItemMalformed(state(metered_item(usagePeriodEnd="next month")), "entitlementsV2[0].usagePeriodEnd")
 
     def test_feature_of_wrong_type(self) -> None:
-        self.assertMalformed(state(boolean_item(feature="sso")), "entitlementsV2[0].feature: must be an object")
+        self.assertItemMalformed(state(boolean_item(feature="sso")), "entitlementsV2[0].feature: must be an object", None)
 
     def test_ref_id_of_wrong_type(self) -> None:
         item = boolean_item()
         item["feature"]["refId"] = 7
-        self.assertMalformed(state(item), "entitlementsV2[0].feature.refId")
+        self.assertItemMalformed(state(item), "entitlementsV2[0].feature.refId", None)
 
     def test_enum_values_of_wrong_type(self) -> None:
-        self.assertMalformed(state(boolean_item(enumValues=[1, 2])), "entitlementsV2[0].enumValues")
+        self.assertItemMalformed(state(boolean_item(enumValues=[1, 2])), "entitlementsV2[0].enumValues", "feature-sso")
 
     def test_currency_of_wrong_type(self) -> None:
-        self.assertMalformed(state(credit_item(currency=[])), "entitlementsV2[0].currency: must be an object")
+        self.assertItemMalformed(state(credit_item(currency=[])), "entitlementsV2[0].currency: must be an object", None)
 
     def test_customer_reason_of_wrong_type(self) -> None:
         self.assertMalformed({"entitlementsV2": [], "accessDeniedReason": 3}, "entitlementsState.accessDeniedReason")
 
     def test_non_finite_number(self) -> None:
-        self.assertMalformed(state(metered_item(usageLimit=float("inf"))), "usageLimit")
+        self.assertItemMalformed(state(metered_item(usageLimit=float("inf"))), "usageLimit")
 
     def test_number_too_large_for_a_float(self) -> None:
-        self.assertMalformed(state(metered_item(usageLimit=10**400)), "entitlementsV2[0].usageLimit")
+        self.assertItemMalformed(state(metered_item(usageLimit=10**400)), "entitlementsV2[0].usageLimit")
 
 
 class SizeTests(SynchronousTestCase):

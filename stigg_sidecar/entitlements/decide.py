@@ -24,6 +24,7 @@ from stigg_sidecar.entitlements.records import (
     CustomerEntry,
     Feature,
     FeatureEntitlement,
+    malformed_ids,
 )
 
 FEATURE_KINDS = ("boolean", "numeric", "metered", "enum")
@@ -115,6 +116,9 @@ def decide_feature(
     if entry.access_denied_reason:
         return replace(typed, has_access=False, reason=entry.access_denied_reason)
     if ent is None:
+        if entry.malformed and feature_id in malformed_ids(entry, "FEATURE"):
+            # Stigg has this entitlement but sent it malformed: its data cannot decide.
+            return fallback_decision(kind, feature_id, fallback, requested_usage, requested_values)
         return replace(typed, has_access=False, reason="NoFeatureEntitlementInSubscription")
     if ent.access_denied_reason:
         return replace(typed, has_access=False, reason=ent.access_denied_reason)
@@ -219,6 +223,8 @@ def decide_credit(
     if entry.access_denied_reason:
         return replace(typed, has_access=False, reason=entry.access_denied_reason)
     if credit is None:
+        if entry.malformed and currency_id in malformed_ids(entry, "CREDIT"):
+            return fallback_decision("credit", currency_id, fallback, requested_usage)
         return replace(typed, has_access=False, reason="EntitlementNotFound")
     if credit.access_denied_reason:
         return replace(typed, has_access=False, reason=credit.access_denied_reason)

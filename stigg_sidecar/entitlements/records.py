@@ -334,6 +334,9 @@ class CustomerEntry:
     features: Mapping[str, FeatureEntitlement] = field(default_factory=dict)
     credits: Mapping[str, CreditEntitlement] = field(default_factory=dict)
     timestamp: int = 0
+    # What Stigg sent malformed, one `Malformed` per entitlement left out of the maps above: a
+    # read of one of them answers the fallback, not "no entitlement".
+    malformed: tuple[Malformed, ...] = ()
     size: int = field(init=False, compare=False, default=0)
     # Answers computed from this entry, for whoever reads it (the gRPC layer): None until the
     # first one. Not part of the entry's value: never compared, never copied by `replace`, so a
@@ -341,6 +344,8 @@ class CustomerEntry:
     memo: dict | None = field(init=False, compare=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
+        if self.malformed:
+            object.__setattr__(self, "malformed", tuple(self.malformed))
         # Copy so no caller keeps a mutable handle on the entry's maps (a FrozenMap is immutable).
         for name in ("features", "credits"):
             value = getattr(self, name)
@@ -364,7 +369,23 @@ def _derived(entry: CustomerEntry, size: int, **changes: Any) -> CustomerEntry:
     return derived
 
 
-_ENTRY_FIELDS = ("customer_id", "resource_id", "access_denied_reason", "features", "credits", "timestamp")
+_ENTRY_FIELDS = ("customer_id", "resource_id", "access_denied_reason", "features", "credits", "timestamp", "malformed")
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """An entitlement Stigg sent with a field this code cannot use (a non-finite usage, a wrong
+    type...): `kind` is "FEATURE" or "CREDIT", `ref_id` the feature refId or currency id (None
+    when even that was unreadable), `problem` the place and what is wrong with it."""
+
+    kind: str
+    ref_id: str | None
+    problem: str
+
+
+def malformed_ids(entry: CustomerEntry, kind: str) -> frozenset[str]:
+    """The ids of the entry's entitlements of `kind` that Stigg sent malformed."""
+    return frozenset(m.ref_id for m in entry.malformed if m.kind == kind and m.ref_id is not None)
 
 
 def cache_key(customer_id: str, resource_id: str | None) -> str:
@@ -465,6 +486,8 @@ def entry_bytes(entry: CustomerEntry) -> int:
     size = sys.getsizeof(entry) + sys.getsizeof(entry.key)
     for text in (entry.customer_id, entry.resource_id, entry.access_denied_reason, entry.timestamp):
         size += _number_bytes(text, seen)
+    if entry.malformed:
+        size += _deep_size(entry.malformed, seen)
     for mapping in (entry.features, entry.credits):
         if isinstance(mapping, FrozenMap) and mapping is not _EMPTY_MAP:
             size += mapping.own_bytes()
@@ -487,7 +510,10 @@ def entry_from_state(customer_id: str, resource_id: str | None, state: Mapping[s
 
     Items whose feature has no refId (or credits without a currencyId) are skipped; items of an
     unknown `__typename` are skipped too, so a new union member does not break old sidecars.
-    A later item for the same id replaces an earlier one.
+    A later item for the same id replaces an earlier one. An item with a malformed field (a
+    non-finite number, a wrong type...) is left out and listed in the entry's `malformed`: one
+    bad entitlement never costs the customer's others. Only a malformed whole (the state or its
+    list not of the documented type) raises MalformedState.
     """
     where = "entitlementsState"
     if not isinstance(state, Mapping):
@@ -503,19 +529,28 @@ def entry_from_state(customer_id: str, resource_id: str | None, state: Mapping[s
 
     features: dict[str, FeatureEntitlement] = {}
     credits: dict[str, CreditEntitlement] = {}
+    malformed: list[Malformed] = []
     for index, item in enumerate(items):
         item_where = f"{where}.entitlementsV2[{index}]"
         if not isinstance(item, Mapping):
-            raise MalformedState(f"{item_where}: must be an object")
+            malformed.append(Malformed("FEATURE", None, f"{item_where}: must be an object"))
+            continue
         typename = item.get("__typename") or ("CreditEntitlement" if "currency" in item else "FeatureEntitlement")
-        if typename == "FeatureEntitlement":
-            entitlement = _feature_entitlement(item, item_where, timestamp, times)
-            if entitlement is not None:
-                features[entitlement.feature.id] = entitlement
-        elif typename == "CreditEntitlement":
-            credit = _credit_entitlement(item, item_where, timestamp)
-            if credit is not None:
-                credits[credit.currency.currency_id] = credit
+        try:
+            if typename == "FeatureEntitlement":
+                entitlement = _feature_entitlement(item, item_where, timestamp, times)
+                if entitlement is not None:
+                    features[entitlement.feature.id] = entitlement
+            elif typename == "CreditEntitlement":
+                credit = _credit_entitlement(item, item_where, timestamp)
+                if credit is not None:
+                    credits[credit.currency.currency_id] = credit
+        except MalformedState as e:
+            kind = "CREDIT" if typename == "CreditEntitlement" else "FEATURE"
+            malformed.append(Malformed(kind, _readable_id(item, kind), str(e)))
+    if malformed:
+        # A later good item for an id wins over an earlier bad one, as any later item does.
+        malformed = [m for m in malformed if m.ref_id not in (features if m.kind == "FEATURE" else credits)]
     return CustomerEntry(
         customer_id=customer_id,
         resource_id=resource_id,
@@ -523,7 +558,16 @@ def entry_from_state(customer_id: str, resource_id: str | None, state: Mapping[s
         features=features,
         credits=credits,
         timestamp=timestamp,
+        malformed=tuple(malformed),
     )
+
+
+def _readable_id(item: Mapping[str, Any], kind: str) -> str | None:
+    """The malformed item's feature refId or currency id, if that much is readable."""
+    holder, key = ("currency", "currencyId") if kind == "CREDIT" else ("feature", "refId")
+    inner = item.get(holder)
+    ref_id = inner.get(key) if isinstance(inner, Mapping) else None
+    return ref_id if isinstance(ref_id, str) and ref_id else None
 
 
 def _entry_timestamp(items: list[Any], now_ms: int) -> int:
