@@ -9,6 +9,7 @@ validates them into Settings (exiting with one clear line on a bad value) and bu
     ├── RedisMirror      the cache mirrored to Redis (online, REDIS_ENVIRONMENT_PREFIX set)
     ├── Poller           refreshes cached entries while the socket is down or disabled (online only)
     ├── RealtimeService  Stigg's GraphQL WebSocket, kept alive by ClientService (online, WS_ENABLED)
+    ├── SnapshotService  the cache written to STATE_DIR and loaded at start (online, STATE_DIR)
     ├── SpooledDelivery  writes durable in STATE_DIR, delivered in batches (online, SPOOL_WRITES)
     └── GrpcService      stigg.sidecar.v1.SidecarService on PORT (stops first, draining)
 """
@@ -44,6 +45,8 @@ from stigg_sidecar.online import CacheUpdates, OnlineSidecar
 from stigg_sidecar.service import SidecarService
 from stigg_sidecar.settings import SPECS, Settings, SettingsError, load_settings
 from stigg_sidecar.state.directory import StateDirectory, StateDirectoryError
+from stigg_sidecar.state.snapshot import FILE_NAME as SNAPSHOT_FILE
+from stigg_sidecar.state.snapshot import SnapshotService
 from stigg_sidecar.upstream.api import StiggApi
 from stigg_sidecar.upstream.poller import Poller, Refresher
 from stigg_sidecar.upstream.realtime import RealtimeService
@@ -144,6 +147,13 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
             )
             realtime.setServiceParent(top)
         online = backend
+        if state_dir is not None:
+            # Before the spool in the tree: stops after it, so the last snapshot has its results.
+            SnapshotService(
+                reactor, state_dir.file(SNAPSHOT_FILE), online, settings.snapshot_interval_secs,
+                refresh=refresher.refresh, readiness=readiness,
+                on_loaded_age=metrics.snapshot_loaded_age.set if metrics is not None else (lambda age: None),
+            ).setServiceParent(top)
         writer = DirectDelivery(
             WriteGate(reactor, online.waiting_writes, lambda: online.key_rejected), UpstreamWrites(api, online), online
         )

@@ -56,6 +56,7 @@ class EntitlementCache:
         self._reads: deque[str] = deque(maxlen=_RECENT_READS)
         self._bytes = 0
         self.evictions = 0
+        self.changes = 0  # bumped by every store, purge and clear (the snapshot writes when it moved)
 
     # -- any thread -------------------------------------------------------------------------------
 
@@ -126,11 +127,13 @@ class EntitlementCache:
             self._evict()
 
     def purge(self, key: str) -> None:
+        self.changes += 1
         slot = self._slots.pop(key, None)
         if slot is not None:
             self._bytes -= slot.bytes
 
     def clear(self) -> None:
+        self.changes += 1
         self._slots.clear()
         self._reads.clear()
         self._bytes = 0
@@ -145,6 +148,7 @@ class EntitlementCache:
         return (slot.entry for slot in list(self._slots.values()))
 
     def _store(self, key: str, entry: CustomerEntry, slot: _Slot | None) -> None:
+        self.changes += 1
         if slot is None:
             self._slots[key] = _Slot(entry)
         else:

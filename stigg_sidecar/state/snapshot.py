@@ -1,0 +1,252 @@
+"""The cache snapshot: the memory cache written to STATE_DIR and loaded at the next start.
+
+File format (`STATE_DIR/snapshot.gz`): gzip (its CRC and length catch truncation and corruption)
+of JSON lines: a header `{"format": "stigg-sidecar-snapshot", "version": 1, "writtenMs", "entries"}`,
+one line per entry `[customerId, resourceId, [[keySuffix, value, timestamp], ...]]`, and a trailer
+`{"end": entries}`. An entry's items are Stigg's Redis format (`cache.redis_format.encode_entry`,
+read back with `decode_from`): a stable, documented shape, independent of the record classes.
+
+`SnapshotService` owns when: every SNAPSHOT_INTERVAL_SECS if the cache changed, and at stop. The
+reactor only takes the list of (immutable) entries; encoding, compressing, writing, syncing and
+the atomic rename run on a thread. At start the file is read and decoded on a thread with
+readiness blocked, its entries stored on the reactor in slices, then revalidated in the
+background. A missing, corrupt, truncated or unknown-version file is one log line and an empty
+start, never a failure.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from twisted.application.service import Service
+from twisted.internet import threads
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+
+from stigg_sidecar.cache.redis_format import EntryKeys, FormatError, decode_from, encode_entry, timestamp_key
+from stigg_sidecar.entitlements.records import CustomerEntry, apply_usage
+
+log = Logger()
+
+FORMAT = "stigg-sidecar-snapshot"
+VERSION = 1
+FILE_NAME = "snapshot.gz"
+_PREFIX = "snapshot"  # the Redis-format key prefix inside the file; never sent anywhere
+_SLICE = 2000  # entries stored per reactor turn while loading
+
+
+class SnapshotError(Exception):
+    """The snapshot cannot be used; the message says why in a few words."""
+
+
+class SnapshotMissing(SnapshotError):
+    pass
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    written_ms: int
+    entries: list[CustomerEntry]
+
+
+def _entry_line(entry: CustomerEntry) -> bytes:
+    base = EntryKeys(_PREFIX, entry.customer_id, entry.resource_id).entitlements
+    items = [[item.key[len(base):], item.value, item.timestamp] for item in encode_entry(_PREFIX, entry)]
+    return json.dumps([entry.customer_id, entry.resource_id, items], separators=(",", ":")).encode() + b"\n"
+
+
+def _entry_from(line: bytes) -> CustomerEntry | None:
+    customer_id, resource_id, items = json.loads(line)
+    base = EntryKeys(_PREFIX, customer_id, resource_id).entitlements
+    store: dict[str, str] = {}
+    for suffix, value, stamp in items:
+        store[base + suffix] = value
+        store[timestamp_key(base + suffix)] = str(stamp)
+    return decode_from(_PREFIX, customer_id, resource_id, store.get)
+
+
+def write_snapshot(path: str, entries: Sequence[CustomerEntry], written_ms: int) -> int:
+    """Write `entries` atomically (a new file, synced, renamed over the old one, the directory
+    synced); returns the file's size. Runs on any thread: entries are immutable."""
+    partial = f"{path}.partial"
+    with open(partial, "wb") as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as out:
+            header = {"format": FORMAT, "version": VERSION, "writtenMs": written_ms, "entries": len(entries)}
+            out.write(json.dumps(header).encode() + b"\n")
+            out.writelines(_entry_line(entry) for entry in entries)
+            out.write(json.dumps({"end": len(entries)}).encode() + b"\n")
+        raw.flush()
+        os.fsync(raw.fileno())
+        size = raw.tell()
+    os.replace(partial, path)
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return size
+
+
+def read_snapshot(path: str) -> Snapshot:
+    """The snapshot at `path`; raises SnapshotMissing or SnapshotError (naming what is wrong)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except FileNotFoundError:
+        raise SnapshotMissing("no snapshot yet") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise SnapshotError(f"unreadable ({e})") from None
+    try:
+        header = json.loads(lines[0])
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise SnapshotError("not a snapshot")
+        if header.get("version") != VERSION:
+            raise SnapshotError(f"version {header.get('version')!r}, this sidecar reads {VERSION}")
+        count = header["entries"]
+        if len(lines) != count + 3 or lines[-1] != b"" or json.loads(lines[-2]) != {"end": count}:
+            raise SnapshotError("truncated")
+        entries = [entry for entry in map(_entry_from, lines[1:-2]) if entry is not None]
+        return Snapshot(int(header["writtenMs"]), entries)
+    except SnapshotError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, FormatError) as e:
+        raise SnapshotError(f"malformed ({type(e).__name__}: {e})") from None
+
+
+class SnapshotService(Service):
+    name = "snapshot"
+
+    def __init__(
+        self,
+        reactor,
+        path: str,
+        backend,
+        interval: float,
+        refresh: Callable[[], Any] | None = None,
+        readiness=None,
+        on_loaded_age: Callable[[float], None] = lambda age: None,
+        wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self._reactor = reactor
+        self.path = path
+        self._backend = backend  # OnlineSidecar: its cache, `store` and pending usage
+        self._interval = interval
+        self._refresh = refresh  # revalidates the cache in the background (Refresher.refresh)
+        self._readiness = readiness
+        self._on_loaded_age = on_loaded_age
+        self._wall_ms = wall_ms
+        self._loop: LoopingCall | None = None
+        self._writing: Deferred | None = None
+        self._written_changes = -1  # the cache's change count at the last snapshot
+        self.writes = 0
+        self.loaded = 0
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self._readiness is not None:
+            self._readiness.block("snapshot", "loading the cache snapshot")
+        self._load().addBoth(self._start_writing)
+
+    @inlineCallbacks
+    def _load(self):
+        try:
+            snapshot = yield threads.deferToThread(read_snapshot, self.path)
+        except SnapshotMissing:
+            log.info("No cache snapshot in {path}; starting empty", path=self.path)
+            return
+        except Exception as e:
+            log.warn("Cache snapshot {path} not used ({why}); starting empty", path=self.path, why=str(e))
+            return
+        entries = snapshot.entries
+        for start in range(0, len(entries), _SLICE):  # in slices: reads keep being answered
+            for entry in entries[start:start + _SLICE]:
+                self._backend.store(entry)
+            yield deferLater(self._reactor, 0, lambda: None)
+        age = max(0.0, (self._wall_ms() - snapshot.written_ms) / 1000)
+        self.loaded = len(entries)
+        self._on_loaded_age(age)
+        log.info("Loaded {n} cached customers from the snapshot ({age:.0f}s old); revalidating in the background",
+                 n=len(entries), age=age)
+        # What was loaded is what the cache holds now: no need to write it again until it changes.
+        self._written_changes = self._backend.cache.changes
+        if self._refresh is not None:
+            self._refresh()
+
+    def _start_writing(self, _: Any) -> None:
+        if self._readiness is not None:
+            self._readiness.unblock("snapshot")
+        if self.running:
+            self._loop = LoopingCall(self.write_if_changed)
+            self._loop.clock = self._reactor
+            self._loop.start(self._interval, now=False)
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def write_if_changed(self) -> Deferred | None:
+        if self._writing is not None or self._backend.cache.changes == self._written_changes:
+            return None
+        return self.write()
+
+    def write(self) -> Deferred:
+        """Write the cache as it is now; fires with the file's size. One write at a time."""
+        if self._writing is not None:
+            return self._writing.addCallback(lambda _: self.write())
+        changes = self._backend.cache.changes
+        entries = self._capture()
+        started = self._reactor.seconds()
+
+        def written(size: int) -> int:
+            self._writing = None
+            self._written_changes = changes
+            self.writes += 1
+            log.debug("Cache snapshot: {n} customers, {size} bytes in {s:.2f}s", n=len(entries), size=size,
+                      s=self._reactor.seconds() - started)
+            return size
+
+        def failed(failure):
+            self._writing = None
+            log.warn("Could not write the cache snapshot {path}: {why}", path=self.path, why=failure.getErrorMessage())
+            return 0
+
+        self._writing = threads.deferToThread(write_snapshot, self.path, entries, self._wall_ms())
+        self._writing.addCallbacks(written, failed)
+        return self._writing
+
+    def _capture(self) -> list[CustomerEntry]:
+        """The entries to write, with Stigg's own usage where spooled usage is not yet delivered
+        (the spool re-applies it at the next start; writing it here would count it twice)."""
+        cache = self._backend.cache
+        entries = list(cache.entries())
+        pending = getattr(self._backend, "pending", None)
+        if pending is None or not pending.tracked_keys():
+            return entries
+        tracked = pending.tracked_keys()
+        return [_with_bases(entry, pending) if entry.key in tracked else entry for entry in entries]
+
+    @inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._writing is not None:
+            yield self._writing
+        if self._backend.cache.changes != self._written_changes:
+            yield self.write()
+
+
+def _with_bases(entry: CustomerEntry, pending) -> CustomerEntry:
+    for feature_id in list(entry.features):
+        base = pending.base(entry.key, feature_id)
+        if base is not None:
+            entry = apply_usage(entry, "FEATURE", feature_id, base.current_usage, base.usage_period_start,
+                                base.usage_period_end, base.updated_at) or entry
+    return entry
