@@ -220,6 +220,7 @@ class StiggApi:
         self._headers = identification_headers(api_key)
         self._pools: list[HTTPConnectionPool] = []
         self._pauses: set[Deferred] = set()
+        self._closed = False
         self._graphql = self._client()
         self._edge = self._client()
         self.on_attempt: Callable[[str, str, float], None] | None = None  # endpoint, outcome, seconds
@@ -241,6 +242,7 @@ class StiggApi:
 
     def close(self) -> Deferred:
         """Stop retrying (pending calls fail with their last error) and close the pools."""
+        self._closed = True  # an attempt still in flight fails with its error, no new pause
         for pause in list(self._pauses):
             pause.cancel()
         return defer.gatherResults([p.closeCachedConnections() for p in self._pools])
@@ -321,7 +323,7 @@ class StiggApi:
                 result = yield self._once(endpoint, send, remaining)
                 return result
             except UpstreamError as e:
-                if not (retryable and e.retryable) or attempt >= self._retry.max_attempts:
+                if not (retryable and e.retryable) or attempt >= self._retry.max_attempts or self._closed:
                     raise
                 delay = max(self._retry.delay(attempt, self._rng), e.retry_after or 0.0)
                 if self._reactor.seconds() + delay >= deadline:

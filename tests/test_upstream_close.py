@@ -1,0 +1,42 @@
+"""StiggApi.close while an attempt is in flight: the call fails with that attempt's error and
+leaves no retry pause behind (a pause scheduled after close outlived the sidecar's stop)."""
+
+from __future__ import annotations
+
+from twisted.internet import protocol, reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from stigg_sidecar.upstream.api import StiggApi, UpstreamError
+
+
+class _Holding(protocol.Protocol):
+    """Accepts a request and never answers, until the test drops the connection."""
+
+    def connectionMade(self) -> None:
+        self.factory.held.append(self)  # type: ignore[attr-defined]
+        if not self.factory.connected.called:  # type: ignore[attr-defined]
+            self.factory.connected.callback(None)  # type: ignore[attr-defined]
+
+
+class CloseTests(TestCase):
+    async def test_an_attempt_failing_after_close_is_not_retried(self) -> None:
+        factory = protocol.Factory.forProtocol(_Holding)
+        factory.held = []  # type: ignore[attr-defined]
+        factory.connected = Deferred()  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}"
+        api = StiggApi(reactor, "test-key", api_url=url, edge_api_url=url, edge_enabled=True)
+        call = api.fetch_state("acme", None, timeout=3)
+        await factory.connected
+        await api.close()
+        for held in factory.held:
+            held.transport.loseConnection()  # the attempt in flight now fails, retryably
+        with self.assertRaises(UpstreamError) as caught:
+            await call
+        self.assertIn("unreachable", str(caught.exception))  # its own error, not a spent budget
+        self.assertEqual(len(factory.held), 1)  # no second attempt
+        self.assertEqual(api._pauses, set())
+        await deferLater(reactor, 0, lambda: None)  # and trial finds no delayed call left
