@@ -64,7 +64,10 @@ class NodePeer(protocol.ProcessProtocol):
         install()
         node = shutil.which("node")
         assert node is not None
-        self.reactor.spawnProcess(self, node, [node, "peer.js"], env=None, path=str(NODE_DIR))
+        # No `path`: Twisted then uses posix_spawn, not fork (a fork of this process, which runs
+        # gRPC threads, can die in gRPC's fork handlers before it execs). Node resolves the SDK
+        # from the script's own directory.
+        self.reactor.spawnProcess(self, node, [node, str(NODE_DIR / "peer.js")], env=None)
         await self._ready.addTimeout(WAIT, self.reactor)
         return self
 
