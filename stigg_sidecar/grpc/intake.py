@@ -312,9 +312,19 @@ def sidecar_method_handlers(servicer: Any) -> dict[str, grpc.RpcMethodHandler]:
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             _intake(method.name, request_type, getattr(servicer, method.name)),
             request_deserializer=None,
-            response_serializer=response_type.SerializeToString,
+            response_serializer=_serializer(response_type),
         )
     return handlers
+
+
+def _serializer(response_type: Any) -> Callable[[Any], bytes]:
+    """The response's wire form; an answer the servicer memoized arrives serialized already."""
+    serialize = response_type.SerializeToString
+
+    def to_wire(response: Any) -> bytes:
+        return response if response.__class__ is bytes else serialize(response)
+
+    return to_wire
 
 
 def add_sidecar_service(servicer: Any, server: grpc.Server) -> None:
