@@ -442,3 +442,11 @@ class DocumentedLimitsTests(SynchronousTestCase):
         ):
             self.assertIn(expected, table)
         self.assertEqual((intake.EARLIEST_TIMESTAMP, intake.LATEST_TIMESTAMP), (0, 4102444800))
+
+    def test_the_diagnosis_of_a_large_request_is_bounded(self):
+        """A request of many tiny valid fields with a defect at its end: the walk stops after a
+        bounded number of fields instead of walking megabytes in Python."""
+        data = b"\x78\x01" * 1_000_000 + b"\x78"  # 2 MB of unknown varint fields, then a truncated one
+        message = intake.describe_malformed(data, pb.GetBooleanEntitlementRequest.DESCRIPTOR)
+        self.assertIn("the first 10000 fields look fine", message)
+        self.assertIn("truncated varint", intake.describe_malformed(data[-2001:], pb.GetBooleanEntitlementRequest.DESCRIPTOR))

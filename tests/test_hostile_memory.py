@@ -129,3 +129,18 @@ class UnsendableRequestTests(TestCase):
         # an id at the input limit, percent-encoded three times over, still fits and is fetched
         state = await api.fetch_state("é" * 512, "é" * 512, timeout=5)
         self.assertEqual(state["accessDeniedReason"], "CustomerNotFound")
+
+    async def test_a_request_stigg_refuses_as_too_large_is_not_retried(self):
+        emulator = await start_emulator(reactor, data.SEED)
+        self.addCleanup(stop_emulator, emulator)
+        api = StiggApi(reactor, "test-key", emulator.url, emulator.url, edge_enabled=True)
+        self.addCleanup(api.close)
+        attempts = []
+        api.on_attempt = lambda *a: attempts.append(a)
+        for status in (413, 414, 431):
+            emulator.state.faults.update({"error_status": status})
+            del attempts[:]
+            with self.assertRaises(UpstreamError) as caught:
+                await api.fetch_state("acme", None, timeout=5)
+            self.assertFalse(caught.exception.retryable)
+            self.assertEqual([a[1] for a in attempts], [str(status)])

@@ -36,6 +36,7 @@ from stigg_sidecar.delivery.crossing import WriteGate
 from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.delivery.spool import SpoolFile, StoredRecord
 from stigg_sidecar.delivery.upstream import UpstreamWrites
+from stigg_sidecar.quoting import clipped, quoted
 from stigg_sidecar.reports import EventReport, UsageAck, UsageReport, WriteError, WriteFailure, measurement_id
 from stigg_sidecar.upstream.api import RetryPolicy, UpstreamError
 
@@ -396,13 +397,14 @@ class SpooledDelivery(Service):
             self.dead_lettered += 1
             if self._metrics is not None:
                 self._metrics.spool_dead_letters.inc()
-            what = (f"usage of {record.usage.feature_id}" if record.usage is not None
-                    else f"event {record.event.event_name if record.event else '?'}")
+            # Ids come from callers: quoted (at most ~100 characters each), like every log line's input.
+            what = (f"usage of {quoted(record.usage.feature_id)}" if record.usage is not None
+                    else f"event {quoted(record.event.event_name) if record.event else '?'}")
             customer = record.usage.customer_id if record.usage is not None else (record.event.customer_id if record.event else "?")
             log.warn(
                 "Stigg refused spooled {what} for customer {customer} (idempotency key {key}) for good: {why};"
                 " moved to the dead letters of {path}",
-                what=what, customer=customer, key=record.key, why=why, path=self.spool.path,
+                what=what, customer=quoted(customer), key=quoted(record.key), why=clipped(why), path=self.spool.path,
             )
             self._inflight[kind] = None
             self._next(kind)

@@ -225,13 +225,26 @@ def _varint(data: bytes, pos: int, what: str) -> tuple[int, int]:
             raise _Malformed(f"varint longer than 10 bytes ({what}) at byte {start}")
 
 
-def _walk(data: bytes, descriptor: Descriptor, prefix: str, base: int, depth: int) -> None:
+# Fields the diagnosis looks at before giving up: walking is Python, so a large request of tiny
+# fields with a defect at its end must not cost more CPU than parsing it did.
+_WALK_BUDGET = 10_000
+
+
+class _Budget:
+    def __init__(self, steps: int) -> None:
+        self.left = steps
+
+
+def _walk(data: bytes, descriptor: Descriptor, prefix: str, base: int, depth: int, budget: _Budget) -> None:
     """Walk the wire format of `data` as a `descriptor` message; raise _Malformed at the first
     thing a parser refuses. Only runs after a parse failed, to say why."""
     if depth > 32:
         raise _Malformed(f"{prefix.rstrip('.') or 'the message'} is nested too deeply")
     pos = 0
     while pos < len(data):
+        budget.left -= 1
+        if budget.left < 0:
+            raise _Malformed(f"not a valid protobuf encoding (the first {_WALK_BUDGET} fields look fine)")
         start = pos
         tag, pos = _varint(data, pos, "field tag")
         number, wire_type = tag >> 3, tag & 7
@@ -258,7 +271,7 @@ def _walk(data: bytes, descriptor: Descriptor, prefix: str, base: int, depth: in
                 except UnicodeDecodeError:
                     raise _Malformed(f"{name} is not valid UTF-8 ({at})") from None
             elif field is not None and field.message_type is not None:
-                _walk(payload, field.message_type, name + ".", base + pos, depth + 1)
+                _walk(payload, field.message_type, name + ".", base + pos, depth + 1, budget)
             pos = end
         elif wire_type in (3, 4):
             raise _Malformed(f"{name} uses the group encoding (wire type {wire_type}) {at}")
@@ -269,7 +282,7 @@ def _walk(data: bytes, descriptor: Descriptor, prefix: str, base: int, depth: in
 def describe_malformed(data: bytes, descriptor: Descriptor) -> str:
     """Why `data` is not a `descriptor` message, for an INVALID_ARGUMENT the caller can act on."""
     try:
-        _walk(bytes(data), descriptor, "", 0, 0)
+        _walk(bytes(data), descriptor, "", 0, 0, _Budget(_WALK_BUDGET))
         why = "not a valid protobuf encoding"
     except _Malformed as e:
         why = str(e)

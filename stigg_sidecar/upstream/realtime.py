@@ -22,6 +22,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
+from stigg_sidecar.quoting import clipped
 from stigg_sidecar.upstream.operations import SUBSCRIPTIONS
 
 log = Logger()
@@ -246,7 +247,7 @@ class RealtimeService(MultiService):
 
     def malformed_frame(self, why: str) -> None:
         self.malformed += 1
-        log.warn("Ignored a malformed real-time frame: {why}", why=why)
+        log.warn("Ignored a malformed real-time frame: {why}", why=clipped(why))
 
     def stopService(self):
         # ClientService closes the TCP connection. A WebSocket close frame first would be politer,
