@@ -2,15 +2,17 @@
 with this sidecar: each reads the entries the other wrote (Stigg's format, docs/redis-format.md)
 with Stigg down, and the SDK gets the emulator's v1 pushes.
 
-Every kind of check (boolean, numeric, metered with usage, unlimited, soft limit, enum,
-resource-scoped, denied) is asked of both and must be answered the same. The counts and the push
-latency are printed (the figures the issue asks for), never asserted as times.
+Every kind of check (boolean, numeric, metered with usage and with a monthly usage period,
+unlimited, soft limit, enum, resource-scoped, denied) is asked of both and must be answered the
+same, the usage period and reset period included. The counts and the push latency are printed
+(the figures the issue asks for), never asserted as times.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from twisted.internet import reactor
@@ -26,7 +28,26 @@ from tests.support import OnlineHarness
 PREFIX = "shared-env"
 KEY = "test-key"
 
-ACME = dict(data.ACME, resources={"site-1": data.customer(data.metered("seats", 3, 1))})
+def _this_month() -> tuple[str, str]:
+    """The current calendar month as ISO-8601 bounds: a usage period that contains now, so
+    neither the emulator nor the SDK rolls it over during the test."""
+    now = datetime.now(timezone.utc)
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = (start + timedelta(days=32)).replace(day=1)
+    return start.strftime("%Y-%m-%dT%H:%M:%S.000Z"), end.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+_START, _END = _this_month()
+# A metered feature with a monthly reset: its period travels in the usage key and featureUsage.
+MONTHLY = data.metered(
+    "reports", 1000, 300, resetPeriod="MONTH", usagePeriodAnchor="2026-01-01T00:00:00.000Z",
+    usagePeriodStart=_START, usagePeriodEnd=_END,
+)
+ACME = dict(
+    data.ACME,
+    entitlements=[*data.ACME["entitlements"], MONTHLY],
+    resources={"site-1": data.customer(data.metered("seats", 3, 1))},
+)
 SEED = {"apiKeys": [KEY], "customers": {"acme": ACME}}
 
 # (kind, customer, feature, resource, requested usage or values)
@@ -39,6 +60,8 @@ CHECKS: list[tuple[str, str, str, str | None, Any]] = [
     ("metered", "acme", "api-calls", None, 0),
     ("metered", "acme", "api-calls", None, 10),
     ("metered", "acme", "api-calls", None, 11),  # over the limit with usage 90 of 100
+    ("metered", "acme", "reports", None, 700),  # monthly reset: the period must match too
+    ("metered", "acme", "reports", None, 701),
     ("metered", "acme", "dashboards", None, 1000),  # unlimited
     ("metered", "acme", "exports", None, 1),  # soft limit, already over it
     ("enum", "acme", "regions", None, ["us"]),
@@ -69,10 +92,25 @@ def from_sdk(kind: str, answer: dict[str, Any]) -> dict[str, Any]:
             currentUsage=answer.get("currentUsage") or 0,
             isUnlimited=bool(answer.get("isUnlimited")),
             hasSoftLimit=bool(answer.get("hasSoftLimit")),
+            resetPeriod=answer.get("resetPeriod"),
+            usagePeriodStart=_epoch_ms(answer.get("usagePeriodStart")),
+            usagePeriodEnd=_epoch_ms(answer.get("usagePeriodEnd")),
         )
     elif kind == "enum":
         out.update(enumValues=sorted(answer.get("enumValues") or []))
     return out
+
+
+def _epoch_ms(iso: str | None) -> int | None:
+    """A date the SDK answered (a JS Date, ISO-8601 in JSON) as epoch ms; None when absent."""
+    if not iso:
+        return None
+    return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def _timestamp_ms(message: Any, field: str) -> int | None:
+    """A google.protobuf.Timestamp field of the sidecar's answer as epoch ms; None when unset."""
+    return getattr(message, field).ToMilliseconds() if message.HasField(field) else None
 
 
 def from_sidecar(kind: str, r: Any) -> dict[str, Any]:
@@ -88,6 +126,10 @@ def from_sidecar(kind: str, r: Any) -> dict[str, Any]:
         out.update(
             usageLimit=e.usage_limit, currentUsage=e.current_usage, isUnlimited=e.is_unlimited,
             hasSoftLimit=e.has_soft_limit,
+            resetPeriod=pb.EntitlementResetPeriod.Name(e.reset_period).removeprefix("ENTITLEMENT_RESET_PERIOD_")
+            if e.reset_period else None,
+            usagePeriodStart=_timestamp_ms(e, "usage_period_start"),
+            usagePeriodEnd=_timestamp_ms(e, "usage_period_end"),
         )
     elif kind == "enum":
         out.update(enumValues=sorted(e.enum_values))
@@ -153,6 +195,11 @@ class NodeSdkTests(TestCase):
         h = await self.sidecar()
         expected = [await ask_sidecar(h, check) for check in CHECKS]
         self.assertFalse([a for a in expected if a["isFallback"]])
+        monthly = expected[CHECKS.index(("metered", "acme", "reports", None, 700))]
+        self.assertEqual(  # the period is compared, not two absent values
+            (monthly["resetPeriod"], monthly["usagePeriodStart"] is None, monthly["usagePeriodEnd"] is None),
+            ("MONTH", False, False),
+        )
         await h.faults(down=True)  # Stigg is gone: the SDK has only what the sidecar wrote
 
         peer = await self.peer(h.emulator.url)
