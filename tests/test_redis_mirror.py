@@ -17,6 +17,7 @@ from twisted.internet.ssl import Certificate
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from stigg_sidecar.cache import redis as redis_module
 from stigg_sidecar.cache.redis import RedisMirror
 from stigg_sidecar.entitlements.records import CustomerEntry, Usage, apply_usage, entry_from_state
 from stigg_sidecar.settings import load_settings
@@ -149,6 +150,31 @@ class ReadWriteTests(MirrorTestCase):
         self.assertIsNone((yield mirror.read("cust-1", None)))
         self.assertEqual(mirror.errors, 2)
         self.assertEqual(len(self.logged("cannot read")), 1)  # one line per key per interval
+
+    @inlineCallbacks
+    def test_each_unreadable_key_is_logged_once_per_interval(self) -> None:
+        self.patch(redis_module, "FORMAT_LOG_INTERVAL", 0.5)
+        mirror = yield self.mirror()
+        for customer in ("cust-1", "cust-2", "cust-3"):
+            yield mirror.write(sample_entry(customer))
+        yield mirror.write(sample_entry("cust-3", resource="site-1"))
+        self.server.command("SET", f"{PREFIX}:c_cust-1", "not json")
+        self.server.command("SET", f"{PREFIX}:c_cust-2:f_{METERED}", '{"currentUsage":"many"}')
+        self.server.command("SET", f"{PREFIX}:c_cust-3#timestamp", "yesterday")  # the resource's customer stamp
+        reads = [("cust-1", None)] * 3 + [("cust-2", None)] * 2 + [("cust-3", "site-1")] * 2
+        for customer, resource in reads:
+            self.assertIsNone((yield mirror.read(customer, resource)))
+        self.assertEqual(mirror.errors, len(reads))  # each a miss, counted
+
+        def lines(key: str) -> list[str]:
+            return [line for line in self.logged("cannot read") if f"{PREFIX}:{key} " in line]
+
+        self.assertEqual([len(lines(k)) for k in ("c_cust-1", "c_cust-2", "c_cust-3:r_site-1")], [1, 1, 1])
+        self.assertIn("currentUsage", lines("c_cust-2")[0])  # the line says what is wrong
+        yield sleep(0.6)  # the interval is over: the next read of a bad key logs it again
+        self.assertIsNone((yield mirror.read("cust-1", None)))
+        self.assertEqual(len(lines("c_cust-1")), 2)
+        self.assertEqual(len(self.logged("cannot read")), 4)
 
     @inlineCallbacks
     def test_the_earlier_v1_envelope_is_a_miss_that_a_write_replaces(self) -> None:

@@ -511,14 +511,15 @@ class RedisMirror(Service):
         text, metadata, stamp = values[0], values[1], values[2]
         if text is None or stamp is None:
             return None
-        if check_customer:
-            customer_stamp = values[3]
-            if customer_stamp is None:
-                return None
-            if decode_timestamp(customer_stamp, "customer #timestamp") > decode_timestamp(stamp, "#timestamp"):
-                return None
         try:
-            stored = decode_entitlements(text, decode_timestamp(stamp, "#timestamp"))
+            entry_stamp = decode_timestamp(stamp, "#timestamp")
+            if check_customer:
+                customer_stamp = values[3]
+                if customer_stamp is None:
+                    return None
+                if decode_timestamp(customer_stamp, "customer #timestamp") > entry_stamp:
+                    return None
+            stored = decode_entitlements(text, entry_stamp)
             usages: dict[str, tuple[str | None, str | None]] = {}
             refs = stored.usage_refs
             if refs:
