@@ -68,7 +68,11 @@ class NodePeer(protocol.ProcessProtocol):
         # gRPC threads, can die in gRPC's fork handlers before it execs). Node resolves the SDK
         # from the script's own directory.
         self.reactor.spawnProcess(self, node, [node, str(NODE_DIR / "peer.js")], env=None)
-        await self._ready.addTimeout(WAIT, self.reactor)
+        try:
+            await self._ready.addTimeout(WAIT, self.reactor)
+        except BaseException:
+            await self.stop()  # the caller never gets the peer to stop: no orphan node left behind
+            raise
         return self
 
     def request(self, op: str, **fields: Any) -> Deferred:

@@ -138,16 +138,27 @@ class SentinelGroup:
         self.sentinel: SentinelProcess | None = None
 
     def start(self, timeout: float = 15) -> SentinelGroup:
+        """Start all three, or none: a part that fails stops the ones already started (the
+        caller has no group to clean up then)."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def _start(self, timeout: float) -> SentinelGroup:
         self.master.start()
         self.replica = RedisServer(
             extra_config=(f"replicaof 127.0.0.1 {self.master.port}", "replica-read-only yes")
-        ).start()
+        )
+        self.replica.start()
         deadline = time.monotonic() + timeout
         while self.replica.command("INFO", "replication").find("master_link_status:up") < 0:
             if time.monotonic() > deadline:
                 raise RuntimeError("the replica did not sync with the master: " + self.replica.log_tail())
             time.sleep(0.05)
-        self.sentinel = SentinelProcess(self.master.port).start()
+        self.sentinel = SentinelProcess(self.master.port)
+        self.sentinel.start()
         while self.sentinel.replicas_known() < 1:  # it learns of the replica from the master's INFO
             if time.monotonic() > deadline:
                 raise RuntimeError("the Sentinel did not discover the replica: " + self.sentinel.log_tail())

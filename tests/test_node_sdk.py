@@ -15,7 +15,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
@@ -256,6 +256,19 @@ class NodeSdkTests(TestCase):
         self.assertEqual(fetches_of(emulator), {})  # the new limits came by push: no refetch
         print(f"\npush to Node SDK 3.95.0 (admin PUT -> SDK's entitlementsUpdated event): "
               f"{', '.join(f'{ms:.1f}' for ms in latencies)} ms")
+
+
+class NodePeerTests(TestCase):
+    timeout = 60
+
+    async def test_a_peer_that_is_not_ready_in_time_is_stopped(self):
+        from tests import node_peer
+
+        self.patch(node_peer, "WAIT", 0.0)  # no Node process is ready that fast
+        peer = NodePeer(reactor)
+        with self.assertRaises(defer.TimeoutError):
+            await peer.start()
+        self.assertIsNone(peer.transport.pid)  # exited and reaped: no orphan node
 
 
 def fetches_of(emulator: Any) -> dict[str, int]:

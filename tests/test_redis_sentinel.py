@@ -18,7 +18,7 @@ from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.cache.redis import RedisMirror
 from stigg_sidecar.entitlements.records import entry_from_state
 from stigg_sidecar.settings import SettingsError, load_settings
-from tests import data
+from tests import data, redis_sentinel
 from tests.redis_sentinel import MASTER_NAME, SentinelGroup
 from tests.support import OnlineHarness
 from tests.test_records import boolean_item, metered_item, state
@@ -44,6 +44,17 @@ class SentinelSettingsTests(SynchronousTestCase):
             with self.assertRaises(SettingsError) as caught:
                 load_settings({"SERVER_API_KEY": "k", "REDIS_SENTINELS": text})
             self.assertIn("REDIS_SENTINELS", str(caught.exception))
+
+
+class SentinelGroupTests(SynchronousTestCase):
+    def test_a_group_that_fails_to_start_leaves_no_process(self) -> None:
+        self.patch(redis_sentinel, "find_redis_sentinel", lambda: "/bin/false")  # exits at once
+        group = SentinelGroup()
+        with self.assertRaises(RuntimeError):
+            group.start()
+        assert group.replica is not None
+        self.assertEqual([group.master.process, group.replica.process], [None, None])
+        self.assertFalse(group.master.dir.exists() or group.replica.dir.exists())
 
 
 class SentinelFailoverTests(TestCase):
