@@ -57,6 +57,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.upstream_breaker_open = Gauge(
+            "sidecar_upstream_breaker_open",
+            "1 while calls to that upstream (edge, graphql) fail at once after consecutive failures",
+            ["upstream"],
+            registry=r,
+        )
         self.cache_entries = Gauge("sidecar_cache_entries", "Customers in the memory cache", registry=r)
         self.cache_bytes = Gauge("sidecar_cache_bytes", "Bytes held by the memory cache", registry=r)
         self.cache_evictions = Gauge("sidecar_cache_evictions", "Entries evicted for space so far", registry=r)

@@ -95,7 +95,7 @@ class OnlineSidecar:
         self.waiting_writes = WaitBudget(max_waiting_writes, "writes")  # used by delivery's WriteGate
         self._on_hit: Callable[[], None] = lambda: None
         self._on_miss: Callable[[], None] = lambda: None
-        self._on_overloaded: Callable[[], None] = lambda: None
+        self._on_fast_failed: Callable[[str], None] = lambda reason: None
         self._api = api
         self.cache = cache
         self._fetch_timeout = fetch_timeout
@@ -111,11 +111,15 @@ class OnlineSidecar:
         self._malformed_logged: dict[str, float] = {}
 
     def set_counters(
-        self, on_hit: Callable[[], None], on_miss: Callable[[], None], on_overloaded: Callable[[], None] = lambda: None
+        self,
+        on_hit: Callable[[], None],
+        on_miss: Callable[[], None],
+        on_fast_failed: Callable[[str], None] = lambda reason: None,
     ) -> None:
-        """Count cache hits, misses and misses answered at once because too many reads already
-        wait (metrics); called on handler threads, so thread-safe."""
-        self._on_hit, self._on_miss, self._on_overloaded = on_hit, on_miss, on_overloaded
+        """Count cache hits, misses, and misses answered at once without waiting on Stigg, by
+        reason: "overloaded" (MAX_WAITING_READS reached), "upstream_down" (its breaker is open).
+        Called on handler threads, so thread-safe."""
+        self._on_hit, self._on_miss, self._on_fast_failed = on_hit, on_miss, on_fast_failed
 
     def now_ms(self) -> int:
         return int(time.time() * 1000)
@@ -144,12 +148,14 @@ class OnlineSidecar:
         except BudgetExhausted:
             # MAX_WAITING_READS reads already wait (Stigg is slow and very many customers are
             # cold): fetch in the background and answer the fallback now.
-            self._on_overloaded()
+            self._on_fast_failed("overloaded")
             self._reactor.callFromThread(self._fetch_quietly, customer_id, resource_id)
             self._fallback_log.warn(customer_id, "too many reads already waiting on Stigg")
         except TimeoutError:
             self._fallback_log.warn(customer_id, "not fetched in time")
         except UpstreamError as e:
+            if e.fast_failed:
+                self._on_fast_failed("upstream_down")
             self._fallback_log.warn(customer_id, e.message)
         except MalformedState as e:
             self._fallback_log.warn(customer_id, f"malformed: {e}")

@@ -17,6 +17,7 @@ validates them into Settings (exiting with one clear line on a bad value) and bu
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Mapping
 
 import grpc
@@ -48,6 +49,7 @@ from stigg_sidecar.state.directory import StateDirectory, StateDirectoryError
 from stigg_sidecar.state.snapshot import FILE_NAME as SNAPSHOT_FILE
 from stigg_sidecar.state.snapshot import SnapshotService
 from stigg_sidecar.upstream.api import StiggApi
+from stigg_sidecar.upstream.breaker import CircuitBreaker
 from stigg_sidecar.upstream.poller import Poller, Refresher
 from stigg_sidecar.upstream.realtime import RealtimeService
 from stigg_sidecar.upstream.service import UpstreamService
@@ -207,11 +209,18 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
     return top
 
 
+def _breaker_state(breaker: CircuitBreaker) -> int:
+    return 1 if breaker.is_open else 0
+
+
 def _observe_online(metrics: Metrics, reactor, api: StiggApi, backend: OnlineSidecar, cache: EntitlementCache,
                     realtime: RealtimeService | None) -> None:
     """Point the metrics at the parts they describe; gauges are read at scrape time."""
     api.on_attempt = metrics.upstream_attempt
-    backend.set_counters(metrics.cache_hit, metrics.cache_miss, metrics.fast_failed_reads.labels("overloaded").inc)
+    fast_failed = {reason: metrics.fast_failed_reads.labels(reason) for reason in ("overloaded", "upstream_down")}
+    backend.set_counters(metrics.cache_hit, metrics.cache_miss, lambda reason: fast_failed[reason].inc())
+    for upstream, breaker in api.breakers.items():
+        metrics.upstream_breaker_open.labels(upstream).set_function(partial(_breaker_state, breaker))
     metrics.cache_entries.set_function(lambda: len(cache))
     metrics.cache_bytes.set_function(lambda: cache.bytes)
     metrics.cache_evictions.set_function(lambda: cache.evictions)

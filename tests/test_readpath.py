@@ -7,6 +7,7 @@ must not take the places writes and cached reads need.
 
 from __future__ import annotations
 
+import grpc
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.trial.unittest import TestCase
@@ -66,3 +67,60 @@ class SlowStiggStormTests(TestCase):
         self.assertEqual([r.is_fallback for r in answers], [False] * 64)
         self.assertTrue(all(r.has_access for r in answers))
         self.assertEqual(len((await h.admin("GET", "usage"))[1]), 8)
+
+
+def metric(h: OnlineHarness, name: str, **labels: str) -> float | None:
+    return h.sidecar.metrics.registry.get_sample_value(name, labels)
+
+
+class OutageMemoryTests(TestCase):
+    timeout = 60
+
+    async def test_once_stigg_is_known_down_cold_reads_and_writes_fail_at_once_until_a_probe_succeeds(self):
+        h = await OnlineHarness(self, reactor).start(
+            customers(20), ENTITLEMENTS_TIMEOUT_MS="4000", ENTITLEMENTS_FALLBACK='{"sso": {"hasAccess": true}}'
+        )
+        await h.wait_until(lambda: _ready(h))  # the key check is done: no call of its own meanwhile
+        await h.faults(down=True)
+        first = await h.call("GetBooleanEntitlement", sso("c0"), timeout=8)  # pays the retries, opens Edge's breaker
+        self.assertEqual((first.is_fallback, first.has_access), (True, True))
+        self.assertEqual(metric(h, "sidecar_upstream_breaker_open", upstream="edge"), 1)
+        self.assertEqual(metric(h, "sidecar_upstream_breaker_open", upstream="graphql"), 0)
+        edge = h.sidecar.getServiceNamed("upstream")._api.breakers["edge"]
+        probes_before = edge.probes
+        await h.admin("POST", "requests/reset")
+
+        answers = await gatherResults([h.call("GetBooleanEntitlement", sso(f"c{i}"), timeout=8) for i in range(1, 11)])
+        self.assertEqual([(r.is_fallback, r.has_access) for r in answers], [(True, True)] * 10)
+        probes = edge.probes - probes_before  # normally 0: the storm is over before the first probe is due
+        self.assertLessEqual(probes, 2)
+        counts = await h.requests()
+        self.assertEqual(counts.get("/v1/c/{customerId}/entitlements-state.json", 0), probes)  # no retries, no others
+        self.assertEqual(metric(h, "sidecar_fast_failed_reads_total", reason="upstream_down"), 10 - probes)
+        self.assertEqual((await h.readiness())[0], 200)  # an outage at Stigg never takes the pod out
+
+        # Writes: the first pays its retries and opens GraphQL's breaker; the next is refused unsent.
+        usage = pb.ReportUsageRequest(customer_id="c0", feature_id="api-calls", value=1)
+        with self.assertRaises(grpc.RpcError) as caught:
+            await h.call("ReportUsage", usage, timeout=8)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.UNAVAILABLE)
+        sent = (await h.requests()).get("ReportUsage", 0)
+        with self.assertRaises(grpc.RpcError) as caught:
+            await h.call("ReportUsage", usage, timeout=8)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.UNAVAILABLE)
+        self.assertRegex(caught.exception.details(), r"^not sent: Stigg's GraphQL API failed \d+ times in a row \(last: ")
+        graphql = h.sidecar.getServiceNamed("upstream")._api.breakers["graphql"]
+        self.assertLessEqual((await h.requests()).get("ReportUsage", 0) - sent, graphql.probes)
+
+        await h.faults(down=False)
+
+        async def recovered():
+            r = await h.call("GetBooleanEntitlement", sso("c11"), timeout=5)
+            return not r.is_fallback
+
+        await h.wait_until(recovered, timeout=10, interval=0.1)  # the backoff is at most 1-2 s here
+        self.assertEqual(metric(h, "sidecar_upstream_breaker_open", upstream="edge"), 0)
+
+
+async def _ready(h: OnlineHarness) -> bool:
+    return (await h.readiness())[0] == 200

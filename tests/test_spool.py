@@ -25,6 +25,7 @@ from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from stigg_sidecar.online import OnlineSidecar
 from stigg_sidecar.reports import UsageReport, WriteError, WriteFailure
 from stigg_sidecar.upstream.api import RetryPolicy, StiggApi
+from stigg_sidecar.upstream.breaker import BreakerPolicy
 from tests import data
 from tests.support import OnlineHarness, base_env, run_twistd
 
@@ -52,7 +53,9 @@ class DeliveryTimingTests(TestCase):
         self.emulator = await start_emulator(reactor, data.SEED)
         self.addCleanup(stop_emulator, self.emulator)
         url = self.emulator.url
-        api = StiggApi(reactor, "test-key", url, url, edge_enabled=True, retry=RetryPolicy(max_attempts=1))
+        # The spool's own backoff is under test, on the Clock: the API's breaker (real time) stays out of it.
+        api = StiggApi(reactor, "test-key", url, url, edge_enabled=True, retry=RetryPolicy(max_attempts=1),
+                       breaker=BreakerPolicy(threshold=1000))
         self.addCleanup(api.close)
         cache = EntitlementCache(10_000_000)
         backend = OnlineSidecar(reactor, api, cache, fetch_timeout=2.0)

@@ -31,6 +31,7 @@ import stigg_sidecar
 from stigg_sidecar.quoting import clipped
 from stigg_sidecar.reports import EventReport, UsageReport, WriteFailure, measurement_id
 from stigg_sidecar.upstream import operations
+from stigg_sidecar.upstream.breaker import BreakerOpen, BreakerPolicy, CircuitBreaker
 
 log = Logger()
 
@@ -56,13 +57,29 @@ class UpstreamError(Exception):
     GraphQL error code when Stigg answered with one (the request reached Stigg and was refused)."""
 
     def __init__(self, failure: WriteFailure, message: str, retryable: bool = False, retry_after: float | None = None,
-                 code: str | None = None):
+                 code: str | None = None, fast_failed: bool = False):
         super().__init__(message)
         self.failure = failure
         self.message = message
         self.retryable = retryable
         self.retry_after = retry_after
         self.code = code
+        self.fast_failed = fast_failed  # refused without trying: that upstream's breaker is open
+
+
+# A timeout counts towards opening a breaker only when the attempt had at least this long: a
+# caller's own short deadline says nothing about Stigg.
+_MIN_TIMEOUT_COUNTED = 1.0
+
+
+DEFAULT_BREAKER = BreakerPolicy()
+
+
+def _means_down(error: UpstreamError, attempt_timeout: float) -> bool:
+    """Whether a failed attempt says the upstream is down (rather than that it answered "no")."""
+    if error.failure is WriteFailure.DEADLINE_EXCEEDED:
+        return attempt_timeout >= _MIN_TIMEOUT_COUNTED
+    return error.retryable
 
 
 @dataclass(frozen=True)
@@ -210,6 +227,7 @@ class StiggApi:
         edge_enabled: bool,
         retry: RetryPolicy = RetryPolicy(),
         rng: Callable[[], float] = random.random,
+        breaker: BreakerPolicy = DEFAULT_BREAKER,
     ) -> None:
         self._reactor = reactor
         self._api_url = api_url.rstrip("/")
@@ -223,6 +241,11 @@ class StiggApi:
         self._closed = False
         self._graphql = self._client()
         self._edge = self._client()
+        # Outage memory, one per upstream: Edge can be down while GraphQL answers, and vice versa.
+        self.breakers = {
+            "edge": CircuitBreaker("Edge API", reactor, breaker, rng),
+            "graphql": CircuitBreaker("GraphQL API", reactor, breaker, rng),
+        }
         self.on_attempt: Callable[[str, str, float], None] | None = None  # endpoint, outcome, seconds
 
     def _client(self) -> HTTPClient:
@@ -310,8 +333,13 @@ class StiggApi:
                 self.on_attempt(endpoint, outcome, self._reactor.seconds() - started)
 
     @inlineCallbacks
-    def _call(self, endpoint: str, send: Callable[[float], Deferred], timeout: float, retryable: bool = True):
-        """Attempts with backoff until success, a final failure, or the budget is spent."""
+    def _call(
+        self, endpoint: str, send: Callable[[float], Deferred], timeout: float, breaker: CircuitBreaker,
+        retryable: bool = True,
+    ):
+        """Attempts with backoff until success, a final failure, or the budget is spent; each
+        attempt admitted by `breaker` (an open one refuses at once, or admits this as its probe,
+        which is not retried: the breaker's backoff is the retry)."""
         deadline = self._reactor.seconds() + timeout
         attempt = 0
         while True:
@@ -320,10 +348,17 @@ class StiggApi:
             if remaining <= 0:
                 raise UpstreamError(WriteFailure.DEADLINE_EXCEEDED, f"Stigg did not answer within {timeout:.3g}s")
             try:
+                ticket = breaker.admit()
+            except BreakerOpen as e:
+                raise UpstreamError(e.failure, e.message, fast_failed=True) from None
+            try:
                 result = yield self._once(endpoint, send, remaining)
-                return result
             except UpstreamError as e:
-                if not (retryable and e.retryable) or attempt >= self._retry.max_attempts or self._closed:
+                if _means_down(e, remaining):
+                    breaker.failed(ticket, e.message)
+                else:
+                    breaker.succeeded(ticket)  # Stigg answered, if only to refuse
+                if ticket.probe or not (retryable and e.retryable) or attempt >= self._retry.max_attempts or self._closed:
                     raise
                 delay = max(self._retry.delay(attempt, self._rng), e.retry_after or 0.0)
                 if self._reactor.seconds() + delay >= deadline:
@@ -337,6 +372,12 @@ class StiggApi:
                     raise e from None  # closing: the last failure stands
                 finally:
                     self._pauses.discard(pause)
+            except BaseException:
+                breaker.abandoned(ticket)
+                raise
+            else:
+                breaker.succeeded(ticket)
+                return result
 
     def _edge_get(self, endpoint: str, path: str, timeout: float) -> Deferred:
         url = f"{self._edge_url}{path}"
@@ -345,7 +386,11 @@ class StiggApi:
                 WriteFailure.INVALID_ARGUMENT, f"the Edge API URL would be {len(url)} characters (at most {MAX_URL_LENGTH})"
             ))
         headers = _treq_headers(self._headers, {"X-API-VERSION": "1", "accept": "application/json"})
-        return self._call(endpoint, lambda t: self._edge.get(url, headers=headers, allow_redirects=False), timeout)
+
+        def send(t: float) -> Deferred:
+            return self._edge.get(url, headers=headers, allow_redirects=False)
+
+        return self._call(endpoint, send, timeout, self.breakers["edge"])
 
     def _graphql_post(
         self, operation: str, query: str, variables: Mapping[str, Any], timeout: float, retryable: bool = True
@@ -362,7 +407,11 @@ class StiggApi:
             },
         )
         url = f"{self._api_url}/graphql"
-        return self._call(operation, lambda t: self._graphql.post(url, data=body, headers=headers, allow_redirects=False), timeout, retryable)
+
+        def send(t: float) -> Deferred:
+            return self._graphql.post(url, data=body, headers=headers, allow_redirects=False)
+
+        return self._call(operation, send, timeout, self.breakers["graphql"], retryable)
 
     # -- operations -------------------------------------------------------------------------------
 
