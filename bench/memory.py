@@ -240,7 +240,11 @@ def measure_node(children: Children, api_url: str, customers: int, args: argpars
     node = start_node_reference(children, SIDECAR_CPU, api_url, {"CACHE_MAX_SIZE_BYTES": str(CACHE_BUDGET)})
     time.sleep(SETTLE)
     before = rss_kib(node.child.pid)
-    print(f"Node reference (@stigg/node-server-sdk 3.95.0, grpc-js), ready, empty cache: RSS {mib(before)}")
+    heap_before = node.stats()["heapUsed"]
+    print(
+        f"Node reference (@stigg/node-server-sdk 3.95.0, grpc-js), ready, empty cache: RSS {mib(before)}, "
+        f"V8 heap in use {heap_before / 2**20:.1f} MiB"
+    )
 
     channel = grpc.insecure_channel(node.target)
     stub = SidecarServiceStub(channel)
@@ -258,8 +262,10 @@ def measure_node(children: Children, api_url: str, customers: int, args: argpars
         )
     print(f"Node reference, {customers} customers cached: RSS {mib(after)}")
     print(f"  RSS growth {mib(after - before)}, {(after - before) * 1024 / customers:.0f} bytes per customer")
+    heap_growth = stats["heapUsed"] - heap_before
     print(
-        f"  SDK's cache: {stats['cacheEntries']} entries; V8 heap in use {stats['heapUsed'] / 2**20:.1f} MiB; "
+        f"  SDK's cache: {stats['cacheEntries']} entries; V8 heap in use {stats['heapUsed'] / 2**20:.1f} MiB, "
+        f"{heap_growth / customers:.0f} bytes per customer (RSS also holds heap V8 has not given back); "
         f"0 misses re-reading {len(sample(customers))} customers"
     )
     node.child.stop()
