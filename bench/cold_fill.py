@@ -14,11 +14,12 @@ customer, every customer cold, --concurrency of them in flight at once. Each ans
 data (granted) or a fallback, which is counted; any error or wrong answer aborts.
 
 Prints per server and repeat: the seconds from the first read to the last answer, the answers from
-Stigg's data and the fallbacks, the customers the server holds in its cache afterwards (the
-sidecar's sidecar_cache_entries, the SDK's own entry count) and the fills per second (cached /
-seconds), the upstream's fetches, and the CPU use of the server and of the upstream over the fill
-(an upstream near 100% would mean it is the limit). Then the median fill rate of each and
-sidecar / Node. Benchmarks are run by hand, never in CI.
+Stigg's data and the fallbacks; the customers the server holds in its cache (the sidecar's
+sidecar_cache_entries, the SDK's own entry count, polled every 0.25 s: a server that answered
+fallbacks may still be fetching) and the seconds from the first read until it held them all (or
+held no more for 15 s); the fill rate (cached / those seconds), the upstream's fetches, and the
+CPU use of the server and of the upstream over the fill (an upstream near 100% would mean it is
+the limit). Then the median fill rate of each and sidecar / Node. Benchmarks are run by hand, never in CI.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ SERVER_CPU = 0  # the sidecar and the Node reference
 LOAD_CPU = 1  # the upstream and this script
 CACHE_BUDGET = 16 << 30
 CALL_TIMEOUT = 30.0
+STATS_TIMEOUT = 60.0  # a server busy filling its cache may answer its stats slowly
+POLL_INTERVAL = 0.25
+STALLED = 15.0  # seconds without a new cached customer after the last answer: the fill is over
 
 
 # -- the upstream's answers -------------------------------------------------------------------
@@ -88,6 +92,19 @@ def record_answers(data_path: Path, customers: int, out: Path) -> None:
         json.dump({"apiKey": API_KEY, "responses": responses}, f, separators=(",", ":"))
 
 
+def sidecar_fetch_outcomes(http_port: int) -> str:
+    """The sidecar's customer fetches by outcome, from its /metrics: "ok 9000, timeout 1000"."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=STATS_TIMEOUT) as r:
+        text = r.read().decode()
+    outcomes: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("sidecar_upstream_request_duration_seconds_count{") and "/v1/c/" in line:
+            labels, value = line.rsplit(" ", 1)
+            outcome = labels.split('outcome="', 1)[1].split('"', 1)[0]
+            outcomes[outcome] = outcomes.get(outcome, 0) + float(value)
+    return ", ".join(f"{name} {count:.0f}" for name, count in sorted(outcomes.items()))
+
+
 def upstream_fetches(base_url: str) -> int:
     """Customer answers the upstream has served so far (both Edge paths)."""
     with urllib.request.urlopen(f"{base_url}/_upstream/requests", timeout=10) as r:
@@ -109,13 +126,14 @@ class ColdReads:
         self._lock = threading.Lock()
         self._all_done = threading.Event()
         self._finished = 0
+        self.started = 0.0
         self.granted = 0
         self.fallbacks = 0
         self.errors: list[str] = []
 
     def run(self, timeout: float) -> float:
         """Seconds from the first read to the last answer."""
-        started = time.monotonic()
+        started = self.started = time.monotonic()
         deadline = started + timeout
         for i in range(self._total):
             while not self._slots.acquire(timeout=1):
@@ -157,10 +175,26 @@ class ColdReads:
                 self._all_done.set()
 
 
+def wait_cached(cached: Callable[[], int], customers: int, started: float, deadline: float) -> tuple[int, float]:
+    """(customers cached, seconds from `started` until that many were): polls until every customer
+    is cached, or none was added for STALLED seconds, or `deadline`. A server that answered
+    fallbacks may still be fetching after its last answer."""
+    count, when, last_growth = 0, time.monotonic(), time.monotonic()
+    while True:
+        now_count = cached()
+        now = time.monotonic()
+        if now_count != count:
+            count, when, last_growth = now_count, now, now
+        if count >= customers or now - last_growth > STALLED or now > deadline:
+            return count, when - started
+        time.sleep(POLL_INTERVAL)
+
+
 @dataclass
 class Fill:
     server: str
-    seconds: float
+    answered: float  # seconds from the first read to the last answer
+    seconds: float  # seconds from the first read until the cache held `cached` customers
     granted: int
     fallbacks: int
     cached: int
@@ -189,16 +223,18 @@ def fill(
         reads = ColdReads(SidecarServiceStub(channel), args.customers, args.concurrency)
         fetched_before = upstream_fetches(upstream_url)
         cpu_before, upstream_before, wall_before = cpu_seconds(pid), cpu_seconds(upstream_pid), time.monotonic()
-        seconds = reads.run(args.timeout)
+        answered = reads.run(args.timeout)
+        held, seconds = wait_cached(cached, args.customers, reads.started, reads.started + args.timeout)
         wall = time.monotonic() - wall_before
         server_cpu = 100 * (cpu_seconds(pid) - cpu_before) / wall
         upstream_cpu = 100 * (cpu_seconds(upstream_pid) - upstream_before) / wall
         return Fill(
             server,
+            answered,
             seconds,
             reads.granted,
             reads.fallbacks,
-            cached(),
+            held,
             upstream_fetches(upstream_url) - fetched_before,
             server_cpu,
             upstream_cpu,
@@ -210,13 +246,13 @@ def fill(
 
 def show(f: Fill, customers: int) -> None:
     print(
-        f"  {f.server:<8} {f.seconds:6.2f}s  {f.granted:>6} granted {f.fallbacks:>6} fallbacks  "
-        f"{f.cached:>6} cached  {f.rate:7.0f}/s  {f.fetches:>6} fetches  "
+        f"  {f.server:<8} answered in {f.answered:6.2f}s: {f.granted:>6} granted {f.fallbacks:>6} fallbacks; "
+        f"{f.cached:>6} cached in {f.seconds:6.2f}s, {f.rate:5.0f}/s; {f.fetches:>6} fetches  "
         f"cpu {f.server_cpu:3.0f}% (upstream {f.upstream_cpu:3.0f}%)  RSS {f.rss_kib / 1024:.0f} MiB",
         flush=True,
     )
-    if f.cached < customers - f.fallbacks:
-        print(f"  warning: {f.server} holds {f.cached} customers after {f.granted} answers from Stigg's data")
+    if f.cached < customers:
+        print(f"  warning: {f.server} holds {f.cached} of the {customers} customers it was asked for")
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -264,12 +300,13 @@ def bench(children: Children, args: argparse.Namespace) -> int:
             "sidecar",
             sidecar.child.pid,
             sidecar.target,
-            lambda port=sidecar.http_port: int(metrics(port).get("sidecar_cache_entries", 0)),
+            lambda port=sidecar.http_port: int(metrics(port, STATS_TIMEOUT).get("sidecar_cache_entries", 0)),
             upstream.pid,
             upstream_url,
             args,
         )
         show(f, args.customers)
+        print(f"  sidecar's fetches by outcome: {sidecar_fetch_outcomes(sidecar.http_port)}")
         fills["sidecar"].append(f)
         sidecar.child.stop()
         if args.no_node:
@@ -279,7 +316,7 @@ def bench(children: Children, args: argparse.Namespace) -> int:
             "node",
             node.child.pid,
             node.target,
-            lambda node=node: int(node.stats()["cacheEntries"]),
+            lambda node=node: int(node.stats(STATS_TIMEOUT)["cacheEntries"]),
             upstream.pid,
             upstream_url,
             args,

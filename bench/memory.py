@@ -61,9 +61,9 @@ def mib(kib: float) -> str:
     return f"{kib / 1024:.1f} MiB"
 
 
-def metrics(http_port: int) -> dict[str, float]:
+def metrics(http_port: int, timeout: float = 10) -> dict[str, float]:
     """The sidecar's unlabelled Prometheus samples (name -> value)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=timeout) as r:
         text = r.read().decode()
     values = {}
     for line in text.splitlines():

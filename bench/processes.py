@@ -362,9 +362,9 @@ class NodeReference:
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def stats(self) -> dict[str, float]:
+    def stats(self, timeout: float = 10) -> dict[str, float]:
         """The SDK's cache entries and its hit/miss counts since start, and the heap in use."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.stats_port}/stats", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.stats_port}/stats", timeout=timeout) as r:
             return json.loads(r.read())
 
 
