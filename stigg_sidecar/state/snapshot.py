@@ -4,7 +4,8 @@ File format (`STATE_DIR/snapshot.gz`): gzip (its CRC and length catch truncation
 of JSON lines: a header `{"format": "stigg-sidecar-snapshot", "version": 1, "writtenMs", "entries"}`,
 one line per entry `[customerId, resourceId, [[keySuffix, value, timestamp], ...]]`, and a trailer
 `{"end": entries}`. An entry's items are Stigg's Redis format (`cache.redis_format.encode_entry`,
-read back with `decode_from`): a stable, documented shape, independent of the record classes.
+read back as `decode_from` does): a stable, documented shape, independent of the record classes.
+An entitlements value already written (customers of one plan share it) is written as its number.
 
 `SnapshotService` owns when: every SNAPSHOT_INTERVAL_SECS if the cache changed, and at stop. The
 reactor only takes the list of (immutable) entries; encoding, compressing, writing, syncing and
@@ -30,7 +31,17 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from stigg_sidecar.cache.redis_format import EntryKeys, FormatError, decode_from, encode_entry, timestamp_key
+from stigg_sidecar.cache.redis_format import (
+    EntryKeys,
+    FormatError,
+    MissingUsage,
+    StoredEntitlements,
+    decode_entitlements,
+    decode_entry,
+    decode_timestamp,
+    encode_entry,
+    timestamp_key,
+)
 from stigg_sidecar.entitlements.records import CustomerEntry, apply_usage
 
 log = Logger()
@@ -56,20 +67,68 @@ class Snapshot:
     entries: list[CustomerEntry]
 
 
-def _entry_line(entry: CustomerEntry) -> bytes:
-    base = EntryKeys(_PREFIX, entry.customer_id, entry.resource_id).entitlements
-    items = [[item.key[len(base):], item.value, item.timestamp] for item in encode_entry(_PREFIX, entry)]
-    return json.dumps([entry.customer_id, entry.resource_id, items], separators=(",", ":")).encode() + b"\n"
+class _Encoder:
+    """Entry lines; an entitlements value seen before (customers of one plan share it) is
+    written as its number instead, so the file and its decoding pay for each plan once."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, int] = {}
+
+    def line(self, entry: CustomerEntry) -> bytes:
+        base = EntryKeys(_PREFIX, entry.customer_id, entry.resource_id).entitlements
+        items: list[list[Any]] = []
+        for item in encode_entry(_PREFIX, entry):
+            suffix = item.key[len(base):]
+            value: str | int = item.value
+            if suffix == "":
+                seen = self._seen.get(item.value)
+                if seen is None:
+                    self._seen[item.value] = len(self._seen)
+                else:
+                    value = seen
+            items.append([suffix, value, item.timestamp])
+        return json.dumps([entry.customer_id, entry.resource_id, items], separators=(",", ":")).encode() + b"\n"
 
 
-def _entry_from(line: bytes) -> CustomerEntry | None:
-    customer_id, resource_id, items = json.loads(line)
-    base = EntryKeys(_PREFIX, customer_id, resource_id).entitlements
-    store: dict[str, str] = {}
-    for suffix, value, stamp in items:
-        store[base + suffix] = value
-        store[timestamp_key(base + suffix)] = str(stamp)
-    return decode_from(_PREFIX, customer_id, resource_id, store.get)
+class _Decoder:
+    """Entries back from their lines (the same steps as `redis_format.decode_from`), decoding
+    each distinct entitlements value once."""
+
+    def __init__(self) -> None:
+        self._texts: list[str] = []
+        self._decoded: dict[tuple[int, str], StoredEntitlements] = {}
+
+    def entry(self, line: bytes) -> CustomerEntry | None:
+        customer_id, resource_id, items = json.loads(line)
+        keys = EntryKeys(_PREFIX, customer_id, resource_id)
+        base = keys.entitlements
+        store: dict[str, str] = {}
+        number = -1
+        for suffix, value, stamp in items:
+            if suffix == "":
+                if isinstance(value, int):
+                    number = value
+                    value = self._texts[value]
+                else:
+                    number = len(self._texts)
+                    self._texts.append(value)
+            store[base + suffix] = value
+            store[timestamp_key(base + suffix)] = str(stamp)
+        text, stamp_text = store.get(base), store.get(timestamp_key(base))
+        if not text or stamp_text is None:
+            return None
+        stored = self._decoded.get((number, stamp_text))
+        if stored is None:
+            stored = decode_entitlements(text, decode_timestamp(stamp_text, "entitlements#timestamp"))
+            self._decoded[(number, stamp_text)] = stored
+        usages = {}
+        for ref in stored.usage_refs:
+            key = f"{base}:{ref}"
+            usages[ref] = (store.get(key), store.get(timestamp_key(key)))
+        try:
+            return decode_entry(customer_id, resource_id, stored, store.get(keys.metadata), stamp_text, usages)
+        except MissingUsage:
+            return None
 
 
 def write_snapshot(path: str, entries: Sequence[CustomerEntry], written_ms: int) -> int:
@@ -80,7 +139,8 @@ def write_snapshot(path: str, entries: Sequence[CustomerEntry], written_ms: int)
         with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as out:
             header = {"format": FORMAT, "version": VERSION, "writtenMs": written_ms, "entries": len(entries)}
             out.write(json.dumps(header).encode() + b"\n")
-            out.writelines(_entry_line(entry) for entry in entries)
+            encoder = _Encoder()
+            out.writelines(encoder.line(entry) for entry in entries)
             out.write(json.dumps({"end": len(entries)}).encode() + b"\n")
         raw.flush()
         os.fsync(raw.fileno())
@@ -112,7 +172,8 @@ def read_snapshot(path: str) -> Snapshot:
         count = header["entries"]
         if len(lines) != count + 3 or lines[-1] != b"" or json.loads(lines[-2]) != {"end": count}:
             raise SnapshotError("truncated")
-        entries = [entry for entry in map(_entry_from, lines[1:-2]) if entry is not None]
+        decoder = _Decoder()
+        entries = [entry for entry in map(decoder.entry, lines[1:-2]) if entry is not None]
         return Snapshot(int(header["writtenMs"]), entries)
     except SnapshotError:
         raise
