@@ -13,6 +13,7 @@ miss's answer, a socket push) could have waited because of the snapshot.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import sys
@@ -36,12 +37,22 @@ from stigg_sidecar.state.snapshot import FILE_NAME, SnapshotService  # noqa: E40
 
 
 class PauseMeter:
-    """The longest time the reactor went without running a 1 ms timer (minus the 1 ms)."""
+    """The longest time the reactor went without running a 1 ms timer (minus the 1 ms), and the
+    longest collection of Python's cyclic garbage collector meanwhile (it stops every thread)."""
 
     def __init__(self) -> None:
         self.longest = 0.0
+        self.longest_gc = 0.0
+        self._gc_started = 0.0
         self._last = time.perf_counter()
         self._loop = task.LoopingCall(self._tick)
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._loop.running:
+            self.longest_gc = max(self.longest_gc, time.perf_counter() - self._gc_started)
 
     def _tick(self) -> None:
         now = time.perf_counter()
@@ -50,6 +61,7 @@ class PauseMeter:
 
     def start(self) -> None:
         self.longest = 0.0
+        self.longest_gc = 0.0
         self._last = time.perf_counter()
         self._loop.start(0.001)
 
@@ -72,18 +84,23 @@ def fill(customers: int) -> OnlineSidecar:
 async def run(customers: int, directory: str) -> None:
     started = time.perf_counter()
     backend = fill(customers)
-    print(f"filled {len(backend.cache):,} customers in {time.perf_counter() - started:.1f}s")
+    print(f"filled {len(backend.cache):,} customers in {time.perf_counter() - started:.1f}s", flush=True)
     path = os.path.join(directory, FILE_NAME)
+    # What the machine alone costs the reactor (other processes, the OS): the floor of a pause.
+    meter = PauseMeter()
+    meter.start()
+    await task.deferLater(reactor, 5, lambda: None)
+    print(f"idle:   longest reactor pause over 5s with nothing to do {meter.stop() * 1000:.1f} ms (the machine's floor)")
 
     writer = SnapshotService(reactor, path, backend, interval=3600)
-    meter = PauseMeter()
     meter.start()
     started = time.perf_counter()
     size = await writer.write()
     write_s = time.perf_counter() - started
     write_pause = meter.stop()
     print(f"write:  {write_s:.2f}s for {customers:,} customers, {size / 1e6:.1f} MB "
-          f"({size / customers:.0f} B/customer); longest reactor pause {write_pause * 1000:.1f} ms")
+          f"({size / customers:.0f} B/customer); longest reactor pause {write_pause * 1000:.1f} ms"
+          f" (longest GC {meter.longest_gc * 1000:.1f} ms)", flush=True)
 
     fresh = OnlineSidecar(reactor, None, EntitlementCache(64 << 30), fetch_timeout=1.0)
     readiness = Readiness()
@@ -98,7 +115,7 @@ async def run(customers: int, directory: str) -> None:
     await loader.stopService()
     assert len(fresh.cache) == customers, (len(fresh.cache), customers)
     print(f"load:   {load_s:.2f}s to readiness with {len(fresh.cache):,} customers; "
-          f"longest reactor pause {load_pause * 1000:.1f} ms")
+          f"longest reactor pause {load_pause * 1000:.1f} ms (longest GC {meter.longest_gc * 1000:.1f} ms)")
 
 
 def main() -> int:

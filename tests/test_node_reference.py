@@ -118,9 +118,12 @@ class NodeReferenceTests(unittest.TestCase):
         output = NodeOutput()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("STIGG_", "NODE_OPTIONS"))}
         env.update(STIGG_API_KEY=API_KEY, STIGG_API_URL=emulator.url, PORT="0", BIND_ADDRESS="127.0.0.1")
-        process = reactor.spawnProcess(
-            output, "node", ["node", str(REPO / "bench" / "node" / "server.js")], env=env, path=str(REPO)
-        )
+        # No `path`: Twisted then uses posix_spawn, not fork (a fork of this process, which runs
+        # gRPC threads, can die in gRPC's fork handlers before it execs); server.js finds its
+        # files from its own directory.
+        node = shutil.which("node")
+        assert node is not None
+        process = reactor.spawnProcess(output, node, [node, str(REPO / "bench" / "node" / "server.js")], env=env)
 
         def stop() -> Deferred[None]:
             if process.pid is not None:

@@ -23,7 +23,7 @@ import os
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet import threads
@@ -45,12 +45,14 @@ from stigg_sidecar.cache.redis_format import (
 from stigg_sidecar.entitlements.records import CustomerEntry, apply_usage
 
 log = Logger()
+T = TypeVar("T")
 
 FORMAT = "stigg-sidecar-snapshot"
 VERSION = 1
 FILE_NAME = "snapshot.gz"
 _PREFIX = "snapshot"  # the Redis-format key prefix inside the file; never sent anywhere
-_SLICE = 2000  # entries stored per reactor turn while loading
+_YIELD_EVERY = 5  # entries encoded or decoded between offers of the GIL to the reactor
+_SLICE_SECONDS = 0.004  # reactor time per turn spent storing loaded entries
 
 
 class SnapshotError(Exception):
@@ -131,6 +133,16 @@ class _Decoder:
             return None
 
 
+def _yielding(items: Sequence[T]) -> Iterator[T]:
+    """`items`, letting other threads (the reactor) take the GIL every few of them: a thread
+    that only computes keeps it for the whole switch interval each time, and on a busy machine
+    the reactor would wait behind it for much longer than that."""
+    for index, item in enumerate(items):
+        if index % _YIELD_EVERY == 0:
+            time.sleep(0)
+        yield item
+
+
 def write_snapshot(path: str, entries: Sequence[CustomerEntry], written_ms: int) -> int:
     """Write `entries` atomically (a new file, synced, renamed over the old one, the directory
     synced); returns the file's size. Runs on any thread: entries are immutable."""
@@ -140,7 +152,7 @@ def write_snapshot(path: str, entries: Sequence[CustomerEntry], written_ms: int)
             header = {"format": FORMAT, "version": VERSION, "writtenMs": written_ms, "entries": len(entries)}
             out.write(json.dumps(header).encode() + b"\n")
             encoder = _Encoder()
-            out.writelines(encoder.line(entry) for entry in entries)
+            out.writelines(encoder.line(entry) for entry in _yielding(entries))
             out.write(json.dumps({"end": len(entries)}).encode() + b"\n")
         raw.flush()
         os.fsync(raw.fileno())
@@ -173,7 +185,7 @@ def read_snapshot(path: str) -> Snapshot:
         if len(lines) != count + 3 or lines[-1] != b"" or json.loads(lines[-2]) != {"end": count}:
             raise SnapshotError("truncated")
         decoder = _Decoder()
-        entries = [entry for entry in map(decoder.entry, lines[1:-2]) if entry is not None]
+        entries = [entry for entry in map(decoder.entry, _yielding(lines[1:-2])) if entry is not None]
         return Snapshot(int(header["writtenMs"]), entries)
     except SnapshotError:
         raise
@@ -228,9 +240,12 @@ class SnapshotService(Service):
             log.warn("Cache snapshot {path} not used ({why}); starting empty", path=self.path, why=str(e))
             return
         entries = snapshot.entries
-        for start in range(0, len(entries), _SLICE):  # in slices: reads keep being answered
-            for entry in entries[start:start + _SLICE]:
-                self._backend.store(entry)
+        index = 0
+        while index < len(entries):  # in slices of a few ms: the reactor keeps serving meanwhile
+            slice_ends = time.perf_counter() + _SLICE_SECONDS
+            while index < len(entries) and time.perf_counter() < slice_ends:
+                self._backend.store(entries[index])
+                index += 1
             yield deferLater(self._reactor, 0, lambda: None)
         age = max(0.0, (self._wall_ms() - snapshot.written_ms) / 1000)
         self.loaded = len(entries)
