@@ -112,8 +112,6 @@ def check_batch(items: Any, name: str) -> None:
 
 
 def _check_options(request: Any) -> None:
-    if not request.HasField("options"):
-        return
     # The options messages differ per RPC; each check applies where the field exists.
     options = request.options
     fields = options.DESCRIPTOR.fields_by_name
@@ -131,10 +129,16 @@ def _check_options(request: Any) -> None:
 
 
 def _feature_read(request: Any) -> None:
-    check_id(request.customer_id, "customer_id")
-    check_id(request.feature_id, "feature_id")
-    check_optional_id(request, "resource_id")
-    _check_options(request)
+    # Every cached check passes here: the common case (ids present and surely short, no options)
+    # costs three field reads, three length tests and a HasField.
+    customer_id, feature_id = request.customer_id, request.feature_id
+    if not (0 < len(customer_id) <= _SURELY_SHORT and 0 < len(feature_id) <= _SURELY_SHORT):
+        check_id(customer_id, "customer_id")
+        check_id(feature_id, "feature_id")
+    if len(request.resource_id) > _SURELY_SHORT:  # (unset reads as empty, and empty means absent)
+        check_id(request.resource_id, "resource_id", required=False)
+    if request.HasField("options"):
+        _check_options(request)
 
 
 def _v2_read(request: pb.GetEntitlementV2Request) -> None:
@@ -147,7 +151,8 @@ def _v2_read(request: pb.GetEntitlementV2Request) -> None:
 
 def _customer_read(request: Any) -> None:
     check_id(request.customer_id, "customer_id")
-    check_optional_id(request, "resource_id")
+    if request.HasField("resource_id"):
+        check_id(request.resource_id, "resource_id", required=False)
 
 
 def check_usage(usage: pb.ReportUsageRequest, where: str = "") -> None:
