@@ -171,6 +171,8 @@ SPECS: tuple[Spec, ...] = (
         "Redis Sentinels as host:port,host:port; when set, the master is found (and followed) through them",
     ),
     Spec("REDIS_SENTINEL_MASTER", "mymaster", _parse_str, "the master's name in Sentinel"),
+    Spec("REDIS_SENTINEL_USERNAME", "", _parse_str, "ACL user name on the Sentinels"),
+    Spec("REDIS_SENTINEL_PASSWORD", "", _parse_str, "password of the Sentinels (their requirepass)", secret=True),
     Spec("BIND_ADDRESS", "0.0.0.0", _parse_str, "interface the gRPC and HTTP servers listen on"),
     Spec("PORT", "8443", _parse_int(0, 65535), "gRPC port"),
     Spec("HTTP_PORT", "8080", _parse_int(0, 65535), "HTTP port for health, readiness and metrics"),
@@ -217,6 +219,8 @@ class Settings:
     redis_timeout_ms: int = 250
     redis_sentinels: tuple[tuple[str, int], ...] = ()
     redis_sentinel_master: str = "mymaster"
+    redis_sentinel_username: str = ""
+    redis_sentinel_password: str = ""
     bind_address: str = "0.0.0.0"
     port: int = 8443
     http_port: int = 8080
@@ -243,7 +247,7 @@ class Settings:
 
     def secrets(self) -> tuple[str, ...]:
         """The secret values, for redaction checks."""
-        return tuple(s for s in (self.server_api_key, self.redis_password) if s)
+        return tuple(s for s in (self.server_api_key, self.redis_password, self.redis_sentinel_password) if s)
 
 
 def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str | None] | None = None) -> Settings:

@@ -36,8 +36,12 @@ def find_redis_sentinel() -> str:
 
 
 class SentinelProcess:
-    def __init__(self, master_port: int, down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> None:
+    def __init__(
+        self, master_port: int, down_after_ms: int = 1000, failover_timeout_ms: int = 3000, password: str | None = None
+    ) -> None:
+        """`password` sets the Sentinel's own `requirepass` (clients then AUTH to ask it)."""
         self.binary = find_redis_sentinel()
+        self.password = password
         self.port = free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="redis-sentinel-test-")
         self.dir = Path(self._dir.name)
@@ -59,6 +63,7 @@ class SentinelProcess:
                 f"sentinel down-after-milliseconds {MASTER_NAME} {self.down_after_ms}",
                 f"sentinel failover-timeout {MASTER_NAME} {self.failover_timeout_ms}",
                 f"sentinel parallel-syncs {MASTER_NAME} 1",
+                *([f"requirepass {self.password}"] if self.password else []),
             ]) + "\n"
         )
         self.process = subprocess.Popen(
@@ -79,8 +84,12 @@ class SentinelProcess:
 
     def command(self, *args: object, timeout: float = 2) -> object:
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+            replies = s.makefile("rb")
+            if self.password:
+                s.sendall(_encode(("AUTH", self.password)))
+                _read_reply(replies)
             s.sendall(_encode(args))
-            return _read_reply(s.makefile("rb"))
+            return _read_reply(replies)
 
     def master_address(self) -> tuple[str, int] | None:
         reply = self.command("SENTINEL", "get-master-addr-by-name", MASTER_NAME)
@@ -132,7 +141,8 @@ class SentinelProcess:
 class SentinelGroup:
     """A master, one replica of it, and a Sentinel watching them; `cleanup()` stops all three."""
 
-    def __init__(self) -> None:
+    def __init__(self, sentinel_password: str | None = None) -> None:
+        self.sentinel_password = sentinel_password
         self.master = RedisServer()
         self.replica: RedisServer | None = None
         self.sentinel: SentinelProcess | None = None
@@ -157,7 +167,7 @@ class SentinelGroup:
             if time.monotonic() > deadline:
                 raise RuntimeError("the replica did not sync with the master: " + self.replica.log_tail())
             time.sleep(0.05)
-        self.sentinel = SentinelProcess(self.master.port)
+        self.sentinel = SentinelProcess(self.master.port, password=self.sentinel_password)
         self.sentinel.start()
         while self.sentinel.replicas_known() < 1:  # it learns of the replica from the master's INFO
             if time.monotonic() > deadline:

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
@@ -38,6 +39,20 @@ class SentinelSettingsTests(SynchronousTestCase):
         )
         self.assertEqual(settings.redis_sentinel_master, "cache")
         self.assertEqual(load_settings({"SERVER_API_KEY": "k"}).redis_sentinels, ())
+
+    def test_sentinel_credentials_are_settings_and_the_password_a_secret(self) -> None:
+        settings = load_settings({
+            "SERVER_API_KEY": "k",
+            "REDIS_SENTINELS": "127.0.0.1:26379",
+            "REDIS_SENTINEL_USERNAME": "watcher",
+            "REDIS_SENTINEL_PASSWORD": "sentinel-s3cret",
+        })
+        self.assertEqual((settings.redis_sentinel_username, settings.redis_sentinel_password),
+                         ("watcher", "sentinel-s3cret"))
+        self.assertIn("sentinel-s3cret", settings.secrets())
+        mirror = RedisMirror.from_settings(reactor, replace(settings, redis_environment_prefix=PREFIX))
+        self.assertEqual(mirror.sentinel_username, "watcher")
+        self.assertNotIn("sentinel-s3cret", repr(mirror))
 
     def test_a_bad_sentinel_address_is_refused_by_name(self) -> None:
         for text in ("sentinel-a", "host:port", "host:0", ":26379"):
@@ -167,6 +182,59 @@ class SentinelFailoverTests(TestCase):
         await h.wait_until_async(writes_to_the_new_master)
         self.assertEqual(mirror.address, f"127.0.0.1:{group.replica.port}")
         self.assertEqual(await mirror.read("cust-1"), replace(entry, timestamp=stamp))
+
+
+SENTINEL_SECRET = "sentinel-s3cret-pw"
+
+
+class SentinelCredentialsTests(TestCase):
+    """Sentinels with their own `requirepass`: the mirror authenticates to ask them, and a
+    wrong or missing password is one clear line that never shows a password."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.group = SentinelGroup(sentinel_password=SENTINEL_SECRET).start()
+        self.addCleanup(self.group.cleanup)
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def mirror(self, **options) -> RedisMirror:
+        mirror = RedisMirror(
+            reactor, PREFIX, sentinels=[("127.0.0.1", self.group.sentinel.port)], sentinel_master=MASTER_NAME,
+            timeout_ms=500, **options,
+        )
+        mirror.startService()
+        self.addCleanup(mirror.stopService)
+        return mirror
+
+    def logged(self) -> list[str]:
+        return [formatEvent(e) or "" for e in self.events]
+
+    async def test_the_sentinel_password_finds_the_master(self):
+        mirror = self.mirror(sentinel_password=SENTINEL_SECRET)
+        await _Waiter(reactor).wait_until(lambda: mirror.connected)
+        self.assertEqual(mirror.address, f"127.0.0.1:{self.group.master.port}")
+        entry = entry_from_state("cust-1", None, state(boolean_item()), 0)
+        self.assertTrue(await mirror.write(entry))
+        self.assertNotIn(SENTINEL_SECRET, "\n".join(self.logged()))
+
+    async def test_a_wrong_or_missing_sentinel_password_is_one_line_without_it(self):
+        wrong = "wrong-sentinel-pw"
+        mirrors = [self.mirror(sentinel_password=wrong), self.mirror()]
+
+        def rejected() -> list[str]:
+            return [line for line in self.logged() if "Sentinel" in line and "rejected the credentials" in line]
+
+        await _Waiter(reactor).wait_until(lambda: len(rejected()) >= 2)
+        await deferLater(reactor, 1.5, lambda: None)  # several retries with backoff: no more lines
+        self.assertEqual(len(rejected()), 2)
+        self.assertIn(f"127.0.0.1:{self.group.sentinel.port}", rejected()[0])
+        self.assertEqual([m.connected for m in mirrors], [False, False])
+        text = "\n".join(self.logged())
+        self.assertNotIn(wrong, text)
+        self.assertNotIn(SENTINEL_SECRET, text)
 
 
 class _Waiter:

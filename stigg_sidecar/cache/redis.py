@@ -11,8 +11,9 @@ Reactor only. Every public call returns a Deferred that never fails and fires wi
 (REDIS_TIMEOUT_MS): when Redis is down, slow, rejecting us or holding something unreadable, a
 read answers None, a write False, and `errors` counts it. Nothing is logged per call: one line
 when Redis becomes unreachable or reachable again, when it rejects the credentials, and the
-first time each kind of error shows up. The password never reaches a log line (ARCHITECTURE 7):
-AUTH is sent by this module, its error text is never logged, and logged texts are scrubbed.
+first time each kind of error shows up. The passwords (Redis's and the Sentinels') never reach
+a log line (ARCHITECTURE 7): AUTH is sent by this module, its error text is never logged, and
+logged texts are scrubbed.
 """
 
 from __future__ import annotations
@@ -124,6 +125,10 @@ def _warnings_only(event: dict) -> None:
 
 class _NotMaster(Exception):
     """The server Sentinel named answers ROLE with something else than master."""
+
+
+class _SentinelRejected(Exception):
+    """A Sentinel refused our credentials (or wants some and we have none)."""
 
 
 @implementer(IStreamClientEndpoint)
@@ -333,13 +338,17 @@ class RedisMirror(Service):
         tls_trust_root: Any = None,
         sentinels: Sequence[tuple[str, int]] = (),
         sentinel_master: str = "mymaster",
+        sentinel_username: str = "",
+        sentinel_password: str = "",
     ) -> None:
         """`on_peer_change(cache_key, kind)` hears the entries other sidecars changed ("entry",
         "usage", "purge"). `require_customer_entry`: a resource read misses unless the
         customer-level entry is cached and not newer (Stigg's rule §3.4 Read 3).
         `tls_trust_root` (a twisted.internet.ssl trust root) replaces the platform's CAs.
         With `sentinels` ((host, port), ...), `host` and `port` are ignored: every connect asks
-        the Sentinels, in order, for the address of `sentinel_master`."""
+        the Sentinels, in order, for the address of `sentinel_master`, authenticating with
+        `sentinel_password` (and `sentinel_username`) when given: Sentinels have their own
+        credentials, separate from the data servers' `username`/`password`."""
         if not prefix:
             raise ValueError("RedisMirror needs a key prefix (REDIS_ENVIRONMENT_PREFIX)")
         self.reactor = reactor
@@ -351,7 +360,10 @@ class RedisMirror(Service):
         self.tls_trust_root = tls_trust_root
         self.sentinels = tuple(sentinels)
         self.sentinel_master = sentinel_master
+        self.sentinel_username = sentinel_username
+        self._sentinel_password = sentinel_password
         self._sentinels_answering: bool | None = None
+        self._sentinels_rejecting: set[tuple[str, int]] = set()  # logged as refusing our credentials
         self.ttl_secs = ttl_secs
         self.timeout = timeout_ms / 1000
         self.require_customer_entry = require_customer_entry
@@ -393,6 +405,8 @@ class RedisMirror(Service):
             on_peer_change=on_peer_change,
             sentinels=settings.redis_sentinels,
             sentinel_master=settings.redis_sentinel_master,
+            sentinel_username=settings.redis_sentinel_username,
+            sentinel_password=settings.redis_sentinel_password,
             **options,
         )
 
@@ -435,8 +449,20 @@ class RedisMirror(Service):
         for host, port in self.sentinels:
             try:
                 address = yield self._ask_sentinel(host, port)
+            except _SentinelRejected:
+                if (host, port) not in self._sentinels_rejecting and self.running:
+                    self._sentinels_rejecting.add((host, port))
+                    # Never the reply's text: it may quote what was sent.
+                    log.error(
+                        "Redis Sentinel at {address} rejected the credentials "
+                        "(REDIS_SENTINEL_USERNAME/REDIS_SENTINEL_PASSWORD); trying the others, "
+                        "and it again, with backoff",
+                        address=f"{host}:{port}",
+                    )
+                continue
             except Exception:
                 continue
+            self._sentinels_rejecting.discard((host, port))
             if address is None:
                 continue
             if address != (self.host, self.port) or self._sentinels_answering is None:
@@ -464,8 +490,20 @@ class RedisMirror(Service):
         protocol = txredisapi.RedisProtocol(charset="utf-8", replyTimeout=None, convertNumbers=False)
         p = yield connectProtocol(endpoint, protocol)
         try:
+            if self._sentinel_password:
+                user = (self.sentinel_username,) if self.sentinel_username else ()
+                auth = p.execute_command("AUTH", *user, self._sentinel_password)
+                try:
+                    yield auth.addTimeout(bound, self.reactor)
+                except txredisapi.ResponseError:
+                    raise _SentinelRejected() from None
             d = p.execute_command("SENTINEL", "get-master-addr-by-name", self.sentinel_master)
-            reply = yield d.addTimeout(bound, self.reactor)
+            try:
+                reply = yield d.addTimeout(bound, self.reactor)
+            except txredisapi.ResponseError as e:
+                if str(e).startswith("NOAUTH"):  # it has a password we were not given
+                    raise _SentinelRejected() from None
+                raise
         finally:
             p.transport.abortConnection()
         if not isinstance(reply, list) or len(reply) != 2:
@@ -789,7 +827,10 @@ class RedisMirror(Service):
         return default
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._password, "***") if self._password else text
+        for secret in (self._password, self._sentinel_password):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
 
     def _log_once(self, kind: str, format: str, **fields: Any) -> None:
         if kind not in self._logged_errors:
