@@ -19,7 +19,8 @@ sidecar_cache_entries, the SDK's own entry count, polled every 0.25 s: a server 
 fallbacks may still be fetching) and the seconds from the first read until it held them all (or
 held no more for 15 s); the fill rate (cached / those seconds), the upstream's fetches, and the
 CPU use of the server and of the upstream over the fill (an upstream near 100% would mean it is
-the limit). Then the median fill rate of each and sidecar / Node. Benchmarks are run by hand, never in CI.
+the limit), and the rate per CPU-second of the server (steadier on a shared machine). Then the
+median rates of each and sidecar / Node. Benchmarks are run by hand, never in CI.
 """
 
 from __future__ import annotations
@@ -208,6 +209,11 @@ class Fill:
         """Customers fetched and cached per second."""
         return self.cached / self.seconds
 
+    @property
+    def per_cpu_second(self) -> float:
+        """Customers fetched and cached per CPU-second of the server: steadier on a shared machine."""
+        return self.rate / max(self.server_cpu / 100, 1e-9)
+
 
 def fill(
     server: str,
@@ -248,7 +254,8 @@ def show(f: Fill, customers: int) -> None:
     print(
         f"  {f.server:<8} answered in {f.answered:6.2f}s: {f.granted:>6} granted {f.fallbacks:>6} fallbacks; "
         f"{f.cached:>6} cached in {f.seconds:6.2f}s, {f.rate:5.0f}/s; {f.fetches:>6} fetches  "
-        f"cpu {f.server_cpu:3.0f}% (upstream {f.upstream_cpu:3.0f}%)  RSS {f.rss_kib / 1024:.0f} MiB",
+        f"cpu {f.server_cpu:3.0f}% (upstream {f.upstream_cpu:3.0f}%), {f.per_cpu_second:5.0f}/cpu-s  "
+        f"RSS {f.rss_kib / 1024:.0f} MiB",
         flush=True,
     )
     if f.cached < customers:
@@ -327,12 +334,19 @@ def bench(children: Children, args: argparse.Namespace) -> int:
 
     print(f"\n== median of {args.repeat}: customers fetched and cached per second at {args.concurrency} cold reads")
     medians = {name: statistics.median(f.rate for f in runs) for name, runs in fills.items() if runs}
+    per_cpu = {name: statistics.median(f.per_cpu_second for f in runs) for name, runs in fills.items() if runs}
     for name, rate in medians.items():
         rates = ", ".join(f"{f.rate:.0f}" for f in fills[name])
         fallbacks = sum(f.fallbacks for f in fills[name])
-        print(f"  {name:<8} {rate:7.0f}/s  (fills: {rates}; {fallbacks} fallbacks in all)")
+        print(
+            f"  {name:<8} {rate:7.0f}/s, {per_cpu[name]:5.0f} per CPU-second  "
+            f"(fills: {rates}; {fallbacks} fallbacks in all)"
+        )
     if "node" in medians:
-        print(f"  sidecar / Node {medians['sidecar'] / medians['node']:.2f}")
+        print(
+            f"  sidecar / Node {medians['sidecar'] / medians['node']:.2f} per second, "
+            f"{per_cpu['sidecar'] / per_cpu['node']:.2f} per CPU-second"
+        )
     return 0
 
 
