@@ -92,6 +92,7 @@ class OnlineSidecar:
         # takes the other's places. A waiting thread gives its runner role to another (the
         # handler pool's blocking()), so these bound blocked threads, not the threads that serve.
         self.waiting_reads = WaitBudget(max_waiting_reads, "reads")
+        self._background_fetches = 0  # fetches for reads that answered a fallback (reactor only)
         self.waiting_writes = WaitBudget(max_waiting_writes, "writes")  # used by delivery's WriteGate
         self._on_hit: Callable[[], None] = lambda: None
         self._on_miss: Callable[[], None] = lambda: None
@@ -162,7 +163,18 @@ class OnlineSidecar:
         return None
 
     def _fetch_quietly(self, customer_id: str, resource_id: str | None) -> None:
-        self.fetch(customer_id, resource_id).addErrback(lambda _: None)
+        # Bounded like the reads that wait: unbounded, a burst past MAX_WAITING_READS started a
+        # fetch per fallback answered, the client raced ahead of Stigg, and thousands of fetches in
+        # flight at once (connections, buffers, parsed answers) left the heap several times the
+        # size of a steady warm-up. Past the bound the customer is fetched on a later read.
+        if self._background_fetches >= self.waiting_reads.limit:
+            return
+        self._background_fetches += 1
+
+        def landed(_: object) -> None:
+            self._background_fetches -= 1
+
+        self.fetch(customer_id, resource_id).addBoth(landed)
 
     # -- reactor ----------------------------------------------------------------------------------
 

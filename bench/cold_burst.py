@@ -1,0 +1,134 @@
+"""Memory of a cold burst against a steady warm-up: the sidecar's RSS after caching the same
+customers at different read concurrencies.
+
+    python bench/cold_burst.py [--customers 20000] [--concurrency 4,32] [--sidecar-env K=V ...]
+
+For each concurrency, on a fresh sidecar (pinned to core 0) against one emulator (core 1): one
+GetBooleanEntitlement per customer, all cold, `--concurrency` in flight; answers that are
+fallbacks are counted, not refused (with a small MAX_WAITING_READS a burst answers some at once
+and fetches those customers in the background). Then waits until the cache stops growing, and
+prints RSS ready, at its peak during the burst (sampled every 0.1 s), and settled after it, the
+cache's entries and the fallbacks. A burst should cost no more than a steady warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+from memory import metrics
+from processes import Children, rss_kib, run_with_children, start_emulator, start_sidecar, write_emulator_data
+from seed import customer_id, entitlements
+
+from stigg_sidecar._proto import sidecar_pb2 as pb
+from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
+
+SIDECAR_CPU = 0
+EMULATOR_CPU = 1
+SETTLE = 2.0
+
+
+def burst(stub: SidecarServiceStub, customers: int, concurrency: int, timeout: float) -> tuple[int, int]:
+    """(fallbacks, errors) of one cold read per customer, `concurrency` in flight."""
+    slots = threading.Semaphore(concurrency)
+    lock = threading.Lock()
+    counts = {"fallbacks": 0, "errors": 0, "done": 0}
+    finished = threading.Event()
+
+    def done(future: grpc.Future) -> None:
+        with lock:
+            try:
+                if future.result().is_fallback:
+                    counts["fallbacks"] += 1
+            except grpc.RpcError:
+                counts["errors"] += 1
+            counts["done"] += 1
+            if counts["done"] == customers:
+                finished.set()
+        slots.release()
+
+    deadline = time.monotonic() + timeout
+    for i in range(customers):
+        if not slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise SystemExit(f"burst did not finish within {timeout:.0f}s")
+        request = pb.GetBooleanEntitlementRequest(customer_id=customer_id(i), feature_id="feature-bool-0")
+        stub.GetBooleanEntitlement.future(request, timeout=30).add_done_callback(done)
+    if not finished.wait(max(0.0, deadline - time.monotonic())):
+        raise SystemExit(f"burst did not finish within {timeout:.0f}s")
+    return counts["fallbacks"], counts["errors"]
+
+
+def measure(children: Children, api_url: str, args: argparse.Namespace, concurrency: int) -> None:
+    env = {"SHUTDOWN_GRACE_SECS": "1", "CACHE_MAX_SIZE_BYTES": str(16 << 30), "POLL_INTERVAL_SECS": "0"}
+    env.update(dict(item.split("=", 1) for item in args.sidecar_env))
+    sidecar = start_sidecar(children, SIDECAR_CPU, api_url, env)
+    time.sleep(SETTLE)
+    ready = rss_kib(sidecar.child.pid)
+    peak = [ready]
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(0.1):
+            peak[0] = max(peak[0], rss_kib(sidecar.child.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    channel = grpc.insecure_channel(sidecar.target)
+    started = time.monotonic()
+    fallbacks, errors = burst(SidecarServiceStub(channel), args.customers, concurrency, args.timeout)
+    elapsed = time.monotonic() - started
+    # Background fetches (of reads that answered fallbacks) may still land: wait for the cache
+    # to stop growing.
+    last, still = -1.0, 0
+    while still < 3:
+        time.sleep(1)
+        entries = metrics(sidecar.http_port).get("sidecar_cache_entries", 0.0)
+        still = still + 1 if entries == last else 0
+        last = entries
+    sampling.set()
+    sampler.join(5)
+    channel.close()
+    time.sleep(SETTLE)
+    after = rss_kib(sidecar.child.pid)
+    print(
+        f"{concurrency:>11} {elapsed:>7.1f} {fallbacks:>9} {errors:>6} {last:>8.0f} {ready / 1024:>9.1f} "
+        f"{max(peak[0], after) / 1024:>8.1f} {after / 1024:>9.1f} {(after - ready) / args.customers:>8.2f}",
+        flush=True,
+    )
+    sidecar.child.stop()
+
+
+def bench(children: Children, args: argparse.Namespace) -> int:
+    data = children.path("emulator-data.json")
+    write_emulator_data(data, {customer_id(i): entitlements(i) for i in range(args.customers)})
+    _, api_url = start_emulator(children, data, cpu=EMULATOR_CPU, timeout=600)
+    print(f"{args.customers} cold customers of ten features; sidecar env {args.sidecar_env or '(defaults)'}")
+    print(
+        f"{'concurrency':>11} {'burst s':>7} {'fallbacks':>9} {'errors':>6} {'entries':>8} {'ready MiB':>9} "
+        f"{'peak MiB':>8} {'after MiB':>9} {'KiB/cust':>8}"
+    )
+    for concurrency in args.concurrency:
+        measure(children, api_url, args, concurrency)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--customers", type=int, default=20_000)
+    parser.add_argument(
+        "--concurrency", type=lambda t: [int(x) for x in t.split(",") if x], default=[4, 32],
+        help="reads in flight, comma-separated, each on a fresh sidecar (default 4,32)",
+    )
+    parser.add_argument("--sidecar-env", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--timeout", type=float, default=1200)
+    return run_with_children(bench, parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
