@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
@@ -263,9 +264,28 @@ def _http_failure(error: BaseException, timeout: float) -> str:
     return str(getattr(reason, "strerror", None) or reason)
 
 
+def _grpc_serving(args: argparse.Namespace) -> str:
+    """The gRPC health status (grpc.health.v1, which follows readiness) of the sidecar at --target."""
+    with grpc.insecure_channel(args.target) as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        try:
+            response = check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+        except grpc.RpcError as e:
+            reason = _unreachable_reason(e, args.timeout) or f"{e.code().name}: {e.details()}"
+            raise CliError(f"cannot reach the sidecar at {args.target} ({reason})") from None
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
 def health(args: argparse.Namespace) -> Outcome:
-    data: dict[str, Any] = {"http": args.http}
-    lines = []
+    # The gRPC side is what applications call: a sidecar whose HTTP port answers but whose --target
+    # does not is not healthy for them.
+    serving = _grpc_serving(args)
+    data: dict[str, Any] = {"http": args.http, "target": args.target, "grpc": {"status": serving, "ok": serving == "SERVING"}}
+    lines = [f"{'grpc':<5}  {serving}  {args.target}"]
     for name, path in (("live", args.health_path), ("ready", args.ready_path)):
         url = f"http://{args.http}/{path.strip('/')}"
         try:
@@ -277,7 +297,7 @@ def health(args: argparse.Namespace) -> Outcome:
         data[name] = {"url": url, "http_status": code, "ok": code == 200, "status": status, "reasons": reasons}
         why = f"  ({'; '.join(reasons)})" if reasons else ""
         lines.append(f"{name:<5}  {status:<4}  HTTP {code}  {url}{why}")
-    ready = data["live"]["ok"] and data["ready"]["ok"]
+    ready = data["live"]["ok"] and data["ready"]["ok"] and data["grpc"]["ok"]
     data["ready_ok"] = ready
     return Outcome(data, lines, EXIT_OK if ready else EXIT_NO)
 
@@ -366,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resource", metavar="R", help="resource id")
     p.set_defaults(run=lambda args: _run_grpc(reload, args))
 
-    p = command("health", "liveness and readiness over HTTP; exit 0 only when ready")
+    p = command("health", "gRPC health at --target, liveness and readiness over HTTP; exit 0 only when all say ready")
     p.add_argument("--health-path", metavar="PATH", default="livez", help="liveness path (default livez)")
     p.add_argument("--ready-path", metavar="PATH", default="readyz", help="readiness path (default readyz)")
     p.set_defaults(run=health)

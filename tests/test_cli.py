@@ -218,6 +218,7 @@ class HealthTests(CliTestCase):
         self.assertAnswer(
             self.cli("health"),
             GRANTED,
+            f"grpc   SERVING  127.0.0.1:{self.sidecar.grpc_port}\n"
             f"live   UP    HTTP 200  {base}/livez\nready  UP    HTTP 200  {base}/readyz\n",
         )
 
@@ -225,6 +226,7 @@ class HealthTests(CliTestCase):
         report = self.json_of(self.cli("health", "--json"))
         self.assertIs(report["ready_ok"], True)
         self.assertEqual((report["live"]["http_status"], report["ready"]["status"]), (200, "UP"))
+        self.assertEqual(report["grpc"], {"status": "SERVING", "ok": True})
 
     def test_wrong_ready_path_is_not_ready_and_exits_3(self):
         result = self.cli("health", "--ready-path", "/not-here")
@@ -245,6 +247,7 @@ class HealthTests(CliTestCase):
                 sidecar.stop()
         self.assertEqual((result.returncode, result.stderr), (DENIED, ""))
         self.assertIn("ready  DOWN  HTTP 503", result.stdout)
+        self.assertIn("grpc   NOT_SERVING", result.stdout)
         self.assertIn("(validating the API key with Stigg)", result.stdout)
 
 
@@ -315,10 +318,20 @@ class UnreachableTests(SynchronousTestCase):
                 )
 
     def test_health_says_connection_refused(self):
+        sidecar = shared_sidecar("cli-offline", base_env(OFFLINE="1", ENTITLEMENTS_FALLBACK=json.dumps(FALLBACKS)))
         http = f"127.0.0.1:{closed_port()}"
         self.assertOneLine(
-            run_cli("--http", http, "health"),
+            run_cli("--target", f"127.0.0.1:{sidecar.grpc_port}", "--http", http, "health"),
             f"stigg-sidecar-cli: cannot reach the sidecar's HTTP server at {http} (connection refused)",
+        )
+
+    def test_health_asks_the_target_not_only_the_http_port(self):
+        # A live HTTP port does not make an unreachable --target healthy.
+        sidecar = shared_sidecar("cli-offline", base_env(OFFLINE="1", ENTITLEMENTS_FALLBACK=json.dumps(FALLBACKS)))
+        target = f"127.0.0.1:{closed_port()}"
+        self.assertOneLine(
+            run_cli("--target", target, "--http", f"127.0.0.1:{sidecar.http_port}", "health"),
+            f"stigg-sidecar-cli: cannot reach the sidecar at {target} (connection refused)",
         )
 
     def test_silent_listener_times_out_within_timeout(self):
@@ -328,7 +341,8 @@ class UnreachableTests(SynchronousTestCase):
             address = f"127.0.0.1:{silent.getsockname()[1]}"
             started = time.monotonic()
             grpc_result = run_cli("--timeout", "0.5", "--target", address, "check", "c", "f")
-            http_result = run_cli("--timeout", "0.5", "--http", address, "health")
+            sidecar = shared_sidecar("cli-offline", base_env(OFFLINE="1", ENTITLEMENTS_FALLBACK=json.dumps(FALLBACKS)))
+            http_result = run_cli("--timeout", "0.5", "--target", f"127.0.0.1:{sidecar.grpc_port}", "--http", address, "health")
             elapsed = time.monotonic() - started
         self.assertOneLine(grpc_result, f"stigg-sidecar-cli: cannot reach the sidecar at {address} (no answer within 0.5s)")
         self.assertOneLine(
