@@ -147,6 +147,7 @@ class Spec(Generic[T]):
 
 SPECS: tuple[Spec, ...] = (
     Spec("SERVER_API_KEY", None, _parse_str, "Stigg server API key (required unless OFFLINE)", secret=True),
+    Spec("SERVER_API_KEY_FILE", "", _parse_str, "file holding the Stigg server API key (instead of SERVER_API_KEY)"),
     Spec("OFFLINE", "0", parse_bool, "answer from fallbacks only, never touch the network"),
     Spec("API_URL", "https://api.stigg.io", _parse_url(("http", "https")), "Stigg API base URL (GraphQL at /graphql)"),
     Spec("EDGE_ENABLED", "1", parse_bool, "fetch entitlements from Stigg's Edge API"),
@@ -163,6 +164,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("REDIS_DB", "0", _parse_int(0), "Redis database number"),
     Spec("REDIS_USERNAME", "", _parse_str, "Redis ACL user name"),
     Spec("REDIS_PASSWORD", "", _parse_str, "Redis password", secret=True),
+    Spec("REDIS_PASSWORD_FILE", "", _parse_str, "file holding the Redis password (instead of REDIS_PASSWORD)"),
     Spec("REDIS_TLS", "0", parse_bool, "connect to Redis over TLS"),
     Spec("REDIS_KEYS_TTL_IN_SECS", "604800", _parse_int(), "TTL of every Redis key in seconds (negative: none)"),
     Spec("REDIS_TIMEOUT_MS", "250", _parse_int(1, 60_000), "bound on every Redis call (ms)"),
@@ -198,6 +200,7 @@ SPECS: tuple[Spec, ...] = (
 @dataclass(frozen=True)
 class Settings:
     server_api_key: str | None = field(default=None, repr=False)
+    server_api_key_file: str = ""
     offline: bool = False
     api_url: str = "https://api.stigg.io"
     edge_enabled: bool = True
@@ -214,6 +217,7 @@ class Settings:
     redis_db: int = 0
     redis_username: str = ""
     redis_password: str = field(default="", repr=False)
+    redis_password_file: str = ""
     redis_tls: bool = False
     redis_keys_ttl_in_secs: int = 604800
     redis_timeout_ms: int = 250
@@ -250,14 +254,45 @@ class Settings:
         return tuple(s for s in (self.server_api_key, self.redis_password, self.redis_sentinel_password) if s)
 
 
+def read_secret_file(setting: str, path: str) -> str:
+    """A secret's value from the file `setting` names (read once, at start-up), surrounding whitespace dropped.
+
+    Errors name the setting and the path, never any of the file's content.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read().strip()
+    except FileNotFoundError:
+        raise SettingsError(f"{setting}: {path} does not exist") from None
+    except PermissionError:
+        raise SettingsError(f"{setting}: {path} is not readable by this process") from None
+    except IsADirectoryError:
+        raise SettingsError(f"{setting}: {path} is a directory, not a file") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"{setting}: {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise SettingsError(f"{setting}: cannot read {path}: {e.strerror or type(e).__name__}") from None
+    if not value:
+        raise SettingsError(f"{setting}: {path} is empty")
+    return value
+
+
 def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str | None] | None = None) -> Settings:
     """Build Settings from environment variables, with option values (by env name) taking precedence."""
     overrides = overrides or {}
     values: dict[str, object] = {}
+
+    def given(name: str) -> str | None:
+        text = overrides.get(name)
+        return environ.get(name) if text is None else text
+
     for spec in SPECS:
-        text = overrides.get(spec.env)
-        if text is None:
-            text = environ.get(spec.env)
+        text = given(spec.env)
+        file_setting = f"{spec.env}_FILE"
+        if spec.secret and (path := (given(file_setting) or "").strip()):
+            if text:
+                raise SettingsError(f"{spec.env} and {file_setting} are both set; set one of them")
+            text = read_secret_file(file_setting, path)
         if text is None:
             text = spec.default
         if text is None:
@@ -271,7 +306,7 @@ def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str | None
     if "cache_max_size_bytes" not in values:
         values["cache_max_size_bytes"] = default_cache_max_size_bytes()
     if not values.get("offline") and not values.get("server_api_key"):
-        raise SettingsError("SERVER_API_KEY is required unless OFFLINE is set")
+        raise SettingsError("SERVER_API_KEY (or SERVER_API_KEY_FILE) is required unless OFFLINE is set")
     if values.get("http_port") == values.get("port") and values.get("port") != 0:
         raise SettingsError(f"HTTP_PORT must differ from PORT (both are {values['port']})")
     if values.get("health_endpoint_url") == values.get("ready_endpoint_url"):

@@ -23,7 +23,7 @@ class StartupFailureTests(SynchronousTestCase):
         self.assertEqual([text for text in output.splitlines() if "stigg-sidecar:" in text], [f"stigg-sidecar: {line}"])
 
     def test_missing_api_key(self):
-        self.assertFailsWith(base_env(), "SERVER_API_KEY is required unless OFFLINE is set")
+        self.assertFailsWith(base_env(), "SERVER_API_KEY (or SERVER_API_KEY_FILE) is required unless OFFLINE is set")
 
     def test_unparsable_number(self):
         self.assertFailsWith(base_env(SERVER_API_KEY=KEY, HTTP_PORT="http"), "HTTP_PORT: must be a whole number, got 'http'")

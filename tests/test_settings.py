@@ -83,7 +83,7 @@ class ValidationMessageTests(SynchronousTestCase):
         return text
 
     def test_missing_key(self):
-        self.assertEqual(self.message({}), "SERVER_API_KEY is required unless OFFLINE is set")
+        self.assertEqual(self.message({}), "SERVER_API_KEY (or SERVER_API_KEY_FILE) is required unless OFFLINE is set")
 
     def test_unparsable_number_names_the_setting(self):
         self.assertEqual(
