@@ -103,7 +103,35 @@ class TextLineObserver:
             self._out.flush()
 
 
+# Library lines an operator does want at info: the signal that began a shutdown.
+_LIBRARY_INFO_KEPT = ("Received SIG",)
+
+
+def is_library_chatter(event: dict) -> bool:
+    """An info line from a library (Twisted's factories, ports, retries, twistd's banner), not ours."""
+    if event.get("log_level") != LogLevel.info:
+        return False
+    namespace = event.get("log_namespace") or ""
+    if namespace == "stigg_sidecar" or namespace.startswith("stigg_sidecar."):
+        return False
+    text = event.get("log_format") or ""
+    return not any(str(text).startswith(kept) for kept in _LIBRARY_INFO_KEPT)
+
+
+@implementer(ILogObserver)
+class LibraryChatterAtDebug:
+    """Passes events on, with libraries' info lines lowered to debug: info is what an operator needs."""
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self._observer = observer
+
+    def __call__(self, event: dict) -> None:
+        if is_library_chatter(event):
+            event = dict(event, log_level=LogLevel.debug)
+        self._observer(event)
+
+
 def make_observer(level: str, fmt: str, out: IO[str] | None = None) -> ILogObserver:
     stream = out if out is not None else sys.stdout
     base = JsonLineObserver(stream) if fmt == "json" else TextLineObserver(stream)
-    return FilteringLogObserver(base, [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])])
+    return LibraryChatterAtDebug(FilteringLogObserver(base, [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])]))

@@ -68,12 +68,13 @@ class _ThrottledWarning:
             return
         self._next = now + self._interval
         suppressed, self._suppressed = self._suppressed, 0
+        more = f" ({suppressed} more fallback reads since the last such line)" if suppressed else ""
         log.warn(
-            "Entitlements for {customer} unavailable ({why}); answering fallbacks"
-            " ({suppressed} more fallback reads since the last such line)",
+            "Entitlements for {customer} unavailable ({why}); answering fallbacks{more}",
             customer=quoted(customer_id),
             why=clipped(why),
             suppressed=suppressed,
+            more=more,
         )
 
 

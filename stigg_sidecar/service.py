@@ -14,6 +14,7 @@ from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.logger import ILogObserver, Logger
 
 from stigg_sidecar.health import Readiness
+from stigg_sidecar.startup import ListenError, exit_with
 
 if TYPE_CHECKING:
     from stigg_sidecar.metrics import Metrics
@@ -30,6 +31,18 @@ class SidecarService(MultiService):
         self._observer = observer
         self.backend: OfflineSidecar | OnlineSidecar | None = None  # what the gRPC handlers use (set by tap)
         self.metrics: Metrics | None = None  # when enabled (set by tap)
+        self._was_ready = readiness.ready
+        readiness.subscribe(self._log_readiness)
+
+    def _log_readiness(self, ready: bool) -> None:
+        # One line per flip, so the log says when the sidecar became ready and why it stopped being so.
+        if ready == self._was_ready:
+            return
+        self._was_ready = ready
+        if ready:
+            log.info("Ready")
+        else:
+            log.info("Not ready: {reasons}", reasons="; ".join(self.readiness.reasons))
 
     def setServiceParent(self, parent) -> None:
         # twistd's Application is Componentized: its ILogObserver component replaces the
@@ -37,6 +50,13 @@ class SidecarService(MultiService):
         if self._observer is not None and hasattr(parent, "setComponent"):
             parent.setComponent(ILogObserver, self._observer)
         super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        # twistd calls this (and only twistd: in-process users see the ListenError itself).
+        try:
+            super().privilegedStartService()
+        except ListenError as e:
+            exit_with(str(e))
 
     def startService(self) -> None:
         super().startService()

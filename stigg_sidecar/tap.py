@@ -17,13 +17,16 @@ validates them into Settings (exiting with one clear line on a bad value) and bu
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 from functools import partial
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from twisted.logger import Logger
 from twisted.python import usage
 
 from stigg_sidecar._proto import sidecar_pb2
@@ -44,7 +47,8 @@ from stigg_sidecar.metrics import Metrics, MetricsInterceptor
 from stigg_sidecar.offline import OfflineSidecar
 from stigg_sidecar.online import CacheUpdates, OnlineSidecar
 from stigg_sidecar.service import SidecarService
-from stigg_sidecar.settings import SPECS, Settings, SettingsError, load_settings
+from stigg_sidecar.settings import SPECS, Settings, SettingsError, load_settings, parse_bool
+from stigg_sidecar.startup import exit_with, starting_line, version_text
 from stigg_sidecar.state.directory import StateDirectory, StateDirectoryError
 from stigg_sidecar.state.snapshot import FILE_NAME as SNAPSHOT_FILE
 from stigg_sidecar.state.snapshot import SnapshotService
@@ -55,17 +59,54 @@ from stigg_sidecar.upstream.realtime import RealtimeService
 from stigg_sidecar.upstream.service import UpstreamService
 from stigg_sidecar.web import HttpService, health_app
 
+log = Logger()
+
 
 def _help(spec) -> str:
     default = "half the available memory" if spec.env == "CACHE_MAX_SIZE_BYTES" else spec.default
     shown = "none" if default in (None, "") else default
-    return f"{spec.help} [env {spec.env}; default: {shown}]"
+    flag = f"; a flag: --{spec.option} or --no-{spec.option}" if spec.parse is parse_bool else ""
+    return f"{spec.help} [env {spec.env}; default: {shown}{flag}]"
+
+
+_BOOLEAN_OPTIONS = frozenset(spec.option for spec in SPECS if spec.parse is parse_bool)
+
+
+def flags_as_values(args: Sequence[str]) -> list[str]:
+    """Boolean options given as flags (`--offline`, `--no-offline`) rewritten as `--offline=1`/`=0`.
+
+    `--offline=0` and `--offline 0` still work: the options take no positional arguments, so a
+    word after a boolean option can only be its value.
+    """
+    rewritten: list[str] = []
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        name, has_value, _ = arg.partition("=")
+        negated = name.startswith("--no-") and name[5:] in _BOOLEAN_OPTIONS
+        if not has_value and (negated or (name.startswith("--") and name[2:] in _BOOLEAN_OPTIONS)):
+            if negated:
+                arg = f"--{name[5:]}=0"
+            elif rest and not rest[0].startswith("-"):
+                arg = f"{name}={rest.pop(0)}"
+            else:
+                arg = f"{name}=1"
+        rewritten.append(arg)
+    return rewritten
 
 
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = "Answer Stigg entitlement checks over gRPC from a local cache. Every option can also be set by the environment variable named in its help; an option wins over the variable."
     optParameters = [[spec.option, None, None, _help(spec)] for spec in SPECS]
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        super().parseOptions(flags_as_values(sys.argv[1:] if options is None else options))
+
+    def opt_version(self) -> None:
+        """Display the sidecar's version (and grpcio's, Twisted's, Python's) and exit."""
+        print(version_text())
+        sys.exit(0)
 
     def overrides(self) -> Mapping[str, str | None]:
         return {spec.env: self[spec.option] for spec in SPECS}
@@ -245,6 +286,16 @@ def _observe_spool(metrics: Metrics, spool: SpooledDelivery) -> None:
 def makeService(options: Options) -> SidecarService:
     try:
         settings = load_settings(os.environ, options.overrides())
+    except SettingsError as e:
+        exit_with(str(e))
+    # Logged before twistd starts logging: the log replays it first, ahead of twistd's own lines.
+    log.info("{line}", line=starting_line(settings))
+    try:
         return build_sidecar(settings)
-    except (SettingsError, StateDirectoryError) as e:
-        raise SystemExit(f"stigg-sidecar: {e}") from None
+    except StateDirectoryError as e:
+        exit_with(str(e))
+    except Exception as e:
+        # A bug or an environment this code did not foresee: one line; the traceback at LOG_LEVEL=debug.
+        if settings.log_level == "debug":
+            traceback.print_exc()
+        exit_with(f"cannot start: {type(e).__name__}: {e}")

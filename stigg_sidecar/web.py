@@ -10,6 +10,7 @@ import json
 from klein import Klein
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
@@ -17,6 +18,7 @@ from twisted.web.server import Site
 
 from stigg_sidecar.health import Readiness
 from stigg_sidecar.metrics import CONTENT_TYPE, Metrics
+from stigg_sidecar.startup import listen_error
 
 log = Logger()
 
@@ -108,7 +110,10 @@ class HttpService(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self._listening = self._reactor.listenTCP(self._requested_port, self._site, interface=self._address)
+        try:
+            self._listening = self._reactor.listenTCP(self._requested_port, self._site, interface=self._address)
+        except CannotListenError as e:
+            raise listen_error("HTTP_PORT", self._address, self._requested_port, e) from None
         self.port = self._listening.getHost().port  # type: ignore[union-attr]  # an IPv4/6 address
         log.info("HTTP listening on {address}:{port}", address=self._address, port=self.port)
 

@@ -18,14 +18,15 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from stigg_sidecar.grpc.executor import HandlerPool
+from stigg_sidecar.startup import ListenError, probe_bind
 
 log = Logger()
 
 Registration = Callable[[grpc.Server], None]
 
 
-class GrpcBindError(RuntimeError):
-    pass
+class GrpcBindError(ListenError):
+    """PORT could not be bound; the message is one line naming the setting."""
 
 
 class GrpcService(Service):
@@ -80,16 +81,18 @@ class GrpcService(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
+        # grpcio says only "Failed to bind" (plus a C-level log line): ask the kernel first for the reason.
+        probe_bind("PORT", self._address, self._requested_port)
         server = self._build()
         target = f"{self._address}:{self._requested_port}"
         if ":" in self._address and not self._address.startswith("["):
             target = f"[{self._address}]:{self._requested_port}"
         try:
             port = server.add_insecure_port(target)
-        except RuntimeError as e:
-            raise GrpcBindError(f"cannot listen for gRPC on {target}: {e}") from None
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise GrpcBindError(f"cannot listen for gRPC on {target}")
+            raise GrpcBindError("PORT", self._address, self._requested_port, "cannot be bound by gRPC")
         self._server = server
         self.port = port
 

@@ -121,7 +121,8 @@ class Poller(Service):
             self._loop = LoopingCall(self._poll)
             self._loop.clock = self._reactor
             self._loop.start(self._interval, now=False)
-            log.info("Polling Stigg every {s}s while real-time updates are off", s=self._interval)
+            # Debug: at start-up the socket usually connects at once; its ups and downs are logged there.
+            log.debug("Polling Stigg every {s}s while real-time updates are off", s=self._interval)
 
     def _stop_loop(self) -> None:
         if self._loop is not None:
