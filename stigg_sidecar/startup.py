@@ -41,7 +41,7 @@ def mode_summary(settings: Settings) -> str:
         "Edge" if settings.edge_enabled else "GraphQL (Edge off)",
         "socket on" if settings.ws_enabled else "socket off (polling)",
         f"Redis {settings.redis_host}:{settings.redis_port}" if settings.redis_enabled else "Redis off",
-        "spool on" if getattr(settings, "spool_writes", False) else "spool off",
+        "spool on" if settings.spool_writes else "spool off",
     ]
     return "online: " + ", ".join(parts)
 
