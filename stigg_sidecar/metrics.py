@@ -8,6 +8,7 @@ increment costs one locked add. Holds no secret and never takes one as a label v
 from __future__ import annotations
 
 import bisect
+import re
 import threading
 import time
 from typing import Callable
@@ -20,6 +21,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def reason_label(reason: str) -> str:
+    """One style for every `reason` label value: snake_case ("Unknown" -> "unknown",
+    "FeatureTypeMismatch" -> "feature_type_mismatch"; "granted" stays)."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", reason).lower()
 
 
 class Metrics:
@@ -77,6 +84,12 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("sidecar_ready", "1 while readiness is UP", registry=r)
+        # Alert rules join on it: a socket that is off by configuration is not "down", and an offline
+        # sidecar answers fallbacks by design.
+        self.info = Gauge(
+            "sidecar_info", "Always 1; the labels say the version and the mode",
+            ["version", "mode", "realtime", "redis", "spool"], registry=r,
+        )
         # The write spool (SPOOL_WRITES) and the cache snapshot (STATE_DIR).
         self.spool_records = Gauge("sidecar_spool_records", "Acknowledged writes waiting for delivery", registry=r)
         self.spool_bytes = Gauge("sidecar_spool_bytes", "Bytes of the records waiting for delivery", registry=r)
@@ -101,6 +114,10 @@ class Metrics:
 
     def cache_miss(self) -> None:
         self.hot.mine().misses += 1
+
+    def fallback_answered(self, reason: str) -> None:
+        """A read answered with a fallback; `reason` is Stigg's (CamelCase) or ours ("granted", "error")."""
+        self.fallbacks.labels(reason_label(reason)).inc()
 
     def upstream_attempt(self, endpoint: str, outcome: str, seconds: float) -> None:
         self.upstream_latency.labels(endpoint, outcome).observe(seconds)

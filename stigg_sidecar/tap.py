@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from twisted.logger import Logger
 from twisted.python import usage
 
+import stigg_sidecar
 from stigg_sidecar._proto import sidecar_pb2
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.cache.redis import RedisMirror
@@ -141,6 +142,14 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
     if metrics is not None:
         readiness.subscribe(lambda ready: metrics.ready.set(1 if ready else 0))
     top.metrics = metrics
+    if metrics is not None:
+        metrics.info.labels(
+            version=stigg_sidecar.__version__,
+            mode="offline" if settings.offline else "online",
+            realtime="on" if settings.ws_enabled and not settings.offline else "off",
+            redis="on" if settings.redis_enabled and not settings.offline else "off",
+            spool="on" if settings.spool_writes else "off",
+        ).set(1)
 
     HttpService(
         health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics),
@@ -231,7 +240,7 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         fallbacks=settings.entitlements_fallback,
         read_timeout=fetch_timeout,
         write_timeout=fetch_timeout,
-        on_fallback=(lambda reason: metrics.fallbacks.labels(reason).inc()) if metrics else (lambda reason: None),
+        on_fallback=metrics.fallback_answered if metrics else (lambda reason: None),
     )
     GrpcService(
         [
