@@ -1,0 +1,249 @@
+"""The README's Quick start, run as typed in a clean clone: `scripts/run` (ports moved off the
+defaults through PORT, HTTP_PORT and EMULATOR_PORT, as the README says), its CLI commands, and the
+official client's snippet; then SIGTERM (and SIGINT) to scripts/run's own PID stops both children.
+
+The clone is of the repository's HEAD commit (uncommitted changes are not in it), cleaned with
+`git clean -ffdx` before each run but for `.venv`: the first run on a machine installs the locked
+dependencies (about a minute, as for a user); later runs find `.venv` up to date, which
+`scripts/venv` checks against the lock and the sources, as it does for a user's second run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.support import ROOT
+
+FIRST_START_TIMEOUT = 300  # a cold install on a loaded two-core machine
+COMMAND_TIMEOUT = 60
+
+
+def clone_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "stigg-sidecar-tests" / f"quickstart-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:12]}"
+
+
+def git(*args: str, cwd: Path) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True, timeout=120).stdout
+
+
+class _Clone:
+    """The clean clone of HEAD, made once per test run."""
+
+    path: Path | None = None
+
+    @classmethod
+    def get(cls) -> Path:
+        if cls.path is None:
+            path = clone_dir()
+            if not (path / ".git").is_dir():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                subprocess.run(["rm", "-rf", str(path)], check=True, timeout=120)
+                git("clone", "-q", "--no-hardlinks", str(ROOT), str(path), cwd=path.parent)
+            git("fetch", "-q", str(ROOT), "HEAD", cwd=path)
+            git("checkout", "-q", "--force", "--detach", "FETCH_HEAD", cwd=path)
+            git("clean", "-q", "-ffdx", "-e", ".venv", cwd=path)
+            cls.path = path
+        return cls.path
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def quick_start_blocks(language: str = "sh") -> list[list[str]]:
+    """The ```sh blocks of the README's Quick start, as lists of command lines."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Quick start", 1)[1].split("\n## ", 1)[0]
+    return [
+        [line for line in block.splitlines() if line.strip()]
+        for block in re.findall(rf"```{language}\n(.*?)```", section, re.DOTALL)
+    ]
+
+
+def client_snippet() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Calling it from Stigg's official Python client", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.DOTALL)[0]
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+class RunningScript:
+    """`scripts/run` started as the README says, its output drained by a thread."""
+
+    def __init__(self, clone: Path, line: str, env: dict[str, str]) -> None:
+        # `bash -c` with one simple command execs it: this PID is scripts/run's own shell.
+        self.process = subprocess.Popen(
+            ["bash", "-c", line], cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.output: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for(self, pattern: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.output.append(line)
+            if re.search(pattern, line):
+                return
+        raise AssertionError(f"no {pattern!r} within {timeout}s; output:\n{self.text}")
+
+    def finish(self, timeout: float) -> int:
+        returncode = self.process.wait(timeout=timeout)
+        while (line := self._lines.get(timeout=10)) is not None:
+            self.output.append(line)
+        return returncode
+
+    def kill_all(self) -> None:
+        for pid in children_of(self.process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.output)
+
+
+def hold_clone_lock(testcase: SynchronousTestCase, timeout: float = 900) -> None:
+    """One quick start at a time per clone (trial's workers would otherwise share its .venv)."""
+    path = clone_dir().with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path, "w")
+    testcase.addCleanup(lock.close)  # closing releases the lock
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{path} stayed locked for {timeout}s") from None
+            time.sleep(0.5)
+
+
+class QuickStartTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        hold_clone_lock(self)
+        self.clone = _Clone.get()
+        self.port, self.http_port, self.emulator_port = free_ports(3)
+        self.env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
+        self.env.update(
+            PORT=str(self.port), HTTP_PORT=str(self.http_port), EMULATOR_PORT=str(self.emulator_port),
+            BIND_ADDRESS="127.0.0.1", PYTHONUNBUFFERED="1",
+        )
+
+    def start(self) -> RunningScript:
+        blocks = quick_start_blocks()
+        self.assertEqual(blocks[0], ["scripts/run"])
+        script = RunningScript(self.clone, blocks[0][0], self.env)
+        self.addCleanup(script.kill_all)
+        script.wait_for(r"\] Ready$", FIRST_START_TIMEOUT)
+        return script
+
+    def stop_with(self, script: RunningScript, sig: int) -> None:
+        children = children_of(script.process.pid)
+        self.assertEqual(len(children), 2, f"the emulator and the sidecar: {children}\n{script.text}")
+        os.kill(script.process.pid, sig)  # the script's PID only, as an IDE or a supervisor does
+        self.assertEqual(script.finish(COMMAND_TIMEOUT), 0, script.text)
+        self.assertEqual([pid for pid in children if alive(pid)], [], script.text)
+        self.assertIn("gRPC stopped", script.text)  # the sidecar drained and stopped cleanly
+
+    def test_quick_start_as_typed_then_sigterm_stops_both(self):
+        script = self.start()
+        self.assertIn(f"gRPC listening on 127.0.0.1:{self.port}", script.text)
+        self.assertIn(f"HTTP listening on 127.0.0.1:{self.http_port}", script.text)
+
+        # The CLI commands, as typed, after the README's `export` for moved ports.
+        cli_env = dict(
+            self.env, STIGG_SIDECAR_TARGET=f"localhost:{self.port}", STIGG_SIDECAR_HTTP=f"localhost:{self.http_port}"
+        )
+        commands = quick_start_blocks()[1]
+        self.assertTrue(all(line.startswith(".venv/bin/stigg-sidecar-cli ") for line in commands), commands)
+        outputs = []
+        for line in commands:
+            result = subprocess.run(
+                ["bash", "-c", line], cwd=self.clone, env=cli_env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT
+            )
+            self.assertEqual((result.returncode, result.stderr), (0, ""), f"{line}\n{result.stdout}")
+            outputs.append(result.stdout)
+        text = "\n".join(outputs)
+        self.assertIn("SERVING", text)
+        self.assertIn("ACCESS GRANTED", text)
+        self.assertIn("USAGE REPORTED", text)
+
+        # The official client's snippet, with the SDK the test environment has installed.
+        snippet = subprocess.run(
+            [sys.executable, "-c", client_snippet()], env=dict(self.env, PYTHONPATH=""),
+            capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+        )
+        self.assertEqual(snippet.returncode, 0, snippet.stderr)
+        self.assertRegex(snippet.stdout, r"^True \d+(\.0)? \d+(\.0)?\n$")
+
+        self.stop_with(script, signal.SIGTERM)
+        # Nothing the scripts made shows in git status (.venv is ignored).
+        self.assertEqual(git("status", "--porcelain", cwd=self.clone), "")
+
+    def test_sigint_to_the_script_stops_both(self):
+        self.stop_with(self.start(), signal.SIGINT)
+
+    def test_a_taken_port_stops_both_with_one_line(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", self.port))
+            taken.listen()
+            script = RunningScript(self.clone, quick_start_blocks()[0][0], self.env)
+            self.addCleanup(script.kill_all)
+            returncode = script.finish(FIRST_START_TIMEOUT)
+        self.assertNotEqual(returncode, 0)
+        self.assertIn(f"stigg-sidecar: PORT: 127.0.0.1:{self.port} is already in use\n", script.text)
+        self.assertNotIn("Traceback", script.text)
