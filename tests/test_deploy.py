@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -196,6 +198,27 @@ class DockerfileTests(SynchronousTestCase):
         options.parseOptions(argv[1:])
         self.assertEqual(options.subCommand, "stigg-sidecar")
 
+    def test_user_is_numeric_and_the_one_created(self):
+        # runAsNonRoot can only verify a numeric user.
+        (user,) = dockerfile_instructions("USER")
+        (uid,) = re.findall(r"--uid (\d+)", DOCKERFILE.read_text())
+        self.assertEqual(user, f"{uid}:{uid}")
+
+    def test_healthcheck_is_exec_form_and_follows_the_settings(self):
+        (healthcheck,) = dockerfile_instructions("HEALTHCHECK")
+        argv = json.loads(healthcheck.split("CMD", 1)[1])
+        self.assertEqual(argv, ["python", "-m", "stigg_sidecar.healthcheck"])
+
+    def test_dependencies_come_from_the_lock(self):
+        (build,) = [args for args in dockerfile_instructions("RUN") if "pip wheel" in args]
+        self.assertIn("-r requirements.lock", build)
+        self.assertIn("--no-deps --wheel-dir /wheels .", build)
+        (install,) = [args for args in dockerfile_instructions("RUN") if "pip install" in args]
+        self.assertIn("--no-index --no-deps", install)
+        pinned = [line for line in (ROOT / "requirements.lock").read_text().splitlines() if line and line[0].isalnum()]
+        self.assertTrue(pinned)
+        self.assertTrue(all("==" in line for line in pinned), pinned)
+
     def test_build_context_has_what_the_dockerfile_copies(self):
         for args in dockerfile_instructions("COPY"):
             if args.startswith("--from="):
@@ -292,6 +315,7 @@ class ComposeTests(SynchronousTestCase):
         settings = sidecar_settings(self.env)
         self.assertEqual(args.command, "health")
         self.assertEqual(args.http, f"127.0.0.1:{settings.http_port}")
+        self.assertEqual(args.target, f"127.0.0.1:{settings.port}")
         self.assertEqual((args.health_path, args.ready_path), (settings.health_endpoint_url, settings.ready_endpoint_url))
 
     def test_sidecar_waits_for_healthy_dependencies(self):
@@ -321,6 +345,15 @@ class ProbesAgainstTheSidecarTests(SynchronousTestCase):
             path = self.container[probe]["httpGet"]["path"]
             with urllib.request.urlopen(f"http://127.0.0.1:{self.sidecar.http_port}{path}", timeout=5) as response:
                 self.assertEqual(response.status, 200, probe)
+
+    def test_image_healthcheck_module_answers_0_and_1(self):
+        env = base_env(BIND_ADDRESS="0.0.0.0", HTTP_PORT=str(self.sidecar.http_port))
+        run = [sys.executable, "-m", "stigg_sidecar.healthcheck"]
+        result = subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, timeout=30)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        result = subprocess.run(run, env=dict(env, HEALTH_ENDPOINT_URL="nope"), cwd=ROOT, capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr, f"stigg-sidecar healthcheck: http://127.0.0.1:{self.sidecar.http_port}/nope: HTTP 404\n")
 
     def test_grpc_probe_is_answered_serving(self):
         # grpc.health.v1.Health/Check with service "" (what a `grpc:` probe sends): an empty request;
