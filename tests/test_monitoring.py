@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import urllib.request
@@ -59,10 +60,16 @@ def metric_names(expressions: list[str]) -> set[str]:
 
 
 def scrape(sidecar: SidecarProcess) -> set[str]:
-    """The sample names a sidecar's /metrics exports (counters with _total, histograms' _bucket...)."""
+    """The names a sidecar's /metrics exports: its samples' (counters with _total, histograms'
+    _bucket...), and a labelled counter's even before its first sample (declared by HELP/TYPE)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{sidecar.http_port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names |= {sample.name for sample in family.samples}
+        if family.type == "counter":
+            names.add(f"{family.name}_total")
+    return names
 
 
 class _Exported:
@@ -144,6 +151,10 @@ class DashboardTests(SynchronousTestCase):
                 self.assertTrue(panel["targets"], panel["title"])
                 self.assertEqual(panel["datasource"]["uid"], "${datasource}", panel["title"])
         self.assertEqual(len({p["id"] for p in dashboard["panels"]}), len(dashboard["panels"]))
+
+    def test_dashboard_is_what_its_script_makes(self):
+        made = runpy.run_path(str(DASHBOARD.with_name("make_dashboard.py")))["dashboard"]
+        self.assertEqual(json.loads(DASHBOARD.read_text()), made, "run python deploy/grafana/make_dashboard.py")
 
     def test_every_metric_the_dashboard_queries_is_exported(self):
         named = metric_names(dashboard_expressions())
