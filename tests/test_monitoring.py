@@ -69,6 +69,8 @@ def scrape(sidecar: SidecarProcess) -> set[str]:
         names |= {sample.name for sample in family.samples}
         if family.type == "counter":
             names.add(f"{family.name}_total")
+        elif family.type == "gauge":
+            names.add(family.name)
     return names
 
 

@@ -81,6 +81,7 @@ row("Stigg (upstream)")
 line([
     ("Stigg call latency p99 by endpoint", [(f'histogram_quantile(0.99, sum by (le, endpoint) (rate({m("sidecar_upstream_request_duration_seconds_bucket")}[$__rate_interval])))', "{{endpoint}}")], "s", "Calls to Stigg's Edge and GraphQL APIs."),
     ("Stigg calls by outcome", [(f'sum by (endpoint, outcome) (rate({m("sidecar_upstream_request_duration_seconds_count")}[$__rate_interval]))', "{{endpoint}} {{outcome}}")], "reqps", "Every attempt, by endpoint and outcome (ok, an HTTP status, timeout, ...)."),
+    ("Circuit breaker open", [(f'max by (upstream) ({m("sidecar_upstream_breaker_open")})', "{{upstream}}")], "short", "1 while calls to that Stigg API fail at once after an outage was noticed."),
     ("Errors (Stigg's recommended metrics)", [
         (f'increase({m("sidecar_network_request_errors_total")}[5m])', "network errors {{instance}}"),
         (f'increase({m("sidecar_invalid_api_key_errors_total")}[5m])', "invalid API key {{instance}}"),
