@@ -198,6 +198,8 @@ class QuickStartTests(SynchronousTestCase):
         self.assertEqual(script.finish(COMMAND_TIMEOUT), 0, script.text)
         self.assertEqual([pid for pid in children if alive(pid)], [], script.text)
         self.assertIn("gRPC stopped", script.text)  # the sidecar drained and stopped cleanly
+        # One signal each: a second one during the drain would end twistd as killed by it.
+        self.assertEqual(script.text.count("] Received SIG"), 2, script.text)
 
     def test_quick_start_as_typed_then_sigterm_stops_both(self):
         script = self.start()
