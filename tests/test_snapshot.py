@@ -24,6 +24,7 @@ from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.emulator.data import parse_data
 from stigg_sidecar.emulator.state import EmulatorState
+from stigg_sidecar.emulator.state import UsageReport as EmulatorUsage
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from stigg_sidecar.entitlements.records import entry_from_state
 from stigg_sidecar.online import OnlineSidecar
@@ -190,6 +191,27 @@ class WarmRestartTests(TestCase):
         self.assertEqual(await self.check_all(second), [(False, 90)] * len(CUSTOMERS))
         second.wait_for(re.compile(r"Loaded 50 cached customers from the snapshot"), 5)
         self.assertGreaterEqual(self.metric(second, "sidecar_snapshot_loaded_age_seconds"), 0)
+
+    async def test_loaded_entries_are_revalidated_in_the_background_once_stigg_answers(self):
+        first = self.sidecar()
+        await self.ready(first)
+        await self.check_all(first)
+        self.assertEqual(await self.terminate(first), 0)
+        # While no sidecar runs, Stigg's usage of one customer moves: the snapshot is now stale.
+        self.emulator.state.report_usage([EmulatorUsage("cust-7", "api-calls", 5)])
+
+        second = self.sidecar()
+        await self.ready(second)
+
+        async def revalidated() -> bool:
+            answer = await grpc_deferred(reactor, second.stub.GetMeteredEntitlement.future(
+                pb.GetMeteredEntitlementRequest(customer_id="cust-7", feature_id="api-calls"), timeout=5))
+            return (answer.is_fallback, answer.entitlement.current_usage) == (False, 95)
+
+        deadline = reactor.seconds() + 20
+        while not await revalidated():
+            self.assertLess(reactor.seconds(), deadline, "the stale entry was never revalidated")
+            await deferLater(reactor, 0.1, lambda: None)
 
     async def test_warm_restart_after_kill_9_past_one_interval(self):
         first = self.sidecar(SNAPSHOT_INTERVAL_SECS="0.3")
