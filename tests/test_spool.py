@@ -8,6 +8,8 @@ The delivery's own timers run on a `Clock`, so "not before the interval" is exac
 from __future__ import annotations
 
 import json
+import shutil
+import sqlite3
 import tempfile
 
 import grpc
@@ -231,3 +233,46 @@ class SpooledSidecarTests(TestCase):
             await h.call("ReportUsage", pb.ReportUsageRequest(customer_id="acme", feature_id="api-calls", value=1))
         self.assertEqual(caught.exception.code(), grpc.StatusCode.UNAVAILABLE)
         self.assertEqual(self.delivery.records, 0)
+
+
+class TornTailTests(TestCase):
+    """A crash in the middle of a commit leaves a torn write-ahead log: what was committed (and
+    so acknowledged) is read back, the torn transaction is dropped, and the spool opens."""
+
+    timeout = 30
+
+    def crashed_copy(self, rows: int, tear) -> str:
+        """A spool with `rows` committed rows as a crash leaves it (the log not yet folded into
+        the database), with `tear(wal_bytes) -> wal_bytes` applied to its log."""
+        live, crashed = tempfile.mkdtemp(), tempfile.mkdtemp()
+        db = sqlite3.connect(f"{live}/spool.sqlite3")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,"
+                   " body TEXT NOT NULL, created_ms INTEGER NOT NULL)")
+        db.commit()
+        for n in range(rows):
+            db.execute("INSERT INTO spool (kind, body, created_ms) VALUES ('event', ?, 0)", (f'{{"n": {n}}}',))
+            db.commit()
+        shutil.copy(f"{live}/spool.sqlite3", f"{crashed}/spool.sqlite3")
+        with open(f"{live}/spool.sqlite3-wal", "rb") as f:
+            wal = f.read()
+        db.close()
+        with open(f"{crashed}/spool.sqlite3-wal", "wb") as f:
+            f.write(tear(wal))
+        return f"{crashed}/spool.sqlite3"
+
+    async def read_back(self, path: str) -> list[str]:
+        spool = SpoolFile(reactor, path)
+        try:
+            return [row.body for row in await spool.open()]
+        finally:
+            await spool.close()
+
+    async def test_garbage_after_the_last_commit_is_ignored(self):
+        path = self.crashed_copy(10, lambda wal: wal + b"\x07" * 3000)
+        self.assertEqual(await self.read_back(path), [f'{{"n": {n}}}' for n in range(10)])
+
+    async def test_a_last_transaction_cut_short_is_dropped_the_rest_kept(self):
+        path = self.crashed_copy(10, lambda wal: wal[:-100])
+        bodies = await self.read_back(path)
+        self.assertEqual(bodies, [f'{{"n": {n}}}' for n in range(9)])
