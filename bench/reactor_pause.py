@@ -148,6 +148,19 @@ def main() -> None:
         keys = cache.keys_by_recency()
         del keys
 
+    task_worst: dict[str, float] = {}
+
+    def timed(name: str, fn):
+        def run() -> None:
+            started = time.thread_time()
+            fn()
+            task_worst[name] = max(task_worst.get(name, 0.0), time.thread_time() - started)
+
+        return run
+
+    churn, refresh_order = timed("stores, updates and evictions (10 ms of them)", churn), timed(
+        "keys by recency", refresh_order
+    )
     threads = [threading.Thread(target=reader, daemon=True) for _ in range(args.readers)]
     for t in threads:
         t.start()
@@ -172,6 +185,7 @@ def main() -> None:
     print(f"ten longest (ms): {', '.join(f'{d * 1000:.1f}' for d, _ in worst)}; "
           f"{in_gc} of them overlapped a full GC ({len(full_collections)} full GCs, longest "
           f"{max((e - s for s, e in full_collections), default=0) * 1000:.1f} ms)")
+    print("longest reactor CPU per task: " + "; ".join(f"{k} {v * 1000:.1f} ms" for k, v in task_worst.items()))
     print(f"cache: {len(cache):,} entries, {cache.evictions:,} evictions, {next_id[0] - args.entries:,} puts, "
           f"{reads[0]:,} reads by {args.readers} threads")
 

@@ -113,9 +113,9 @@ class RecencyTests(SynchronousTestCase):
         reader = threading.Thread(target=lambda: [cache.get(cache_key(n, None)) for n in "ca"])
         reader.start()
         reader.join(5)
-        self.assertEqual(cache.keys_by_recency(), ["c_a", "c_c", "c_d", "c_b"])
+        self.assertEqual(list(cache.keys_by_recency()), ["c_a", "c_c", "c_d", "c_b"])
         cache.put(entry("e"))  # evicts the least recently read: b
-        self.assertEqual(cache.keys_by_recency(), ["c_e", "c_a", "c_c", "c_d"])
+        self.assertEqual(list(cache.keys_by_recency()), ["c_e", "c_a", "c_c", "c_d"])
 
     def test_one_store_evicts_a_bounded_batch(self):
         from stigg_sidecar.cache import memory
@@ -132,3 +132,16 @@ class RecencyTests(SynchronousTestCase):
             cache.put(entry(f"more{i}"))
         self.assertLessEqual(cache.bytes, cache.max_bytes)
         self.assertEqual(cache.bytes, sum(e.size for e in cache.entries()))
+
+    def test_past_the_hot_keys_every_other_key_follows_once(self):
+        from stigg_sidecar.cache import memory
+
+        cache = EntitlementCache(max_bytes=10**12)
+        total = memory._HOT_KEYS + 50
+        for i in range(total):
+            cache.put(entry(f"c{i}"))
+        cache.get(cache_key("c0", None))  # the oldest, read now: first
+        keys = list(cache.keys_by_recency())
+        self.assertEqual(keys[0], "c_c0")
+        self.assertEqual(sorted(keys), sorted(f"c_c{i}" for i in range(total)))
+        self.assertEqual(keys[1], f"c_c{total - 1}")  # then the newest

@@ -15,6 +15,7 @@ forgotten when the reactor has not replayed them in time.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from itertools import chain, islice
 from typing import Callable, Iterator
 
 from stigg_sidecar.entitlements.records import CustomerEntry, keep_newer_usage, newer_or_equal
@@ -22,6 +23,8 @@ from stigg_sidecar.entitlements.records import CustomerEntry, keep_newer_usage, 
 # Reads remembered for the reactor to replay: bounds both the memory and one replay's work
 # (~1 ms at the bound).
 _RECENT_READS = 8192
+# Keys that keys_by_recency lists in recency order before the rest (~1 ms of the reactor).
+_HOT_KEYS = 4096
 # Entries one call evicts at most beyond what brings the total under `max_bytes` (the batch down
 # to `low_water`): a batch amortizes the check, a bound keeps a pause short at any cache size.
 _MAX_EXTRA_EVICTIONS = 64
@@ -138,11 +141,19 @@ class EntitlementCache:
         self._reads.clear()
         self._bytes = 0
 
-    def keys_by_recency(self) -> list[str]:
-        """Keys, most recently placed or read first, approximately (for refreshes that should
-        favour hot customers). A snapshot copied at C speed, never sorted."""
+    def keys_by_recency(self) -> Iterator[str]:
+        """Keys for refreshes that should favour hot customers: the `_HOT_KEYS` most recently
+        placed or read first, most recent first, then every other key in the order it was first
+        cached. A snapshot taken at C speed without walking the recency list end to end (its
+        nodes are scattered in memory: ~200 ms at 500,000 keys against ~6 ms for the dict's own
+        order); the caller may iterate it while the cache changes."""
         self._replay_reads()
-        return list(reversed(self._slots))
+        hot = list(islice(reversed(self._slots), _HOT_KEYS))
+        rest = list(dict.keys(self._slots))
+        if len(hot) == len(rest):
+            return iter(hot)
+        seen = frozenset(hot)
+        return chain(hot, (key for key in rest if key not in seen))
 
     def entries(self) -> Iterator[CustomerEntry]:
         return (slot.entry for slot in list(self._slots.values()))

@@ -42,15 +42,15 @@ class Refresher:
             return self._running
         self._stopped = False
         cache = self._backend.cache
-        keys = cache.keys_by_recency()
+        count = len(cache)
         # Entries are looked up as workers reach them: no Python pass over the whole cache here,
         # and a customer evicted meanwhile is skipped rather than refetched.
-        work = ((e.customer_id, e.resource_id) for e in map(cache.get_entry, keys) if e is not None)
-        done = gatherResults([self._worker(work) for _ in range(min(self._concurrency, len(keys)) or 1)])
+        work = ((e.customer_id, e.resource_id) for e in map(cache.get_entry, cache.keys_by_recency()) if e is not None)
+        done = gatherResults([self._worker(work) for _ in range(min(self._concurrency, count) or 1)])
 
         def finished(_):
             self._running = None
-            log.debug("Refreshed {n} cached customers ({failed} failed)", n=len(keys), failed=self.failed)
+            log.debug("Refreshed up to {n} cached customers ({failed} failed)", n=count, failed=self.failed)
 
         done.addBoth(finished)
         self._running = done
