@@ -8,7 +8,8 @@ GetBooleanEntitlement per customer, all cold, `--concurrency` in flight; answers
 fallbacks are counted, not refused (with a small MAX_WAITING_READS a burst answers some at once
 and fetches those customers in the background). Then waits until the cache stops growing, and
 prints RSS ready, at its peak during the burst (sampled every 0.1 s), and settled after it, the
-cache's entries and the fallbacks. A burst should cost no more than a steady warm-up.
+cache's entries, the fallbacks and the sidecar's threads (with `--idle-wait`, RSS and threads
+again after that long idle). A burst should cost no more than a steady warm-up.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 SIDECAR_CPU = 0
 EMULATOR_CPU = 1
 SETTLE = 2.0
+
+
+def thread_count(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 0
 
 
 def burst(stub: SidecarServiceStub, customers: int, concurrency: int, timeout: float) -> tuple[int, int]:
@@ -96,9 +105,15 @@ def measure(children: Children, api_url: str, args: argparse.Namespace, concurre
     channel.close()
     time.sleep(SETTLE)
     after = rss_kib(sidecar.child.pid)
+    threads = thread_count(sidecar.child.pid)
+    idle = ""
+    if args.idle_wait:
+        time.sleep(args.idle_wait)
+        idle = f" {rss_kib(sidecar.child.pid) / 1024:>8.1f} {thread_count(sidecar.child.pid):>7}"
     print(
         f"{concurrency:>11} {elapsed:>7.1f} {fallbacks:>9} {errors:>6} {last:>8.0f} {ready / 1024:>9.1f} "
-        f"{max(peak[0], after) / 1024:>8.1f} {after / 1024:>9.1f} {(after - ready) / args.customers:>8.2f}",
+        f"{max(peak[0], after) / 1024:>8.1f} {after / 1024:>9.1f} {(after - ready) / args.customers:>8.2f} "
+        f"{threads:>7}{idle}",
         flush=True,
     )
     sidecar.child.stop()
@@ -111,7 +126,8 @@ def bench(children: Children, args: argparse.Namespace) -> int:
     print(f"{args.customers} cold customers of ten features; sidecar env {args.sidecar_env or '(defaults)'}")
     print(
         f"{'concurrency':>11} {'burst s':>7} {'fallbacks':>9} {'errors':>6} {'entries':>8} {'ready MiB':>9} "
-        f"{'peak MiB':>8} {'after MiB':>9} {'KiB/cust':>8}"
+        f"{'peak MiB':>8} {'after MiB':>9} {'KiB/cust':>8} {'threads':>7}"
+        + (f" {'idle MiB':>8} {'threads':>7}" if args.idle_wait else "")
     )
     for concurrency in args.concurrency:
         measure(children, api_url, args, concurrency)
@@ -127,6 +143,11 @@ def main() -> int:
     )
     parser.add_argument("--sidecar-env", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--timeout", type=float, default=1200)
+    parser.add_argument(
+        "--idle-wait", type=float, default=0,
+        help="seconds to stay idle after the burst before reading RSS and threads again (spare handler "
+        "threads exit after a minute idle)",
+    )
     return run_with_children(bench, parser.parse_args())
 
 

@@ -24,7 +24,7 @@ from stigg_sidecar.entitlements.records import CustomerEntry, keep_newer_usage, 
 # (~1 ms at the bound).
 _RECENT_READS = 8192
 # Keys that keys_by_recency lists in recency order before the rest (~1 ms of the reactor).
-_HOT_KEYS = 4096
+_HOT_KEYS = 1024
 # Entries one call evicts at most beyond what brings the total under `max_bytes` (the batch down
 # to `low_water`): a batch amortizes the check, a bound keeps a pause short at any cache size.
 _MAX_EXTRA_EVICTIONS = 64
