@@ -266,13 +266,15 @@ class SpooledDelivery(Service):
             if timer is not None and timer.active():
                 timer.cancel()
             self._waiting[kind] = None
-            self._pump(kind)
+            if self._grace > 0:  # no time at all: start nothing that would outlive the stop
+                self._pump(kind)
         while self._loaded and self._busy() and self._clock.seconds() < deadline:
             yield deferLater(self._clock, min(0.05, max(0.0, deadline - self._clock.seconds())), lambda: None)
         for kind in KINDS:
             timer = self._waiting[kind]
             if timer is not None and timer.active():
                 timer.cancel()
+        self._stopping = False  # stopped: nothing more is sent (see _pump)
         if self.records:
             log.info("{n} spooled records stay on disk for the next start", n=self.records)
         yield self.spool.close()
@@ -284,6 +286,8 @@ class SpooledDelivery(Service):
 
     def _kick(self, kind: str) -> None:
         """Records came: send a full batch now, else within the flush interval."""
+        if not self.running and not self._stopping:
+            return
         if len(self._queues[kind]) >= self._batch_size:
             self._pump(kind)
         elif self._flush_timer is None or not self._flush_timer.active():
