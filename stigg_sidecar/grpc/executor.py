@@ -4,11 +4,16 @@ Owns the threads that run gRPC handlers. At most `runners` of them hold a *runne
 time: only role holders take calls from the queue, so no more than `runners` threads compete for
 the GIL on the fast path (as in a fixed ThreadPoolExecutor of that size). A handler about to wait
 on something slow (a cache miss crossing to the reactor, a write waiting for Stigg) enters
-`blocking()`, which gives its role up: a parked thread, or a new one, takes it and keeps serving
-the queue, so cached reads never queue behind waiting misses. A thread leaving `blocking()`
-finishes its call without asking for a role back (its answer is never delayed by cached load),
-then takes a role if one is free or parks. Parked threads beyond `runners` exit after
-`idle_timeout` seconds.
+`blocking()`, which gives its role up: a parked spare thread, or a new one, takes it when there
+is a call to serve, so cached reads never queue behind waiting misses. A thread leaving
+`blocking()` finishes its call without asking for a role back (its answer is never delayed by
+cached load), then takes a role if one is free or parks as a spare. Spares exit after
+`idle_timeout` seconds parked; role holders wait for calls for as long as the pool lives.
+
+The fast path costs what a ThreadPoolExecutor's does, and no lock: `submit` puts the call on a
+C-level `SimpleQueue`, and adds a role holder only when none is waiting for a call (an idle
+holder leaves a token in a deque while it waits; deque append and pop are atomic). The lock is
+taken only when roles change hands: a thread starting, blocking, coming back, parking, retiring.
 
 The idea is Java's ForkJoinPool.ManagedBlocker, or Go's scheduler handing off its P on a
 blocking syscall. The pool bounds nothing about blocked threads: their number is bounded by
@@ -20,7 +25,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import queue
 import threading
+import time
 from concurrent.futures import Executor, Future
 from typing import Any, Callable, Iterator
 
@@ -47,16 +54,6 @@ class _WorkItem:
             self.future.set_result(result)
 
 
-class _Parked:
-    """A parked thread's mailbox: the submitter hands it a call (and its role) directly."""
-
-    __slots__ = ("wake", "item")
-
-    def __init__(self) -> None:
-        self.wake = threading.Event()
-        self.item: _WorkItem | None = None
-
-
 class HandlerPool(Executor):
     def __init__(self, runners: int, idle_timeout: float = 60.0, thread_name_prefix: str = "grpc-handler") -> None:
         if runners < 1:
@@ -64,69 +61,73 @@ class HandlerPool(Executor):
         self.runners = runners
         self._idle_timeout = idle_timeout
         self._prefix = thread_name_prefix
+        self._calls: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()  # None: a holder exits
+        self._idle: collections.deque[None] = collections.deque()  # a token per holder awaiting a call
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)  # notified whenever the counts change
-        self._queue: collections.deque[_WorkItem] = collections.deque()
-        self._parked: list[_Parked] = []  # a stack: the most recently parked is woken first
-        self._held = 0  # runner roles held
+        self._held = 0  # runner roles held, by busy and idle holders alike
         self._threads = 0
         self._blocked = 0  # threads inside blocking()
+        self._spares: list[threading.Event] = []  # parked threads without a role; newest last
         self._serial = 0
         self._shutdown = False
 
     # -- what tests and metrics read ----------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
-        """A consistent snapshot: threads, roles held, blocked, parked, queued."""
+        """A snapshot: threads, roles held by running calls, blocked, parked spares, queued calls."""
         with self._lock:
             return {
                 "threads": self._threads,
-                "held": self._held,
+                "held": self._held - len(self._idle),
                 "blocked": self._blocked,
-                "parked": len(self._parked),
-                "queued": len(self._queue),
+                "parked": len(self._spares),
+                "queued": self._calls.qsize(),
             }
 
     def wait_until(self, predicate: Callable[[dict[str, int]], bool], timeout: float) -> bool:
-        """Wait (up to `timeout` s) until `predicate(counts)` holds; true if it did."""
-        with self._changed:
-            return self._changed.wait_for(lambda: predicate(self._counts_locked()), timeout)
-
-    def _counts_locked(self) -> dict[str, int]:
-        return {
-            "threads": self._threads,
-            "held": self._held,
-            "blocked": self._blocked,
-            "parked": len(self._parked),
-            "queued": len(self._queue),
-        }
+        """Wait (up to `timeout` s) until `predicate(counts)` holds; true if it did. Polls: the
+        fast path notifies nobody, and only tests and diagnostics wait on counts."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self.counts()):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
+        return True
 
     # -- Executor -----------------------------------------------------------------------------------
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new calls after shutdown")
         future: Future = Future()
-        item = _WorkItem(future, fn, args, kwargs)
-        with self._lock:
-            if self._shutdown:
-                raise RuntimeError("cannot schedule new calls after shutdown")
-            self._queue.append(item)
-            self._dispatch_locked()
+        self._calls.put(_WorkItem(future, fn, args, kwargs))
+        if not self._idle:
+            # No holder is waiting for a call; a holder that took one after leaving its token is
+            # either done soon or will see this call when it enters blocking().
+            self._add_holder()
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Refuse new calls; parked threads exit, running ones exit after their call.
-        Queued calls still run unless `cancel_futures`."""
-        with self._changed:
-            self._shutdown = True
-            if cancel_futures:
-                while self._queue:
-                    self._queue.popleft().future.cancel()
-            for parked in self._parked:
-                parked.wake.set()
-            self._parked.clear()
-            self._changed.notify_all()
-            if wait:
-                self._changed.wait_for(lambda: self._threads == 0 or self._on_own_thread())
+        """Refuse new calls; spares exit, holders exit once the calls queued before now have run
+        (unless `cancel_futures`), blocked threads after their call."""
+        with self._lock:
+            if not self._shutdown:
+                self._shutdown = True
+                if cancel_futures:
+                    while True:
+                        try:
+                            item = self._calls.get_nowait()
+                        except queue.Empty:
+                            break
+                        if item is not None:
+                            item.future.cancel()
+                for _ in range(self._held):
+                    self._calls.put(None)
+                for spare in self._spares:
+                    spare.set()
+                self._spares.clear()
+        if wait and not self._on_own_thread():
+            self.wait_until(lambda c: c["threads"] == 0, float("inf"))
 
     def _on_own_thread(self) -> bool:
         return getattr(_current, "pool", None) is self
@@ -140,87 +141,91 @@ class HandlerPool(Executor):
         if not (self._on_own_thread() and _current.role):
             yield
             return
-        with self._changed:
+        with self._lock:
             _current.role = False
             self._held -= 1
             self._blocked += 1
-            self._dispatch_locked()
-            self._changed.notify_all()
+            # Calls already queued get a holder now; later ones find no idle token and add one.
+            serial = self._take_role_locked() if self._calls.qsize() > 0 else 0
+        if serial:
+            self._start_thread(serial)
         try:
             yield
         finally:
-            with self._changed:
+            with self._lock:
                 self._blocked -= 1
-                self._changed.notify_all()
 
     # -- the threads --------------------------------------------------------------------------------
 
-    def _dispatch_locked(self) -> None:
-        """Give queued calls to free roles: a parked thread's, else a new thread's."""
-        while self._queue and self._held < self.runners:
-            item = self._queue.popleft()
-            self._held += 1
-            if self._parked:
-                parked = self._parked.pop()
-                parked.item = item
-                parked.wake.set()
-            else:
-                self._threads += 1
-                self._serial += 1
-                thread = threading.Thread(
-                    target=self._work, args=(item,), name=f"{self._prefix}-{self._serial}", daemon=True
-                )
-                thread.start()
-        self._changed.notify_all()
+    def _add_holder(self) -> None:
+        with self._lock:
+            serial = self._take_role_locked()
+        if serial:
+            self._start_thread(serial)
 
-    def _work(self, item: _WorkItem | None) -> None:
+    def _take_role_locked(self) -> int:
+        """Count a new role holder if a role is free: a parked spare takes it (0), or the caller
+        must start a thread for it, numbered as returned, once the lock is released."""
+        if self._held >= self.runners or self._shutdown:
+            return 0
+        self._held += 1
+        if self._spares:
+            self._spares.pop().set()
+            return 0
+        self._threads += 1
+        self._serial += 1
+        return self._serial
+
+    def _start_thread(self, serial: int) -> None:
+        # Outside the lock: Thread.start waits for the thread to run, which on a CPU-starved
+        # machine takes a while, and nothing should wait for the pool's lock meanwhile.
+        threading.Thread(target=self._work, name=f"{self._prefix}-{serial}", daemon=True).start()
+
+    def _work(self) -> None:
         _current.pool = self
         _current.role = True
         try:
-            while item is not None:
-                item.run()
-                del item  # drop the call's references before parking
-                item = self._next()
+            while self._serve():
+                pass
         finally:
-            with self._changed:
+            with self._lock:
                 self._threads -= 1
-                self._changed.notify_all()
 
-    def _next(self) -> _WorkItem | None:
-        """After a call: the next call to run (with a role), or None to exit."""
-        with self._changed:
-            if not _current.role and self._held < self.runners:
-                _current.role = True
-                self._held += 1
-            if _current.role and self._queue:
-                return self._queue.popleft()
+    def _serve(self) -> bool:
+        """Run one call as a holder, or park as a spare until a role is free; False: exit."""
+        if _current.role:
+            try:
+                item = self._calls.get_nowait()
+            except queue.Empty:
+                self._idle.append(None)
+                item = self._calls.get()
+                self._idle.pop()
+            if item is None:  # shut down
+                with self._lock:
+                    self._held -= 1
+                return False
+            item.run()
+            del item  # drop the call's references before waiting for the next
             if _current.role:
-                _current.role = False
-                self._held -= 1
-            # Parked in the same step as the role is given up, so a call submitted meanwhile
-            # finds this thread rather than starting another.
-            mailbox = self._park_locked()
-        while mailbox is not None:
-            woken = mailbox.wake.wait(self._idle_timeout)
-            with self._changed:
-                if mailbox.item is not None:
-                    _current.role = True  # the submitter counted it in _held
-                    return mailbox.item
-                if woken or mailbox not in self._parked:
-                    return None  # shutdown
-                self._parked.remove(mailbox)
-                if self._threads > self.runners:
-                    return None  # a spare, idle for idle_timeout: retire
-                mailbox = self._park_locked()  # one of the core threads: stay
-        return None
-
-    def _park_locked(self) -> _Parked | None:
-        self._changed.notify_all()
-        if self._shutdown:
-            return None
-        mailbox = _Parked()
-        self._parked.append(mailbox)
-        return mailbox
+                return True
+        # Back from blocking(): take a free role, else park as a spare.
+        with self._lock:
+            if self._shutdown:
+                return False
+            if self._held < self.runners:
+                self._held += 1
+                _current.role = True
+                return True
+            spare = threading.Event()
+            self._spares.append(spare)
+        spare.wait(self._idle_timeout)
+        with self._lock:
+            if spare.is_set() and not self._shutdown:
+                _current.role = True  # the waker counted it in _held (a wake racing the timeout too)
+                return True
+            if spare in self._spares:
+                self._spares.remove(spare)
+            return False
 
 
 def blocking() -> contextlib.AbstractContextManager[None]:
