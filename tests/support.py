@@ -136,6 +136,19 @@ def run_async(coroutine: Any, timeout: float = 30) -> Any:
     return asyncio.run(asyncio.wait_for(coroutine, timeout))
 
 
+async def until(predicate, timeout: float, what: str) -> None:
+    """Wait on the global reactor, polling every 50 ms, until `predicate()` holds; fail naming
+    `what` after `timeout` seconds."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        await deferLater(reactor, 0.05, lambda: None)
+
+
 def grpc_deferred(reactor, future) -> Deferred:
     """A grpc Future as a Deferred fired on the reactor thread: lets in-reactor tests call gRPC
     without blocking the reactor that the sidecar's cache runs on."""

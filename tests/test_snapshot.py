@@ -38,7 +38,7 @@ from stigg_sidecar.state.snapshot import (
     write_snapshot,
 )
 from tests import data
-from tests.support import SidecarProcess, base_env, grpc_deferred
+from tests.support import SidecarProcess, base_env, grpc_deferred, until
 
 KEY = "snapshot-test-key"
 CUSTOMERS = [f"cust-{i}" for i in range(50)]
@@ -118,14 +118,6 @@ class SnapshotFileTests(SynchronousTestCase):
         service = SnapshotService(reactor, self.path, backend, interval=60)
         (captured,) = service._capture()
         self.assertEqual(captured.features["api-calls"].usage.current_usage, before)
-
-
-async def until(predicate, timeout: float, what: str) -> None:
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        await deferLater(reactor, 0.05, lambda: None)
 
 
 class WarmRestartTests(TestCase):

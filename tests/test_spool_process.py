@@ -25,19 +25,11 @@ from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from tests import data
-from tests.support import SidecarProcess, base_env, grpc_deferred
+from tests.support import SidecarProcess, base_env, grpc_deferred, until
 
 KEY = "spool-test-key"
 CUSTOMERS = [f"c{i}" for i in range(4)]
 BATCH = 50
-
-
-async def until(predicate, timeout: float, what: str) -> None:
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        await deferLater(reactor, 0.05, lambda: None)
 
 
 class SpoolProcessTests(TestCase):
