@@ -198,6 +198,8 @@ class QuickStartTests(SynchronousTestCase):
         self.assertEqual(script.finish(COMMAND_TIMEOUT), 0, script.text)
         self.assertEqual([pid for pid in children if alive(pid)], [], script.text)
         self.assertIn("gRPC stopped", script.text)  # the sidecar drained and stopped cleanly
+        # ... before the emulator stopped: no warning about its upstream going away while stopping.
+        self.assertNotIn("Real-time updates disconnected", script.text)
         # One signal each: a second one during the drain would end twistd as killed by it.
         self.assertEqual(script.text.count("] Received SIG"), 2, script.text)
 
