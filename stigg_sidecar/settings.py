@@ -175,6 +175,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("REDIS_SENTINEL_MASTER", "mymaster", _parse_str, "the master's name in Sentinel"),
     Spec("REDIS_SENTINEL_USERNAME", "", _parse_str, "ACL user name on the Sentinels"),
     Spec("REDIS_SENTINEL_PASSWORD", "", _parse_str, "password of the Sentinels (their requirepass)", secret=True),
+    Spec("REDIS_SENTINEL_PASSWORD_FILE", "", _parse_str, "file holding the Sentinels' password (instead of REDIS_SENTINEL_PASSWORD)"),
     Spec("BIND_ADDRESS", "0.0.0.0", _parse_str, "interface the gRPC and HTTP servers listen on"),
     Spec("PORT", "8443", _parse_int(0, 65535), "gRPC port"),
     Spec("HTTP_PORT", "8080", _parse_int(0, 65535), "HTTP port for health, readiness and metrics"),
@@ -224,7 +225,8 @@ class Settings:
     redis_sentinels: tuple[tuple[str, int], ...] = ()
     redis_sentinel_master: str = "mymaster"
     redis_sentinel_username: str = ""
-    redis_sentinel_password: str = ""
+    redis_sentinel_password: str = field(default="", repr=False)
+    redis_sentinel_password_file: str = ""
     bind_address: str = "0.0.0.0"
     port: int = 8443
     http_port: int = 8080

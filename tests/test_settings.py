@@ -71,6 +71,17 @@ class ParsingTests(SynchronousTestCase):
     def test_key_is_not_in_repr(self):
         self.assertNotIn(KEY, repr(load_settings({"SERVER_API_KEY": KEY, "REDIS_PASSWORD": "pw-secret"})))
         self.assertNotIn("pw-secret", repr(load_settings({"SERVER_API_KEY": KEY, "REDIS_PASSWORD": "pw-secret"})))
+        self.assertNotIn("pw-sentinel", repr(load_settings({"SERVER_API_KEY": KEY, "REDIS_SENTINEL_PASSWORD": "pw-sentinel"})))
+
+
+class SecretFileTests(SynchronousTestCase):
+    def test_sentinel_password_from_a_file(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("pw-from-file\n")
+        s = load_settings({"SERVER_API_KEY": KEY, "REDIS_SENTINEL_PASSWORD_FILE": path})
+        self.assertEqual(s.redis_sentinel_password, "pw-from-file")
+        self.assertNotIn("pw-from-file", repr(s))
 
 
 class ValidationMessageTests(SynchronousTestCase):
