@@ -251,3 +251,15 @@ class QuickStartTests(SynchronousTestCase):
         self.assertNotEqual(returncode, 0)
         self.assertIn(f"stigg-sidecar: PORT: 127.0.0.1:{self.port} is already in use\n", script.text)
         self.assertNotIn("Traceback", script.text)
+
+    def test_a_taken_emulator_port_says_so_and_starts_no_sidecar(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", self.emulator_port))
+            taken.listen()
+            script = RunningScript(self.clone, quick_start_blocks()[0][0], self.env)
+            self.addCleanup(script.kill_all)
+            returncode = script.finish(FIRST_START_TIMEOUT)
+        self.assertNotEqual(returncode, 0)
+        self.assertIn(f"scripts/run: the emulator did not start (is EMULATOR_PORT {self.emulator_port} taken?)\n", script.text)
+        self.assertNotIn("stigg-sidecar 0.", script.text)  # the sidecar was never started
+        self.assertNotIn("Traceback", script.text)
