@@ -1,5 +1,7 @@
 """StiggApi.close while an attempt is in flight: the call fails with that attempt's error and
-leaves no retry pause behind (a pause scheduled after close outlived the sidecar's stop)."""
+leaves no retry pause behind (a pause scheduled after close outlived the sidecar's stop), and a
+connection that answers after close is closed rather than kept in the pool (where it idled for
+240 s after the sidecar's stop)."""
 
 from __future__ import annotations
 
@@ -31,12 +33,34 @@ class CloseTests(TestCase):
         api = StiggApi(reactor, "test-key", api_url=url, edge_api_url=url, edge_enabled=True)
         call = api.fetch_state("acme", None, timeout=3)
         await factory.connected
-        await api.close()
+        closing = api.close()
+        self.assertFalse(closing.called)  # it waits for the attempt in flight
         for held in factory.held:
             held.transport.loseConnection()  # the attempt in flight now fails, retryably
         with self.assertRaises(UpstreamError) as caught:
             await call
+        await closing
         self.assertIn("unreachable", str(caught.exception))  # its own error, not a spent budget
         self.assertEqual(len(factory.held), 1)  # no second attempt
         self.assertEqual(api._pauses, set())
         await deferLater(reactor, 0, lambda: None)  # and trial finds no delayed call left
+
+    async def test_a_connection_answering_after_close_is_closed_not_pooled(self) -> None:
+        factory = protocol.Factory.forProtocol(_Holding)
+        factory.held = []  # type: ignore[attr-defined]
+        factory.connected = Deferred()  # type: ignore[attr-defined]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}"
+        api = StiggApi(reactor, "test-key", api_url=url, edge_api_url=url, edge_enabled=True)
+        call = api.fetch_state("acme", None, timeout=30)
+        await factory.connected
+        closing = api.close()
+        body = b'{"data": {"entitlementsState": {"entitlements": []}}}'
+        factory.held[0].transport.write(  # a keep-alive answer: the connection would be reusable
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.assertEqual(await call, {"entitlements": []})
+        await closing
+        self.assertEqual([c for pool in api._pools for c in pool._connections.values() if c], [])
+        self.assertEqual([t for pool in api._pools for t in pool._timeouts.values()], [])

@@ -217,6 +217,25 @@ def event_input(event: EventReport) -> dict[str, Any]:
     return item
 
 
+class _ClosablePool(HTTPConnectionPool):
+    """A connection pool that, once closed, caches nothing: a connection that finishes its
+    request after `close` is closed at once instead of idling in the pool (for
+    `cachedConnectionTimeout`, 240 s, with a timer that outlives the sidecar's stop)."""
+
+    closed = False
+
+    def _putConnection(self, key, connection) -> None:
+        if self.closed:
+            connection.abort()
+            return
+        super()._putConnection(key, connection)
+
+    def close(self) -> Deferred:
+        """Close the cached connections; fires when they are closed."""
+        self.closed = True
+        return self.closeCachedConnections()
+
+
 class StiggApi:
     def __init__(
         self,
@@ -236,8 +255,9 @@ class StiggApi:
         self._retry = retry
         self._rng = rng
         self._headers = identification_headers(api_key)
-        self._pools: list[HTTPConnectionPool] = []
+        self._pools: list[_ClosablePool] = []
         self._pauses: set[Deferred] = set()
+        self._attempts: set[Deferred] = set()  # one per attempt in flight, fired when it settles
         self._closed = False
         self._graphql = self._client()
         self._edge = self._client()
@@ -249,7 +269,7 @@ class StiggApi:
         self.on_attempt: Callable[[str, str, float], None] | None = None  # endpoint, outcome, seconds
 
     def _client(self) -> HTTPClient:
-        pool = HTTPConnectionPool(self._reactor, persistent=True)
+        pool = _ClosablePool(self._reactor, persistent=True)
         pool.maxPersistentPerHost = 32
         pool.retryAutomatically = False  # retries are ours, within the budget
         self._pools.append(pool)
@@ -263,12 +283,19 @@ class StiggApi:
         headers["X-SDK-OS-PROCESS-TIMESTAMP"] = int(headers["X-SDK-OS-PROCESS-TIMESTAMP"])
         return headers
 
-    def close(self) -> Deferred:
-        """Stop retrying (pending calls fail with their last error) and close the pools."""
+    @inlineCallbacks
+    def close(self):
+        """Stop retrying (pending calls fail with their last error) and close the pools.
+
+        Fires once every connection is closed: an attempt in flight keeps its connection until it
+        settles (bounded by its own timeout), and that connection would otherwise go back to the
+        pool and idle there after the sidecar stopped; so the pools close after the attempts.
+        """
         self._closed = True  # an attempt still in flight fails with its error, no new pause
         for pause in list(self._pauses):
             pause.cancel()
-        return defer.gatherResults([p.closeCachedConnections() for p in self._pools])
+        yield defer.gatherResults(list(self._attempts))  # each settles within its own timeout
+        yield defer.gatherResults([p.close() for p in self._pools])
 
     # -- transport --------------------------------------------------------------------------------
 
@@ -289,6 +316,8 @@ class StiggApi:
             for d in pending:
                 d.cancel()
 
+        settled: Deferred = Deferred()
+        self._attempts.add(settled)
         timer = self._reactor.callLater(timeout, expire)
         try:
             pending[:] = [send(timeout)]
@@ -329,6 +358,8 @@ class StiggApi:
         finally:
             if timer.active():
                 timer.cancel()
+            self._attempts.discard(settled)
+            settled.callback(None)
             if self.on_attempt is not None:
                 self.on_attempt(endpoint, outcome, self._reactor.seconds() - started)
 
