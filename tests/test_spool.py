@@ -60,13 +60,15 @@ class DeliveryTimingTests(TestCase):
                        breaker=BreakerPolicy(threshold=1000))
         self.addCleanup(api.close)
         cache = EntitlementCache(10_000_000)
-        backend = OnlineSidecar(reactor, api, cache, fetch_timeout=2.0)
+        # Budgets far above what a loaded machine needs over loopback: a send that timed out
+        # would be retried on the Clock, which only the test advances, and never be delivered.
+        backend = OnlineSidecar(reactor, api, cache, fetch_timeout=10.0)
         backend.pending = PendingUsage(cache)
         self.clock = Clock()
         self.delivery = SpooledDelivery(
             self.clock, None, UpstreamWrites(api, backend), SpoolFile(reactor, f"{tempfile.mkdtemp()}/spool.sqlite3"),
             backend.pending, reloads=None, max_bytes=1 << 20, batch_size=batch_size, flush_interval=flush,
-            send_timeout=2.0, grace=0.0, backoff=backoff or RetryPolicy(initial=1.0, max_delay=4.0), rng=rng,
+            send_timeout=10.0, grace=0.0, backoff=backoff or RetryPolicy(initial=1.0, max_delay=4.0), rng=rng,
         )
         self.delivery.startService()
         self.addCleanup(self.delivery.stopService)
