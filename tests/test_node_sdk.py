@@ -182,6 +182,9 @@ class NodeSdkTests(TestCase):
         h = await OnlineHarness(self, reactor).start(
             SEED, emulator=emulator, REDIS_ENVIRONMENT_PREFIX=PREFIX, REDIS_HOST="127.0.0.1",
             REDIS_PORT=str(self.redis.port),
+            # Far above a loaded machine's fetch from the emulator: a fetch past its budget would
+            # answer a fallback, and every answer here is compared as a real one.
+            ENTITLEMENTS_TIMEOUT_MS="5000",
         )
         mirror = h.sidecar.backend.mirror
 
