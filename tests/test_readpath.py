@@ -53,8 +53,9 @@ class SlowStiggStormTests(TestCase):
             return waiting.in_use == 64
 
         await h.wait_until(storm_waiting)
-        # the cached customer answers at once, from memory, while all 64 wait
-        cached = await h.call("GetBooleanEntitlement", sso("c64"), timeout=1)
+        # the cached customer answers from memory while all 64 wait (asserted below, not timed:
+        # a loaded machine can take a second for any call)
+        cached = await h.call("GetBooleanEntitlement", sso("c64"))
         self.assertEqual((cached.has_access, cached.is_fallback), (True, False))
         self.assertEqual(waiting.in_use, 64)
         writes = [
