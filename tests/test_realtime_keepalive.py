@@ -70,7 +70,10 @@ class KeepAliveTests(TestCase):
                 break
             await deferLater(reactor, 0.05, lambda: None)
         self.assertGreaterEqual(service.connections, 2)
-        await deferLater(reactor, 0.1, lambda: None)  # let the server read the second subscribes
+        for _ in range(200):  # bounded: until the server has read the second socket's subscribes
+            if factory.received.count("subscribe") >= 6:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(sink.events[:3], ["up", "down", "up"])
         self.assertGreaterEqual(len(factory.opened), 2)
         # each connection pinged, then subscribed again after the reconnect
