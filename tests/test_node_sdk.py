@@ -185,6 +185,7 @@ class NodeSdkTests(TestCase):
             # Far above a loaded machine's fetch from the emulator: a fetch past its budget would
             # answer a fallback, and every answer here is compared as a real one.
             ENTITLEMENTS_TIMEOUT_MS="5000",
+            REDIS_TIMEOUT_MS="2000",  # a Redis read past it misses, and with Stigg down answers a fallback
         )
         mirror = h.sidecar.backend.mirror
 

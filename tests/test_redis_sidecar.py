@@ -30,6 +30,9 @@ def redis_settings(server: RedisServer, **extra: str) -> dict[str, str]:
         # emulator: a fleet peer waits this long (plus 0.5 s) for the lock holder's fetch, and a
         # fetch that outlasts it shows as a fallback or a second fetch.
         "ENTITLEMENTS_TIMEOUT_MS": "5000",
+        # Likewise for a Redis read (250 ms by default): one past it is a miss, and with Stigg
+        # down a miss answers a fallback where the test expects Redis's copy.
+        "REDIS_TIMEOUT_MS": "2000",
     }
     settings.update(extra)
     return settings
