@@ -486,7 +486,9 @@ class FailureTests(MirrorTestCase):
         results = yield gatherResults([mirror.read("cust-1", None), mirror.write(sample_entry()), mirror.purge("x")])
         elapsed = time.monotonic() - started
         self.assertEqual(results, [None, False, False])
-        self.assertTrue(TIMEOUT_MS / 1000 * 0.9 <= elapsed < TIMEOUT_MS / 1000 + 1, elapsed)
+        # They waited for the reply timeout (no upper bound in seconds: a loaded machine can take
+        # any time; the log line below says the timeout, not something else, answered them).
+        self.assertGreaterEqual(elapsed, TIMEOUT_MS / 1000 * 0.9)
         self.assertEqual(mirror.errors, 3)
         self.assertEqual(len(self.logged("did not answer within 250 ms")), 1)
         self.server.process.send_signal(18)  # SIGCONT
