@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
 from typing import Any, Callable
 
 from twisted.internet.defer import maybeDeferred
@@ -73,11 +74,17 @@ def call_on_reactor(reactor, fn: Callable[..., Any], *args: Any, timeout: float)
 def wait_on_reactor(reactor, budget: WaitBudget, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
     """From a handler thread: run `fn(*args)` on the reactor and wait for its result, holding one
     place of `budget` (BudgetExhausted at once when there is none) and no runner role (the
-    handler pool serves other calls meanwhile), for at most `timeout` seconds (TimeoutError)."""
+    handler pool serves other calls meanwhile), for at most `timeout` seconds from now
+    (TimeoutError).
+
+    The deadline is fixed on entry: handing the runner role on can start a thread, which on a
+    CPU-starved machine takes a while, and that time comes out of the wait, not on top of it.
+    """
+    deadline = time.monotonic() + timeout
     if not budget.try_enter():
         raise BudgetExhausted(budget)
     try:
         with blocking():
-            return call_on_reactor(reactor, fn, *args, timeout=timeout)
+            return call_on_reactor(reactor, fn, *args, timeout=max(0.0, deadline - time.monotonic()))
     finally:
         budget.leave()
