@@ -2,9 +2,11 @@
 
 Owns the socket: connection_init with the identification headers, the three subscriptions
 (re-sent after every reconnect), keep-alive pings with a pong timeout, and the reconnect policy
-(jittered exponential backoff capped at 30 s). Hands every `next` payload to an `UpdateSink` on
-the reactor and tells it when the socket comes up and goes down. An invalid API key stops the
-retries for good, logged once. Malformed frames are logged, counted and ignored.
+(jittered exponential backoff capped at 30 s, counted from the last `connection_ack`: a refused
+upgrade or a socket closed before the ack connected TCP all the same, and must not reset it).
+Hands every `next` payload to an `UpdateSink` on the reactor and tells it when the socket comes
+up and goes down. An invalid API key stops the retries for good, logged once. Malformed frames
+are logged, counted and ignored.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
 from stigg_sidecar.quoting import clipped
@@ -186,6 +188,7 @@ class RealtimeService(MultiService):
         ack_timeout: float = 30.0,
         max_delay: float = 30.0,
         jitter: Callable[[], float] = random.random,
+        clock: IReactorTime | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -200,18 +203,30 @@ class RealtimeService(MultiService):
         self.last_update: float | None = None
         self.gave_up = False
         self._protocol: GraphqlWsProtocol | None = None
+        self._backoff = backoffPolicy(initialDelay=1.0, maxDelay=max_delay, factor=2.0, jitter=jitter)
+        self.attempts_since_ack = 0
         endpoint, url = _endpoint(reactor, ws_url)
         self._client = ClientService(
             endpoint,
             _Factory(self, url),
-            retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=max_delay, factor=2.0, jitter=jitter),
-            clock=reactor,
+            retryPolicy=self._retry_delay,
+            clock=reactor if clock is None else clock,
         )
         self._client.setServiceParent(self)
+
+    def _retry_delay(self, attempts_since_tcp_connect: int) -> float:
+        """ClientService counts failed attempts from the last TCP connect, but an upgrade Stigg
+        refuses (a 404, a 503 from a proxy) connects TCP first: counted that way every retry
+        would be the first, forever. The socket is up only once Stigg acknowledged it."""
+        self.attempts_since_ack += 1
+        delay = self._backoff(self.attempts_since_ack)
+        log.info("Real-time socket: retry {n} in {delay:.1f}s", n=self.attempts_since_ack, delay=delay)
+        return delay
 
     # -- events from the protocol -----------------------------------------------------------------
 
     def connected(self, protocol: GraphqlWsProtocol) -> None:
+        self.attempts_since_ack = 0
         self._protocol = protocol
         self.is_connected = True
         self.connections += 1
