@@ -145,3 +145,81 @@ class RecencyTests(SynchronousTestCase):
         self.assertEqual(keys[0], "c_c0")
         self.assertEqual(sorted(keys), sorted(f"c_c{i}" for i in range(total)))
         self.assertEqual(keys[1], f"c_c{total - 1}")  # then the newest
+
+
+class RefreshWalkTests(SynchronousTestCase):
+    """keys_by_recency walks the keys in slices while the cache changes between them."""
+
+    def assert_order_consistent(self, cache: EntitlementCache) -> None:
+        self.assertEqual(sorted(cache._order), sorted(cache._slots))
+        for pos, key in enumerate(cache._order):
+            self.assertEqual(cache._slots[key].pos, pos)
+
+    def test_every_key_cached_throughout_is_walked_exactly_once_under_churn(self):
+        import random
+        from collections import Counter
+
+        from stigg_sidecar.cache import memory
+
+        self.patch(memory, "_HOT_KEYS", 5)
+        one = entry("x").size
+        for seed in range(25):
+            rng = random.Random(seed)
+            cache = EntitlementCache(max_bytes=one * 120, low_water=0.9)
+            for i in range(100):
+                cache.put(entry(f"k{i}"))
+            throughout = set(cache._slots)
+            ever = set(throughout)
+            walk = cache.keys_by_recency(slice_size=7)
+            walked: list[str] = []
+            fresh = 100
+            while True:
+                step = rng.random()
+                if step < 0.25:  # a new customer (evicts once the budget is reached)
+                    cache.put(entry(f"k{fresh}"))
+                    ever.add(cache_key(f"k{fresh}", None))
+                    fresh += 1
+                elif step < 0.35 and cache._order:
+                    cache.purge(rng.choice(cache._order))
+                elif step < 0.45 and cache._order:  # a replacement keeps the key where it is
+                    key = rng.choice(cache._order)
+                    cache.update(key, lambda e: apply_usage(e, "FEATURE", "api-calls", 1, None, None, 2000))
+                elif step < 0.55 and cache._order:
+                    cache.get(rng.choice(cache._order))
+                else:
+                    key = next(walk, None)
+                    if key is None:
+                        break
+                    walked.append(key)
+                throughout &= set(cache._slots)
+            counts = Counter(walked)
+            self.assertEqual([k for k, n in counts.items() if n > 1], [], f"seed {seed}")
+            self.assertLessEqual(throughout, set(walked), f"seed {seed}")
+            self.assertLessEqual(set(walked), ever)
+            self.assertGreater(cache.evictions, 0)
+            self.assert_order_consistent(cache)
+
+    def test_a_new_walk_ends_the_previous_one(self):
+        from stigg_sidecar.cache import memory
+
+        self.patch(memory, "_HOT_KEYS", 2)
+        cache = EntitlementCache(max_bytes=10**12)
+        for i in range(10):
+            cache.put(entry(f"k{i}"))
+        first = cache.keys_by_recency(slice_size=3)
+        taken = [next(first) for _ in range(4)]  # the two hot keys, then into the first slice
+        second = cache.keys_by_recency(slice_size=3)
+        self.assertEqual(len(taken) + len(list(first)), 5)  # the rest of that slice, no more
+        self.assertEqual(sorted(second), sorted(cache._slots))
+
+    def test_clear_and_purge_keep_the_order_consistent(self):
+        cache = EntitlementCache(max_bytes=10**12)
+        for i in range(10):
+            cache.put(entry(f"k{i}"))
+        for key in ("c_k0", "c_k9", "c_k4", "missing"):
+            cache.purge(key)
+        self.assert_order_consistent(cache)
+        cache.clear()
+        self.assertEqual(cache._order, [])
+        cache.put(entry("again"))
+        self.assertEqual(list(cache.keys_by_recency()), ["c_again"])

@@ -36,6 +36,36 @@ class RecordingBackend:
 
 
 class RefresherTests(SynchronousTestCase):
+    def test_every_customer_cached_throughout_is_refreshed_once_while_the_cache_changes(self):
+        from collections import Counter
+
+        from stigg_sidecar.cache import memory
+
+        clock = Clock()
+        backend = RecordingBackend(memory._HOT_KEYS + 3 * memory._WALK_SLICE)
+        cache = backend.cache
+        throughout = {key[2:] for key in cache._order}
+        refresher = Refresher(clock, backend, concurrency=4, rate=1000.0)
+        finished = refresher.refresh()
+        fetched: list[str] = []
+        added = 0
+        for turn in range(10_000):
+            if finished.called:
+                break
+            fetched += backend.finish_all()
+            # Between turns customers come and go, some of them not refreshed yet.
+            cache.put(CustomerEntry(f"new{added}", timestamp=1))
+            added += 1
+            gone = cache._order[(turn * 7919) % len(cache._order)]
+            cache.purge(gone)
+            throughout.discard(gone[2:])
+            clock.advance(0.004)
+        self.assertIsNone(self.successResultOf(finished))
+        counts = Counter(fetched)
+        self.assertEqual([c for c, n in counts.items() if n > 1], [])
+        self.assertLessEqual(throughout, set(counts))
+        self.assertGreater(len(throughout), memory._HOT_KEYS + memory._WALK_SLICE)  # it went through slices
+
     def test_most_recent_first_with_bounded_concurrency_and_rate(self):
         clock = Clock()
         backend = RecordingBackend(6)
