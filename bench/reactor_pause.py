@@ -7,8 +7,8 @@ In one process, as the sidecar runs it: a Twisted reactor owns an `EntitlementCa
 `entry_from_state`, the same path a fetch takes), its byte budget set to what they take so every
 new customer evicts. Then, for `--seconds`:
 - the reactor stores `--puts-per-sec` new customers a second (each a fetch's parse and `put`,
-  evicting), applies as many usage updates (`update` + `apply_usage`, a socket push), and lists
-  the keys by recency (the refresher) every 5 s;
+  evicting), applies as many usage updates (`update` + `apply_usage`, a socket push), and walks
+  the keys by recency as the refresher does (a new walk every 5 s, 1,024 keys per 10 ms turn);
 - `--readers` handler threads read random cached customers (`get`), `--reads-per-sec` each
   (paced, so the probe measures the cache's work rather than a starved GIL);
 - a probe on the reactor asks to run every millisecond and records how late it ran.
@@ -27,11 +27,13 @@ import random
 import sys
 import threading
 import time
+from itertools import islice
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 from seed import customer_id, entitlements
 
+from stigg_sidecar import gcpolicy
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.entitlements.records import apply_usage, cache_key, entry_from_state
 
@@ -79,7 +81,11 @@ def main() -> None:
     parser.add_argument("--puts-per-sec", type=int, default=500)
     parser.add_argument("--readers", type=int, default=2)
     parser.add_argument("--reads-per-sec", type=int, default=2000, help="per reader thread")
+    parser.add_argument("--gc-policy", choices=("on", "off"), default="on",
+                        help="the sidecar's garbage-collector policy (stigg_sidecar.gcpolicy), as twistd runs it")
     args = parser.parse_args()
+    if args.gc_policy == "on":
+        gcpolicy.install()
 
     from twisted.internet import reactor, task
 
@@ -144,9 +150,16 @@ def main() -> None:
                 lambda e, stamp=stamp: apply_usage(e, "FEATURE", "feature-api-calls", 7.0, None, None, stamp),
             )
 
+    walk = [iter(())]
+
     def refresh_order() -> None:
-        keys = cache.keys_by_recency()
-        del keys
+        # The refresher's walk, consumed far faster than a refresh does (a slice of keys and
+        # their lookups per 10 ms turn): a new walk starts when one ends, or every 5 s.
+        for key in islice(walk[0], 1024):
+            cache.get_entry(key)
+
+    def new_walk() -> None:
+        walk[0] = cache.keys_by_recency()
 
     task_worst: dict[str, float] = {}
 
@@ -158,15 +171,16 @@ def main() -> None:
 
         return run
 
-    churn, refresh_order = timed("stores, updates and evictions (10 ms of them)", churn), timed(
-        "keys by recency", refresh_order
-    )
+    churn = timed("stores, updates and evictions (10 ms of them)", churn)
+    refresh_order = timed("refresh walk (1,024 keys)", refresh_order)
+    new_walk = timed("a walk's start (hot keys)", new_walk)
     threads = [threading.Thread(target=reader, daemon=True) for _ in range(args.readers)]
     for t in threads:
         t.start()
-    loops = [task.LoopingCall(churn), task.LoopingCall(refresh_order)]
+    loops = [task.LoopingCall(churn), task.LoopingCall(refresh_order), task.LoopingCall(new_walk)]
     reactor.callWhenRunning(loops[0].start, 0.01)
-    reactor.callWhenRunning(loops[1].start, 5.0)
+    reactor.callWhenRunning(loops[1].start, 0.01)
+    reactor.callWhenRunning(loops[2].start, 5.0)
     reactor.callWhenRunning(probe)
     reactor.callLater(args.seconds, reactor.stop)
     reactor.run()
@@ -186,6 +200,11 @@ def main() -> None:
           f"{in_gc} of them overlapped a full GC ({len(full_collections)} full GCs, longest "
           f"{max((e - s for s, e in full_collections), default=0) * 1000:.1f} ms)")
     print("longest reactor CPU per task: " + "; ".join(f"{k} {v * 1000:.1f} ms" for k, v in task_worst.items()))
+    view = len(gc.get_objects())
+    started = time.perf_counter()
+    gc.collect()
+    print(f"a full collection now: {(time.perf_counter() - started) * 1000:.0f} ms over {view:,} objects in the "
+          f"collector's view ({gcpolicy.frozen_objects():,} frozen, never walked; gc policy {args.gc_policy})")
     print(f"cache: {len(cache):,} entries, {cache.evictions:,} evictions, {next_id[0] - args.entries:,} puts, "
           f"{reads[0]:,} reads by {args.readers} threads")
 

@@ -27,6 +27,7 @@ from twisted.internet import reactor, task  # noqa: E402
 from twisted.internet.defer import ensureDeferred  # noqa: E402
 
 from bench import seed  # noqa: E402
+from stigg_sidecar import gcpolicy  # noqa: E402
 from stigg_sidecar.cache.memory import EntitlementCache  # noqa: E402
 from stigg_sidecar.emulator.data import parse_data  # noqa: E402
 from stigg_sidecar.emulator.state import EmulatorState  # noqa: E402
@@ -121,7 +122,11 @@ async def run(customers: int, directory: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--customers", type=int, default=100_000)
+    parser.add_argument("--gc-policy", choices=("on", "off"), default="on",
+                        help="the sidecar's garbage-collector policy (stigg_sidecar.gcpolicy), as twistd runs it")
     args = parser.parse_args()
+    if args.gc_policy == "on":
+        gcpolicy.install()
     directory = tempfile.mkdtemp(prefix="stigg-bench-snapshot-")
     reactor.suggestThreadPoolSize(4)
     failures: list[BaseException] = []
