@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from stigg_sidecar import gcpolicy
+
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -73,6 +75,13 @@ class Metrics:
         self.cache_entries = Gauge("sidecar_cache_entries", "Customers in the memory cache", registry=r)
         self.cache_bytes = Gauge("sidecar_cache_bytes", "Bytes held by the memory cache", registry=r)
         self.cache_evictions = Gauge("sidecar_cache_evictions", "Entries evicted for space so far", registry=r)
+        self.gc_frozen_objects = Gauge(
+            "sidecar_gc_frozen_objects",
+            "Objects frozen out of the garbage collector's walks (gcpolicy); should follow the cache's size,"
+            " a steady climb past it means long-lived garbage cycles are kept",
+            registry=r,
+        )
+        self.gc_frozen_objects.set_function(gcpolicy.frozen_objects)
         self.realtime_connected = Gauge("sidecar_realtime_connected", "1 while the real-time socket is up", registry=r)
         self.realtime_update_age = Gauge(
             "sidecar_realtime_last_update_age_seconds", "Seconds since the last real-time update (-1: none yet)", registry=r

@@ -51,3 +51,12 @@ class GcPolicyTests(SynchronousTestCase):
         gcpolicy.uninstall()
         self.assertEqual(gcpolicy.frozen_objects(), 0)
         self.assertNotIn(gcpolicy._freeze_after_full_collection, gc.callbacks)
+
+    def test_the_metrics_give_the_frozen_count(self):
+        from stigg_sidecar.metrics import Metrics
+
+        kept = [_Node() for _ in range(1000)]
+        gc.collect()
+        metrics = Metrics()
+        value = metrics.registry.get_sample_value("sidecar_gc_frozen_objects")
+        self.assertGreaterEqual(value, len(kept))
