@@ -60,3 +60,11 @@ class GcPolicyTests(SynchronousTestCase):
         metrics = Metrics()
         value = metrics.registry.get_sample_value("sidecar_gc_frozen_objects")
         self.assertGreaterEqual(value, len(kept))
+
+    def test_full_collections_come_more_often_and_uninstall_restores_the_thresholds(self):
+        gcpolicy.uninstall()
+        before = gc.get_threshold()
+        gcpolicy.install()
+        self.assertEqual(gc.get_threshold(), (before[0], before[1], gcpolicy._FULL_EVERY))
+        gcpolicy.uninstall()
+        self.assertEqual(gc.get_threshold(), before)
