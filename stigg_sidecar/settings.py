@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Mapping, TypeVar
+from typing import Callable, Generic, Mapping, TypeVar, cast
 from urllib.parse import urlsplit
 
 from stigg_sidecar.entitlements.fallback import FallbackError, FallbackValues, parse_entitlements_fallback
@@ -58,6 +58,13 @@ def _parse_seconds(text: str) -> float:
         raise ValueError(f"must be a number of seconds, got {text.strip()!r}") from None
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"must be a non-negative number of seconds, got {text.strip()!r}")
+    return value
+
+
+def _parse_positive_seconds(text: str) -> float:
+    value = _parse_seconds(text)
+    if value == 0:
+        raise ValueError("must be more than 0 seconds")
     return value
 
 
@@ -185,6 +192,15 @@ SPECS: tuple[Spec, ...] = (
     Spec("MAX_WAITING_READS", "512", _parse_int(1, 100_000), "cache misses waiting on Stigg at once; past it a miss answers its fallback at once"),
     Spec("MAX_WAITING_WRITES", "256", _parse_int(1, 100_000), "writes waiting on Stigg at once; past it a write fails UNAVAILABLE"),
     Spec("GRPC_MAX_MESSAGE_BYTES", "4194304", _parse_int(1024, 1 << 30), "largest gRPC request accepted (bytes)"),
+    Spec("HTTP_IDLE_TIMEOUT_SECS", "60", _parse_positive_seconds, "close an HTTP connection that sent nothing for this long between requests"),
+    Spec("HTTP_HEADER_TIMEOUT_SECS", "10", _parse_positive_seconds, "close an HTTP connection whose request headers are not complete this long after they began"),
+    Spec("GRPC_KEEPALIVE_SECS", "60", _parse_positive_seconds, "ping a gRPC client after this long without traffic, to find dead connections"),
+    Spec("GRPC_KEEPALIVE_TIMEOUT_SECS", "20", _parse_positive_seconds, "close a gRPC connection whose client does not answer a ping within this"),
+    Spec("GRPC_MAX_CONNECTION_IDLE_SECS", "300", _parse_positive_seconds, "close a gRPC connection without calls for this long (clients reconnect on their next call)"),
+    Spec(
+        "GRPC_MAX_CONCURRENT_STREAMS", None, _parse_int(1, 2**31 - 1),
+        "calls at once on one gRPC connection (default: MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS)",
+    ),
     Spec("SHUTDOWN_GRACE_SECS", "10", _parse_seconds, "how long in-flight calls may finish on shutdown"),
     Spec("METRICS_ENABLED", "1", parse_bool, "serve Prometheus metrics at /metrics and count on the hot path"),
     Spec("LOG_LEVEL", "info", _parse_choice(LOG_LEVELS), "lowest log level written"),
@@ -236,6 +252,12 @@ class Settings:
     max_waiting_reads: int = 512
     max_waiting_writes: int = 256
     grpc_max_message_bytes: int = 4194304
+    http_idle_timeout_secs: float = 60.0
+    http_header_timeout_secs: float = 10.0
+    grpc_keepalive_secs: float = 60.0
+    grpc_keepalive_timeout_secs: float = 20.0
+    grpc_max_connection_idle_secs: float = 300.0
+    grpc_max_concurrent_streams: int = 784  # MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS
     shutdown_grace_secs: float = 10.0
     metrics_enabled: bool = True
     log_level: str = "info"
@@ -311,6 +333,14 @@ def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str | None
         raise SettingsError("SERVER_API_KEY (or SERVER_API_KEY_FILE) is required unless OFFLINE is set")
     if values.get("http_port") == values.get("port") and values.get("port") != 0:
         raise SettingsError(f"HTTP_PORT must differ from PORT (both are {values['port']})")
+    capacity = sum(cast(int, values[name]) for name in ("max_waiting_reads", "max_waiting_writes", "grpc_max_workers"))
+    streams = cast(int, values.setdefault("grpc_max_concurrent_streams", capacity))
+    if streams < capacity:
+        # Fewer streams would queue one client's calls in its own channel while the sidecar has room.
+        raise SettingsError(
+            f"GRPC_MAX_CONCURRENT_STREAMS ({streams}) must be at least MAX_WAITING_READS + MAX_WAITING_WRITES"
+            f" + GRPC_MAX_WORKERS ({capacity}), so one client connection can use the whole capacity"
+        )
     if values.get("health_endpoint_url") == values.get("ready_endpoint_url"):
         raise SettingsError("HEALTH_ENDPOINT_URL must differ from READY_ENDPOINT_URL")
     if values.get("spool_writes"):

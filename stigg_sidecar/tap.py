@@ -41,7 +41,7 @@ from stigg_sidecar.delivery.spool import SpoolFile
 from stigg_sidecar.delivery.spooled import SpooledDelivery
 from stigg_sidecar.delivery.upstream import UpstreamWrites
 from stigg_sidecar.grpc.intake import add_sidecar_service
-from stigg_sidecar.grpc.server import GrpcService
+from stigg_sidecar.grpc.server import ConnectionLimits, GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
 from stigg_sidecar.health import Readiness
 from stigg_sidecar.logs import make_observer
@@ -64,8 +64,14 @@ from stigg_sidecar.web import HttpService, health_app
 log = Logger()
 
 
+_COMPUTED_DEFAULTS = {
+    "CACHE_MAX_SIZE_BYTES": "half the available memory",
+    "GRPC_MAX_CONCURRENT_STREAMS": "MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS",
+}
+
+
 def _help(spec) -> str:
-    default = "half the available memory" if spec.env == "CACHE_MAX_SIZE_BYTES" else spec.default
+    default = _COMPUTED_DEFAULTS.get(spec.env, spec.default)
     shown = "none" if default in (None, "") else default
     flag = f"; a flag: --{spec.option} or --no-{spec.option}" if spec.parse is parse_bool else ""
     return f"{spec.help} [env {spec.env}; default: {shown}{flag}]"
@@ -157,6 +163,8 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         settings.bind_address,
         settings.http_port,
         reactor,
+        idle_timeout=settings.http_idle_timeout_secs,
+        header_timeout=settings.http_header_timeout_secs,
     ).setServiceParent(top)
 
     backend: OfflineSidecar | OnlineSidecar
@@ -256,6 +264,7 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         reactor=reactor,
         on_serving=lambda port: readiness.unblock("grpc"),
         interceptors=[MetricsInterceptor(metrics)] if metrics else [],
+        limits=ConnectionLimits.from_settings(settings),
     ).setServiceParent(top)
     return top
 

@@ -1,18 +1,23 @@
 """The HTTP side: liveness, readiness (and metrics) on HTTP_PORT, as a Klein app and a service.
 
-Owns the routes and the listening port; reads Readiness, never changes it.
+Owns the routes, the listening port and its connection timeouts (idle between requests, and a
+deadline for each request's headers); reads Readiness, never changes it.
 """
 
 from __future__ import annotations
 
 import json
+from typing import cast
 
 from klein import Klein
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
@@ -83,10 +88,73 @@ class _DecodableOnly(Resource):
         return self._app.render(request)
 
 
+class _DeadlineChannel(HTTPChannel):
+    """An HTTP/1.1 connection whose request headers must be complete within `header_timeout`
+    seconds of the connection opening or of their first byte.
+
+    Twisted's own timeout (`timeOut`, the idle timeout) restarts on every byte, so a client sending
+    a header byte every few seconds would hold the connection forever without it.
+    """
+
+    header_timeout: float | None = None
+    _header_deadline: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._start_header_deadline()
+
+    def dataReceived(self, data: bytes) -> None:
+        # Line mode: between requests or inside a request line and headers (the body is raw mode).
+        if self.line_mode:
+            self._start_header_deadline()
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._stop_header_deadline()
+        super().allHeadersReceived()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_header_deadline()
+        super().connectionLost(reason)
+
+    def timeoutConnection(self) -> None:
+        # Twisted logs each timeout at info: anyone reaching the port could fill the log with them.
+        # Nothing is owed to a client that sent nothing for the idle timeout or too slow a request.
+        transport = cast(ITCPTransport, self.transport)  # a TCP port's connection
+        log.debug("HTTP connection from {peer} timed out", peer=str(transport.getPeer()))
+        transport.abortConnection()
+
+    def _start_header_deadline(self) -> None:
+        if self._header_deadline is None and self.header_timeout is not None:
+            self._header_deadline = self.callLater(self.header_timeout, self._headers_too_slow)
+
+    def _stop_header_deadline(self) -> None:
+        deadline, self._header_deadline = self._header_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        self.timeoutConnection()
+
+
 class _QuietSite(Site):
-    """Probes hit these paths every few seconds; an access log line each would drown the logs."""
+    """Probes hit these paths every few seconds; an access log line each would drown the logs.
+
+    Connections are `_DeadlineChannel`s (HTTP/1.1 only: the port has no TLS, so no HTTP/2).
+    """
 
     noisy = False
+    protocol = _DeadlineChannel  # type: ignore[assignment]
+
+    def __init__(self, resource: IResource, idle_timeout: float, header_timeout: float) -> None:
+        super().__init__(resource, timeout=idle_timeout)
+        self._header_timeout = header_timeout
+
+    def buildProtocol(self, addr):
+        channel = super().buildProtocol(addr)
+        channel.header_timeout = self._header_timeout
+        return channel
 
     def log(self, request) -> None:
         pass
@@ -100,8 +168,10 @@ class HttpService(Service):
 
     name = "http"
 
-    def __init__(self, app: Klein, address: str, port: int, reactor) -> None:
-        self._site = _QuietSite(_DecodableOnly(app.resource()))
+    def __init__(
+        self, app: Klein, address: str, port: int, reactor, idle_timeout: float = 60.0, header_timeout: float = 10.0
+    ) -> None:
+        self._site = _QuietSite(_DecodableOnly(app.resource()), idle_timeout, header_timeout)
         self._reactor = reactor
         self._address = address
         self._requested_port = port

@@ -1,7 +1,8 @@
 """GrpcService: grpcio's threaded server as a Twisted service.
 
 Owns the grpc.Server: its handler pool (`executor.HandlerPool`: `max_workers` threads run calls,
-more while calls block on Stigg), its port and its graceful stop. Start binds and serves; stop
+more while calls block on Stigg), its connection limits (`ConnectionLimits`), its port and its
+graceful stop. Start binds and serves; stop
 refuses new calls at once and lets in-flight ones finish within the grace period, returning a
 Deferred the parent MultiService waits on. Knows nothing of entitlements.
 """
@@ -9,6 +10,7 @@ Deferred the parent MultiService waits on. Knows nothing of entitlements.
 from __future__ import annotations
 
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Callable, Sequence, cast
 
 import grpc
@@ -18,11 +20,72 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from stigg_sidecar.grpc.executor import HandlerPool
+from stigg_sidecar.settings import Settings
 from stigg_sidecar.startup import ListenError, probe_bind
 
 log = Logger()
 
 Registration = Callable[[grpc.Server], None]
+
+
+# Clients may ping this often without calls (grpc-java's and grpc-go's smallest keepalive time is
+# 10 s); more often is abuse, and grpc-core answers it with GOAWAY "too_many_pings".
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How long a gRPC connection may stay idle or silent, and how many calls it may carry at once.
+
+    Without these grpc-core keeps a connection (even a half-open one) open forever. The defaults
+    are the settings' (`ConnectionLimits.from_settings(Settings())`).
+    """
+
+    keepalive_secs: float
+    keepalive_timeout_secs: float
+    max_connection_idle_secs: float
+    max_concurrent_streams: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConnectionLimits:
+        return cls(
+            keepalive_secs=settings.grpc_keepalive_secs,
+            keepalive_timeout_secs=settings.grpc_keepalive_timeout_secs,
+            max_connection_idle_secs=settings.grpc_max_connection_idle_secs,
+            max_concurrent_streams=settings.grpc_max_concurrent_streams,
+        )
+
+    def options(self) -> list[tuple[str, int]]:
+        """grpc-core channel arguments (milliseconds, at least 1)."""
+
+        def ms(seconds: float) -> int:
+            return max(1, round(seconds * 1000))
+
+        return [
+            # Ping a connection after this long without traffic; no ack within the timeout closes it,
+            # so a peer that vanished (half-open TCP) does not hold a connection forever.
+            ("grpc.keepalive_time_ms", ms(self.keepalive_secs)),
+            ("grpc.keepalive_timeout_ms", ms(self.keepalive_timeout_secs)),
+            # grpcio 1.85's transport waits on this one for the ack of any ping, keepalives included
+            # (default 60 s, and keepalive_timeout_ms alone did not close a silent peer).
+            ("grpc.http2.ping_timeout_ms", ms(self.keepalive_timeout_secs)),
+            # Those pings go to connections without calls too (they are the ones that go stale), and
+            # clients' own keepalive pings without calls are accepted down to the interval below.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+            # GOAWAY to a connection without calls for this long; clients reconnect on their next call.
+            ("grpc.max_connection_idle_ms", ms(self.max_connection_idle_secs)),
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+        ]
+
+
+def server_options(max_message_bytes: int, limits: ConnectionLimits) -> list[tuple[str, int]]:
+    """Every channel argument of the sidecar's server (bench/bare_server.py uses the same)."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        *limits.options(),
+    ]
 
 
 class GrpcBindError(ListenError):
@@ -45,6 +108,7 @@ class GrpcService(Service):
         reactor=None,
         on_serving: Callable[[int], None] | None = None,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
+        limits: ConnectionLimits | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -59,6 +123,7 @@ class GrpcService(Service):
         self._grace = grace
         self._on_serving = on_serving
         self._interceptors = list(interceptors)
+        self._limits = limits if limits is not None else ConnectionLimits.from_settings(Settings())
         self._server: grpc.Server | None = None
         self.pool: HandlerPool | None = None
         self.port: int | None = None
@@ -68,10 +133,7 @@ class GrpcService(Service):
         server = grpc.server(
             # grpcio's stubs say ThreadPoolExecutor; the server only ever calls submit().
             cast(futures.ThreadPoolExecutor, self.pool),
-            options=[
-                ("grpc.max_receive_message_length", self._max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=server_options(self._max_message_bytes, self._limits),
             maximum_concurrent_rpcs=None,
             interceptors=self._interceptors,
         )
