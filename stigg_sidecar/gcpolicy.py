@@ -14,9 +14,11 @@ The next full collection then walks only what was promoted since the previous on
 cache's size: ~90,000-100,000 objects both at 40,000 and at 500,000 entries (9-17 ms of CPU at
 40,000, against 97-109 ms walking all 665,000 objects without the policy; bench/README.md has
 the runs). With the heap frozen, what a full collection walks is set by how many young
-collections run between two full ones (CPython's third threshold, 10); `install` lowers it to 3:
-full collections come about three times as often and walk ~15,000 objects (~5 ms of CPU) once
-the cache is filled, the same total work in smaller pieces.
+collections run between two full ones (CPython's third threshold, 10); `install` lowers it to 1:
+a full collection follows every second young one and walks ~10,000 objects once the cache is filled,
+the same total work in the smallest pieces (bench/reactor_pause.py at 500,000 entries on a quiet
+machine: longest reactor pause 26.1 ms with 3, 12.8 ms with 1, where full collections were the
+longest pauses both times).
 
 The price: an object frozen while alive that later becomes garbage *inside a reference cycle* is
 never collected. Cache entries are trees without cycles and leave by reference counting when
@@ -32,8 +34,8 @@ from __future__ import annotations
 import gc
 
 _installed = False
-# Young (generation 1) collections between two full ones: 3 instead of CPython's 10 (see above).
-_FULL_EVERY = 3
+# Young (generation 1) collections between two full ones: 1 instead of CPython's 10 (see above).
+_FULL_EVERY = 1
 _saved_threshold: tuple[int, int, int] | None = None
 
 
