@@ -149,6 +149,34 @@ async def until(predicate, timeout: float, what: str) -> None:
         await deferLater(reactor, 0.05, lambda: None)
 
 
+def sidecar_with_stub(testcase, env: Mapping[str, str]) -> SidecarProcess:
+    """A sidecar process with a SidecarService stub on `.stub`, both cleaned up with `testcase`."""
+    import grpc
+
+    from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
+
+    process = SidecarProcess(env)
+    testcase.addCleanup(process.kill)
+    channel = grpc.insecure_channel(f"127.0.0.1:{process.grpc_port}")
+    testcase.addCleanup(channel.close)
+    process.stub = SidecarServiceStub(channel)  # type: ignore[attr-defined]
+    return process
+
+
+async def until_ready(process: SidecarProcess, timeout: float = 20) -> None:
+    """Wait until the process's /readyz answers 200."""
+    import urllib.request
+
+    def up() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{process.http_port}/readyz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    await until(up, timeout, "readiness")
+
+
 def grpc_deferred(reactor, future) -> Deferred:
     """A grpc Future as a Deferred fired on the reactor thread: lets in-reactor tests call gRPC
     without blocking the reactor that the sidecar's cache runs on."""

@@ -12,14 +12,12 @@ import signal
 import tempfile
 import urllib.request
 
-import grpc
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
-from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.emulator.data import parse_data
@@ -38,7 +36,7 @@ from stigg_sidecar.state.snapshot import (
     write_snapshot,
 )
 from tests import data
-from tests.support import SidecarProcess, base_env, grpc_deferred, until
+from tests.support import SidecarProcess, base_env, grpc_deferred, sidecar_with_stub, until, until_ready
 
 KEY = "snapshot-test-key"
 CUSTOMERS = [f"cust-{i}" for i in range(50)]
@@ -131,22 +129,10 @@ class WarmRestartTests(TestCase):
     def sidecar(self, **settings: str) -> SidecarProcess:
         env = base_env(SERVER_API_KEY=KEY, API_URL=self.emulator.url, EDGE_API_URL=self.emulator.url, WS_ENABLED="0",
                        STATE_DIR=self.state_dir, ENTITLEMENTS_TIMEOUT_MS="500", **settings)
-        process = SidecarProcess(env)
-        self.addCleanup(process.kill)
-        channel = grpc.insecure_channel(f"127.0.0.1:{process.grpc_port}")
-        self.addCleanup(channel.close)
-        process.stub = SidecarServiceStub(channel)  # type: ignore[attr-defined]
-        return process
+        return sidecar_with_stub(self, env)
 
     async def ready(self, process: SidecarProcess) -> None:
-        def up() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{process.http_port}/readyz", timeout=1) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
-        await until(up, 20, "readiness")
+        await until_ready(process)
 
     async def check_all(self, process) -> list:
         """Every customer's metered check, a few at a time (cold reads past the handler pool's

@@ -12,7 +12,6 @@ import math
 import re
 import signal
 import tempfile
-import urllib.request
 from collections import Counter
 
 import grpc
@@ -22,10 +21,9 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
-from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from tests import data
-from tests.support import SidecarProcess, base_env, grpc_deferred, until
+from tests.support import SidecarProcess, base_env, grpc_deferred, sidecar_with_stub, until, until_ready
 
 KEY = "spool-test-key"
 CUSTOMERS = [f"c{i}" for i in range(4)]
@@ -46,12 +44,7 @@ class SpoolProcessTests(TestCase):
         env = base_env(SERVER_API_KEY=KEY, API_URL=self.emulator.url, EDGE_API_URL=self.emulator.url, WS_ENABLED="0",
                        STATE_DIR=self.state_dir, SPOOL_WRITES="1", SPOOL_BATCH_SIZE=str(BATCH),
                        ENTITLEMENTS_TIMEOUT_MS="1000", **settings)
-        process = SidecarProcess(env)
-        self.addCleanup(process.kill)
-        channel = grpc.insecure_channel(f"127.0.0.1:{process.grpc_port}")
-        self.addCleanup(channel.close)
-        process.stub = SidecarServiceStub(channel)  # type: ignore[attr-defined]
-        return process
+        return sidecar_with_stub(self, env)
 
     async def terminate(self, process: SidecarProcess) -> int:
         """SIGTERM, then wait without blocking the reactor (the emulator answers the last flush)."""
@@ -60,14 +53,7 @@ class SpoolProcessTests(TestCase):
         return process.stop()
 
     async def ready(self, process: SidecarProcess) -> None:
-        def up() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{process.http_port}/readyz", timeout=1) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
-        await until(lambda: up(), 20, "readiness")
+        await until_ready(process)
 
     def usage_write(self, process, n: int):
         request = pb.ReportUsageRequest(customer_id=CUSTOMERS[n % len(CUSTOMERS)], feature_id="api-calls", value=1)

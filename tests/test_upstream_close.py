@@ -23,14 +23,19 @@ class _Holding(protocol.Protocol):
 
 
 class CloseTests(TestCase):
-    async def test_an_attempt_failing_after_close_is_not_retried(self) -> None:
+    def holding_upstream(self) -> tuple[protocol.Factory, StiggApi]:
+        """A server on 127.0.0.1 that holds every connection (answering only when a test writes),
+        and a StiggApi pointed at it."""
         factory = protocol.Factory.forProtocol(_Holding)
         factory.held = []  # type: ignore[attr-defined]
         factory.connected = Deferred()  # type: ignore[attr-defined]
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         url = f"http://127.0.0.1:{port.getHost().port}"
-        api = StiggApi(reactor, "test-key", api_url=url, edge_api_url=url, edge_enabled=True)
+        return factory, StiggApi(reactor, "test-key", api_url=url, edge_api_url=url, edge_enabled=True)
+
+    async def test_an_attempt_failing_after_close_is_not_retried(self) -> None:
+        factory, api = self.holding_upstream()
         call = api.fetch_state("acme", None, timeout=3)
         await factory.connected
         closing = api.close()
@@ -46,13 +51,7 @@ class CloseTests(TestCase):
         await deferLater(reactor, 0, lambda: None)  # and trial finds no delayed call left
 
     async def test_a_connection_answering_after_close_is_closed_not_pooled(self) -> None:
-        factory = protocol.Factory.forProtocol(_Holding)
-        factory.held = []  # type: ignore[attr-defined]
-        factory.connected = Deferred()  # type: ignore[attr-defined]
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        url = f"http://127.0.0.1:{port.getHost().port}"
-        api = StiggApi(reactor, "test-key", api_url=url, edge_api_url=url, edge_enabled=True)
+        factory, api = self.holding_upstream()
         call = api.fetch_state("acme", None, timeout=30)
         await factory.connected
         closing = api.close()
