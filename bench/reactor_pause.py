@@ -84,13 +84,13 @@ def main() -> None:
     parser.add_argument("--gc-policy", choices=("on", "off"), default="on",
                         help="the sidecar's garbage-collector policy (stigg_sidecar.gcpolicy), as twistd runs it")
     args = parser.parse_args()
-    if args.gc_policy == "on":
-        gcpolicy.install()
 
     from twisted.internet import reactor, task
 
     started = time.monotonic()
     cache = EntitlementCache(max_bytes=1 << 62)
+    if args.gc_policy == "on":
+        gcpolicy.install()  # as twistd runs it: after the services (and the cache's containers) are built
     for i in range(args.entries):
         cache.put(parse(i))
     cache.max_bytes = cache.bytes  # full: every new customer evicts

@@ -77,8 +77,7 @@ class Metrics:
         self.cache_evictions = Gauge("sidecar_cache_evictions", "Entries evicted for space so far", registry=r)
         self.gc_frozen_objects = Gauge(
             "sidecar_gc_frozen_objects",
-            "Objects frozen out of the garbage collector's walks (gcpolicy); should follow the cache's size,"
-            " a steady climb past it means long-lived garbage cycles are kept",
+            "Objects frozen out of the garbage collector's walks at start (gcpolicy); constant while running",
             registry=r,
         )
         self.gc_frozen_objects.set_function(gcpolicy.frozen_objects)

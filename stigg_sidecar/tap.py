@@ -309,12 +309,8 @@ def makeService(options: Options) -> SidecarService:
         exit_with(str(e))
     # Logged before twistd starts logging: the log replays it first, ahead of twistd's own lines.
     log.info("{line}", line=starting_line(settings))
-    # The process's own collector policy, not build_sidecar's (tests build many sidecars in one
-    # process): full collections walk only what survived since the last one, so a cache of
-    # 500,000 entries costs no multi-second pause (see gcpolicy).
-    gcpolicy.install()
     try:
-        return build_sidecar(settings)
+        sidecar = build_sidecar(settings)
     except StateDirectoryError as e:
         exit_with(str(e))
     except Exception as e:
@@ -322,3 +318,8 @@ def makeService(options: Options) -> SidecarService:
         if settings.log_level == "debug":
             traceback.print_exc()
         exit_with(f"cannot start: {type(e).__name__}: {e}")
+    # The process's own collector policy, not build_sidecar's (tests build many sidecars in one
+    # process): what exists now (modules, the services, the cache's containers) lasts as long as
+    # the process and is frozen out of every later collection (see gcpolicy).
+    gcpolicy.install()
+    return sidecar

@@ -24,6 +24,7 @@ from itertools import islice
 from typing import Callable, Iterator
 
 from stigg_sidecar.entitlements.records import CustomerEntry, keep_newer_usage, newer_or_equal
+from stigg_sidecar.gcpolicy import untrack
 
 # Reads remembered for the reactor to replay: bounds both the memory and one replay's work
 # (~1 ms at the bound).
@@ -52,6 +53,7 @@ class _Slot:
         self.expires = earliest_expiry(entry)
         self.extra = 0  # bytes charged for what readers memoized on the entry
         self.pos = pos  # the key's index in EntitlementCache._order
+        untrack(self)  # holds an entry and numbers: never in a cycle (see gcpolicy.untrack)
 
     @property
     def bytes(self) -> int:

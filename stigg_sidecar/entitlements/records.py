@@ -21,9 +21,12 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Iterator
 
+from stigg_sidecar.gcpolicy import untrack as _untrack
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
 _METERED_TYPES = frozenset({"Fluctuating", "Incremental"})
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,9 @@ class Feature:
     units_plural: str | None = None
     display_name: str | None = None
     description: str | None = None
+
+    def __post_init__(self) -> None:
+        _untrack(self)
 
     @property
     def is_metered(self) -> bool:
@@ -50,6 +56,9 @@ class Usage:
     usage_period_end: int | None = None
     updated_at: int = 0
 
+    def __post_init__(self) -> None:
+        _untrack(self)
+
 
 @dataclass(frozen=True, slots=True)
 class CreditRate:
@@ -57,6 +66,9 @@ class CreditRate:
 
     amount: float
     currency_id: str
+
+    def __post_init__(self) -> None:
+        _untrack(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +172,9 @@ else:
                 enum_values, reset_period, credit_rate,
             )  # fmt: skip
             put = object.__setattr__
-            put(self, "_terms", _shared_terms(terms))
+            terms = _shared_terms(terms)
+            _untrack(terms)
+            put(self, "_terms", terms)
             put(self, "updated_at", updated_at)
             if usage == _NO_USAGE:
                 usage = _NO_USAGE
@@ -170,6 +184,7 @@ else:
             put(self, "_usage", usage)
             put(self, "valid_until", valid_until)
             put(self, "usage_period_anchor", usage_period_anchor)
+            _untrack(self)
 
         @property
         def usage(self) -> Usage:
@@ -227,6 +242,9 @@ class Currency:
     # Deep-frozen JSON (read-only mappings, tuples); `thaw_json` gives plain dicts and lists back.
     additional_meta_data: Mapping[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        _untrack(self)
+
 
 @dataclass(frozen=True, slots=True)
 class CreditEntitlement:
@@ -239,6 +257,9 @@ class CreditEntitlement:
     valid_until: int | None = None
     updated_at: int = 0
     usage_updated_at: int = 0
+
+    def __post_init__(self) -> None:
+        _untrack(self)
 
     @property
     def remaining(self) -> float:
@@ -257,8 +278,11 @@ class FrozenMap(Mapping):
     def __init__(self, items: Mapping[str, Any] | None = None) -> None:
         items = items or {}
         keys = tuple(items)
+        values = tuple(items[k] for k in keys)
         object.__setattr__(self, "_index", _shared_index(keys))
-        object.__setattr__(self, "_values", tuple(items[k] for k in keys))
+        object.__setattr__(self, "_values", values)
+        _untrack(values)
+        _untrack(self)
 
     def __getitem__(self, key: str) -> Any:
         return self._values[self._index[key]]
@@ -283,8 +307,11 @@ class FrozenMap(Mapping):
         """A copy with the existing `key` mapped to `value` (same index, one new tuple)."""
         position = self._index[key]
         copy = object.__new__(FrozenMap)
+        values = (*self._values[:position], value, *self._values[position + 1:])
         object.__setattr__(copy, "_index", self._index)
-        object.__setattr__(copy, "_values", (*self._values[:position], value, *self._values[position + 1:]))
+        object.__setattr__(copy, "_values", values)
+        _untrack(values)
+        _untrack(copy)
         return copy
 
     def own_bytes(self) -> int:
@@ -346,6 +373,7 @@ class CustomerEntry:
     def __post_init__(self) -> None:
         if self.malformed:
             object.__setattr__(self, "malformed", tuple(self.malformed))
+            _untrack(self.malformed)
         # Copy so no caller keeps a mutable handle on the entry's maps (a FrozenMap is immutable).
         for name in ("features", "credits"):
             value = getattr(self, name)
@@ -353,6 +381,7 @@ class CustomerEntry:
                 object.__setattr__(self, name, FrozenMap(value) if value else _EMPTY_MAP)
         object.__setattr__(self, "memo", None)
         object.__setattr__(self, "size", entry_bytes(self))
+        _untrack(self)
 
     @property
     def key(self) -> str:
@@ -366,6 +395,7 @@ def _derived(entry: CustomerEntry, size: int, **changes: Any) -> CustomerEntry:
         object.__setattr__(derived, name, changes[name] if name in changes else getattr(entry, name))
     object.__setattr__(derived, "memo", None)
     object.__setattr__(derived, "size", size)
+    _untrack(derived)
     return derived
 
 
@@ -381,6 +411,9 @@ class Malformed:
     kind: str
     ref_id: str | None
     problem: str
+
+    def __post_init__(self) -> None:
+        _untrack(self)
 
 
 def malformed_ids(entry: CustomerEntry, kind: str) -> frozenset[str]:
@@ -787,9 +820,14 @@ def _finite(value: Any) -> float | None:
 def freeze_json(value: Any) -> Any:
     """A read-only copy of parsed JSON: objects become read-only mappings, lists tuples."""
     if isinstance(value, Mapping):
-        return MappingProxyType({str(k): freeze_json(v) for k, v in value.items()})
+        # The proxy stays tracked: its type's deallocation expects it to be (see gcpolicy.untrack).
+        inner = {str(k): freeze_json(v) for k, v in value.items()}
+        _untrack(inner)
+        return MappingProxyType(inner)
     if isinstance(value, (list, tuple)):
-        return tuple(freeze_json(v) for v in value)
+        frozen = tuple(freeze_json(v) for v in value)
+        _untrack(frozen)
+        return frozen
     return value
 
 
