@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
 
@@ -47,29 +47,21 @@ def run_twistd(plugin: str, env: Mapping[str, str], *args: str, timeout: float =
     )
 
 
-class SidecarProcess:
-    """`twistd -n stigg-sidecar` as a child process; ports read from its log."""
+class DrainedProcess:
+    """A child process whose combined output a thread drains for its whole life, kept in `output`.
 
-    def __init__(self, env: Mapping[str, str], *args: str, timeout: float = 30) -> None:
+    Reading a buffered text pipe behind a selector misses lines already read ahead, and an
+    undrained pipe stalls the child."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path = ROOT) -> None:
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(
-            twistd_command("stigg-sidecar", *args),
-            env=dict(env),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            list(argv), env=dict(env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         self.output: list[str] = []
-        # A thread drains the log for the process's whole life: reading a buffered text pipe
-        # behind a selector misses lines already read ahead, and an undrained pipe stalls the child.
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
-        self.wait_for(_RUNNING_LINE, timeout)
-        self.grpc_port = int(self.wait_for(_GRPC_LINE, 0).group(1))
-        http = next((m for m in map(_HTTP_LINE.search, self.output) if m), None)
-        self.http_port = int(http.group(1)) if http else None
 
     def _drain(self) -> None:
         assert self.process.stdout is not None
@@ -87,8 +79,10 @@ class SidecarProcess:
             if line is not None:
                 self.output.append(line)
 
-    def wait_for(self, pattern: re.Pattern, timeout: float) -> re.Match:
-        """Read log lines until one matches `pattern`; fail after `timeout` seconds or on exit."""
+    def wait_for(self, pattern: re.Pattern | str, timeout: float) -> re.Match:
+        """Read lines until one matches `pattern`; fail after `timeout` seconds or on exit."""
+        if isinstance(pattern, str):
+            pattern = re.compile(pattern)
         for line in self.output:
             if (m := pattern.search(line)) is not None:
                 return m
@@ -103,8 +97,29 @@ class SidecarProcess:
             self.output.append(line)
             if (m := pattern.search(line)) is not None:
                 return m
+        self._waited_in_vain()
+        raise AssertionError(f"no {pattern.pattern!r} within {timeout}s; output:\n{self.text}")
+
+    def _waited_in_vain(self) -> None:
+        """What `wait_for` does before failing."""
+
+    @property
+    def text(self) -> str:
+        return "".join(self.output)
+
+
+class SidecarProcess(DrainedProcess):
+    """`twistd -n stigg-sidecar` as a child process; ports read from its log."""
+
+    def __init__(self, env: Mapping[str, str], *args: str, timeout: float = 30) -> None:
+        super().__init__(twistd_command("stigg-sidecar", *args), env)
+        self.wait_for(_RUNNING_LINE, timeout)
+        self.grpc_port = int(self.wait_for(_GRPC_LINE, 0).group(1))
+        http = next((m for m in map(_HTTP_LINE.search, self.output) if m), None)
+        self.http_port = int(http.group(1)) if http else None
+
+    def _waited_in_vain(self) -> None:
         self.kill()
-        raise AssertionError(f"no {pattern.pattern!r} within {timeout}s; output:\n{''.join(self.output)}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Signal the process, wait for it to exit and collect the rest of its output."""
@@ -125,10 +140,6 @@ class SidecarProcess:
             self.process.wait(timeout=10)
         self._reader.join(timeout=10)
         self._collect()
-
-    @property
-    def text(self) -> str:
-        return "".join(self.output)
 
 
 def run_async(coroutine: Any, timeout: float = 30) -> Any:

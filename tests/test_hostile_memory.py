@@ -8,6 +8,7 @@ took ~1.8 s of retried Edge calls and left RSS 232 MiB higher; 8 concurrent clie
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import grpc
 from twisted.internet import reactor
@@ -113,13 +114,18 @@ class HugeIdMemoryTests(TestCase):
 class UnsendableRequestTests(TestCase):
     """The upstream client never retries a request that cannot succeed."""
 
-    async def test_an_edge_url_too_long_fails_at_once_without_a_request(self):
+    async def upstream(self) -> tuple[Any, StiggApi, list[tuple]]:
+        """An emulator, a client of it, and the attempts the client reports."""
         emulator = await start_emulator(reactor, data.SEED)
         self.addCleanup(stop_emulator, emulator)
         api = StiggApi(reactor, "test-key", emulator.url, emulator.url, edge_enabled=True)
         self.addCleanup(api.close)
-        attempts = []
+        attempts: list[tuple] = []
         api.on_attempt = lambda *a: attempts.append(a)
+        return emulator, api, attempts
+
+    async def test_an_edge_url_too_long_fails_at_once_without_a_request(self):
+        emulator, api, attempts = await self.upstream()
         with self.assertRaises(UpstreamError) as caught:
             await api.fetch_state("c" * MAX_URL_LENGTH, None, timeout=5)
         self.assertEqual(caught.exception.failure.value, "INVALID_ARGUMENT")
@@ -131,12 +137,7 @@ class UnsendableRequestTests(TestCase):
         self.assertEqual(state["accessDeniedReason"], "CustomerNotFound")
 
     async def test_a_request_stigg_refuses_as_too_large_is_not_retried(self):
-        emulator = await start_emulator(reactor, data.SEED)
-        self.addCleanup(stop_emulator, emulator)
-        api = StiggApi(reactor, "test-key", emulator.url, emulator.url, edge_enabled=True)
-        self.addCleanup(api.close)
-        attempts = []
-        api.on_attempt = lambda *a: attempts.append(a)
+        emulator, api, attempts = await self.upstream()
         for status in (413, 414, 431):
             emulator.state.faults.update({"error_status": status})
             del attempts[:]

@@ -13,19 +13,17 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import ROOT
+from tests.support import ROOT, DrainedProcess
 
 FIRST_START_TIMEOUT = 300  # a cold install on a loaded two-core machine
 COMMAND_TIMEOUT = 60
@@ -102,37 +100,12 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-class RunningScript:
+class RunningScript(DrainedProcess):
     """`scripts/run` started as the README says, its output drained by a thread."""
 
     def __init__(self, clone: Path, line: str, env: dict[str, str]) -> None:
         # `bash -c` with one simple command execs it: this PID is scripts/run's own shell.
-        self.process = subprocess.Popen(
-            ["bash", "-c", line], cwd=clone, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.output: list[str] = []
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def wait_for(self, pattern: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            self.output.append(line)
-            if re.search(pattern, line):
-                return
-        raise AssertionError(f"no {pattern!r} within {timeout}s; output:\n{self.text}")
+        super().__init__(["bash", "-c", line], env, cwd=clone)
 
     def finish(self, timeout: float) -> int:
         returncode = self.process.wait(timeout=timeout)
@@ -149,10 +122,6 @@ class RunningScript:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.output)
 
 
 def hold_clone_lock(testcase: SynchronousTestCase, timeout: float = 900) -> None:
