@@ -28,9 +28,18 @@ _ONE_MS = timedelta(milliseconds=1)
 _METERED_TYPES = frozenset({"Fluctuating", "Incremental"})
 
 
+class _Untracked:
+    """A record that leaves the cyclic garbage collector's view when built: records are immutable
+    trees that never form a reference cycle, so reference counting frees them (gcpolicy.untrack)."""
+
+    __slots__ = ()
+
+    def __post_init__(self) -> None:
+        _untrack(self)
+
 
 @dataclass(frozen=True, slots=True)
-class Feature:
+class Feature(_Untracked):
     id: str
     feature_type: str  # "BOOLEAN" | "NUMBER" | "ENUM"
     meter_type: str | None = None  # "None" | "Fluctuating" | "Incremental"
@@ -39,16 +48,13 @@ class Feature:
     display_name: str | None = None
     description: str | None = None
 
-    def __post_init__(self) -> None:
-        _untrack(self)
-
     @property
     def is_metered(self) -> bool:
         return self.feature_type == "NUMBER" and self.meter_type in _METERED_TYPES
 
 
 @dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(_Untracked):
     """Live usage of a feature entitlement; times are epoch ms."""
 
     current_usage: float = 0.0
@@ -56,19 +62,13 @@ class Usage:
     usage_period_end: int | None = None
     updated_at: int = 0
 
-    def __post_init__(self) -> None:
-        _untrack(self)
-
 
 @dataclass(frozen=True, slots=True)
-class CreditRate:
+class CreditRate(_Untracked):
     """How many units of a currency one unit of a feature's usage costs."""
 
     amount: float
     currency_id: str
-
-    def __post_init__(self) -> None:
-        _untrack(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +233,7 @@ del _index, _name
 
 
 @dataclass(frozen=True, slots=True)
-class Currency:
+class Currency(_Untracked):
     currency_id: str
     display_name: str | None = None
     description: str | None = None
@@ -242,12 +242,9 @@ class Currency:
     # Deep-frozen JSON (read-only mappings, tuples); `thaw_json` gives plain dicts and lists back.
     additional_meta_data: Mapping[str, Any] | None = None
 
-    def __post_init__(self) -> None:
-        _untrack(self)
-
 
 @dataclass(frozen=True, slots=True)
-class CreditEntitlement:
+class CreditEntitlement(_Untracked):
     currency: Currency
     usage_limit: float = 0.0
     current_usage: float = 0.0
@@ -257,9 +254,6 @@ class CreditEntitlement:
     valid_until: int | None = None
     updated_at: int = 0
     usage_updated_at: int = 0
-
-    def __post_init__(self) -> None:
-        _untrack(self)
 
     @property
     def remaining(self) -> float:
@@ -403,7 +397,7 @@ _ENTRY_FIELDS = ("customer_id", "resource_id", "access_denied_reason", "features
 
 
 @dataclass(frozen=True, slots=True)
-class Malformed:
+class Malformed(_Untracked):
     """An entitlement Stigg sent with a field this code cannot use (a non-finite usage, a wrong
     type...): `kind` is "FEATURE" or "CREDIT", `ref_id` the feature refId or currency id (None
     when even that was unreadable), `problem` the place and what is wrong with it."""
@@ -411,9 +405,6 @@ class Malformed:
     kind: str
     ref_id: str | None
     problem: str
-
-    def __post_init__(self) -> None:
-        _untrack(self)
 
 
 def malformed_ids(entry: CustomerEntry, kind: str) -> frozenset[str]:
