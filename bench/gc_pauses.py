@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 from reactor_pause import parse
 
-from stigg_sidecar import gcpolicy
 from stigg_sidecar.cache.memory import EntitlementCache
+from stigg_sidecar.process import gcpolicy
 
 
 def main() -> None:

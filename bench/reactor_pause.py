@@ -33,9 +33,9 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 from seed import customer_id, entitlements
 
-from stigg_sidecar import gcpolicy
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.entitlements.records import apply_usage, cache_key, entry_from_state
+from stigg_sidecar.process import gcpolicy
 
 NOW_MS = 1_795_000_000_000
 PROBE_INTERVAL = 0.001
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=2)
     parser.add_argument("--reads-per-sec", type=int, default=2000, help="per reader thread")
     parser.add_argument("--gc-policy", choices=("on", "off"), default="on",
-                        help="the sidecar's garbage-collector policy (stigg_sidecar.gcpolicy), as twistd runs it")
+                        help="the sidecar's garbage-collector policy (stigg_sidecar.process.gcpolicy), as twistd runs it")
     args = parser.parse_args()
 
     from twisted.internet import reactor, task

@@ -32,8 +32,8 @@ from stigg_sidecar.cache.memory import EntitlementCache  # noqa: E402
 from stigg_sidecar.emulator.data import parse_data  # noqa: E402
 from stigg_sidecar.emulator.state import EmulatorState  # noqa: E402
 from stigg_sidecar.entitlements.records import entry_from_state  # noqa: E402
-from stigg_sidecar.health import Readiness  # noqa: E402
-from stigg_sidecar.online import OnlineSidecar  # noqa: E402
+from stigg_sidecar.online.sidecar import OnlineSidecar  # noqa: E402
+from stigg_sidecar.ops.readiness import Readiness  # noqa: E402
 from stigg_sidecar.state.snapshot import FILE_NAME, SnapshotService  # noqa: E402
 
 
@@ -123,7 +123,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--customers", type=int, default=100_000)
     parser.add_argument("--gc-policy", choices=("on", "off"), default="on",
-                        help="the sidecar's garbage-collector policy (stigg_sidecar.gcpolicy), as twistd runs it")
+                        help="the sidecar's garbage-collector policy (stigg_sidecar.process.gcpolicy), as twistd runs it")
     args = parser.parse_args()
     if args.gc_policy == "on":
         gcpolicy.install()

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
+from stigg_sidecar.contracts import EventReport, UsageAck, UsageReport, measurement_id
 from stigg_sidecar.entitlements.records import CustomerEntry
-from stigg_sidecar.reports import EventReport, UsageAck, UsageReport, measurement_id
 
 
 class OfflineSidecar:

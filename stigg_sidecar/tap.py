@@ -30,11 +30,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 import stigg_sidecar
-from stigg_sidecar import gcpolicy
 from stigg_sidecar._proto import sidecar_pb2
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.cache.redis import RedisMirror
-from stigg_sidecar.delivery.crossing import WriteGate
+from stigg_sidecar.crossing.gate import WriteGate
 from stigg_sidecar.delivery.direct import DirectDelivery
 from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.delivery.spool import SpoolFile
@@ -43,14 +42,16 @@ from stigg_sidecar.delivery.upstream import UpstreamWrites
 from stigg_sidecar.grpc.intake import add_sidecar_service
 from stigg_sidecar.grpc.server import ConnectionLimits, GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
-from stigg_sidecar.health import Readiness
-from stigg_sidecar.logs import make_observer
-from stigg_sidecar.metrics import Metrics, MetricsInterceptor
 from stigg_sidecar.offline import OfflineSidecar
-from stigg_sidecar.online import CacheUpdates, OnlineSidecar
-from stigg_sidecar.service import SidecarService
+from stigg_sidecar.online.sidecar import CacheUpdates, OnlineSidecar
+from stigg_sidecar.ops.metrics import Metrics, MetricsInterceptor
+from stigg_sidecar.ops.readiness import Readiness
+from stigg_sidecar.ops.web import HttpService, health_app
+from stigg_sidecar.process import gcpolicy
+from stigg_sidecar.process.logs import make_observer
+from stigg_sidecar.process.service import SidecarService
+from stigg_sidecar.process.startup import exit_with, starting_line, version_text
 from stigg_sidecar.settings import SPECS, Settings, SettingsError, load_settings, parse_bool
-from stigg_sidecar.startup import exit_with, starting_line, version_text
 from stigg_sidecar.state.directory import StateDirectory, StateDirectoryError
 from stigg_sidecar.state.snapshot import FILE_NAME as SNAPSHOT_FILE
 from stigg_sidecar.state.snapshot import SnapshotService
@@ -59,7 +60,6 @@ from stigg_sidecar.upstream.breaker import CircuitBreaker
 from stigg_sidecar.upstream.poller import Poller, Refresher
 from stigg_sidecar.upstream.realtime import RealtimeService
 from stigg_sidecar.upstream.service import UpstreamService
-from stigg_sidecar.web import HttpService, health_app
 
 log = Logger()
 

@@ -10,8 +10,8 @@ import threading
 
 from twisted.trial.unittest import TestCase
 
-from stigg_sidecar.crossing import BudgetExhausted, WaitBudget, wait_on_reactor
-from stigg_sidecar.grpc.executor import HandlerPool, blocking
+from stigg_sidecar.crossing.pool import HandlerPool, blocking
+from stigg_sidecar.crossing.wait import BudgetExhausted, WaitBudget, wait_on_reactor
 
 WAIT = 10  # seconds: generous bound on every wait, never reached when the code is right
 

@@ -9,7 +9,6 @@ from dataclasses import replace
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from stigg_sidecar import gcpolicy
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.cache.redis_format import decode_from
 from stigg_sidecar.entitlements.records import (
@@ -26,6 +25,7 @@ from stigg_sidecar.entitlements.records import (
     entry_from_state,
     keep_newer_usage,
 )
+from stigg_sidecar.process import gcpolicy
 from stigg_sidecar.state.snapshot import read_snapshot, write_snapshot
 from tests.test_records import NOW, boolean_item, credit_item, metered_item, state
 from tests.test_redis_format import as_store
@@ -87,7 +87,7 @@ class InstallTests(SynchronousTestCase):
         self.assertEqual(gcpolicy.frozen_objects(), 0)
 
     def test_the_metrics_give_the_frozen_count(self):
-        from stigg_sidecar.metrics import Metrics
+        from stigg_sidecar.ops.metrics import Metrics
 
         gcpolicy.install()
         metrics = Metrics()

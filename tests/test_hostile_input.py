@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.grpc import intake
-from stigg_sidecar.logs import JsonLineObserver, TextLineObserver
+from stigg_sidecar.process.logs import JsonLineObserver, TextLineObserver
 from stigg_sidecar.quoting import QUOTE_LIMIT, TEXT_LIMIT, clipped, quoted
 from tests import data
 from tests.support import OnlineHarness

@@ -20,7 +20,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
-from stigg_sidecar.metrics import reason_label
+from stigg_sidecar.ops.metrics import reason_label
 from tests.support import ROOT, SidecarProcess, base_env
 from tests.test_cli import _Emulator
 

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
-from stigg_sidecar.logs import make_observer
+from stigg_sidecar.process.logs import make_observer
 from tests import data
 from tests.support import OnlineHarness
 
@@ -145,7 +145,7 @@ class HotPathTallyTests(SynchronousTestCase):
 
         from prometheus_client import CollectorRegistry, generate_latest
 
-        from stigg_sidecar.metrics import HotPathTally
+        from stigg_sidecar.ops.metrics import HotPathTally
 
         registry = CollectorRegistry()
         tally = HotPathTally(registry)

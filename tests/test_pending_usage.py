@@ -9,10 +9,10 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from stigg_sidecar.cache.memory import EntitlementCache
+from stigg_sidecar.contracts import UsageReport
 from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.entitlements.records import CustomerEntry, Feature, FeatureEntitlement, Usage
-from stigg_sidecar.online import OnlineSidecar
-from stigg_sidecar.reports import UsageReport
+from stigg_sidecar.online.sidecar import OnlineSidecar
 
 API_CALLS = Feature("api-calls", "NUMBER", "Incremental")
 

@@ -19,14 +19,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.cache.memory import EntitlementCache
+from stigg_sidecar.contracts import UsageReport
 from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.emulator.data import parse_data
 from stigg_sidecar.emulator.state import EmulatorState
 from stigg_sidecar.emulator.state import UsageReport as EmulatorUsage
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from stigg_sidecar.entitlements.records import entry_from_state
-from stigg_sidecar.online import OnlineSidecar
-from stigg_sidecar.reports import UsageReport
+from stigg_sidecar.online.sidecar import OnlineSidecar
 from stigg_sidecar.state.snapshot import (
     FILE_NAME,
     SnapshotError,

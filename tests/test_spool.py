@@ -19,13 +19,13 @@ from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.cache.memory import EntitlementCache
+from stigg_sidecar.contracts import UsageReport, WriteError, WriteFailure
 from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.delivery.spool import SpoolFile
 from stigg_sidecar.delivery.spooled import SpooledDelivery
 from stigg_sidecar.delivery.upstream import UpstreamWrites
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
-from stigg_sidecar.online import OnlineSidecar
-from stigg_sidecar.reports import UsageReport, WriteError, WriteFailure
+from stigg_sidecar.online.sidecar import OnlineSidecar
 from stigg_sidecar.upstream.api import RetryPolicy, StiggApi
 from stigg_sidecar.upstream.breaker import BreakerPolicy
 from tests import data

@@ -12,9 +12,9 @@ from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 import stigg_sidecar
-from stigg_sidecar.logs import is_library_chatter
+from stigg_sidecar.process.logs import is_library_chatter
+from stigg_sidecar.process.startup import mode_summary
 from stigg_sidecar.settings import SettingsError, load_settings
-from stigg_sidecar.startup import mode_summary
 from stigg_sidecar.tap import flags_as_values
 from tests.support import SidecarProcess, base_env, run_twistd
 
@@ -88,7 +88,7 @@ class QuietLogTests(SynchronousTestCase):
         self.assertTrue(is_library_chatter({"log_level": LogLevel.info,
                                             "log_namespace": "twisted.application.internet.ClientService",
                                             "log_format": "Scheduling retry {attempt} to connect {endpoint} in {delay} seconds."}))
-        self.assertFalse(is_library_chatter({"log_level": LogLevel.info, "log_namespace": "stigg_sidecar.web",
+        self.assertFalse(is_library_chatter({"log_level": LogLevel.info, "log_namespace": "stigg_sidecar.ops.web",
                                              "log_format": "HTTP listening"}))
         self.assertFalse(is_library_chatter({"log_level": LogLevel.info, "log_namespace": "twisted.internet.base",
                                              "log_format": "Received SIGTERM, shutting down."}))

@@ -8,5 +8,5 @@ durable on disk first and delivered in the background (spooled, SPOOL_WRITES):
   Stigg's authoritative answer to the cache, build the acknowledgements.
 - `direct.DirectDelivery`  the Writer when the spool is off.
 
-Reads and cache updates stay in `stigg_sidecar.online`; this package only asks it to apply usage.
+Reads and cache updates stay in `stigg_sidecar.online.sidecar`; this package only asks it to apply usage.
 """

@@ -11,10 +11,10 @@ from typing import Sequence
 
 from twisted.internet.defer import inlineCallbacks
 
-from stigg_sidecar.delivery.crossing import WriteGate
+from stigg_sidecar.contracts import EventReport, UsageAck, UsageReport, WriteError, WriteFailure
+from stigg_sidecar.crossing.gate import WriteGate
 from stigg_sidecar.delivery.upstream import UpstreamWrites, ack_from_result
 from stigg_sidecar.entitlements.records import MalformedState
-from stigg_sidecar.reports import EventReport, UsageAck, UsageReport, WriteError, WriteFailure
 
 
 def reload_through(gate: WriteGate, backend, customer_id: str, resource_id: str | None, timeout: float) -> bool:

@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from stigg_sidecar.cache.memory import EntitlementCache
+from stigg_sidecar.contracts import UsageReport
 from stigg_sidecar.entitlements.records import CustomerEntry, Usage, apply_usage, cache_key
-from stigg_sidecar.reports import UsageReport
 
 
 @dataclass

@@ -31,13 +31,13 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from stigg_sidecar.delivery import records as bodies
-from stigg_sidecar.delivery.crossing import WriteGate
+from stigg_sidecar.contracts import EventReport, UsageAck, UsageReport, WriteError, WriteFailure, measurement_id
+from stigg_sidecar.crossing.gate import WriteGate
+from stigg_sidecar.delivery import bodies as bodies
 from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.delivery.spool import SpoolFile, StoredRecord
 from stigg_sidecar.delivery.upstream import UpstreamWrites
 from stigg_sidecar.quoting import clipped, quoted
-from stigg_sidecar.reports import EventReport, UsageAck, UsageReport, WriteError, WriteFailure, measurement_id
 from stigg_sidecar.upstream.api import RetryPolicy, UpstreamError
 
 log = Logger()

@@ -11,8 +11,8 @@ from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
+from stigg_sidecar.contracts import EventReport, UsageAck, UsageReport
 from stigg_sidecar.entitlements.records import parse_time
-from stigg_sidecar.reports import EventReport, UsageAck, UsageReport
 from stigg_sidecar.upstream.api import StiggApi
 
 

@@ -19,9 +19,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from stigg_sidecar.grpc.executor import HandlerPool
+from stigg_sidecar.crossing.pool import HandlerPool
+from stigg_sidecar.process.startup import ListenError, probe_bind
 from stigg_sidecar.settings import Settings
-from stigg_sidecar.startup import ListenError, probe_bind
 
 log = Logger()
 

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceServicer
+from stigg_sidecar.contracts import EntitlementSource, EventReport, UsageReport, WriteError, Writer
 from stigg_sidecar.entitlements.decide import (
     Decision,
     decide_credit,
@@ -31,7 +32,6 @@ from stigg_sidecar.entitlements.fallback import FallbackValues
 from stigg_sidecar.grpc import convert
 from stigg_sidecar.grpc.intake import InvalidArgument as _InvalidArgument
 from stigg_sidecar.quoting import clipped, quoted
-from stigg_sidecar.reports import EntitlementSource, EventReport, UsageReport, WriteError, Writer
 
 log = Logger()
 R = TypeVar("R")

@@ -28,8 +28,8 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, Respon
 from twisted.web.http_headers import Headers
 
 import stigg_sidecar
+from stigg_sidecar.contracts import EventReport, UsageReport, WriteFailure, measurement_id
 from stigg_sidecar.quoting import clipped
-from stigg_sidecar.reports import EventReport, UsageReport, WriteFailure, measurement_id
 from stigg_sidecar.upstream import operations
 from stigg_sidecar.upstream.breaker import BreakerOpen, BreakerPolicy, CircuitBreaker
 

@@ -19,7 +19,7 @@ from typing import Callable
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from stigg_sidecar.reports import WriteFailure
+from stigg_sidecar.contracts import WriteFailure
 
 log = Logger()
 

@@ -15,7 +15,7 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults, inli
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from stigg_sidecar.online import OnlineSidecar
+from stigg_sidecar.online.sidecar import OnlineSidecar
 
 log = Logger()
 

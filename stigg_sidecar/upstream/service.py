@@ -13,9 +13,9 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from stigg_sidecar.health import Readiness
-from stigg_sidecar.online import OnlineSidecar
-from stigg_sidecar.reports import WriteFailure
+from stigg_sidecar.contracts import WriteFailure
+from stigg_sidecar.online.sidecar import OnlineSidecar
+from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.upstream.api import StiggApi, UpstreamError
 
 log = Logger()

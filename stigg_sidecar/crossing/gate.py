@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 from twisted.logger import Logger
 
-from stigg_sidecar.crossing import BudgetExhausted, WaitBudget, wait_on_reactor
+from stigg_sidecar.contracts import WriteError, WriteFailure
+from stigg_sidecar.crossing.wait import BudgetExhausted, WaitBudget, wait_on_reactor
 from stigg_sidecar.entitlements.records import MalformedState
-from stigg_sidecar.reports import WriteError, WriteFailure
 from stigg_sidecar.upstream.api import UpstreamError
 
 log = Logger()

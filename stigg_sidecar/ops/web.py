@@ -21,9 +21,9 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
-from stigg_sidecar.health import Readiness
-from stigg_sidecar.metrics import CONTENT_TYPE, Metrics
-from stigg_sidecar.startup import listen_error
+from stigg_sidecar.ops.metrics import CONTENT_TYPE, Metrics
+from stigg_sidecar.ops.readiness import Readiness
+from stigg_sidecar.process.startup import listen_error
 
 log = Logger()
 

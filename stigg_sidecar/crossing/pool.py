@@ -17,7 +17,7 @@ taken only when roles change hands: a thread starting, blocking, coming back, pa
 
 The idea is Java's ForkJoinPool.ManagedBlocker, or Go's scheduler handing off its P on a
 blocking syscall. The pool bounds nothing about blocked threads: their number is bounded by
-whoever enters `blocking()` (the in-flight budgets of `stigg_sidecar.crossing`). Knows nothing
+whoever enters `blocking()` (the in-flight budgets of `stigg_sidecar.crossing.wait`). Knows nothing
 of gRPC or Stigg.
 """
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from stigg_sidecar.reports import EventReport, UsageReport
+from stigg_sidecar.contracts import EventReport, UsageReport
 
 USAGE = "usage"
 EVENT = "event"

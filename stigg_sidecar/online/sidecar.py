@@ -25,7 +25,8 @@ from twisted.python.failure import Failure
 
 from stigg_sidecar.cache.memory import EntitlementCache, earliest_expiry
 from stigg_sidecar.cache.redis import RedisMirror
-from stigg_sidecar.crossing import BudgetExhausted, WaitBudget, wait_on_reactor
+from stigg_sidecar.contracts import UsageReport
+from stigg_sidecar.crossing.wait import BudgetExhausted, WaitBudget, wait_on_reactor
 from stigg_sidecar.entitlements.records import (
     CustomerEntry,
     MalformedState,
@@ -36,7 +37,6 @@ from stigg_sidecar.entitlements.records import (
     parse_time,
 )
 from stigg_sidecar.quoting import clipped, quoted
-from stigg_sidecar.reports import UsageReport
 from stigg_sidecar.upstream.api import StiggApi, UpstreamError
 
 if TYPE_CHECKING:

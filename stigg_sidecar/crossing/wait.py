@@ -17,7 +17,7 @@ from typing import Any, Callable
 from twisted.internet.defer import maybeDeferred
 from twisted.python.failure import Failure
 
-from stigg_sidecar.grpc.executor import blocking
+from stigg_sidecar.crossing.pool import blocking
 
 
 class BudgetExhausted(Exception):

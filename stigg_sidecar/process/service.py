@@ -13,13 +13,13 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.logger import ILogObserver, Logger
 
-from stigg_sidecar.health import Readiness
-from stigg_sidecar.startup import ListenError, exit_with
+from stigg_sidecar.ops.readiness import Readiness
+from stigg_sidecar.process.startup import ListenError, exit_with
 
 if TYPE_CHECKING:
-    from stigg_sidecar.metrics import Metrics
     from stigg_sidecar.offline import OfflineSidecar
-    from stigg_sidecar.online import OnlineSidecar
+    from stigg_sidecar.online.sidecar import OnlineSidecar
+    from stigg_sidecar.ops.metrics import Metrics
 
 log = Logger()
 
