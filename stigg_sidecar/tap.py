@@ -44,6 +44,7 @@ from stigg_sidecar.grpc.server import ConnectionLimits, GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
 from stigg_sidecar.offline import OfflineSidecar
 from stigg_sidecar.online.sidecar import CacheUpdates, OnlineSidecar
+from stigg_sidecar.ops import tracing as tracing_setup
 from stigg_sidecar.ops.metrics import Metrics, MetricsInterceptor
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.ops.web import HttpService, health_app
@@ -136,7 +137,7 @@ def _grpc_health_and_reflection(server: grpc.Server, readiness: Readiness) -> No
                                          reflection.SERVICE_NAME), server)
 
 
-def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
+def build_sidecar(settings: Settings, reactor=None, tracing: tracing_setup.Tracing | None = None) -> SidecarService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -144,6 +145,8 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
     readiness = Readiness()
     readiness.block("grpc", "gRPC server is not serving yet")
     top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format))
+    if tracing is not None:
+        tracing.service(reactor).setServiceParent(top)  # first in, stops last: flushes the last spans
     fetch_timeout = settings.entitlements_timeout_ms / 1000
     metrics = Metrics() if settings.metrics_enabled else None
     if metrics is not None:
@@ -263,7 +266,9 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         grace=settings.shutdown_grace_secs,
         reactor=reactor,
         on_serving=lambda port: readiness.unblock("grpc"),
-        interceptors=[MetricsInterceptor(metrics)] if metrics else [],
+        # Tracing outermost, so the metrics' time is inside the SERVER span; off, no interceptor at all.
+        interceptors=([tracing.interceptor()] if tracing is not None else [])
+        + ([MetricsInterceptor(metrics)] if metrics else []),
         limits=ConnectionLimits.from_settings(settings),
     ).setServiceParent(top)
     return top
@@ -310,7 +315,13 @@ def makeService(options: Options) -> SidecarService:
     # Logged before twistd starts logging: the log replays it first, ahead of twistd's own lines.
     log.info("{line}", line=starting_line(settings))
     try:
-        sidecar = build_sidecar(settings)
+        tracing = tracing_setup.install()
+    except tracing_setup.TracingConfigError as e:
+        exit_with(str(e))
+    if tracing is not None:
+        log.info("OpenTelemetry {where}", where=tracing_setup.describe(tracing))
+    try:
+        sidecar = build_sidecar(settings, tracing=tracing)
     except StateDirectoryError as e:
         exit_with(str(e))
     except Exception as e:

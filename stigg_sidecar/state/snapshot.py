@@ -31,6 +31,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
+from stigg_sidecar import spans
 from stigg_sidecar.cache.redis_format import (
     EntryKeys,
     FormatError,
@@ -294,7 +295,9 @@ class SnapshotService(Service):
             log.warn("Could not write the cache snapshot {path}: {why}", path=self.path, why=failure.getErrorMessage())
             return 0
 
-        self._writing = threads.deferToThread(write_snapshot, self.path, entries, self._wall_ms())
+        # One span, from the capture to the file synced on the thread pool.
+        self._writing = spans.span_until("snapshot write", threads.deferToThread, write_snapshot, self.path, entries,
+                                         self._wall_ms(), attributes={"stigg.snapshot.customers": len(entries)})
         self._writing.addCallbacks(written, failed)
         return self._writing
 
