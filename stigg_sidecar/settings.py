@@ -201,7 +201,8 @@ SPECS: tuple[Spec, ...] = (
         "GRPC_MAX_CONCURRENT_STREAMS", None, _parse_int(1, 2**31 - 1),
         "calls at once on one gRPC connection (default: MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS)",
     ),
-    Spec("SHUTDOWN_GRACE_SECS", "10", _parse_seconds, "how long in-flight calls may finish on shutdown"),
+    Spec("SHUTDOWN_GRACE_SECS", "8", _parse_seconds,
+         "the whole stop on SIGTERM: gRPC drain, spool delivery and the last snapshot, together"),
     Spec("METRICS_ENABLED", "1", parse_bool, "serve Prometheus metrics at /metrics and count on the hot path"),
     Spec("LOG_LEVEL", "info", _parse_choice(LOG_LEVELS), "lowest log level written"),
     Spec("LOG_FORMAT", "text", _parse_choice(LOG_FORMATS), "text for people, json for one object per line"),
@@ -258,7 +259,7 @@ class Settings:
     grpc_keepalive_timeout_secs: float = 20.0
     grpc_max_connection_idle_secs: float = 300.0
     grpc_max_concurrent_streams: int = 784  # MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS
-    shutdown_grace_secs: float = 10.0
+    shutdown_grace_secs: float = 8.0
     metrics_enabled: bool = True
     log_level: str = "info"
     log_format: str = "text"
