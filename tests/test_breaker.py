@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
+from stigg_sidecar.upstream.api import RetryPolicy, StiggApi
 from stigg_sidecar.upstream.breaker import BreakerOpen, BreakerPolicy, CircuitBreaker
+from tests.fixtures import data
 
 POLICY = BreakerPolicy(threshold=3, initial=1.0, factor=2.0, max_delay=5.0)
 
@@ -122,12 +126,6 @@ class WhatOpensTheBreakerTests(TestCase):
     timeout = 30
 
     async def api(self, **faults):
-        from twisted.internet import reactor
-
-        from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
-        from stigg_sidecar.upstream.api import RetryPolicy, StiggApi
-        from tests import data
-
         emulator = await start_emulator(reactor, data.SEED)
         self.addCleanup(stop_emulator, emulator)
         emulator.state.faults.update(faults)

@@ -5,19 +5,16 @@ failure and its exit status. Every subprocess is bounded by a timeout."""
 
 from __future__ import annotations
 
-import atexit
 import json
-import queue
-import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import EXAMPLES, ROOT, SidecarProcess, base_env, shared_sidecar, twistd_command
+from tests.fixtures.paths import ROOT
+from tests.fixtures.processes import SidecarProcess, base_env, shared_emulator, shared_sidecar
 
 FALLBACKS = {
     "feature-seats": {"hasAccess": True, "value": 5},
@@ -41,50 +38,6 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-class _Emulator:
-    """`twistd -n stigg-emulator` with the example data on a free port, for the whole run."""
-
-    url: str | None = None
-
-    @classmethod
-    def start(cls) -> str:
-        if cls.url is None:
-            process = subprocess.Popen(
-                twistd_command("stigg-emulator", "--port", "0", "--data", str(EXAMPLES / "emulator-data.json")),
-                env=base_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            )
-
-            def stop() -> None:
-                process.kill()
-                process.wait(timeout=10)
-
-            atexit.register(stop)
-            # A thread drains the log for the whole run: a selector on a buffered text pipe can
-            # miss lines already read ahead, and an undrained pipe would stall the emulator.
-            lines: queue.Queue[str | None] = queue.Queue()
-
-            def drain() -> None:
-                for line in process.stdout or ():
-                    lines.put(line)
-                lines.put(None)
-
-            threading.Thread(target=drain, daemon=True).start()
-            deadline, output = time.monotonic() + 30, []
-            while cls.url is None and (left := deadline - time.monotonic()) > 0:
-                try:
-                    line = lines.get(timeout=left)
-                except queue.Empty:
-                    break
-                if line is None:
-                    break
-                output.append(line)
-                if m := re.search(r"stigg-emulator listening on (http://\S+)", line):
-                    cls.url = m.group(1)
-            if cls.url is None:
-                raise AssertionError("the emulator did not start:\n" + "".join(output))
-        return cls.url
 
 
 class CliTestCase(SynchronousTestCase):
@@ -255,7 +208,7 @@ class OnlineTests(CliTestCase):
     """Against an online sidecar fed by the emulator (examples/emulator-data.json)."""
 
     def setUp(self) -> None:
-        url = _Emulator.start()
+        url = shared_emulator()
         self.sidecar = shared_sidecar(
             "cli-online", base_env(SERVER_API_KEY="local-dev-key", API_URL=url, EDGE_API_URL=url, WS_ENABLED="0")
         )

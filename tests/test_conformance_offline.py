@@ -10,7 +10,8 @@ from datetime import datetime, timezone
 import stigg_sidecar_sdk as sdk
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import base_env, run_async, shared_sidecar
+from tests.fixtures.clients import run_async
+from tests.fixtures.processes import base_env, shared_sidecar
 
 FALLBACKS = {
     "feature-seats": {"hasAccess": True, "value": 5, "isUnlimited": False},

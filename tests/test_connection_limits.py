@@ -27,7 +27,7 @@ from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 from stigg_sidecar.settings import Settings, SettingsError, load_settings
 from stigg_sidecar.tap import build_sidecar
-from tests.support import run_async
+from tests.fixtures.clients import run_async
 
 BOUND = 10.0  # seconds any one wait may take before the test fails
 REQUEST = b"GET /livez HTTP/1.1\r\nHost: sidecar\r\n\r\n"

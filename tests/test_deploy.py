@@ -21,7 +21,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from stigg_sidecar import cli
 from stigg_sidecar.emulator.data import load_data_file
 from stigg_sidecar.settings import SPECS, Settings, load_settings
-from tests.support import ROOT, base_env, shared_sidecar
+from tests.fixtures.paths import ROOT
+from tests.fixtures.processes import base_env, shared_sidecar
 
 DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes" / "deployment.yaml"

@@ -30,71 +30,20 @@ from stigg_sidecar.emulator.data import DataError, load_data_file, parse_data, p
 from stigg_sidecar.emulator.graphql import operation_name
 from stigg_sidecar.emulator.state import EmulatorState, current_period
 from stigg_sidecar.emulator.testing import RunningEmulator, start_emulator, stop_emulator
+from tests.fixtures.data import EMULATOR_KEY as KEY
+from tests.fixtures.data import EMULATOR_SEED as SEED
+from tests.fixtures.data import emulator_feature as _feature
+from tests.fixtures.paths import EXAMPLES, ROOT
 
-KEY = "test-key"
 WAIT = 5.0  # seconds: bound on any single network wait
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLE = os.path.join(REPO, "examples", "emulator-data.json")
+REPO = str(ROOT)
+EXAMPLE = str(EXAMPLES / "emulator-data.json")
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-def _feature(ref_id: str, feature_type: str = "NUMBER", meter_type: str | None = None) -> dict:
-    return {"refId": ref_id, "featureType": feature_type, "meterType": meter_type}
 
 
 def _usage(feature: str = "feature-api-calls", value: float = 1, **more: Any) -> dict:
     """A ReportUsageInput for customer acme."""
     return {"customerId": "acme", "featureId": feature, "value": value, **more}
-
-
-SEED: dict[str, Any] = {
-    "apiKeys": [KEY],
-    "customers": {
-        "acme": {
-            "entitlements": [
-                {"__typename": "FeatureEntitlement", "feature": _feature("feature-sso", "BOOLEAN")},
-                {
-                    "__typename": "FeatureEntitlement",
-                    "usageLimit": 1000,
-                    "currentUsage": 10,
-                    "resetPeriod": "MONTH",
-                    "usagePeriodAnchor": "2099-01-01T00:00:00Z",
-                    "usagePeriodStart": "2099-01-01T00:00:00Z",
-                    "usagePeriodEnd": "2099-02-01T00:00:00Z",
-                    "feature": _feature("feature-api-calls", meter_type="Incremental"),
-                },
-                {
-                    "__typename": "FeatureEntitlement",
-                    "usageLimit": 5,
-                    "currentUsage": 2,
-                    "feature": _feature("feature-seats", meter_type="Fluctuating"),
-                },
-                {
-                    "__typename": "FeatureEntitlement",
-                    "enumValues": ["eu", "us"],
-                    "feature": _feature("feature-regions", "ENUM"),
-                },
-                {
-                    "__typename": "CreditEntitlement",
-                    "usageLimit": 100,
-                    "currentUsage": 5,
-                    "currency": {"currencyId": "tokens", "displayName": "Tokens"},
-                },
-            ],
-            "resources": {
-                "site-1": {
-                    "entitlements": [
-                        {
-                            "usageLimit": 3,
-                            "feature": _feature("feature-seats", meter_type="Fluctuating"),
-                        }
-                    ]
-                }
-            },
-        },
-        "archived": {"accessDeniedReason": "CustomerIsArchived"},
-    },
-}
 
 
 class ScriptedRandom(Random):

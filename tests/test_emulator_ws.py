@@ -37,7 +37,10 @@ from stigg_sidecar.emulator.testing import (
     ws_connect,
 )
 from stigg_sidecar.emulator.websocket import parse_message
-from tests.test_emulator import KEY, SEED, WAIT
+from tests.fixtures.data import EMULATOR_KEY as KEY
+from tests.fixtures.data import EMULATOR_SEED as SEED
+
+WAIT = 5.0  # seconds: bound on any single network wait
 
 OTHER_KEY = "other-key"
 ENTITLEMENTS_UPDATED = """subscription OnEntitlementsUpdatedV2 { entitlementsUpdatedV2 {

@@ -10,8 +10,8 @@ from twisted.internet.defer import gatherResults
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
-from tests import data
-from tests.support import OnlineHarness
+from tests.fixtures import data
+from tests.fixtures.online import OnlineHarness
 
 # Long enough that retried failures end by running out of attempts (backoff totals ~1.5 s at
 # most), not of time, even on a loaded machine; the slow-upstream test outlasts it on purpose.

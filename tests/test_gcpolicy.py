@@ -27,8 +27,8 @@ from stigg_sidecar.entitlements.records import (
 )
 from stigg_sidecar.process import gcpolicy
 from stigg_sidecar.state.snapshot import read_snapshot, write_snapshot
-from tests.test_records import NOW, boolean_item, credit_item, metered_item, state
-from tests.test_redis_format import as_store
+from tests.fixtures.edge import NOW, boolean_item, credit_item, metered_item, state
+from tests.fixtures.redis import as_store
 
 _RECORDS = (CustomerEntry, FrozenMap, FeatureEntitlement, Usage, Feature, CreditEntitlement, Currency, CreditRate,
             Malformed, tuple, dict)  # fmt: skip

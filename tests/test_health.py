@@ -11,7 +11,7 @@ from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.settings import load_settings
 from stigg_sidecar.tap import build_sidecar
-from tests.support import http_client
+from tests.fixtures.clients import http_client
 
 
 class HealthTests(TestCase):

@@ -26,8 +26,9 @@ from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.grpc import intake
 from stigg_sidecar.process.logs import JsonLineObserver, TextLineObserver
 from stigg_sidecar.quoting import QUOTE_LIMIT, TEXT_LIMIT, clipped, quoted
-from tests import data
-from tests.support import OnlineHarness
+from tests.fixtures import data
+from tests.fixtures.online import OnlineHarness
+from tests.fixtures.paths import ROOT
 
 SERVICE = "/stigg.sidecar.v1.SidecarService/"
 READS = (
@@ -428,8 +429,6 @@ class QuotingTests(SynchronousTestCase):
 
 class DocumentedLimitsTests(SynchronousTestCase):
     def test_the_readme_states_the_limits_the_code_applies(self):
-        from tests.support import ROOT
-
         text = (ROOT / "README.md").read_text()
         table = text[text.index("### Input limits") :].split("\n\n")[1]
         for expected in (

@@ -19,8 +19,8 @@ from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from stigg_sidecar.upstream.api import MAX_URL_LENGTH, StiggApi, UpstreamError
-from tests import data
-from tests.support import SidecarProcess, base_env
+from tests.fixtures import data
+from tests.fixtures.processes import SidecarProcess, base_env
 
 MIB = 1 << 20
 # Generous: once grpc's buffers and the allocator's per-thread arenas exist (the warm-up round),

@@ -11,7 +11,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import ROOT
+from tests.fixtures.paths import ROOT
 
 
 def pins(name: str) -> dict[str, str]:

@@ -21,8 +21,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 from stigg_sidecar.ops.metrics import reason_label
-from tests.support import ROOT, SidecarProcess, base_env
-from tests.test_cli import _Emulator
+from tests.fixtures.paths import ROOT
+from tests.fixtures.processes import SidecarProcess, base_env, shared_emulator
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 ALERTS = PROMETHEUS / "alerts.yaml"
@@ -86,7 +86,7 @@ class _Exported:
     @classmethod
     def get(cls, testcase: SynchronousTestCase) -> set[str]:
         if cls.names is None:
-            url = _Emulator.start()
+            url = shared_emulator()
             state_dir = os.path.abspath(testcase.mktemp())
             online = SidecarProcess(base_env(
                 SERVER_API_KEY="local-dev-key", API_URL=url, EDGE_API_URL=url, WS_URL=url.replace("http", "ws", 1),

@@ -27,7 +27,7 @@ from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from stigg_sidecar.emulator.web import EDGE_ENTITLEMENTS
-from tests.support import grpc_deferred
+from tests.fixtures.clients import grpc_deferred
 
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "node-reference-key"

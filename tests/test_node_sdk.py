@@ -10,6 +10,7 @@ same, the usage period and reset period included. The counts and the push latenc
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from datetime import datetime, timedelta, timezone
@@ -20,10 +21,13 @@ from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
-from tests import data
-from tests.node_peer import NodePeer
-from tests.redis_server import RedisServer
-from tests.support import OnlineHarness
+from tests.fixtures import data
+from tests.fixtures import node as node_peer
+from tests.fixtures.clients import http_client
+from tests.fixtures.node import NodePeer
+from tests.fixtures.online import OnlineHarness
+from tests.fixtures.polling import until
+from tests.fixtures.redis import RedisServer
 
 PREFIX = "shared-env"
 KEY = "test-key"
@@ -266,8 +270,6 @@ class NodePeerTests(TestCase):
     timeout = 60
 
     async def test_a_peer_that_is_not_ready_in_time_is_stopped(self):
-        from tests import node_peer
-
         self.patch(node_peer, "WAIT", 0.0)  # no Node process is ready that fast
         peer = NodePeer(reactor)
         with self.assertRaises(defer.TimeoutError):
@@ -284,39 +286,21 @@ class _Admin:
     """The emulator's admin API over HTTP, and bounded waits, for a test without a sidecar."""
 
     def __init__(self, testcase: TestCase, emulator: Any) -> None:
-        from tests.support import http_client
-
         self.emulator = emulator
         self.http = http_client(testcase, reactor)
 
     async def put(self, path: str, body: Any) -> tuple[int, Any]:
-        import json
-
         response = await self.http.request(
             "PUT", f"{self.emulator.url}/_emulator/{path}", data=json.dumps(body).encode()
         )
         return response.code, json.loads(await response.text())
 
     async def wait(self, predicate, timeout: float = 10.0) -> None:
-        from twisted.internet.task import deferLater
-
-        deadline = reactor.seconds() + timeout
-        while not predicate():
-            if reactor.seconds() > deadline:
-                raise AssertionError(f"condition not met within {timeout}s")
-            await deferLater(reactor, 0.01, lambda: None)
+        await until(predicate, timeout, interval=0.01)
 
     async def wait_for_subscribers(self, *fields: str) -> None:
-        import json
-
         async def subscribed() -> bool:
             response = await self.http.get(f"{self.emulator.url}/_emulator/sockets")
             return json.loads(await response.text())["subscriptions"] >= len(fields)
 
-        from twisted.internet.task import deferLater
-
-        deadline = reactor.seconds() + 10
-        while not await subscribed():
-            if reactor.seconds() > deadline:
-                raise AssertionError("the SDK did not subscribe")
-            await deferLater(reactor, 0.05, lambda: None)
+        await until(subscribed, 10, "the SDK subscribed")

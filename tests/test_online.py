@@ -9,8 +9,8 @@ from twisted.internet.defer import gatherResults
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
-from tests import data
-from tests.support import OnlineHarness
+from tests.fixtures import data
+from tests.fixtures.online import OnlineHarness
 
 R = pb  # enum values live on the module
 

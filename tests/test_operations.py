@@ -15,8 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.process.logs import make_observer
-from tests import data
-from tests.support import OnlineHarness
+from tests.fixtures import data
+from tests.fixtures.online import OnlineHarness
 
 FALLBACK = '{"sso": {"hasAccess": true}}'
 

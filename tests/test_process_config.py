@@ -6,7 +6,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from stigg_sidecar.settings import SPECS
-from tests.support import SidecarProcess, base_env, run_twistd
+from tests.fixtures.processes import SidecarProcess, base_env, run_twistd
 
 KEY = "sk-live-do-not-print-me"
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import ROOT, DrainedProcess
+from tests.fixtures.paths import ROOT
+from tests.fixtures.processes import DrainedProcess
 
 FIRST_START_TIMEOUT = 300  # a cold install on a loaded two-core machine
 COMMAND_TIMEOUT = 60

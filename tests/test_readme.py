@@ -7,7 +7,7 @@ import re
 from twisted.trial.unittest import SynchronousTestCase
 
 from stigg_sidecar.settings import SPECS
-from tests.support import ROOT
+from tests.fixtures.paths import ROOT
 
 
 class ReadmeTests(SynchronousTestCase):

@@ -8,21 +8,14 @@ each delay is read exactly and nothing sleeps."""
 from __future__ import annotations
 
 from twisted.internet import reactor
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from stigg_sidecar.upstream.realtime import RealtimeService
-from tests import data
-from tests.test_realtime_keepalive import RecordingSink
-
-
-async def until(predicate, what: str, timeout: float = 10.0) -> None:
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"{what} not within {timeout}s")
-        await deferLater(reactor, 0.02, lambda: None)
+from tests.fixtures import data
+from tests.fixtures.polling import until
+from tests.fixtures.realtime import RecordingSink
 
 
 class HandshakeBackoffTests(TestCase):
@@ -42,7 +35,7 @@ class HandshakeBackoffTests(TestCase):
         self.addCleanup(service.stopService)
 
         async def next_retry() -> float:
-            await until(lambda: clock.getDelayedCalls(), "a retry scheduled")
+            await until(lambda: clock.getDelayedCalls(), what="a retry scheduled", interval=0.02)
             (retry,) = clock.getDelayedCalls()
             return retry.getTime() - clock.seconds()
 
@@ -56,9 +49,9 @@ class HandshakeBackoffTests(TestCase):
 
         emulator.state.faults.update({"error_status": 0})
         clock.advance(delays[-1])
-        await until(lambda: service.is_connected, "connected and acknowledged")
+        await until(lambda: service.is_connected, what="connected and acknowledged", interval=0.02)
         self.assertEqual(sink.events, ["up"])
 
         emulator.site.sockets.drop_all()
-        await until(lambda: not service.is_connected, "the drop noticed")
+        await until(lambda: not service.is_connected, what="the drop noticed", interval=0.02)
         self.assertEqual(await next_retry(), 2.0)  # back to the first step after an ack

@@ -12,6 +12,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.upstream.realtime import SUBPROTOCOL, RealtimeService
+from tests.fixtures.realtime import RecordingSink
 
 
 class SilentServer(WebSocketServerProtocol):
@@ -26,26 +27,6 @@ class SilentServer(WebSocketServerProtocol):
         self.factory.received.append(message["type"])
         if message["type"] == "connection_init":
             self.sendMessage(json.dumps({"type": "connection_ack"}).encode())
-
-
-class RecordingSink:
-    def __init__(self):
-        self.events = []
-
-    def socket_up(self):
-        self.events.append("up")
-
-    def socket_down(self):
-        self.events.append("down")
-
-    def entitlements_updated(self, payload):
-        pass
-
-    def usage_updated(self, payload):
-        pass
-
-    def package_published(self, payload):
-        pass
 
 
 class KeepAliveTests(TestCase):

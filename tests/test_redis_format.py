@@ -33,7 +33,8 @@ from stigg_sidecar.entitlements.records import (
     entry_from_state,
     freeze_json,
 )
-from tests.test_records import boolean_item, credit_item, metered_item, state
+from tests.fixtures.edge import boolean_item, credit_item, metered_item, state
+from tests.fixtures.redis import as_store
 
 NOW = 1_792_000_000_000
 ENTITLEMENTS_AT = 1_790_935_200_000  # 2026-10-02T10:00:00Z, metered_item's entitlementUpdatedAt
@@ -44,15 +45,6 @@ CREDIT_USAGE_AT = 1_791_158_400_000  # 2026-10-05T00:00:00Z
 def sample_entry(resource_id: str | None = None, reason: str | None = None) -> CustomerEntry:
     items = state(metered_item(), boolean_item(), credit_item(), reason=reason)
     return entry_from_state("cust-1", resource_id, items, NOW)
-
-
-def as_store(prefix: str, entry: CustomerEntry) -> dict[str, str]:
-    """What Redis would hold after writing `entry`: each item and its #timestamp sibling."""
-    store = {}
-    for item in encode_entry(prefix, entry):
-        store[item.key] = item.value
-        store[timestamp_key(item.key)] = str(item.timestamp)
-    return store
 
 
 class KeyNameTests(SynchronousTestCase):

@@ -9,7 +9,7 @@ import json
 import random
 import time
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import reactor, task
 from twisted.internet.defer import gatherResults, inlineCallbacks
@@ -21,8 +21,9 @@ from stigg_sidecar.cache import redis as redis_module
 from stigg_sidecar.cache.redis import RedisMirror
 from stigg_sidecar.entitlements.records import CustomerEntry, Usage, apply_usage, entry_from_state
 from stigg_sidecar.settings import load_settings
-from tests.redis_server import RedisServer, free_port
-from tests.test_records import boolean_item, credit_item, metered_item, state
+from tests.fixtures.edge import boolean_item, credit_item, metered_item, state
+from tests.fixtures.polling import until
+from tests.fixtures.redis import RedisServer, free_port
 
 PREFIX = "test-env"
 TIMEOUT_MS = 250
@@ -44,15 +45,6 @@ def at_once(testcase: Any, d: Any) -> Any:
     (checked this way rather than against a wall clock, which a loaded machine stretches)."""
     testcase.assertTrue(d.called, "answered at once")
     return d
-
-
-@inlineCallbacks
-def wait_until(predicate: Callable[[], bool], timeout: float = 5, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s")
-        yield sleep(0.02)
 
 
 class MirrorTestCase(TestCase):
@@ -80,7 +72,7 @@ class MirrorTestCase(TestCase):
     @inlineCallbacks
     def mirror(self, **options: Any) -> Any:
         mirror = self.make_mirror(**options)
-        yield wait_until(lambda: mirror.connected and mirror.subscribed, what="mirror connected")
+        yield until(lambda: mirror.connected and mirror.subscribed, 5, what="mirror connected", interval=0.02)
         return mirror
 
     def logged(self, text: str) -> list[str]:
@@ -341,10 +333,10 @@ class CrossInstanceTests(MirrorTestCase):
         yield first.acquire_fetch_lock("cust-1", None)
         waiting = second.wait_for_fetch("cust-1", None, timeout=5)
         channel = f"{PREFIX}:refetchEntityEntitlementsAfterCacheMiss:cust-1"
-        yield wait_until(lambda: self.server.command("PUBSUB", "NUMSUB", channel)[1] == 1, what="subscribed")
+        yield until(lambda: self.server.command("PUBSUB", "NUMSUB", channel)[1] == 1, 5, what="subscribed", interval=0.02)
         waiting.cancel()
         self.failureResultOf(waiting)
-        yield wait_until(lambda: self.server.command("PUBSUB", "NUMSUB", channel)[1] == 0, what="unsubscribed")
+        yield until(lambda: self.server.command("PUBSUB", "NUMSUB", channel)[1] == 0, 5, what="unsubscribed", interval=0.02)
 
     @inlineCallbacks
     def test_wait_after_the_lock_was_released_answers_at_once(self) -> None:
@@ -374,14 +366,14 @@ class CrossInstanceTests(MirrorTestCase):
         yield first.write_usage("cust-1", "site-9", "FEATURE", METERED, 1, None, None, 2**42)
         yield first.purge("cust-1", "site-9")
         expected = [("c_cust-1:r_site-9", "entry"), ("c_cust-1:r_site-9", "usage"), ("c_cust-1:r_site-9", "purge")]
-        yield wait_until(lambda: len(heard_second) == 3, what="three peer notifications")
+        yield until(lambda: len(heard_second) == 3, 5, what="three peer notifications", interval=0.02)
         self.assertEqual(heard_second, expected)
         plain = entry_from_state("cust-2", None, state(boolean_item()), 0)
         yield second.write(plain)
-        yield wait_until(lambda: heard_first, what="notification from the second mirror")
+        yield until(lambda: heard_first, 5, what="notification from the second mirror", interval=0.02)
         self.assertFalse((yield first.write(replace(plain, timestamp=plain.timestamp - 1))))  # stale: silent
         yield first.purge("cust-2", None)
-        yield wait_until(lambda: len(heard_second) == 4, what="the purge notification")
+        yield until(lambda: len(heard_second) == 4, 5, what="the purge notification", interval=0.02)
         self.assertEqual(heard_first, [("c_cust-2", "entry")])
         self.assertEqual(heard_second[3], ("c_cust-2", "purge"))
 
@@ -393,7 +385,7 @@ class CrossInstanceTests(MirrorTestCase):
         second = yield self.mirror(health_interval=0.05, on_peer_change=lambda key, kind: heard.append((key, kind)))
         yield sleep(0.3)  # PINGs on the subscribed connection
         yield first.write(sample_entry())
-        yield wait_until(lambda: heard, what="a notification after the probes")
+        yield until(lambda: heard, 5, what="a notification after the probes", interval=0.02)
         token = yield first.acquire_fetch_lock("cust-1", None)
         waiting = second.wait_for_fetch("cust-1", None, timeout=5)
         yield sleep(0.2)
@@ -422,7 +414,7 @@ class AuthTests(MirrorTestCase):
     def test_wrong_password_logs_one_line_and_reads_miss_promptly(self) -> None:
         secret = "wrong-s3cret-pw"
         mirror = self.make_mirror(username="sidecar", password=secret)
-        yield wait_until(lambda: self.logged("Redis rejected the credentials"), what="the credentials line")
+        yield until(lambda: self.logged("Redis rejected the credentials"), 5, what="the credentials line", interval=0.02)
         self.assertIsNone((yield at_once(self, mirror.read("cust-1", None))))
         self.assertFalse((yield mirror.write(sample_entry())))
         yield sleep(1)  # several retries with the capped backoff
@@ -435,7 +427,7 @@ class AuthTests(MirrorTestCase):
     @inlineCallbacks
     def test_missing_password_is_reported_as_rejected_credentials(self) -> None:
         mirror = self.make_mirror()
-        yield wait_until(lambda: self.logged("Redis rejected the credentials"), what="the credentials line")
+        yield until(lambda: self.logged("Redis rejected the credentials"), 5, what="the credentials line", interval=0.02)
         self.assertFalse(mirror.connected)
 
 
@@ -448,9 +440,9 @@ class FailureTests(MirrorTestCase):
         self.assertFalse((yield at_once(self, mirror.write(sample_entry()))))
         self.assertIsNotNone((yield at_once(self, mirror.acquire_fetch_lock("cust-1", None))), "fetch yourself")
         self.assertFalse((yield at_once(self, mirror.wait_for_fetch("cust-1", None, timeout=5))))
-        yield wait_until(lambda: self.logged("is unreachable"), what="the unreachable line")
+        yield until(lambda: self.logged("is unreachable"), 5, what="the unreachable line", interval=0.02)
         self.server.start()
-        yield wait_until(lambda: mirror.connected and mirror.subscribed, what="reconnect")
+        yield until(lambda: mirror.connected and mirror.subscribed, 5, what="reconnect", interval=0.02)
         self.assertTrue((yield mirror.write(sample_entry())))
         self.assertEqual(len(self.logged("is unreachable")), 1)
         self.assertEqual(len(self.logged("reachable again")), 1)
@@ -462,18 +454,18 @@ class FailureTests(MirrorTestCase):
         peer = yield self.mirror(on_peer_change=lambda key, kind: heard.append((key, kind)))
         yield mirror.write(sample_entry())
         self.server.kill9()
-        yield wait_until(lambda: not mirror.connected, what="loss noticed")
+        yield until(lambda: not mirror.connected, 5, what="loss noticed", interval=0.02)
         self.assertIsNone((yield at_once(self, mirror.read("cust-1", None))))
         yield sleep(0.5)  # a few failed reconnects
         self.server.start()
         def both_up() -> bool:
             return all((mirror.connected, mirror.subscribed, peer.connected, peer.subscribed))
 
-        yield wait_until(both_up, what="reconnect")
+        yield until(both_up, 5, what="reconnect", interval=0.02)
         entry = sample_entry()
         self.assertTrue((yield mirror.write(entry)))  # the data died with the server: written anew
         self.assertEqual((yield mirror.read("cust-1", None)), entry)
-        yield wait_until(lambda: heard, what="peer notification after the restart")
+        yield until(lambda: heard, 5, what="peer notification after the restart", interval=0.02)
         self.assertEqual(len(self.logged("is unreachable")), 2)  # one line per mirror
         self.assertEqual(len(self.logged("reachable again")), 2)
 
@@ -493,7 +485,7 @@ class FailureTests(MirrorTestCase):
         self.assertEqual(mirror.errors, 3)
         self.assertEqual(len(self.logged("did not answer within 250 ms")), 1)
         self.server.process.send_signal(18)  # SIGCONT
-        yield wait_until(lambda: mirror.connected, what="still connected")
+        yield until(lambda: mirror.connected, 5, what="still connected", interval=0.02)
         # The same connection answers again once the resumed server has worked off its backlog;
         # on a loaded machine the first read after SIGCONT can itself outlast the 250 ms.
         entry = None
@@ -511,10 +503,10 @@ class FailureTests(MirrorTestCase):
         self.server.process.send_signal(19)  # SIGSTOP past the reply timeout (2 s at least)
         self.addCleanup(lambda: self.server.process and self.server.process.send_signal(18))
         self.assertIsNone((yield mirror.read("cust-1", None)))
-        yield wait_until(lambda: not mirror.connected, timeout=5, what="the wedged connection dropped")
+        yield until(lambda: not mirror.connected, 5, what="the wedged connection dropped", interval=0.02)
         self.assertEqual(len(self.logged("is unreachable")), 1)
         self.server.process.send_signal(18)
-        yield wait_until(lambda: mirror.connected and mirror.subscribed, what="reconnect")
+        yield until(lambda: mirror.connected and mirror.subscribed, 5, what="reconnect", interval=0.02)
         entry = sample_entry()
         self.assertTrue((yield mirror.write(entry)))
         self.assertEqual((yield mirror.read("cust-1", None)), entry)
@@ -534,7 +526,7 @@ class TlsTests(MirrorTestCase):
     @inlineCallbacks
     def test_tls_refuses_an_untrusted_server_with_one_clear_line(self) -> None:
         mirror = self.make_mirror(tls=True, host="localhost")
-        yield wait_until(lambda: self.logged("TLS with Redis at localhost"), what="the TLS line")
+        yield until(lambda: self.logged("TLS with Redis at localhost"), 5, what="the TLS line", interval=0.02)
         yield sleep(0.5)  # retries
         self.assertFalse(mirror.connected)
         self.assertEqual(len(self.logged("certificate verify failed")), 1)

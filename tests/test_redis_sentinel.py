@@ -19,10 +19,12 @@ from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.cache.redis import RedisMirror
 from stigg_sidecar.entitlements.records import entry_from_state
 from stigg_sidecar.settings import SettingsError, load_settings
-from tests import data, redis_sentinel
-from tests.redis_sentinel import MASTER_NAME, SentinelGroup
-from tests.support import OnlineHarness
-from tests.test_records import boolean_item, metered_item, state
+from tests.fixtures import data
+from tests.fixtures import sentinel as redis_sentinel
+from tests.fixtures.edge import boolean_item, metered_item, state
+from tests.fixtures.online import OnlineHarness
+from tests.fixtures.polling import until
+from tests.fixtures.sentinel import MASTER_NAME, SentinelGroup
 
 PREFIX = "sentinel-env"
 
@@ -165,11 +167,10 @@ class SentinelFailoverTests(TestCase):
         mirror.startService()
         self.addCleanup(mirror.stopService)
         entry = entry_from_state("cust-1", None, state(metered_item(), boolean_item()), 0)
-        h = _Waiter(reactor)
-        await h.wait_until(lambda: mirror.connected and mirror.subscribed)
+        await until(lambda: mirror.connected and mirror.subscribed, 15)
         self.assertTrue(await mirror.write(entry))
         group.sentinel.failover()
-        await h.wait_until(lambda: group.sentinel.master_address() == ("127.0.0.1", group.replica.port))
+        await until(lambda: group.sentinel.master_address() == ("127.0.0.1", group.replica.port), 15)
 
         stamp = entry.timestamp
 
@@ -179,7 +180,7 @@ class SentinelFailoverTests(TestCase):
             await mirror.write(replace(entry, timestamp=stamp))
             return group.replica.command("GET", f"{PREFIX}:c_cust-1#timestamp") == str(stamp)
 
-        await h.wait_until_async(writes_to_the_new_master)
+        await until(writes_to_the_new_master, 15)
         self.assertEqual(mirror.address, f"127.0.0.1:{group.replica.port}")
         self.assertEqual(await mirror.read("cust-1"), replace(entry, timestamp=stamp))
 
@@ -214,7 +215,7 @@ class SentinelCredentialsTests(TestCase):
 
     async def test_the_sentinel_password_finds_the_master(self):
         mirror = self.mirror(sentinel_password=SENTINEL_SECRET)
-        await _Waiter(reactor).wait_until(lambda: mirror.connected)
+        await until(lambda: mirror.connected, 15)
         self.assertEqual(mirror.address, f"127.0.0.1:{self.group.master.port}")
         entry = entry_from_state("cust-1", None, state(boolean_item()), 0)
         self.assertTrue(await mirror.write(entry))
@@ -227,7 +228,7 @@ class SentinelCredentialsTests(TestCase):
         def rejected() -> list[str]:
             return [line for line in self.logged() if "Sentinel" in line and "rejected the credentials" in line]
 
-        await _Waiter(reactor).wait_until(lambda: len(rejected()) >= 2)
+        await until(lambda: len(rejected()) >= 2, 15)
         await deferLater(reactor, 1.5, lambda: None)  # several retries with backoff: no more lines
         self.assertEqual(len(rejected()), 2)
         self.assertIn(f"127.0.0.1:{self.group.sentinel.port}", rejected()[0])
@@ -235,25 +236,6 @@ class SentinelCredentialsTests(TestCase):
         text = "\n".join(self.logged())
         self.assertNotIn(wrong, text)
         self.assertNotIn(SENTINEL_SECRET, text)
-
-
-class _Waiter:
-    def __init__(self, reactor, timeout: float = 15.0) -> None:
-        self.reactor, self.timeout = reactor, timeout
-
-    async def wait_until(self, predicate) -> None:
-        async def check():
-            return predicate()
-
-        await self.wait_until_async(check)
-
-    async def wait_until_async(self, predicate) -> None:
-        deadline = self.reactor.seconds() + self.timeout
-        while self.reactor.seconds() < deadline:
-            if await predicate():
-                return
-            await deferLater(self.reactor, 0.05, lambda: None)
-        raise AssertionError(f"condition not met within {self.timeout}s")
 
 
 async def _eventually(h, predicate, timeout: float = 3.0) -> bool:

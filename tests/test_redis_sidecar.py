@@ -10,9 +10,9 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
-from tests import data
-from tests.redis_server import RedisServer
-from tests.support import OnlineHarness
+from tests.fixtures import data
+from tests.fixtures.online import OnlineHarness
+from tests.fixtures.redis import RedisServer
 
 PREFIX = "test-env"
 

@@ -16,8 +16,9 @@ from twisted.trial.unittest import TestCase
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
-from tests import data
-from tests.support import SidecarProcess, base_env, grpc_deferred
+from tests.fixtures import data
+from tests.fixtures.clients import grpc_deferred
+from tests.fixtures.processes import SidecarProcess, base_env
 
 KEY = "shutdown-test-key-0123456789"
 

@@ -35,8 +35,10 @@ from stigg_sidecar.state.snapshot import (
     read_snapshot,
     write_snapshot,
 )
-from tests import data
-from tests.support import SidecarProcess, base_env, grpc_deferred, sidecar_with_stub, until, until_ready
+from tests.fixtures import data
+from tests.fixtures.clients import grpc_deferred
+from tests.fixtures.polling import until
+from tests.fixtures.processes import SidecarProcess, base_env, sidecar_with_stub, until_ready
 
 KEY = "snapshot-test-key"
 CUSTOMERS = [f"cust-{i}" for i in range(50)]

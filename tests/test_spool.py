@@ -28,17 +28,10 @@ from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from stigg_sidecar.online.sidecar import OnlineSidecar
 from stigg_sidecar.upstream.api import RetryPolicy, StiggApi
 from stigg_sidecar.upstream.breaker import BreakerPolicy
-from tests import data
-from tests.support import OnlineHarness, base_env, run_twistd
-
-
-async def until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll `predicate()` on the real reactor, bounded."""
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await deferLater(reactor, 0.02, lambda: None)
+from tests.fixtures import data
+from tests.fixtures.online import OnlineHarness
+from tests.fixtures.polling import until
+from tests.fixtures.processes import base_env, run_twistd
 
 
 def usage(value: float = 1, feature: str = "api-calls", customer: str = "acme") -> UsageReport:

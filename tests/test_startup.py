@@ -16,7 +16,7 @@ from stigg_sidecar.process.logs import is_library_chatter
 from stigg_sidecar.process.startup import mode_summary
 from stigg_sidecar.settings import SettingsError, load_settings
 from stigg_sidecar.tap import flags_as_values
-from tests.support import SidecarProcess, base_env, run_twistd
+from tests.fixtures.processes import SidecarProcess, base_env, run_twistd
 
 KEY = "sk-from-a-file-never-printed"
 PASSWORD = "redis-pass-from-a-file-never-printed"
