@@ -14,7 +14,6 @@ import importlib.util
 import os
 import shutil
 import signal
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,8 +27,9 @@ from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from stigg_sidecar.emulator.web import EDGE_ENTITLEMENTS
 from tests.fixtures.clients import grpc_deferred
+from tests.fixtures.paths import ROOT
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = ROOT
 API_KEY = "node-reference-key"
 START_TIMEOUT = 60.0  # node's start and the SDK's first API call, on a loaded machine
 
