@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import socket
 import time
 import urllib.request
 
@@ -24,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
-from tests.fixtures.containers import EmulatorProcess, Engine, http_status, wait_until
+from tests.fixtures.containers import AdminedEmulator, Engine, free_ports, http_status, wait_until
 
 KEY = "local-dev-key"  # accepted by examples/emulator-data.json
 CUSTOMER, METERED, BOOLEAN = "customer-acme", "feature-api-calls", "feature-sso"
@@ -34,22 +33,11 @@ WRITES = 12
 _names = itertools.count()
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 class ImageTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.engine = Engine()
         self.image = self.engine.sidecar_image()
-        self.emulator = EmulatorProcess()
+        self.emulator = AdminedEmulator()
         self.addCleanup(self.emulator.stop)
         self.name = f"stigg-sidecar-test-{os.getpid()}-{next(_names)}"
         self.volume = f"{self.name}-state"
