@@ -26,7 +26,7 @@ from twisted.web.server import Request, Site
 
 from stigg_sidecar.ops.metrics import CONTENT_TYPE, Metrics
 from stigg_sidecar.ops.readiness import Readiness
-from stigg_sidecar.process.startup import listen_error
+from stigg_sidecar.process.listening import listen_error
 
 log = Logger()
 
