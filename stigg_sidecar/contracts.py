@@ -69,6 +69,15 @@ class WriteError(Exception):
         self.message = message
 
 
+class RemoteError(Exception):
+    """A call to Stigg that failed, as the layers above the upstream client see it: the gRPC status
+    a write turns it into (`failure`) and a message safe to show the caller. `upstream.api`'s
+    `UpstreamError` is one; the write gate turns any into a `WriteError` without knowing the client."""
+
+    failure: WriteFailure
+    message: str
+
+
 def measurement_id() -> str:
     """A random id in the style of Stigg's offline acknowledgements (21 URL-safe characters)."""
     return secrets.token_urlsafe(16)[:21]

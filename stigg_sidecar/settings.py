@@ -216,6 +216,9 @@ SPECS: tuple[Spec, ...] = (
 
 @dataclass(frozen=True)
 class Settings:
+    """Validated settings. Every default is SPECS' default as `load_settings` parses it (a test
+    compares them field by field), so `Settings()` is what an empty environment gives."""
+
     server_api_key: str | None = field(default=None, repr=False)
     server_api_key_file: str = ""
     offline: bool = False
@@ -227,7 +230,7 @@ class Settings:
     entitlements_timeout_ms: int = 10000
     poll_interval_secs: float = 30.0
     entitlements_fallback: Mapping[str, FallbackValues] = field(default_factory=dict)
-    cache_max_size_bytes: int = 0
+    cache_max_size_bytes: int = field(default_factory=default_cache_max_size_bytes)  # as load_settings computes it
     redis_environment_prefix: str = ""
     redis_host: str = "localhost"
     redis_port: int = 6379

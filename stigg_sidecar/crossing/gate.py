@@ -12,10 +12,9 @@ from typing import Any, Callable
 
 from twisted.logger import Logger
 
-from stigg_sidecar.contracts import WriteError, WriteFailure
+from stigg_sidecar.contracts import RemoteError, WriteError, WriteFailure
 from stigg_sidecar.crossing.wait import BudgetExhausted, WaitBudget, wait_on_reactor
 from stigg_sidecar.entitlements.records import MalformedState
-from stigg_sidecar.upstream.api import UpstreamError
 
 log = Logger()
 
@@ -59,7 +58,7 @@ class WriteGate:
             ) from None
         except TimeoutError:
             raise WriteError(WriteFailure.DEADLINE_EXCEEDED, f"{self._waiting_for} did not answer within {timeout:.3g}s") from None
-        except UpstreamError as e:
+        except RemoteError as e:
             raise WriteError(e.failure, e.message) from None
         except (WriteError, MalformedState):
             raise
