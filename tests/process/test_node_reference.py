@@ -4,13 +4,12 @@ bench/node/server.js (`@stigg/node-server-sdk` 3.95.0 behind grpc-js) is what be
 memory.py and cold_fill.py compare the sidecar with; a wrong answer or an SDK that re-fetches on
 every read would make those comparisons meaningless. Here the emulator runs in-process on a
 loopback port and the reference as a real `node` process (its locked packages installed by
-bench/processes.py with `npm ci` when missing). Without node or npm on PATH the test is skipped,
+bench/harness.py with `npm ci` when missing). Without node or npm on PATH the test is skipped,
 except when the CI environment variable is set: there it fails (`.ci/run` installs them).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -22,6 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.trial import unittest
 
+from bench.harness import ensure_node_reference
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
@@ -33,14 +33,6 @@ REPO = ROOT
 API_KEY = "node-reference-key"
 START_TIMEOUT = 60.0  # node's start and the SDK's first API call, on a loaded machine
 
-
-def _bench_processes() -> Any:
-    """bench/processes.py (bench/ is not a package): its `ensure_node_reference` runs `npm ci`."""
-    spec = importlib.util.spec_from_file_location("bench_processes", REPO / "bench" / "processes.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _feature(ref: str, ftype: str, meter: str | None = None) -> dict:
@@ -110,7 +102,7 @@ class NodeReferenceTests(unittest.TestCase):
             if os.environ.get("CI"):
                 raise AssertionError(f"{message}, and CI is set")
             raise unittest.SkipTest(message)
-        _bench_processes().ensure_node_reference()
+        ensure_node_reference()
 
     async def _start(self) -> tuple[Any, SidecarServiceStub]:
         emulator = await start_emulator(reactor, DATA)
