@@ -137,6 +137,16 @@ def _grpc_health_and_reflection(server: grpc.Server, readiness: Readiness) -> No
                                          reflection.SERVICE_NAME), server)
 
 
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    """The gRPC server's connection limits, from the settings (grpc/ never reads settings itself)."""
+    return ConnectionLimits(
+        keepalive_secs=settings.grpc_keepalive_secs,
+        keepalive_timeout_secs=settings.grpc_keepalive_timeout_secs,
+        max_connection_idle_secs=settings.grpc_max_connection_idle_secs,
+        max_concurrent_streams=settings.grpc_max_concurrent_streams,
+    )
+
+
 def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -162,7 +172,8 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         ).set(1)
 
     HttpService(
-        health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics),
+        health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics,
+                   settings.metrics_max_age_ms / 1000),
         settings.bind_address,
         settings.http_port,
         reactor,
@@ -270,7 +281,7 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         reactor=reactor,
         on_serving=lambda port: readiness.unblock("grpc"),
         interceptors=[MetricsInterceptor(metrics)] if metrics else [],
-        limits=ConnectionLimits.from_settings(settings),
+        limits=connection_limits(settings),
     ).setServiceParent(top)
     return top
 

@@ -49,7 +49,7 @@ from stigg_sidecar.cache.redis_format import (
     timestamp_key,
 )
 from stigg_sidecar.entitlements.records import CustomerEntry, apply_usage
-from stigg_sidecar.process.gcpolicy import untrack
+from stigg_sidecar.entitlements.tracking import untrack
 from stigg_sidecar.process.stopping import StopBudget
 
 log = Logger()

@@ -9,9 +9,9 @@ from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
-from tests import data
-from tests.redis_server import RedisServer
-from tests.support import OnlineHarness
+from tests.fixtures import data
+from tests.fixtures.online import OnlineHarness
+from tests.fixtures.redis import RedisServer
 
 EDGE_FETCH = "/v1/c/{customerId}/entitlements-state.json"
 

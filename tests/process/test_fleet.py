@@ -27,9 +27,10 @@ from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 from stigg_sidecar.emulator.data import parse_customer
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
-from tests import data
-from tests.redis_server import RedisServer
-from tests.support import SidecarProcess, base_env, grpc_deferred, until
+from tests.fixtures import data
+from tests.fixtures.clients import grpc_deferred
+from tests.fixtures.processes import SidecarProcess, base_env, until_ready
+from tests.fixtures.redis import RedisServer
 
 KEY = "fleet-test-key-0123456789"
 PREFIX = "fleet"
@@ -167,19 +168,6 @@ class Fleet:
         self.members[index] = fresh
         await until_ready(fresh)
         return stopped_in
-
-
-async def until_ready(member: SidecarProcess, timeout: float = 30) -> None:
-    import urllib.request
-
-    def up() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{member.http_port}/readyz", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    await until(lambda: up(), timeout, "readiness")
 
 
 class FleetTests(TestCase):

@@ -22,8 +22,10 @@ from twisted.trial.unittest import TestCase
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from stigg_sidecar.settings import Settings
-from tests import data
-from tests.support import SidecarProcess, base_env, grpc_deferred, sidecar_with_stub, until, until_ready
+from tests.fixtures import data
+from tests.fixtures.clients import grpc_deferred
+from tests.fixtures.polling import until
+from tests.fixtures.processes import SidecarProcess, base_env, sidecar_with_stub, until_ready
 
 KEY = "stop-test-key-0123456789"
 CUSTOMERS = [f"c{i}" for i in range(4)]
