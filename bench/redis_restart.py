@@ -51,7 +51,7 @@ from processes import BenchError, Children, exit_status, start_emulator, start_s
 
 from stigg_sidecar._proto import sidecar_pb2 as pb  # noqa: E402
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub  # noqa: E402
-from stigg_sidecar.cache.redis_format import EntryKeys  # noqa: E402
+from stigg_sidecar.cache.redis.format import EntryKeys  # noqa: E402
 from tests.fixtures.redis import RedisServer  # noqa: E402
 
 SIDECAR_CPU = 0
