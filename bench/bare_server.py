@@ -6,7 +6,7 @@ generated servicer base. Each check RPC returns a constant prebuilt response (by
 serialized bytes the benchmark got from the real sidecar, so both send the same payload); there is
 no cache, no decision and no Twisted. Everything else answers UNIMPLEMENTED, as the base does.
 
-    python bench/bare_server.py --port 50051 [--response GetBooleanEntitlement=FILE ...]
+    python -m bench.bare_server --port 50051 [--response GetBooleanEntitlement=FILE ...]
 
 Prints `bare gRPC listening on 127.0.0.1:PORT` once serving; stops on SIGTERM or Ctrl-C.
 """

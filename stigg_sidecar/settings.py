@@ -203,6 +203,7 @@ SPECS: tuple[Spec, ...] = (
     ),
     Spec("SHUTDOWN_GRACE_SECS", "10", _parse_seconds, "how long in-flight calls may finish on shutdown"),
     Spec("METRICS_ENABLED", "1", parse_bool, "serve Prometheus metrics at /metrics and count on the hot path"),
+    Spec("METRICS_MAX_AGE_MS", "1000", _parse_int(0, 60_000), "render /metrics at most once per this many milliseconds; scrapes in between get the same page (0: every scrape)"),
     Spec("LOG_LEVEL", "info", _parse_choice(LOG_LEVELS), "lowest log level written"),
     Spec("LOG_FORMAT", "text", _parse_choice(LOG_FORMATS), "text for people, json for one object per line"),
     Spec("STATE_DIR", "", _parse_str, "a directory this sidecar owns for its cache snapshot and write spool (unset: nothing on disk)"),
@@ -263,6 +264,7 @@ class Settings:
     grpc_max_concurrent_streams: int = 784  # MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS
     shutdown_grace_secs: float = 10.0
     metrics_enabled: bool = True
+    metrics_max_age_ms: int = 1000
     log_level: str = "info"
     log_format: str = "text"
     state_dir: str = ""

@@ -169,7 +169,8 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         ).set(1)
 
     HttpService(
-        health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics),
+        health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics,
+                   settings.metrics_max_age_ms / 1000),
         settings.bind_address,
         settings.http_port,
         reactor,

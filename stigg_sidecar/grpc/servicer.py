@@ -376,7 +376,7 @@ class SidecarServicer(SidecarServiceServicer):
     def ReportUsage(self, request, context):
         def action():
             usage = self._usage(request, "")
-            (ack,) = self._writer.report_usage([usage], self._budget(context, self._write_timeout))
+            (ack,) = self._writer.report_usage([usage], self._budget(context, self._write_timeout), context.is_active)
             return convert.usage_ack(ack)
 
         return self._write(context, action)
@@ -386,7 +386,7 @@ class SidecarServicer(SidecarServiceServicer):
             usages = [self._usage(u, f"usages[{i}].") for i, u in enumerate(request.usages)]
             if not usages:
                 return pb.ReportUsageBulkResponse()
-            acks = self._writer.report_usage(usages, self._budget(context, self._write_timeout))
+            acks = self._writer.report_usage(usages, self._budget(context, self._write_timeout), context.is_active)
             return pb.ReportUsageBulkResponse(usages=[convert.usage_ack(a) for a in acks])
 
         return self._write(context, action)
@@ -407,7 +407,7 @@ class SidecarServicer(SidecarServiceServicer):
                     )
                 )
             if events:
-                self._writer.report_events(events, self._budget(context, self._write_timeout))
+                self._writer.report_events(events, self._budget(context, self._write_timeout), context.is_active)
             return Empty()
 
         return self._write(context, action)

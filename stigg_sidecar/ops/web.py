@@ -24,7 +24,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
-from stigg_sidecar.ops.metrics import CONTENT_TYPE, Metrics
+from stigg_sidecar.ops.metrics import CONTENT_TYPE, CachedPage, Metrics
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.process.listening import listen_error
 
@@ -38,15 +38,19 @@ def _json(request, status: int, body: dict) -> bytes:
     return json.dumps(body).encode()
 
 
-def health_app(health_path: str, ready_path: str, readiness: Readiness, metrics: Metrics | None = None) -> Klein:
+def health_app(
+    health_path: str, ready_path: str, readiness: Readiness, metrics: Metrics | None = None, metrics_max_age: float = 0.0
+) -> Klein:
+    """The routes; `/metrics` is rendered at most once per `metrics_max_age` seconds (see CachedPage)."""
     app = Klein()
 
     if metrics is not None:
+        cached = CachedPage(metrics.exposition, metrics_max_age)
 
         @app.route("/metrics", methods=["GET"])
         def metrics_page(request):
             request.setHeader(b"content-type", CONTENT_TYPE.encode())
-            return metrics.exposition()
+            return cached.page()
 
     @app.route(f"/{health_path}", methods=["GET", "HEAD"])
     def livez(request):

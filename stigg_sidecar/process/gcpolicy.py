@@ -18,7 +18,7 @@ Deferreds, failures...), and it is collected as CPython always does, thresholds 
 An earlier version froze the survivors of *every* full collection instead. That also froze
 whatever was in flight at that moment (a fetch's HTTP client objects, a handler's frames and its
 gRPC call during a slow upstream), and an object frozen while alive that later dies inside a
-reference cycle is never collected: `bench/gc_frozen.py` measured ~95,000 objects leaked per
+reference cycle is never collected: `bench/gc_leak.py` measured ~95,000 objects leaked per
 4,000 cold reads, and during an outage the leaked gRPC calls kept their HTTP/2 streams allocated
 until grpc-core refused every new stream on the connection (REFUSED_STREAM, which a client sees as
 UNAVAILABLE). Freezing only at start cannot leak that way.

@@ -13,7 +13,7 @@ import time
 
 from twisted.trial.unittest import TestCase
 
-from tests.support import SidecarProcess, base_env
+from tests.fixtures.processes import SidecarProcess, base_env
 
 
 def _response_head(sock: socket.socket, timeout: float) -> bytes:
