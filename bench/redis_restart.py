@@ -56,7 +56,7 @@ from bench.harness import (
 )
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
-from stigg_sidecar.cache.redis_format import EntryKeys
+from stigg_sidecar.cache.redis.format import EntryKeys
 from tests.fixtures.redis import RedisServer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -41,7 +41,7 @@ from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.delivery.spool import SpoolFile, StoredRecord
 from stigg_sidecar.delivery.upstream import UpstreamWrites
 from stigg_sidecar.process.stopping import StopBudget
-from stigg_sidecar.quoting import clipped, quoted
+from stigg_sidecar.quoting import quoted
 from stigg_sidecar.upstream.api import RetryPolicy, UpstreamError
 
 log = Logger()
@@ -445,7 +445,7 @@ class SpooledDelivery(Service):
             log.warn(
                 "Stigg refused spooled {what} for customer {customer} (idempotency key {key}) for good: {why};"
                 " moved to the dead letters of {path}",
-                what=what, customer=quoted(customer), key=quoted(record.key), why=clipped(why), path=self.spool.path,
+                what=what, customer=quoted(customer), key=quoted(record.key), why=why, path=self.spool.path,
             )
             self._inflight[kind] = None
             self._next(kind)
