@@ -20,9 +20,11 @@ from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
-from tests import data
+from tests.fixtures import data
+from tests.fixtures.clients import grpc_deferred
 from tests.fixtures.otlp import CLIENT, CONSUMER, PRODUCER, SERVER, OtlpReceiver, SilentCollector, Span, free_port
-from tests.support import SidecarProcess, base_env, grpc_deferred, run_twistd, sidecar_with_stub, until, until_ready
+from tests.fixtures.polling import until
+from tests.fixtures.processes import SidecarProcess, base_env, run_twistd, sidecar_with_stub, until_ready
 
 KEY = "tracing-test-key-" + secrets.token_hex(8)
 TOKEN = "collector-token-" + secrets.token_hex(8)
