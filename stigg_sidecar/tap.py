@@ -48,6 +48,7 @@ from stigg_sidecar.ops.metrics import Metrics, MetricsInterceptor
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.ops.web import HttpService, health_app
 from stigg_sidecar.process import gcpolicy
+from stigg_sidecar.process.access import grpc_access
 from stigg_sidecar.process.logs import make_observer
 from stigg_sidecar.process.service import SidecarService
 from stigg_sidecar.process.startup import exit_with, starting_line, version_text
@@ -67,6 +68,7 @@ log = Logger()
 _COMPUTED_DEFAULTS = {
     "CACHE_MAX_SIZE_BYTES": "half the available memory",
     "GRPC_MAX_CONCURRENT_STREAMS": "MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS",
+    "HTTP_BIND_ADDRESS": "BIND_ADDRESS",
 }
 
 
@@ -160,12 +162,17 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
 
     HttpService(
         health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics),
-        settings.bind_address,
+        settings.http_bind_address,
         settings.http_port,
         reactor,
         idle_timeout=settings.http_idle_timeout_secs,
         header_timeout=settings.http_header_timeout_secs,
+        address_setting="BIND_ADDRESS" if settings.http_bind_address == settings.bind_address else "HTTP_BIND_ADDRESS",
     ).setServiceParent(top)
+    # TLS and caller tokens (the standalone service); nothing at all when their settings are unset.
+    access = grpc_access(settings, reactor, metrics.hot.count_caller if metrics is not None else None)
+    for watcher in access.watchers:
+        watcher.setServiceParent(top)
 
     backend: OfflineSidecar | OnlineSidecar
     writer: OfflineSidecar | DirectDelivery | SpooledDelivery
@@ -263,8 +270,10 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         grace=settings.shutdown_grace_secs,
         reactor=reactor,
         on_serving=lambda port: readiness.unblock("grpc"),
-        interceptors=[MetricsInterceptor(metrics)] if metrics else [],
+        # The token check first: MetricsInterceptor answers cached handlers without asking further in.
+        interceptors=[*access.interceptors, *([MetricsInterceptor(metrics)] if metrics else [])],
         limits=ConnectionLimits.from_settings(settings),
+        credentials=access.credentials,
     ).setServiceParent(top)
     return top
 
@@ -311,7 +320,7 @@ def makeService(options: Options) -> SidecarService:
     log.info("{line}", line=starting_line(settings))
     try:
         sidecar = build_sidecar(settings)
-    except StateDirectoryError as e:
+    except (StateDirectoryError, SettingsError) as e:  # SettingsError: a TLS or caller tokens file
         exit_with(str(e))
     except Exception as e:
         # A bug or an environment this code did not foresee: one line; the traceback at LOG_LEVEL=debug.

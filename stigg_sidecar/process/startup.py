@@ -46,10 +46,21 @@ def mode_summary(settings: Settings) -> str:
     return "online: " + ", ".join(parts)
 
 
+def access_summary(settings: Settings) -> str:
+    """How the gRPC port is guarded, for the first log line ("" when it is open plaintext)."""
+    parts = []
+    if settings.tls_cert_file:
+        parts.append("mutual TLS" if settings.tls_client_ca_file else "TLS")
+    if settings.caller_tokens_file:
+        parts.append("caller tokens")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def starting_line(settings: Settings) -> str:
     return (
         f"stigg-sidecar {stigg_sidecar.__version__} starting, {mode_summary(settings)}; "
-        f"gRPC on {settings.bind_address}:{settings.port}, HTTP on {settings.bind_address}:{settings.http_port}"
+        f"gRPC on {settings.bind_address}:{settings.port}{access_summary(settings)}, "
+        f"HTTP on {settings.http_bind_address}:{settings.http_port}"
     )
 
 
@@ -62,22 +73,25 @@ class ListenError(Exception):
         super().__init__(f"{setting}: {host}:{port} {reason}")
 
 
-def _reason(error_number: int | None, text: str) -> str:
+def _reason(error_number: int | None, text: str, address_setting: str) -> str:
     if error_number == errno.EADDRINUSE:
         return "is already in use"
     if error_number == errno.EACCES:
         return "cannot be bound: permission denied (ports below 1024 need privileges)"
     if error_number == errno.EADDRNOTAVAIL:
-        return "cannot be bound: BIND_ADDRESS is not an address of this machine"
+        return f"cannot be bound: {address_setting} is not an address of this machine"
     return f"cannot be bound: {text}"
 
 
-def listen_error(setting: str, address: str, port: int, error: BaseException) -> ListenError:
-    """A ListenError from an OSError or Twisted's CannotListenError."""
+def listen_error(
+    setting: str, address: str, port: int, error: BaseException, address_setting: str = "BIND_ADDRESS"
+) -> ListenError:
+    """A ListenError from an OSError or Twisted's CannotListenError; `address_setting` names where
+    `address` came from."""
     if isinstance(error, CannotListenError) and isinstance(error.socketError, BaseException):
         error = error.socketError
     if isinstance(error, OSError):
-        return ListenError(setting, address, port, _reason(error.errno, error.strerror or str(error)))
+        return ListenError(setting, address, port, _reason(error.errno, error.strerror or str(error), address_setting))
     return ListenError(setting, address, port, f"cannot be bound: {error}")
 
 
