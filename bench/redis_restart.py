@@ -3,7 +3,7 @@
     python bench/redis_restart.py [--trials 5] [--down-secs 3] [--api-fault down|http400]
                                   [--cached 20] [--load-interval-ms 2] [--no-pin]
 
-Starts a real redis-server (tests/redis_server.py, with an append-only file fsynced on every
+Starts a real redis-server (tests/fixtures/redis.py, with an append-only file fsynced on every
 write so that what the sidecars wrote survives `kill -9`), the emulator, and two sidecars with
 the same REDIS_ENVIRONMENT_PREFIX and WS_ENABLED=0: A, measured, and B, a peer that puts
 customers into Redis that A has never read. Warms --cached customers through A. Then per trial:
@@ -52,7 +52,7 @@ from processes import BenchError, Children, exit_status, start_emulator, start_s
 from stigg_sidecar._proto import sidecar_pb2 as pb  # noqa: E402
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub  # noqa: E402
 from stigg_sidecar.cache.redis_format import EntryKeys  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
+from tests.fixtures.redis import RedisServer  # noqa: E402
 
 SIDECAR_CPU = 0
 OTHER_CPU = 1
