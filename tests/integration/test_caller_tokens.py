@@ -25,6 +25,7 @@ from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
+from tests.fixtures.clients import http_client
 from tests.fixtures.lockdown import (
     CALL_TIMEOUT,
     OTHER_TOKEN,
@@ -43,7 +44,7 @@ from tests.fixtures.lockdown import (
     tls_env,
     tls_files,
 )
-from tests.support import http_client, until
+from tests.fixtures.polling import until
 
 BOUND = 10.0
 

@@ -29,7 +29,7 @@ from tests.fixtures.lockdown import (
     tls_env,
     tls_files,
 )
-from tests.support import until
+from tests.fixtures.polling import until
 
 BOUND = 10.0
 
@@ -80,7 +80,7 @@ class TlsTests(TestCase):
             seen.append(await self.new_connection_status(port, new_ca))
             return seen[-1] == grpc.StatusCode.OK
 
-        await self.until_async(new_certificate_served, "a new connection shown the new certificate")
+        await until(new_certificate_served, BOUND, "a new connection shown the new certificate", interval=0.2)
         # New connections get only the new certificate now...
         self.assertEqual(await self.new_connection_status(port, self.ca), grpc.StatusCode.UNAVAILABLE)
         # ...while the connection opened before goes on being answered (a reconnect would have
@@ -115,7 +115,7 @@ class TlsTests(TestCase):
         async def new_served() -> bool:
             return await self.new_connection_status(port, new_ca) == grpc.StatusCode.OK
 
-        await self.until_async(new_served, "the next good pair served")
+        await until(new_served, BOUND, "the next good pair served", interval=0.2)
         self.assertEqual(len(logs.matching("TLS certificate reloaded")), 1, logs.lines)
         key_body = stranger.private_key_pem.bytes().decode().splitlines()[1]
         self.assertFalse([line for line in logs.lines if key_body in line], "a key's content was logged")
@@ -133,13 +133,6 @@ class TlsTests(TestCase):
         member = client_ca.issue_cert("client.example")
         self.assertEqual(await self.new_connection_status(port, self.ca, member), grpc.StatusCode.OK)
         self.assertEqual(await self.new_connection_status(port, None), grpc.StatusCode.UNAVAILABLE)
-
-    async def until_async(self, predicate, what: str) -> None:
-        deadline = reactor.seconds() + BOUND
-        while not await predicate():
-            if reactor.seconds() > deadline:
-                raise AssertionError(f"{what}: not within {BOUND}s")
-            await self.sleep(0.2)
 
     async def sleep(self, seconds: float) -> None:
         from twisted.internet.task import deferLater
