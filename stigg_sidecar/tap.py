@@ -39,9 +39,11 @@ from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.delivery.spool import SpoolFile
 from stigg_sidecar.delivery.spooled import SpooledDelivery
 from stigg_sidecar.delivery.upstream import UpstreamWrites
+from stigg_sidecar.grpc.callers import CallerTokensError
 from stigg_sidecar.grpc.intake import add_sidecar_service
 from stigg_sidecar.grpc.server import ConnectionLimits, GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
+from stigg_sidecar.grpc.tls import TlsError
 from stigg_sidecar.offline import OfflineSidecar
 from stigg_sidecar.online.sidecar import CacheUpdates, OnlineSidecar
 from stigg_sidecar.ops.metrics import Metrics, MetricsInterceptor
@@ -138,6 +140,16 @@ def _grpc_health_and_reflection(server: grpc.Server, readiness: Readiness) -> No
                                          reflection.SERVICE_NAME), server)
 
 
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    """The gRPC server's connection limits, from the settings (grpc/ never reads settings itself)."""
+    return ConnectionLimits(
+        keepalive_secs=settings.grpc_keepalive_secs,
+        keepalive_timeout_secs=settings.grpc_keepalive_timeout_secs,
+        max_connection_idle_secs=settings.grpc_max_connection_idle_secs,
+        max_concurrent_streams=settings.grpc_max_concurrent_streams,
+    )
+
+
 def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -161,7 +173,8 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         ).set(1)
 
     HttpService(
-        health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics),
+        health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics,
+                   settings.metrics_max_age_ms / 1000),
         settings.http_bind_address,
         settings.http_port,
         reactor,
@@ -272,7 +285,7 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         on_serving=lambda port: readiness.unblock("grpc"),
         # The token check first: MetricsInterceptor answers cached handlers without asking further in.
         interceptors=[*access.interceptors, *([MetricsInterceptor(metrics)] if metrics else [])],
-        limits=ConnectionLimits.from_settings(settings),
+        limits=connection_limits(settings),
         credentials=access.credentials,
     ).setServiceParent(top)
     return top
@@ -320,7 +333,7 @@ def makeService(options: Options) -> SidecarService:
     log.info("{line}", line=starting_line(settings))
     try:
         sidecar = build_sidecar(settings)
-    except (StateDirectoryError, SettingsError) as e:  # SettingsError: a TLS or caller tokens file
+    except (StateDirectoryError, TlsError, CallerTokensError) as e:
         exit_with(str(e))
     except Exception as e:
         # A bug or an environment this code did not foresee: one line; the traceback at LOG_LEVEL=debug.

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 
-from stigg_sidecar.settings import SettingsError
-
 log = Logger()
 
 READ, WRITE = "read", "write"
@@ -31,7 +29,7 @@ MIN_TOKEN_CHARS = 16
 _NOBODY = hashlib.sha256(b"").digest()
 
 
-class CallerTokensError(SettingsError):
+class CallerTokensError(ValueError):
     """CALLER_TOKENS_FILE cannot be used; one line naming the file and line, never a token."""
 
 

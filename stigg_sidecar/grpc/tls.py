@@ -23,12 +23,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from twisted.logger import Logger
 
-from stigg_sidecar.settings import SettingsError
-
 log = Logger()
 
 
-class TlsError(SettingsError):
+class TlsError(ValueError):
     """A TLS file is missing, unreadable or wrong. One line naming the setting; never key material."""
 
 

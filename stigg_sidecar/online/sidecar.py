@@ -72,7 +72,7 @@ class _ThrottledWarning:
         log.warn(
             "Entitlements for {customer} unavailable ({why}); answering fallbacks{more}",
             customer=quoted(customer_id),
-            why=clipped(why),
+            why=why,  # our wording, with any outside text in it clipped where it was composed
             suppressed=suppressed,
             more=more,
         )
@@ -160,7 +160,7 @@ class OnlineSidecar:
                 self._on_fast_failed("upstream_down")
             self._fallback_log.warn(customer_id, e.message)
         except MalformedState as e:
-            self._fallback_log.warn(customer_id, f"malformed: {e}")
+            self._fallback_log.warn(customer_id, f"malformed: {clipped(str(e))}")
         return None
 
     def _fetch_quietly(self, customer_id: str, resource_id: str | None) -> None:

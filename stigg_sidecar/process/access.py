@@ -36,8 +36,8 @@ class GrpcAccess:
 def grpc_access(
     settings: Settings, clock: IReactorTime, count_caller: Callable[[str, str], None] | None = None
 ) -> GrpcAccess:
-    """TLS and caller tokens as the settings ask. Raises a SettingsError subclass (one line naming
-    the setting) when a file is missing or wrong at start."""
+    """TLS and caller tokens as the settings ask. Raises an error whose message is one line naming
+    the setting: TlsError, CallerTokensError) when a file is missing or wrong at start."""
     access = GrpcAccess()
     if settings.tls_cert_file:
         files = TlsFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)

@@ -28,7 +28,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, Respon
 from twisted.web.http_headers import Headers
 
 import stigg_sidecar
-from stigg_sidecar.contracts import EventReport, UsageReport, WriteFailure, measurement_id
+from stigg_sidecar.contracts import EventReport, RemoteError, UsageReport, WriteFailure, measurement_id
 from stigg_sidecar.quoting import clipped
 from stigg_sidecar.upstream import operations
 from stigg_sidecar.upstream.breaker import BreakerOpen, BreakerPolicy, CircuitBreaker
@@ -51,7 +51,7 @@ _CONNECTION_ERRORS = (
 )
 
 
-class UpstreamError(Exception):
+class UpstreamError(RemoteError):
     """A call to Stigg failed. `message` is safe to return to a caller; `retryable` says whether
     trying again might help; `failure` is the gRPC status a write turns it into; `code` is the
     GraphQL error code when Stigg answered with one (the request reached Stigg and was refused)."""
