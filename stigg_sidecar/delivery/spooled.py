@@ -13,7 +13,9 @@ after that runs on the reactor:
 - A batch Stigg refuses for good (a GraphQL error such as FeatureNotFound or BadUserInput) is
   split in halves until the record to blame is alone; that record goes to the dead-letter table
   with one log line, and the records behind it keep going.
-- Stop: deliver what can be delivered within `grace` seconds; the rest stays on disk for the
+- Stop: deliver what can be delivered within the stop's budget (shared with the gRPC drain and
+  the snapshot: `StopBudget`), and no longer than something can still go: with Stigg down, once
+  the next attempt would come after the deadline, the stop ends. The rest stays on disk for the
   next start, which loads it before readiness and delivers it.
 """
 
@@ -38,6 +40,7 @@ from stigg_sidecar.delivery import bodies as bodies
 from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.delivery.spool import SpoolFile, StoredRecord
 from stigg_sidecar.delivery.upstream import UpstreamWrites
+from stigg_sidecar.process.stopping import StopBudget
 from stigg_sidecar.quoting import quoted
 from stigg_sidecar.upstream.api import RetryPolicy, UpstreamError
 
@@ -83,6 +86,7 @@ class SpooledDelivery(Service):
         flush_interval: float = 0.1,
         send_timeout: float = 10.0,
         grace: float = 10.0,
+        budget: StopBudget | None = None,
         backoff: RetryPolicy = DELIVERY_BACKOFF,
         rng: Callable[[], float] = random.random,
         readiness=None,
@@ -98,7 +102,8 @@ class SpooledDelivery(Service):
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._send_timeout = send_timeout
-        self._grace = grace
+        # The stop's deadline, shared with the other parts (else `grace` seconds of its own).
+        self._budget = budget if budget is not None else StopBudget(grace, clock)
         self._backoff = backoff
         self._rng = rng
         self._readiness = readiness
@@ -275,10 +280,12 @@ class SpooledDelivery(Service):
 
     @inlineCallbacks
     def stopService(self):
-        """Deliver what can be delivered within the grace period; the rest stays on disk."""
+        """Deliver what can be delivered within the stop's budget; the rest stays on disk."""
         super().stopService()
         self._stopping = True
-        deadline = self._clock.seconds() + self._grace
+        self._budget.begin()
+        left = self._budget.remaining()
+        deadline = self._clock.seconds() + left
         if self._flush_timer is not None and self._flush_timer.active():
             self._flush_timer.cancel()
         self._flush_timer = None
@@ -287,9 +294,9 @@ class SpooledDelivery(Service):
             if timer is not None and timer.active():
                 timer.cancel()
             self._waiting[kind] = None
-            if self._grace > 0:  # no time at all: start nothing that would outlive the stop
+            if left > 0:  # no time at all: start nothing that would outlive the stop
                 self._pump(kind)
-        while self._loaded and self._busy() and self._clock.seconds() < deadline:
+        while self._loaded and self._can_deliver_before(deadline) and self._clock.seconds() < deadline:
             yield deferLater(self._clock, min(0.05, max(0.0, deadline - self._clock.seconds())), lambda: None)
         for kind in KINDS:
             timer = self._waiting[kind]
@@ -297,11 +304,20 @@ class SpooledDelivery(Service):
                 timer.cancel()
         self._stopping = False  # stopped: nothing more is sent (see _pump)
         if self.records:
-            log.info("{n} spooled records stay on disk for the next start", n=self.records)
+            log.info("{n} spooled {records} stay on disk for the next start", n=self.records,
+                     records="record" if self.records == 1 else "records")
         yield self.spool.close()
 
-    def _busy(self) -> bool:
-        return any(self._queues[kind] or self._inflight[kind] for kind in KINDS)
+    def _can_deliver_before(self, deadline: float) -> bool:
+        """Whether a batch is in flight, or one waits whose next attempt comes before `deadline`."""
+        for kind in KINDS:
+            if self._inflight[kind] is not None:
+                return True
+            if self._queues[kind]:
+                timer = self._waiting[kind]
+                if timer is None or not timer.active() or timer.getTime() < deadline:
+                    return True
+        return False
 
     # -- reactor: delivering ----------------------------------------------------------------------
 

@@ -217,6 +217,14 @@ class OnlineSidecar:
                 return self.store(shared)
             lock_ms = int(self._fetch_timeout * 1000) + 1000  # held as long as our fetch may take
             token = yield mirror.acquire_fetch_lock(customer_id, resource_id, ttl_ms=lock_ms)
+            if token is not None and mirror.connected:
+                # The read above may predate a peer's whole fetch: it wrote Redis and released the
+                # lock between our read and our lock. Looked at again under the lock, the fleet
+                # fetches a customer once.
+                shared = yield mirror.read(customer_id, resource_id)
+                if self._usable(shared):
+                    mirror.release_fetch_lock(customer_id, resource_id, token)
+                    return self.store(shared)
             # Another sidecar of the fleet is fetching this customer: wait for its result.
             if token is None and (yield mirror.wait_for_fetch(customer_id, resource_id, self._fetch_timeout + 0.5)):
                 shared = yield mirror.read(customer_id, resource_id)
