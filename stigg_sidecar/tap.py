@@ -39,9 +39,11 @@ from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.delivery.spool import SpoolFile
 from stigg_sidecar.delivery.spooled import SpooledDelivery
 from stigg_sidecar.delivery.upstream import UpstreamWrites
+from stigg_sidecar.grpc.callers import CallerTokensError
 from stigg_sidecar.grpc.intake import add_sidecar_service
 from stigg_sidecar.grpc.server import ConnectionLimits, GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
+from stigg_sidecar.grpc.tls import TlsError
 from stigg_sidecar.offline import OfflineSidecar
 from stigg_sidecar.online.sidecar import CacheUpdates, OnlineSidecar
 from stigg_sidecar.ops import tracing as tracing_setup
@@ -49,6 +51,7 @@ from stigg_sidecar.ops.metrics import Metrics, MetricsInterceptor
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.ops.web import HttpService, health_app
 from stigg_sidecar.process import gcpolicy
+from stigg_sidecar.process.access import grpc_access
 from stigg_sidecar.process.logs import make_observer
 from stigg_sidecar.process.service import SidecarService
 from stigg_sidecar.process.startup import exit_with, starting_line, version_text
@@ -69,6 +72,7 @@ log = Logger()
 _COMPUTED_DEFAULTS = {
     "CACHE_MAX_SIZE_BYTES": "half the available memory",
     "GRPC_MAX_CONCURRENT_STREAMS": "MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS",
+    "HTTP_BIND_ADDRESS": "BIND_ADDRESS",
 }
 
 
@@ -177,12 +181,17 @@ def build_sidecar(settings: Settings, reactor=None, tracing: tracing_setup.Traci
     HttpService(
         health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics,
                    settings.metrics_max_age_ms / 1000),
-        settings.bind_address,
+        settings.http_bind_address,
         settings.http_port,
         reactor,
         idle_timeout=settings.http_idle_timeout_secs,
         header_timeout=settings.http_header_timeout_secs,
+        address_setting="BIND_ADDRESS" if settings.http_bind_address == settings.bind_address else "HTTP_BIND_ADDRESS",
     ).setServiceParent(top)
+    # TLS and caller tokens (the standalone service); nothing at all when their settings are unset.
+    access = grpc_access(settings, reactor, metrics.hot.count_caller if metrics is not None else None)
+    for watcher in access.watchers:
+        watcher.setServiceParent(top)
 
     backend: OfflineSidecar | OnlineSidecar
     writer: OfflineSidecar | DirectDelivery | SpooledDelivery
@@ -283,10 +292,15 @@ def build_sidecar(settings: Settings, reactor=None, tracing: tracing_setup.Traci
         budget=budget,
         reactor=reactor,
         on_serving=lambda port: readiness.unblock("grpc"),
-        # Tracing outermost, so the metrics' time is inside the SERVER span; off, no interceptor at all.
-        interceptors=([tracing.interceptor()] if tracing is not None else [])
-        + ([MetricsInterceptor(metrics)] if metrics else []),
+        # Tracing outermost (off, no interceptor at all), so a refused token is a span too; then the
+        # token check: MetricsInterceptor answers cached handlers without asking further in.
+        interceptors=[
+            *([tracing.interceptor()] if tracing is not None else []),
+            *access.interceptors,
+            *([MetricsInterceptor(metrics)] if metrics else []),
+        ],
         limits=connection_limits(settings),
+        credentials=access.credentials,
     ).setServiceParent(top)
     return top
 
@@ -339,7 +353,7 @@ def makeService(options: Options) -> SidecarService:
         log.info("OpenTelemetry {where}", where=tracing_setup.describe(tracing))
     try:
         sidecar = build_sidecar(settings, tracing=tracing)
-    except StateDirectoryError as e:
+    except (StateDirectoryError, TlsError, CallerTokensError) as e:
         exit_with(str(e))
     except Exception as e:
         # A bug or an environment this code did not foresee: one line; the traceback at LOG_LEVEL=debug.

@@ -9,6 +9,7 @@ reaches every replica; a customer missed by the whole fleet at once is fetched f
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -21,14 +22,15 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 from stigg_sidecar.emulator.data import parse_customer
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from tests.fixtures import data
-from tests.fixtures.clients import grpc_deferred
+from tests.fixtures.clients import grpc_deferred, run_async
+from tests.fixtures.paths import ROOT
 from tests.fixtures.processes import SidecarProcess, base_env, until_ready
 from tests.fixtures.redis import RedisServer
 
@@ -37,25 +39,18 @@ PREFIX = "fleet"
 WARM = [f"warm-{i}" for i in range(20)]
 EDGE_FETCH = "/v1/c/{customerId}/entitlements-state.json"
 
-# What deploy/README.md gives grpcio clients: spread calls over every address, leave a replica
-# out while its gRPC health says NOT_SERVING (it is stopping), and retry a call refused on the way.
-SERVICE_CONFIG = {
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "healthCheckConfig": {"serviceName": ""},
-    "methodConfig": [
-        {
-            "name": [{"service": "stigg.sidecar.v1.SidecarService"}],
-            "timeout": "5s",
-            "retryPolicy": {
-                "maxAttempts": 5,
-                "initialBackoff": "0.05s",
-                "maxBackoff": "1s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }
-    ],
-}
+
+def documented_service_config() -> dict:
+    """The grpcio service config deploy/README.md gives clients: its first JSON block after the
+    heading on balancing a fleet (round_robin, gRPC health checking, retry on UNAVAILABLE)."""
+    text = (ROOT / "deploy" / "README.md").read_text()
+    section = text[text.index("## Balancing calls over a fleet"):]
+    block = re.search(r"```json\n(.*?)```", section, re.S)
+    assert block is not None, "no JSON service config in deploy/README.md's fleet section"
+    return json.loads(block.group(1))
+
+
+SERVICE_CONFIG = documented_service_config()
 
 
 def balanced_channel(ports: list[int]) -> grpc.Channel:
@@ -252,3 +247,32 @@ class FleetTests(TestCase):
             self.assertLess(time.monotonic(), deadline, f"the change reached {seen}")
             await deferLater(reactor, 0.01, lambda: None)
         print(f"a change in Stigg reached all three replicas in {1000 * (time.monotonic() - began):.0f} ms")
+
+
+class OfficialClientAcrossARestartTests(SynchronousTestCase):
+    """What deploy/README.md says of Stigg's official Python client behind a Service: one
+    connection, kept until its replica stops; the next call after that connects again."""
+
+    def test_the_official_client_connects_again_after_its_replica_restarted(self):
+        import stigg_sidecar_sdk as sdk
+
+        env = base_env(OFFLINE="1", ENTITLEMENTS_FALLBACK=json.dumps({"sso": {"hasAccess": True}}))
+        first = SidecarProcess(env)
+        self.addCleanup(first.kill)
+        request = sdk.GetBooleanEntitlementRequest(customer_id="c1", feature_id="sso")
+
+        async def calls() -> list[bool]:
+            client = sdk.Stigg(sdk.ApiConfig(api_key="unused-offline"), remote_sidecar_host="127.0.0.1",
+                               remote_sidecar_port=first.grpc_port)
+            try:
+                answers = [(await client.get_boolean_entitlement(request)).has_access]
+                self.assertEqual(first.stop(), 0)
+                await asyncio.sleep(0.2)  # the client's loop sees the connection close (stop() blocked it)
+                second = SidecarProcess(dict(env, PORT=str(first.grpc_port)))
+                self.addCleanup(second.kill)
+                answers.append((await client.get_boolean_entitlement(request)).has_access)
+                return answers
+            finally:
+                client.close()
+
+        self.assertEqual(run_async(calls(), timeout=60), [True, True])
