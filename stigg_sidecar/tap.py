@@ -52,6 +52,7 @@ from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.ops.web import HttpService, health_app
 from stigg_sidecar.process import gcpolicy
 from stigg_sidecar.process.access import grpc_access
+from stigg_sidecar.process.clock import use_monotonic_time
 from stigg_sidecar.process.logs import make_observer
 from stigg_sidecar.process.service import SidecarService
 from stigg_sidecar.process.startup import exit_with, starting_line, version_text
@@ -207,10 +208,12 @@ def build_sidecar(settings: Settings, reactor=None, tracing: tracing_setup.Traci
             edge_api_url=settings.edge_api_url,
             edge_enabled=settings.edge_enabled,
         )
+        api.stigg_clock.service(reactor).setServiceParent(top)  # warns while the local clock is off
         cache = EntitlementCache(settings.cache_max_size_bytes)
         backend = OnlineSidecar(
             reactor, api, cache, fetch_timeout,
             max_waiting_reads=settings.max_waiting_reads, max_waiting_writes=settings.max_waiting_writes,
+            clock=api.stigg_clock,
         )
         if settings.redis_enabled:
             # Stigg's rule that a resource entry needs its customer's entry beside it is off: this
@@ -231,7 +234,8 @@ def build_sidecar(settings: Settings, reactor=None, tracing: tracing_setup.Traci
         realtime = None
         if settings.ws_enabled:
             realtime = RealtimeService(
-                reactor, settings.ws_url, api.socket_headers(), CacheUpdates(backend, poller, refresher)
+                reactor, settings.ws_url, api.socket_headers(), CacheUpdates(backend, poller, refresher),
+                recovery=api.recovery,
             )
             realtime.setServiceParent(top)
         online = backend
@@ -264,6 +268,7 @@ def build_sidecar(settings: Settings, reactor=None, tracing: tracing_setup.Traci
                 readiness=readiness,
                 metrics=metrics,
             )
+            api.recovery.subscribe(writer.resume)  # Stigg back: spooled records go at once
             writer.setServiceParent(top)  # after Stigg's client: stops (flushing) before it closes
             if metrics is not None:
                 _observe_spool(metrics, writer)
@@ -313,6 +318,7 @@ def _observe_online(metrics: Metrics, reactor, api: StiggApi, backend: OnlineSid
                     realtime: RealtimeService | None) -> None:
     """Point the metrics at the parts they describe; gauges are read at scrape time."""
     api.on_attempt = metrics.upstream_attempt
+    metrics.clock_skew.set_function(api.stigg_clock.skew)
     fast_failed = {reason: metrics.fast_failed_reads.labels(reason) for reason in ("overloaded", "upstream_down")}
     backend.set_counters(metrics.cache_hit, metrics.cache_miss, lambda reason: fast_failed[reason].inc())
     for upstream, breaker in api.breakers.items():
@@ -351,8 +357,12 @@ def makeService(options: Options) -> SidecarService:
         exit_with(str(e))
     if tracing is not None:
         log.info("OpenTelemetry {where}", where=tracing_setup.describe(tracing))
+    from twisted.internet import reactor
+
+    # Every timer on elapsed time: a wall clock stepped back must not freeze them (issue 20, 12).
+    use_monotonic_time(reactor)
     try:
-        sidecar = build_sidecar(settings, tracing=tracing)
+        sidecar = build_sidecar(settings, reactor, tracing=tracing)
     except (StateDirectoryError, TlsError, CallerTokensError) as e:
         exit_with(str(e))
     except Exception as e:

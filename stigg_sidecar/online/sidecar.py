@@ -39,6 +39,7 @@ from stigg_sidecar.entitlements.records import (
 )
 from stigg_sidecar.quoting import clipped, quoted
 from stigg_sidecar.upstream.api import StiggApi, UpstreamError
+from stigg_sidecar.upstream.stigg_time import StiggClock
 
 if TYPE_CHECKING:
     from stigg_sidecar.delivery.pending import PendingUsage
@@ -88,8 +89,11 @@ class OnlineSidecar:
         fetch_timeout: float,
         max_waiting_reads: int = 512,
         max_waiting_writes: int = 256,
+        clock: StiggClock | None = None,
     ) -> None:
         self._reactor = reactor
+        # The time of decisions and expiries: the local clock, or Stigg's when the local one is off.
+        self._clock = clock if clock is not None else StiggClock()
         # How many handler threads may wait on Stigg at once, reads and writes apart so neither
         # takes the other's places. A waiting thread gives its runner role to another (the
         # handler pool's blocking()), so these bound blocked threads, not the threads that serve.
@@ -125,7 +129,7 @@ class OnlineSidecar:
         self._on_hit, self._on_miss, self._on_fast_failed = on_hit, on_miss, on_fast_failed
 
     def now_ms(self) -> int:
-        return int(time.time() * 1000)
+        return self._clock.now_ms()
 
     # -- handler threads --------------------------------------------------------------------------
 

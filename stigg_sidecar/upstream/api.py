@@ -33,6 +33,8 @@ from stigg_sidecar.contracts import EventReport, RemoteError, UsageReport, Write
 from stigg_sidecar.quoting import clipped
 from stigg_sidecar.upstream import operations
 from stigg_sidecar.upstream.breaker import BreakerOpen, BreakerPolicy, CircuitBreaker
+from stigg_sidecar.upstream.recovery import StiggRecovery
+from stigg_sidecar.upstream.stigg_time import StiggClock
 
 log = Logger()
 
@@ -260,6 +262,8 @@ class StiggApi:
         retry: RetryPolicy = RetryPolicy(),
         rng: Callable[[], float] = random.random,
         breaker: BreakerPolicy = DEFAULT_BREAKER,
+        recovery: StiggRecovery | None = None,
+        stigg_clock: StiggClock | None = None,
     ) -> None:
         self._reactor = reactor
         self._api_url = api_url.rstrip("/")
@@ -280,6 +284,11 @@ class StiggApi:
             "edge": CircuitBreaker("Edge API", reactor, breaker, rng),
             "graphql": CircuitBreaker("GraphQL API", reactor, breaker, rng),
         }
+        # Stigg acknowledging the real-time socket closes every breaker at once.
+        self.recovery = recovery if recovery is not None else StiggRecovery(reactor)
+        self.recovery.subscribe(self._close_breakers)
+        # Every response's Date: how far the local clock is from Stigg's.
+        self.stigg_clock = stigg_clock if stigg_clock is not None else StiggClock()
         self.on_attempt: Callable[[str, str, float], None] | None = None  # endpoint, outcome, seconds
 
     def _client(self) -> HTTPClient:
@@ -288,6 +297,11 @@ class StiggApi:
         pool.retryAutomatically = False  # retries are ours, within the budget
         self._pools.append(pool)
         return HTTPClient(Agent(self._reactor, pool=pool, connectTimeout=10))
+
+    def _close_breakers(self, source: str) -> None:
+        if source == "socket":
+            for breaker in self.breakers.values():
+                breaker.close("the real-time socket is connected")
 
     def socket_headers(self) -> dict[str, Any]:
         """The identification headers as the WebSocket's connection_init carries them (pid and
@@ -357,6 +371,7 @@ class StiggApi:
         try:
             pending[:] = [send(timeout)]
             response = yield pending[0]
+            self.stigg_clock.observe((response.headers.getRawHeaders(b"date") or [None])[0])
             span.set_attribute("http.response.status_code", response.code)
             pending[:] = [response.content()]
             body = yield pending[0]
@@ -405,12 +420,13 @@ class StiggApi:
 
     @inlineCallbacks
     def _call(
-        self, endpoint: str, send: Callable[[float], Deferred], timeout: float, breaker: CircuitBreaker,
+        self, endpoint: str, send: Callable[[float], Deferred], timeout: float, upstream: str,
         retryable: bool = True, target: tuple[str, str] = ("POST", ""),
     ):
         """Attempts with backoff until success, a final failure, or the budget is spent; each
         attempt admitted by `breaker` (an open one refuses at once, or admits this as its probe,
         which is not retried: the breaker's backoff is the retry)."""
+        breaker = self.breakers[upstream]
         deadline = self._reactor.seconds() + timeout
         attempt = 0
         while True:
@@ -427,8 +443,10 @@ class StiggApi:
             except UpstreamError as e:
                 if _means_down(e, remaining):
                     breaker.failed(ticket, e.message)
+                    self.recovery.failed()
                 else:
                     breaker.succeeded(ticket)  # Stigg answered, if only to refuse
+                    self.recovery.answered(upstream)
                 if ticket.probe or not (retryable and e.retryable) or attempt >= self._retry.max_attempts or self._closed:
                     raise
                 delay = max(self._retry.delay(attempt, self._rng), e.retry_after or 0.0)
@@ -448,6 +466,7 @@ class StiggApi:
                 raise
             else:
                 breaker.succeeded(ticket)
+                self.recovery.answered(upstream)
                 return result
 
     def _edge_get(self, endpoint: str, path: str, timeout: float) -> Deferred:
@@ -461,7 +480,7 @@ class StiggApi:
         def send(t: float) -> Deferred:
             return self._edge.get(url, headers=headers, allow_redirects=False)
 
-        return self._call(endpoint, send, timeout, self.breakers["edge"], target=("GET", url))
+        return self._call(endpoint, send, timeout, "edge", target=("GET", url))
 
     def _graphql_post(
         self, operation: str, query: str, variables: Mapping[str, Any], timeout: float, retryable: bool = True
@@ -482,7 +501,7 @@ class StiggApi:
         def send(t: float) -> Deferred:
             return self._graphql.post(url, data=body, headers=headers, allow_redirects=False)
 
-        return self._call(operation, send, timeout, self.breakers["graphql"], retryable, target=("POST", url))
+        return self._call(operation, send, timeout, "graphql", retryable, target=("POST", url))
 
     # -- operations -------------------------------------------------------------------------------
 
