@@ -46,6 +46,7 @@ from stigg_sidecar.grpc.servicer import SidecarServicer
 from stigg_sidecar.grpc.tls import TlsError
 from stigg_sidecar.offline import OfflineSidecar
 from stigg_sidecar.online.sidecar import CacheUpdates, OnlineSidecar
+from stigg_sidecar.ops import tracing as tracing_setup
 from stigg_sidecar.ops.metrics import Metrics, MetricsInterceptor
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.ops.web import HttpService, health_app
@@ -151,7 +152,7 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
     )
 
 
-def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
+def build_sidecar(settings: Settings, reactor=None, tracing: tracing_setup.Tracing | None = None) -> SidecarService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -161,6 +162,8 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
     # One deadline for the whole stop: gRPC drain, spool delivery and the last snapshot share it.
     budget = StopBudget(settings.shutdown_grace_secs, reactor)
     top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format), budget)
+    if tracing is not None:
+        tracing.service(reactor).setServiceParent(top)  # first in, stops last: flushes the last spans
     fetch_timeout = settings.entitlements_timeout_ms / 1000
     metrics = Metrics() if settings.metrics_enabled else None
     if metrics is not None:
@@ -289,8 +292,13 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         budget=budget,
         reactor=reactor,
         on_serving=lambda port: readiness.unblock("grpc"),
-        # The token check first: MetricsInterceptor answers cached handlers without asking further in.
-        interceptors=[*access.interceptors, *([MetricsInterceptor(metrics)] if metrics else [])],
+        # Tracing outermost (off, no interceptor at all), so a refused token is a span too; then the
+        # token check: MetricsInterceptor answers cached handlers without asking further in.
+        interceptors=[
+            *([tracing.interceptor()] if tracing is not None else []),
+            *access.interceptors,
+            *([MetricsInterceptor(metrics)] if metrics else []),
+        ],
         limits=connection_limits(settings),
         credentials=access.credentials,
     ).setServiceParent(top)
@@ -338,7 +346,13 @@ def makeService(options: Options) -> SidecarService:
     # Logged before twistd starts logging: the log replays it first, ahead of twistd's own lines.
     log.info("{line}", line=starting_line(settings))
     try:
-        sidecar = build_sidecar(settings)
+        tracing = tracing_setup.install()
+    except tracing_setup.TracingConfigError as e:
+        exit_with(str(e))
+    if tracing is not None:
+        log.info("OpenTelemetry {where}", where=tracing_setup.describe(tracing))
+    try:
+        sidecar = build_sidecar(settings, tracing=tracing)
     except (StateDirectoryError, TlsError, CallerTokensError) as e:
         exit_with(str(e))
     except Exception as e:
