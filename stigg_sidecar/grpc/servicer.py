@@ -420,7 +420,7 @@ class SidecarServicer(SidecarServiceServicer):
                 exists = self._writer.reload(customer_id, resource_id, self._budget(context, self._read_timeout))
             except WriteError as e:
                 # Stigg's contract: a reload that fails reports false rather than an error.
-                log.warn("Reload of {customer} failed: {why}", customer=quoted(customer_id), why=clipped(e.message))
+                log.warn("Reload of {customer} failed: {why}", customer=quoted(customer_id), why=e.message)
                 exists = False
             return pb.ReloadEntitlementsResponse(entitled_entity_exists=exists)
 

@@ -1,6 +1,8 @@
 """Log output: twisted.logger events as text lines or JSON objects on stdout, filtered by level.
 
-Owns formatting only. Secrets stay out by construction: no code passes a secret into a log event,
+Owns formatting only. A JSON line written inside a trace span carries its `trace_id` and
+`span_id` (observers run on the thread that logs, so the current span is the logging code's),
+which joins the logs to the traces. Secrets stay out by construction: no code passes a secret into a log event,
 and settings objects hide them from repr. Input cannot inflate a line: code quotes caller input
 through stigg_sidecar.quoting, and as a backstop every string field is clipped and every line is
 bounded here, so a log line never carries megabytes whatever an event holds.
@@ -12,6 +14,7 @@ import json
 import sys
 from typing import IO, Any
 
+from opentelemetry import trace
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -80,6 +83,10 @@ class JsonLineObserver:
             "message": formatEvent(event),
             "fields": {k: _json_safe(v) for k, v in event.items() if k not in _INTERNAL and not k.startswith("log_")},
         }
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            record["trace_id"] = f"{span.trace_id:032x}"
+            record["span_id"] = f"{span.span_id:016x}"
         failure = event.get("log_failure")
         if isinstance(failure, Failure):
             record["error"] = clipped(failure.getErrorMessage(), _FIELD_LIMIT)
@@ -105,13 +112,19 @@ class TextLineObserver:
 
 # Library lines an operator does want at info: the signal that began a shutdown.
 _LIBRARY_INFO_KEPT = ("Received SIG",)
+# Libraries whose warnings are about connections the sidecar reports itself, in its own words (the
+# real-time socket): autobahn's "dropping connection to peer ... with abort=True: None" says nothing more.
+_LIBRARY_WARNINGS_AT_DEBUG = ("autobahn.",)
 
 
 def is_library_chatter(event: dict) -> bool:
-    """An info line from a library (Twisted's factories, ports, retries, twistd's banner), not ours."""
+    """An info line from a library (Twisted's factories, ports, retries, twistd's banner), not
+    ours, or a warning from a library in `_LIBRARY_WARNINGS_AT_DEBUG`."""
+    namespace = event.get("log_namespace") or ""
+    if event.get("log_level") == LogLevel.warn:
+        return namespace.startswith(_LIBRARY_WARNINGS_AT_DEBUG)
     if event.get("log_level") != LogLevel.info:
         return False
-    namespace = event.get("log_namespace") or ""
     if namespace == "stigg_sidecar" or namespace.startswith("stigg_sidecar."):
         return False
     text = event.get("log_format") or ""
@@ -120,7 +133,8 @@ def is_library_chatter(event: dict) -> bool:
 
 @implementer(ILogObserver)
 class LibraryChatterAtDebug:
-    """Passes events on, with libraries' info lines lowered to debug: info is what an operator needs."""
+    """Passes events on, with libraries' info lines (and some libraries' warnings) lowered to debug:
+    info is what an operator needs."""
 
     def __init__(self, observer: ILogObserver) -> None:
         self._observer = observer
