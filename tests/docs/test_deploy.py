@@ -199,7 +199,7 @@ class ComposeTests(SynchronousTestCase):
 
     def test_one_image_built_from_the_repository(self):
         for service in (self.sidecar, self.emulator):
-            self.assertEqual(service["image"].split(":")[0], SIDECAR_IMAGE)
+            self.assertEqual(interpolate(service["image"])[0].split(":")[0], SIDECAR_IMAGE)
             self.assertEqual((DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).resolve(), DOCKERFILE)
 
 
