@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import secrets
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 from stigg_sidecar.entitlements.records import CustomerEntry
 
@@ -69,6 +69,15 @@ class WriteError(Exception):
         self.message = message
 
 
+class RemoteError(Exception):
+    """A call to Stigg that failed, as the layers above the upstream client see it: the gRPC status
+    a write turns it into (`failure`) and a message safe to show the caller. `upstream.api`'s
+    `UpstreamError` is one; the write gate turns any into a `WriteError` without knowing the client."""
+
+    failure: WriteFailure
+    message: str
+
+
 def measurement_id() -> str:
     """A random id in the style of Stigg's offline acknowledgements (21 URL-safe characters)."""
     return secrets.token_urlsafe(16)[:21]
@@ -90,10 +99,18 @@ class EntitlementSource(Protocol):
 
 
 class Writer(Protocol):
-    """Carries writes out; called from gRPC handler threads; raises WriteError."""
+    """Carries writes out; called from gRPC handler threads; raises WriteError.
 
-    def report_usage(self, usages: Sequence[UsageReport], timeout: float) -> Sequence[UsageAck]: ...
+    `still_wanted` says whether the caller still waits (False once it cancelled the call): a
+    writer that can still take a write back (the spool, before it acknowledges) drops one whose
+    caller is gone, so a write counts only if its caller saw it acknowledged."""
 
-    def report_events(self, events: Sequence[EventReport], timeout: float) -> None: ...
+    def report_usage(
+        self, usages: Sequence[UsageReport], timeout: float, still_wanted: Callable[[], bool] | None = None
+    ) -> Sequence[UsageAck]: ...
+
+    def report_events(
+        self, events: Sequence[EventReport], timeout: float, still_wanted: Callable[[], bool] | None = None
+    ) -> None: ...
 
     def reload(self, customer_id: str, resource_id: str | None, timeout: float) -> bool: ...

@@ -51,6 +51,7 @@ from stigg_sidecar.process import gcpolicy
 from stigg_sidecar.process.logs import make_observer
 from stigg_sidecar.process.service import SidecarService
 from stigg_sidecar.process.startup import exit_with, starting_line, version_text
+from stigg_sidecar.process.stopping import StopBudget
 from stigg_sidecar.settings import SPECS, Settings, SettingsError, load_settings, parse_bool
 from stigg_sidecar.state.directory import StateDirectory, StateDirectoryError
 from stigg_sidecar.state.snapshot import FILE_NAME as SNAPSHOT_FILE
@@ -136,6 +137,16 @@ def _grpc_health_and_reflection(server: grpc.Server, readiness: Readiness) -> No
                                          reflection.SERVICE_NAME), server)
 
 
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    """The gRPC server's connection limits, from the settings (grpc/ never reads settings itself)."""
+    return ConnectionLimits(
+        keepalive_secs=settings.grpc_keepalive_secs,
+        keepalive_timeout_secs=settings.grpc_keepalive_timeout_secs,
+        max_connection_idle_secs=settings.grpc_max_connection_idle_secs,
+        max_concurrent_streams=settings.grpc_max_concurrent_streams,
+    )
+
+
 def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -143,7 +154,9 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         reactor = default_reactor
     readiness = Readiness()
     readiness.block("grpc", "gRPC server is not serving yet")
-    top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format))
+    # One deadline for the whole stop: gRPC drain, spool delivery and the last snapshot share it.
+    budget = StopBudget(settings.shutdown_grace_secs, reactor)
+    top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format), budget)
     fetch_timeout = settings.entitlements_timeout_ms / 1000
     metrics = Metrics() if settings.metrics_enabled else None
     if metrics is not None:
@@ -159,7 +172,8 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         ).set(1)
 
     HttpService(
-        health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics),
+        health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics,
+                   settings.metrics_max_age_ms / 1000),
         settings.bind_address,
         settings.http_port,
         reactor,
@@ -197,6 +211,7 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         UpstreamService(
             reactor, api, backend, readiness, fetch_timeout,
             on_init_error=metrics.initialization_errors.inc if metrics else (lambda: None),
+            budget=budget,
         ).setServiceParent(top)
         refresher = Refresher(reactor, backend)
         poller = Poller(reactor, refresher, settings.poll_interval_secs, active=True)
@@ -214,6 +229,7 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
                 reactor, state_dir.file(SNAPSHOT_FILE), online, settings.snapshot_interval_secs,
                 refresh=refresher.refresh, readiness=readiness,
                 on_loaded_age=metrics.snapshot_loaded_age.set if metrics is not None else (lambda age: None),
+                budget=budget,
             ).setServiceParent(top)
         writer = DirectDelivery(
             WriteGate(reactor, online.waiting_writes, lambda: online.key_rejected), UpstreamWrites(api, online), online
@@ -232,7 +248,7 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
                 batch_size=settings.spool_batch_size,
                 flush_interval=settings.spool_flush_ms / 1000,
                 send_timeout=fetch_timeout,
-                grace=settings.shutdown_grace_secs,
+                budget=budget,
                 readiness=readiness,
                 metrics=metrics,
             )
@@ -261,10 +277,11 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         max_workers=settings.grpc_max_workers,
         max_message_bytes=settings.grpc_max_message_bytes,
         grace=settings.shutdown_grace_secs,
+        budget=budget,
         reactor=reactor,
         on_serving=lambda port: readiness.unblock("grpc"),
         interceptors=[MetricsInterceptor(metrics)] if metrics else [],
-        limits=ConnectionLimits.from_settings(settings),
+        limits=connection_limits(settings),
     ).setServiceParent(top)
     return top
 

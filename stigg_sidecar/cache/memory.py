@@ -24,7 +24,7 @@ from itertools import islice
 from typing import Callable, Iterator
 
 from stigg_sidecar.entitlements.records import CustomerEntry, keep_newer_usage, newer_or_equal
-from stigg_sidecar.process.gcpolicy import untrack
+from stigg_sidecar.entitlements.tracking import untrack
 
 # Reads remembered for the reactor to replay: bounds both the memory and one replay's work
 # (~1 ms at the bound).

@@ -7,7 +7,7 @@ online backend.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from twisted.internet.defer import inlineCallbacks
 
@@ -36,10 +36,15 @@ class DirectDelivery:
 
     # -- handler threads --------------------------------------------------------------------------
 
-    def report_usage(self, usages: Sequence[UsageReport], timeout: float) -> Sequence[UsageAck]:
+    # `still_wanted` is not consulted: a write sent to Stigg cannot be taken back.
+    def report_usage(
+        self, usages: Sequence[UsageReport], timeout: float, still_wanted: Callable[[], bool] | None = None
+    ) -> Sequence[UsageAck]:
         return self._gate.run(self._report_usage, usages, timeout=timeout)
 
-    def report_events(self, events: Sequence[EventReport], timeout: float) -> None:
+    def report_events(
+        self, events: Sequence[EventReport], timeout: float, still_wanted: Callable[[], bool] | None = None
+    ) -> None:
         self._gate.run(self._writes.events, events, timeout=timeout)
 
     def reload(self, customer_id: str, resource_id: str | None, timeout: float) -> bool:

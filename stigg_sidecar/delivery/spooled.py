@@ -13,7 +13,9 @@ after that runs on the reactor:
 - A batch Stigg refuses for good (a GraphQL error such as FeatureNotFound or BadUserInput) is
   split in halves until the record to blame is alone; that record goes to the dead-letter table
   with one log line, and the records behind it keep going.
-- Stop: deliver what can be delivered within `grace` seconds; the rest stays on disk for the
+- Stop: deliver what can be delivered within the stop's budget (shared with the gRPC drain and
+  the snapshot: `StopBudget`), and no longer than something can still go: with Stigg down, once
+  the next attempt would come after the deadline, the stop ends. The rest stays on disk for the
   next start, which loads it before readiness and delivers it.
 """
 
@@ -33,11 +35,13 @@ from twisted.python.failure import Failure
 
 from stigg_sidecar.contracts import EventReport, UsageAck, UsageReport, WriteError, WriteFailure, measurement_id
 from stigg_sidecar.crossing.gate import WriteGate
+from stigg_sidecar.crossing.wait import Handoff
 from stigg_sidecar.delivery import bodies as bodies
 from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.delivery.spool import SpoolFile, StoredRecord
 from stigg_sidecar.delivery.upstream import UpstreamWrites
-from stigg_sidecar.quoting import clipped, quoted
+from stigg_sidecar.process.stopping import StopBudget
+from stigg_sidecar.quoting import quoted
 from stigg_sidecar.upstream.api import RetryPolicy, UpstreamError
 
 log = Logger()
@@ -82,6 +86,7 @@ class SpooledDelivery(Service):
         flush_interval: float = 0.1,
         send_timeout: float = 10.0,
         grace: float = 10.0,
+        budget: StopBudget | None = None,
         backoff: RetryPolicy = DELIVERY_BACKOFF,
         rng: Callable[[], float] = random.random,
         readiness=None,
@@ -97,7 +102,8 @@ class SpooledDelivery(Service):
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._send_timeout = send_timeout
-        self._grace = grace
+        # The stop's deadline, shared with the other parts (else `grace` seconds of its own).
+        self._budget = budget if budget is not None else StopBudget(grace, clock)
         self._backoff = backoff
         self._rng = rng
         self._readiness = readiness
@@ -114,6 +120,7 @@ class SpooledDelivery(Service):
         self._stopping = False
         self.delivered = 0
         self.dead_lettered = 0
+        self.unacknowledged = 0  # records synced after their caller's deadline or cancellation, removed
 
     # -- gauges -----------------------------------------------------------------------------------
 
@@ -132,27 +139,34 @@ class SpooledDelivery(Service):
 
     # -- handler threads --------------------------------------------------------------------------
 
-    def report_usage(self, usages: Sequence[UsageReport], timeout: float) -> Sequence[UsageAck]:
-        return self._gate.run(self._accept_usage, usages, timeout=timeout)
+    def report_usage(
+        self, usages: Sequence[UsageReport], timeout: float, still_wanted: Callable[[], bool] | None = None
+    ) -> Sequence[UsageAck]:
+        return self._gate.run_acknowledged(self._accept_usage, usages, timeout=timeout, still_wanted=still_wanted)
 
-    def report_events(self, events: Sequence[EventReport], timeout: float) -> None:
-        self._gate.run(self._accept_events, events, timeout=timeout)
+    def report_events(
+        self, events: Sequence[EventReport], timeout: float, still_wanted: Callable[[], bool] | None = None
+    ) -> None:
+        self._gate.run_acknowledged(self._accept_events, events, timeout=timeout, still_wanted=still_wanted)
 
     def reload(self, customer_id: str, resource_id: str | None, timeout: float) -> bool:
         return self._reloads.reload(customer_id, resource_id, timeout)
 
     # -- reactor: accepting -----------------------------------------------------------------------
 
-    def _accept_usage(self, usages: Sequence[UsageReport], budget: float) -> Deferred:
+    def _accept_usage(self, usages: Sequence[UsageReport], budget: float, handoff: Handoff | None = None) -> Deferred:
         keyed = [(u, measurement_id()) for u in usages]
         rows = [(bodies.usage_body(u, key), (u, key)) for u, key in keyed]
-        return self._append(bodies.USAGE, rows).addCallback(self._usage_acks)
+        return self._append(bodies.USAGE, rows, handoff).addCallback(self._usage_acks)
 
-    def _accept_events(self, events: Sequence[EventReport], budget: float) -> Deferred:
+    def _accept_events(self, events: Sequence[EventReport], budget: float, handoff: Handoff | None = None) -> Deferred:
         rows = [(bodies.event_body(e), e) for e in events]
-        return self._append(bodies.EVENT, rows).addCallback(lambda _: None)
+        return self._append(bodies.EVENT, rows, handoff).addCallback(lambda _: None)
 
-    def _append(self, kind: str, rows: list[tuple[str, Any]]) -> Deferred:
+    def _append(self, kind: str, rows: list[tuple[str, Any]], handoff: Handoff | None = None) -> Deferred:
+        """Store `rows`; once synced, and only if `handoff` is still claimable (the caller will
+        get the acknowledgement), they count and wait for delivery. Synced too late for their
+        caller, they are deleted again: a write whose caller saw a failure is never delivered."""
         if not self.running or self._stopping:
             raise WriteError(WriteFailure.UNAVAILABLE, "the sidecar is shutting down; write not accepted")
         if not self._loaded:
@@ -168,6 +182,10 @@ class SpooledDelivery(Service):
 
         def synced(seqs: list[int]) -> list[_Record]:
             self._reserved -= size
+            if handoff is not None and not handoff.claim():
+                self._unacknowledged(seqs)
+                raise WriteError(WriteFailure.DEADLINE_EXCEEDED,
+                                 "the write spool did not sync within the call's deadline; write not recorded")
             added = []
             for seq, (body, payload) in zip(seqs, rows, strict=True):
                 if kind == bodies.USAGE:
@@ -186,6 +204,14 @@ class SpooledDelivery(Service):
             raise WriteError(WriteFailure.UNAVAILABLE, "the write spool could not be written; write not accepted")
 
         return self.spool.append([(kind, body, now_ms) for body, _ in rows]).addCallbacks(synced, failed)
+
+    def _unacknowledged(self, seqs: list[int]) -> None:
+        """Records synced after their caller gave up: removed before anything could send them."""
+        self.unacknowledged += len(seqs)
+        self.spool.delete(seqs).addErrback(
+            lambda f: log.error("Could not remove {n} unacknowledged records from the spool: {why}",
+                                n=len(seqs), why=f.getErrorMessage())
+        )
 
     def _register(self, record: _Record) -> None:
         self._queues[record.kind][record.seq] = record
@@ -254,10 +280,12 @@ class SpooledDelivery(Service):
 
     @inlineCallbacks
     def stopService(self):
-        """Deliver what can be delivered within the grace period; the rest stays on disk."""
+        """Deliver what can be delivered within the stop's budget; the rest stays on disk."""
         super().stopService()
         self._stopping = True
-        deadline = self._clock.seconds() + self._grace
+        self._budget.begin()
+        left = self._budget.remaining()
+        deadline = self._clock.seconds() + left
         if self._flush_timer is not None and self._flush_timer.active():
             self._flush_timer.cancel()
         self._flush_timer = None
@@ -266,9 +294,9 @@ class SpooledDelivery(Service):
             if timer is not None and timer.active():
                 timer.cancel()
             self._waiting[kind] = None
-            if self._grace > 0:  # no time at all: start nothing that would outlive the stop
+            if left > 0:  # no time at all: start nothing that would outlive the stop
                 self._pump(kind)
-        while self._loaded and self._busy() and self._clock.seconds() < deadline:
+        while self._loaded and self._can_deliver_before(deadline) and self._clock.seconds() < deadline:
             yield deferLater(self._clock, min(0.05, max(0.0, deadline - self._clock.seconds())), lambda: None)
         for kind in KINDS:
             timer = self._waiting[kind]
@@ -276,11 +304,20 @@ class SpooledDelivery(Service):
                 timer.cancel()
         self._stopping = False  # stopped: nothing more is sent (see _pump)
         if self.records:
-            log.info("{n} spooled records stay on disk for the next start", n=self.records)
+            log.info("{n} spooled {records} stay on disk for the next start", n=self.records,
+                     records="record" if self.records == 1 else "records")
         yield self.spool.close()
 
-    def _busy(self) -> bool:
-        return any(self._queues[kind] or self._inflight[kind] for kind in KINDS)
+    def _can_deliver_before(self, deadline: float) -> bool:
+        """Whether a batch is in flight, or one waits whose next attempt comes before `deadline`."""
+        for kind in KINDS:
+            if self._inflight[kind] is not None:
+                return True
+            if self._queues[kind]:
+                timer = self._waiting[kind]
+                if timer is None or not timer.active() or timer.getTime() < deadline:
+                    return True
+        return False
 
     # -- reactor: delivering ----------------------------------------------------------------------
 
@@ -408,7 +445,7 @@ class SpooledDelivery(Service):
             log.warn(
                 "Stigg refused spooled {what} for customer {customer} (idempotency key {key}) for good: {why};"
                 " moved to the dead letters of {path}",
-                what=what, customer=quoted(customer), key=quoted(record.key), why=clipped(why), path=self.spool.path,
+                what=what, customer=quoted(customer), key=quoted(record.key), why=why, path=self.spool.path,
             )
             self._inflight[kind] = None
             self._next(kind)

@@ -2,9 +2,15 @@
 
 Owns the grpc.Server: its handler pool (`executor.HandlerPool`: `max_workers` threads run calls,
 more while calls block on Stigg), its connection limits (`ConnectionLimits`), its port and its
-graceful stop. Start binds and serves; stop
-refuses new calls at once and lets in-flight ones finish within the grace period, returning a
-Deferred the parent MultiService waits on. Knows nothing of entitlements.
+graceful stop. Start binds and serves. Stop drains the way gRPC servers do: readiness and gRPC
+health have already turned NOT_SERVING (the parent does that first), so clients watching them
+send their calls elsewhere; calls still arriving are served until none came for a moment (at
+most `DRAIN_MAX_SECS`); then `server.stop` sends GOAWAY, refuses new calls (UNAVAILABLE, which
+clients retry elsewhere) and lets in-flight ones finish within what is left of the stop's
+budget. Returns a Deferred the parent MultiService waits on. Knows nothing of entitlements.
+
+Why the wait before GOAWAY: grpc-core cancels (CANCELLED, which clients do not retry) the calls
+that arrived but were not yet handed to Python when the server shuts down.
 """
 
 from __future__ import annotations
@@ -15,13 +21,14 @@ from typing import Callable, Sequence, cast
 
 import grpc
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from stigg_sidecar.crossing.pool import HandlerPool
-from stigg_sidecar.process.startup import ListenError, probe_bind
-from stigg_sidecar.settings import Settings
+from stigg_sidecar.process.listening import ListenError, probe_bind
+from stigg_sidecar.process.stopping import StopBudget
 
 log = Logger()
 
@@ -32,28 +39,24 @@ Registration = Callable[[grpc.Server], None]
 # 10 s); more often is abuse, and grpc-core answers it with GOAWAY "too_many_pings".
 MIN_CLIENT_PING_INTERVAL_MS = 10_000
 
+# Stopping: calls still arriving after NOT_SERVING are served until none came for QUIET_SECS,
+# for at most DRAIN_MAX_SECS (and at most a quarter of the stop's budget), before GOAWAY.
+QUIET_SECS = 0.1
+DRAIN_MAX_SECS = 1.0
+
 
 @dataclass(frozen=True)
 class ConnectionLimits:
     """How long a gRPC connection may stay idle or silent, and how many calls it may carry at once.
 
-    Without these grpc-core keeps a connection (even a half-open one) open forever. The defaults
-    are the settings' (`ConnectionLimits.from_settings(Settings())`).
+    Without these grpc-core keeps a connection (even a half-open one) open forever. The values are
+    the settings' (the assembly's `connection_limits(settings)`): this package never reads settings.
     """
 
     keepalive_secs: float
     keepalive_timeout_secs: float
     max_connection_idle_secs: float
     max_concurrent_streams: int
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ConnectionLimits:
-        return cls(
-            keepalive_secs=settings.grpc_keepalive_secs,
-            keepalive_timeout_secs=settings.grpc_keepalive_timeout_secs,
-            max_connection_idle_secs=settings.grpc_max_connection_idle_secs,
-            max_concurrent_streams=settings.grpc_max_concurrent_streams,
-        )
 
     def options(self) -> list[tuple[str, int]]:
         """grpc-core channel arguments (milliseconds, at least 1)."""
@@ -105,11 +108,13 @@ class GrpcService(Service):
         max_workers: int,
         max_message_bytes: int,
         grace: float,
+        limits: ConnectionLimits,
         reactor=None,
         on_serving: Callable[[int], None] | None = None,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
-        limits: ConnectionLimits | None = None,
+        budget: StopBudget | None = None,
     ) -> None:
+        """`budget`: the stop's deadline shared with the other parts (else `grace` seconds of its own)."""
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -120,10 +125,10 @@ class GrpcService(Service):
         self._requested_port = port
         self._max_workers = max_workers
         self._max_message_bytes = max_message_bytes
-        self._grace = grace
+        self._budget = budget if budget is not None else StopBudget(grace, reactor)
         self._on_serving = on_serving
         self._interceptors = list(interceptors)
-        self._limits = limits if limits is not None else ConnectionLimits.from_settings(Settings())
+        self._limits = limits
         self._server: grpc.Server | None = None
         self.pool: HandlerPool | None = None
         self.port: int | None = None
@@ -174,17 +179,32 @@ class GrpcService(Service):
         server, self._server = self._server, None
         if server is None:
             return None
-        log.info("gRPC stopping: refusing new calls, {grace}s for in-flight ones", grace=self._grace)
-        done = server.stop(self._grace)
+        self._budget.begin()
+        return self._drain(server)
+
+    @inlineCallbacks
+    def _drain(self, server: grpc.Server):
         pool, self.pool = self.pool, None
+        yield self._until_quiet(pool, min(DRAIN_MAX_SECS, self._budget.remaining() / 4))
+        grace = self._budget.remaining()
+        log.info("gRPC stopping: GOAWAY, new calls refused, {grace:.1f}s for in-flight ones", grace=grace)
+        done = server.stop(grace)
         # Waiting on the event blocks, so it happens on the reactor's thread pool (still running
         # while "before shutdown" triggers, which stop services, are pending).
-        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), done.wait, self._grace + 5)
+        yield deferToThreadPool(self._reactor, self._reactor.getThreadPool(), done.wait, grace + 1)
+        if pool is not None:
+            pool.shutdown(wait=False)  # parked threads exit now, any still waiting after their call
+        log.info("gRPC stopped")
 
-        def stopped(_: object) -> None:
-            if pool is not None:
-                pool.shutdown(wait=False)  # parked threads exit now, any still waiting after their call
-            log.info("gRPC stopped")
-
-        d.addCallback(stopped)
-        return d
+    @inlineCallbacks
+    def _until_quiet(self, pool: HandlerPool | None, at_most: float):
+        """Serve on until no call arrived for QUIET_SECS, or for `at_most` seconds."""
+        if pool is None:
+            return
+        ends = self._reactor.seconds() + at_most
+        seen = pool.submitted
+        while self._reactor.seconds() < ends:
+            yield deferLater(self._reactor, min(QUIET_SECS, max(0.0, ends - self._reactor.seconds())), lambda: None)
+            if pool.submitted == seen:
+                return
+            seen = pool.submitted

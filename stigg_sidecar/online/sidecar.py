@@ -72,7 +72,7 @@ class _ThrottledWarning:
         log.warn(
             "Entitlements for {customer} unavailable ({why}); answering fallbacks{more}",
             customer=quoted(customer_id),
-            why=clipped(why),
+            why=why,  # our wording, with any outside text in it clipped where it was composed
             suppressed=suppressed,
             more=more,
         )
@@ -160,7 +160,7 @@ class OnlineSidecar:
                 self._on_fast_failed("upstream_down")
             self._fallback_log.warn(customer_id, e.message)
         except MalformedState as e:
-            self._fallback_log.warn(customer_id, f"malformed: {e}")
+            self._fallback_log.warn(customer_id, f"malformed: {clipped(str(e))}")
         return None
 
     def _fetch_quietly(self, customer_id: str, resource_id: str | None) -> None:
@@ -217,6 +217,14 @@ class OnlineSidecar:
                 return self.store(shared)
             lock_ms = int(self._fetch_timeout * 1000) + 1000  # held as long as our fetch may take
             token = yield mirror.acquire_fetch_lock(customer_id, resource_id, ttl_ms=lock_ms)
+            if token is not None and mirror.connected:
+                # The read above may predate a peer's whole fetch: it wrote Redis and released the
+                # lock between our read and our lock. Looked at again under the lock, the fleet
+                # fetches a customer once.
+                shared = yield mirror.read(customer_id, resource_id)
+                if self._usable(shared):
+                    mirror.release_fetch_lock(customer_id, resource_id, token)
+                    return self.store(shared)
             # Another sidecar of the fleet is fetching this customer: wait for its result.
             if token is None and (yield mirror.wait_for_fetch(customer_id, resource_id, self._fetch_timeout + 0.5)):
                 shared = yield mirror.read(customer_id, resource_id)

@@ -28,7 +28,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, Respon
 from twisted.web.http_headers import Headers
 
 import stigg_sidecar
-from stigg_sidecar.contracts import EventReport, UsageReport, WriteFailure, measurement_id
+from stigg_sidecar.contracts import EventReport, RemoteError, UsageReport, WriteFailure, measurement_id
 from stigg_sidecar.quoting import clipped
 from stigg_sidecar.upstream import operations
 from stigg_sidecar.upstream.breaker import BreakerOpen, BreakerPolicy, CircuitBreaker
@@ -51,7 +51,7 @@ _CONNECTION_ERRORS = (
 )
 
 
-class UpstreamError(Exception):
+class UpstreamError(RemoteError):
     """A call to Stigg failed. `message` is safe to return to a caller; `retryable` says whether
     trying again might help; `failure` is the gRPC status a write turns it into; `code` is the
     GraphQL error code when Stigg answered with one (the request reached Stigg and was refused)."""
@@ -257,7 +257,8 @@ class StiggApi:
         self._headers = identification_headers(api_key)
         self._pools: list[_ClosablePool] = []
         self._pauses: set[Deferred] = set()
-        self._attempts: set[Deferred] = set()  # one per attempt in flight, fired when it settles
+        # One per attempt in flight, fired when it settles -> what cuts the attempt short.
+        self._attempts: dict[Deferred, Callable[[], None]] = {}
         self._closed = False
         self._graphql = self._client()
         self._edge = self._client()
@@ -284,17 +285,24 @@ class StiggApi:
         return headers
 
     @inlineCallbacks
-    def close(self):
+    def close(self, within: float | None = None):
         """Stop retrying (pending calls fail with their last error) and close the pools.
 
         Fires once every connection is closed: an attempt in flight keeps its connection until it
-        settles (bounded by its own timeout), and that connection would otherwise go back to the
-        pool and idle there after the sidecar stopped; so the pools close after the attempts.
+        settles (bounded by its own timeout, and by `within` seconds when given: the stop's
+        budget, past which it is cut short as a timeout), and that connection would otherwise go
+        back to the pool and idle there after the sidecar stopped; so the pools close after the
+        attempts.
         """
         self._closed = True  # an attempt still in flight fails with its error, no new pause
         for pause in list(self._pauses):
             pause.cancel()
+        cut = None
+        if within is not None and self._attempts:
+            cut = self._reactor.callLater(within, lambda: [expire() for expire in list(self._attempts.values())])
         yield defer.gatherResults(list(self._attempts))  # each settles within its own timeout
+        if cut is not None and cut.active():
+            cut.cancel()
         yield defer.gatherResults([p.close() for p in self._pools])
 
     # -- transport --------------------------------------------------------------------------------
@@ -317,7 +325,7 @@ class StiggApi:
                 d.cancel()
 
         settled: Deferred = Deferred()
-        self._attempts.add(settled)
+        self._attempts[settled] = expire
         timer = self._reactor.callLater(timeout, expire)
         try:
             pending[:] = [send(timeout)]
@@ -358,7 +366,7 @@ class StiggApi:
         finally:
             if timer.active():
                 timer.cancel()
-            self._attempts.discard(settled)
+            self._attempts.pop(settled, None)
             settled.callback(None)
             if self.on_attempt is not None:
                 self.on_attempt(endpoint, outcome, self._reactor.seconds() - started)

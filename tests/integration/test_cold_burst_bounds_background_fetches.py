@@ -1,6 +1,6 @@
-"""Issue 12: a cold burst past MAX_WAITING_READS must not start a fetch per fallback it answers
-(unbounded, those fetches piled up on the reactor and ballooned the heap): background fetches
-are bounded like the waiting reads, and the customers they skip are fetched on a later read."""
+"""A cold burst past MAX_WAITING_READS must not start a fetch per fallback it answers (unbounded,
+those fetches piled up on the reactor and ballooned the heap; issue 12): background fetches are
+bounded like the waiting reads, and the customers they skip are fetched on a later read."""
 
 from __future__ import annotations
 

@@ -9,11 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
 import re
-import signal
-import sys
-import tempfile
 from datetime import datetime, timezone
 from random import Random
 from typing import Any
@@ -21,7 +17,6 @@ from typing import Any
 import treq
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
@@ -707,93 +702,3 @@ class StiggApiClientTests(TestCase):
 
         extensions = await threads.deferToThread(asyncio.run, scenario()).addTimeout(25, reactor)
         self.assertEqual(extensions, {"code": "CustomerNotFound"})
-
-
-# -- the twistd plugin ----------------------------------------------------------------------------
-
-
-class TwistdOutput(ProcessProtocol):
-    """Collects a twistd process's output; `listening` fires with the announced URL."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.listening: Deferred[str] = Deferred()
-        self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        self.output += data
-        match = re.search(rb"stigg-emulator listening on (http://127\.0\.0\.1:\d+)", self.output)
-        if match and not self.listening.called:
-            self.listening.callback(match.group(1).decode())
-
-    def processEnded(self, reason: Any) -> None:
-        self.ended.callback((reason.value.exitCode, reason.value.signal))
-
-
-class TwistdPluginTests(TestCase):
-    timeout = 30
-
-    def spawn(self, *args: str) -> TwistdOutput:
-        protocol = TwistdOutput()
-        env = {**os.environ, "PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1"}
-        command = [
-            sys.executable,
-            "-c",
-            "import sys; from twisted.scripts.twistd import run; " "sys.argv[0] = 'twistd'; run()",
-            "-n",
-            "--pidfile=",
-            "--logfile=-",
-            "stigg-emulator",
-            *args,
-        ]
-        process = reactor.spawnProcess(
-            protocol, sys.executable, command, env=env, path=tempfile.gettempdir()
-        )
-
-        def kill_if_running() -> Deferred | None:
-            if protocol.ended.called:
-                return None
-            process.signalProcess("KILL")
-            return protocol.ended
-
-        self.addCleanup(kill_if_running)
-        return protocol
-
-    async def test_bad_data_file_stops_start_up_with_one_line(self) -> None:
-        data = copy.deepcopy(SEED)
-        data["customers"]["acme"]["entitlements"][2]["feature"]["featureType"] = "NUMBR"
-        path = os.path.abspath(self.mktemp())
-        with open(path, "w") as stream:
-            json.dump(data, stream)
-        protocol = self.spawn("--port", "0", "--data", path)
-        exit_code, _ = await protocol.ended.addTimeout(20, reactor)
-        output = protocol.output.decode()
-        self.assertEqual(exit_code, 1)
-        self.assertNotIn("Traceback", output)
-        self.assertEqual(
-            output.strip(),
-            f"stigg-emulator: {path}: customers.acme.entitlements[2].feature.featureType: "
-            "must be one of BOOLEAN, NUMBER, ENUM",
-        )
-
-    async def test_serves_the_example_on_a_free_port_and_stops_on_sigterm(self) -> None:
-        protocol = self.spawn("--port", "0", "--data", EXAMPLE, "--api-key", "extra-key")
-        url = await protocol.listening.addTimeout(20, reactor)
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        http = treq.client.HTTPClient(Agent(reactor, pool=pool))
-        for key in ("local-dev-key", "extra-key"):
-            response = await http.get(
-                f"{url}/v1/c/customer-acme/entitlements-state.json?resourceId=site-main",
-                headers={"X-API-KEY": key},
-            ).addTimeout(WAIT, reactor)
-            body = await treq.json_content(response).addTimeout(WAIT, reactor)
-            self.assertEqual(response.code, 200)
-            (seats,) = body["data"]["entitlementsState"]["entitlementsV2"]
-            self.assertEqual(seats["feature"]["refId"], "feature-seats")
-        protocol.transport.signalProcess("TERM")  # type: ignore[union-attr]
-        exit_code, exit_signal = await protocol.ended.addTimeout(20, reactor)
-        # twistd stops cleanly, then re-raises SIGTERM on itself to report how it was stopped.
-        self.assertIn((exit_code, exit_signal), [(0, None), (None, signal.SIGTERM)])
-        self.assertIn(b"Server Shut Down.", protocol.output)
-        self.assertEqual(protocol.output.count(b"stigg-emulator listening on"), 1)
-        self.assertNotIn(b"Traceback", protocol.output)

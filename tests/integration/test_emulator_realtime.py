@@ -39,6 +39,7 @@ from stigg_sidecar.emulator.testing import (
 from stigg_sidecar.emulator.websocket import parse_message
 from tests.fixtures.data import EMULATOR_KEY as KEY
 from tests.fixtures.data import EMULATOR_SEED as SEED
+from tests.fixtures.polling import until
 
 WAIT = 5.0  # seconds: bound on any single network wait
 
@@ -208,12 +209,16 @@ class EmulatorWebSocketTests(TestCase):
     async def wait_for_sockets(self, **expected: int) -> None:
         """Poll GET /_emulator/sockets until it shows ``expected`` (as a test of a reconnecting
         client would)."""
-        for _ in range(100):
-            _, sockets = await self.request("GET", "/_emulator/sockets")
-            if all(sockets[name] == count for name, count in expected.items()):
-                return
-            await deferLater(reactor, 0.02, lambda: None)
-        self.fail(f"GET /_emulator/sockets never showed {expected}: {sockets}")
+        sockets: dict[str, Any] = {}
+
+        async def shown() -> bool:
+            sockets.update((await self.request("GET", "/_emulator/sockets"))[1])
+            return all(sockets[name] == count for name, count in expected.items())
+
+        try:
+            await until(shown, 5, interval=0.02)
+        except AssertionError:
+            self.fail(f"GET /_emulator/sockets never showed {expected}: {sockets}")
 
     async def request(
         self, method: str, path: str, body: Any = None, key: str | None = None

@@ -14,6 +14,8 @@ from stigg_sidecar.grpc.intake import add_sidecar_service
 from stigg_sidecar.grpc.server import GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
 from stigg_sidecar.offline import OfflineSidecar
+from stigg_sidecar.settings import Settings
+from stigg_sidecar.tap import connection_limits
 
 MAX_MESSAGE = 64 * 1024
 
@@ -29,6 +31,7 @@ class InvalidArgumentTests(SynchronousTestCase):
             max_workers=4,
             max_message_bytes=MAX_MESSAGE,
             grace=0.5,
+            limits=connection_limits(Settings()),
         )
         self.service.privilegedStartService()
         self.service.startService()

@@ -1,6 +1,6 @@
-"""Issue 10 finding 9: a malformed field in Stigg's answer (a usage that overflowed to inf
-upstream) costs that one entitlement, never the customer: the bad entitlement answers the
-fallback, the others Stigg's data; it is counted and logged, and a reload says which it was."""
+"""A malformed field in Stigg's answer (a usage that overflowed to inf upstream) costs that one
+entitlement, never the customer (issue 10, finding 9): the bad entitlement answers the fallback,
+the others Stigg's data; it is counted and logged, and a reload says which it was."""
 
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ from twisted.internet.ssl import Certificate
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from stigg_sidecar.cache import redis as redis_module
 from stigg_sidecar.cache.redis import RedisMirror
+from stigg_sidecar.cache.redis import errors as redis_errors
 from stigg_sidecar.entitlements.records import CustomerEntry, Usage, apply_usage, entry_from_state
 from stigg_sidecar.settings import load_settings
 from tests.fixtures.edge import boolean_item, credit_item, metered_item, state
@@ -152,7 +152,7 @@ class ReadWriteTests(MirrorTestCase):
 
     @inlineCallbacks
     def test_each_unreadable_key_is_logged_once_per_interval(self) -> None:
-        self.patch(redis_module, "FORMAT_LOG_INTERVAL", 0.5)
+        self.patch(redis_errors, "FORMAT_LOG_INTERVAL", 0.5)
         mirror = yield self.mirror()
         for customer in ("cust-1", "cust-2", "cust-3"):
             yield mirror.write(sample_entry(customer))

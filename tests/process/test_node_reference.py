@@ -4,43 +4,34 @@ bench/node/server.js (`@stigg/node-server-sdk` 3.95.0 behind grpc-js) is what be
 memory.py and cold_fill.py compare the sidecar with; a wrong answer or an SDK that re-fetches on
 every read would make those comparisons meaningless. Here the emulator runs in-process on a
 loopback port and the reference as a real `node` process (its locked packages installed by
-bench/processes.py with `npm ci` when missing). Without node or npm on PATH the test is skipped,
+bench/harness.py with `npm ci` when missing). Without node or npm on PATH the test is skipped,
 except when the CI environment variable is set: there it fails (`.ci/run` installs them).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import signal
 from typing import Any
 
 import grpc
-from twisted.internet import reactor
+from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 from twisted.trial import unittest
 
+from bench.harness import ensure_node_reference
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from stigg_sidecar.emulator.web import EDGE_ENTITLEMENTS
 from tests.fixtures.clients import grpc_deferred
 from tests.fixtures.paths import ROOT
+from tests.fixtures.processes import DrainedProcess
 
-REPO = ROOT
+LISTENING = r"^node reference listening on .*:(\d+)$"
 API_KEY = "node-reference-key"
 START_TIMEOUT = 60.0  # node's start and the SDK's first API call, on a loaded machine
 
-
-def _bench_processes() -> Any:
-    """bench/processes.py (bench/ is not a package): its `ensure_node_reference` runs `npm ci`."""
-    spec = importlib.util.spec_from_file_location("bench_processes", REPO / "bench" / "processes.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _feature(ref: str, ftype: str, meter: str | None = None) -> dict:
@@ -74,31 +65,6 @@ DATA = {
 }
 
 
-class NodeOutput(ProcessProtocol):
-    """Collects the reference's output; `listening` fires with its gRPC port, `ended` on exit."""
-
-    PREFIX = "node reference listening on "
-
-    def __init__(self) -> None:
-        self.output = ""
-        self.listening: Deferred[int] = Deferred()
-        self.ended: Deferred[None] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data.decode("utf-8", "replace")
-        if not self.listening.called:
-            for line in self.output.splitlines():
-                if line.startswith(self.PREFIX):
-                    self.listening.callback(int(line.rsplit(":", 1)[1]))
-                    break
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Any) -> None:
-        if not self.listening.called:
-            self.listening.errback(RuntimeError(f"the Node reference exited: {reason.value}\n{self.output}"))
-        self.ended.callback(None)
-
 
 class NodeReferenceTests(unittest.TestCase):
     timeout = 300  # a first `npm ci` downloads the locked packages
@@ -110,33 +76,21 @@ class NodeReferenceTests(unittest.TestCase):
             if os.environ.get("CI"):
                 raise AssertionError(f"{message}, and CI is set")
             raise unittest.SkipTest(message)
-        _bench_processes().ensure_node_reference()
+        ensure_node_reference()
 
     async def _start(self) -> tuple[Any, SidecarServiceStub]:
         emulator = await start_emulator(reactor, DATA)
         self.addCleanup(stop_emulator, emulator)
-        output = NodeOutput()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("STIGG_", "NODE_OPTIONS"))}
         env.update(STIGG_API_KEY=API_KEY, STIGG_API_URL=emulator.url, PORT="0", BIND_ADDRESS="127.0.0.1")
-        # No `path`: Twisted then uses posix_spawn, not fork (a fork of this process, which runs
-        # gRPC threads, can die in gRPC's fork handlers before it execs); server.js finds its
-        # files from its own directory.
         node = shutil.which("node")
         assert node is not None
-        process = reactor.spawnProcess(output, node, [node, str(REPO / "bench" / "node" / "server.js")], env=env)
-
-        def stop() -> Deferred[None]:
-            if process.pid is not None:
-                process.signalProcess(signal.SIGTERM)
-            return output.ended
-
-        self.addCleanup(stop)
-        timer = reactor.callLater(START_TIMEOUT, output.listening.cancel)
-        try:
-            port = await output.listening
-        finally:
-            if timer.active():
-                timer.cancel()
+        # server.js finds its files from its own directory. Its SDK's first call is to the
+        # emulator in this reactor: the wait for its port runs in a thread, the reactor serves.
+        process = DrainedProcess([node, str(ROOT / "bench" / "node" / "server.js")], env)
+        self.addCleanup(threads.deferToThread, process.stop)
+        listening = await threads.deferToThread(process.wait_for, LISTENING, START_TIMEOUT)
+        port = int(listening.group(1))
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         self.addCleanup(channel.close)
         return emulator, SidecarServiceStub(channel)

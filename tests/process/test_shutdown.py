@@ -10,7 +10,6 @@ import signal
 import grpc
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
@@ -18,6 +17,7 @@ from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from tests.fixtures import data
 from tests.fixtures.clients import grpc_deferred
+from tests.fixtures.polling import until
 from tests.fixtures.processes import SidecarProcess, base_env
 
 KEY = "shutdown-test-key-0123456789"
@@ -56,20 +56,14 @@ class GracefulShutdownTests(TestCase):
         def fetches() -> int:
             return sum(n for name, n in emulator.state.request_counts().items() if "entitlements" in name.lower())
 
-        for _ in range(300):  # bounded: 15 s
-            if fetches() >= 10:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        await until(lambda: fetches() >= 10, 15, "every call waiting on Stigg")
         self.assertEqual(fetches(), 10)
         sidecar.process.send_signal(signal.SIGTERM)
 
         answers = await gatherResults(in_flight)
         self.assertEqual([(a.has_access, a.is_fallback) for a in answers], [(True, False)] * 10)
 
-        for _ in range(200):
-            if sidecar.process.poll() is not None:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        await until(lambda: sidecar.process.poll() is not None, 10, "exit after SIGTERM")
         self.assertEqual(sidecar.stop(), 0)
 
         with self.assertRaises(grpc.RpcError) as caught:

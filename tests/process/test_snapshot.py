@@ -14,7 +14,7 @@ import urllib.request
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
@@ -188,10 +188,7 @@ class WarmRestartTests(TestCase):
                 pb.GetMeteredEntitlementRequest(customer_id="cust-7", feature_id="api-calls"), timeout=5))
             return (answer.is_fallback, answer.entitlement.current_usage) == (False, 95)
 
-        deadline = reactor.seconds() + 20
-        while not await revalidated():
-            self.assertLess(reactor.seconds(), deadline, "the stale entry was never revalidated")
-            await deferLater(reactor, 0.1, lambda: None)
+        await until(revalidated, 20, "the stale entry revalidated", interval=0.1)
 
     async def test_warm_restart_after_kill_9_past_one_interval(self):
         first = self.sidecar(SNAPSHOT_INTERVAL_SECS="0.3")

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from stigg_sidecar.cache.redis_format import (
+from stigg_sidecar.cache.redis.format import (
     EntryKeys,
     FormatError,
     LegacyFormat,

@@ -10,7 +10,7 @@ from dataclasses import replace
 from twisted.trial.unittest import SynchronousTestCase
 
 from stigg_sidecar.cache.memory import EntitlementCache
-from stigg_sidecar.cache.redis_format import decode_from
+from stigg_sidecar.cache.redis.format import decode_from
 from stigg_sidecar.entitlements.records import (
     CreditEntitlement,
     CreditRate,

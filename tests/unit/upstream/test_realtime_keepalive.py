@@ -12,6 +12,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.upstream.realtime import SUBPROTOCOL, RealtimeService
+from tests.fixtures.polling import until
 from tests.fixtures.realtime import RecordingSink
 
 
@@ -46,15 +47,10 @@ class KeepAliveTests(TestCase):
         service.startService()
         self.addCleanup(service.stopService)
 
-        for _ in range(200):
-            if service.connections >= 2:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        await until(lambda: service.connections >= 2, 10, "a second connection")
         self.assertGreaterEqual(service.connections, 2)
-        for _ in range(200):  # bounded: until the server has read the second socket's subscribes
-            if factory.received.count("subscribe") >= 6:
-                break
-            await deferLater(reactor, 0.05, lambda: None)
+        # until the server has read the second socket's subscribes
+        await until(lambda: factory.received.count("subscribe") >= 6, 10, "the subscribes sent again")
         self.assertEqual(sink.events[:3], ["up", "down", "up"])
         self.assertGreaterEqual(len(factory.opened), 2)
         # each connection pinged, then subscribed again after the reconnect

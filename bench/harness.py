@@ -1,10 +1,14 @@
-"""Child processes for the benchmarks: the emulator, the sidecar, the bare server, the Node
-reference (Stigg's Node SDK behind grpc-js, bench/node), and their cleanup.
+"""What the benchmarks share: their child processes (the emulator, the sidecar, the bare server,
+the Node reference, i.e. Stigg's Node SDK behind grpc-js in bench/node, and the fast upstream),
+the read driver, and readings of a process (RSS, CPU, the sidecar's metrics).
 
-Owns starting each one as a real process (twistd or python, pinned to a core with taskset), waiting
-for it to be ready under a deadline, reading its RSS, and stopping it: SIGTERM, a bounded wait,
-then SIGKILL of its whole process group. `Children` stops everything it started on any exit,
+Owns starting each child as a real process (twistd or python, pinned to a core with taskset),
+waiting for it to be ready under a deadline, reading its RSS, and stopping it: SIGTERM, a bounded
+wait, then SIGKILL of its whole process group. `Children` stops everything it started on any exit,
 including Ctrl-C and SIGTERM. Never touches a process it did not start.
+
+Run the benchmarks from the repository root as modules (`python -m bench.grpc_load`): the
+repository is then on `sys.path`, and `Children` hands it to every child as PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -17,11 +21,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import grpc
+
+from bench.seed import customer_id
+from stigg_sidecar._proto import sidecar_pb2 as pb
+from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 
 REPO = Path(__file__).resolve().parent.parent
 API_KEY = "bench-key"
@@ -47,6 +58,25 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU-seconds `pid` has used (user + system), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def metrics(http_port: int, timeout: float = 10) -> dict[str, float]:
+    """The sidecar's unlabelled Prometheus samples (name -> value)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=timeout) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, _, value = line.partition(" ")
+            values[name] = float(value)
+    return values
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, child: Child | None = None) -> None:
@@ -287,9 +317,9 @@ def start_sidecar(
 def start_bare_server(
     children: Children, cpu: int | None, responses: Mapping[str, Path], timeout: float = START_TIMEOUT
 ) -> tuple[Child, int]:
-    """Start bench/bare_server.py answering the given serialized responses; return it and its port."""
+    """Start `python -m bench.bare_server` answering the given serialized responses; return it and its port."""
     port = free_port()
-    argv = [sys.executable, str(Path(__file__).with_name("bare_server.py")), "--port", str(port)]
+    argv = [sys.executable, "-m", "bench.bare_server", "--port", str(port)]
     for method, path in responses.items():
         argv += ["--response", f"{method}={path}"]
     child = children.start("bare-server", pinned(cpu, argv))
@@ -420,3 +450,127 @@ def start_fast_upstream(
     prefix = "fast upstream listening on "
     wait_until(lambda: _printed_address(child, prefix) is not None, timeout, "waiting for the upstream", child)
     return child, _printed_address(child, prefix) or ""
+
+
+# -- the read driver --------------------------------------------------------------------------
+
+
+class Reads:
+    """GetBooleanEntitlement(feature-bool-0) for seeded customers, at most `concurrency` calls in
+    flight on one stub, each bounded by `call_timeout`; with `report_every` N, also a ReportUsage
+    of feature-api-calls for every Nth customer, in the same flight.
+
+    Counts granted answers, fallbacks, RPC errors and usage reports (`reported`,
+    `report_errors`, counted, never wrong: an outage refuses them). A denied answer without a
+    fallback is wrong; so is a fallback with `fallbacks_wrong`, and an RPC error with
+    `rpc_errors_wrong`. A wrong answer (kept in `errors`) aborts the run with a BenchError, as does
+    a run past its timeout. Counts add up over several `run`s of one object."""
+
+    def __init__(
+        self,
+        stub: SidecarServiceStub,
+        concurrency: int,
+        call_timeout: float,
+        *,
+        fallbacks_wrong: bool = False,
+        rpc_errors_wrong: bool = True,
+        report_every: int = 0,
+        progress_every: int = 0,
+    ) -> None:
+        self._stub = stub
+        self._slots = threading.Semaphore(concurrency)
+        self._call_timeout = call_timeout
+        self._fallbacks_wrong = fallbacks_wrong
+        self._rpc_errors_wrong = rpc_errors_wrong
+        self._report_every = report_every
+        self._progress_every = progress_every
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._idle = threading.Event()
+        self._timeout = 0.0
+        self.started = 0.0  # when the latest run made its first call
+        self.answered = self.granted = self.fallbacks = self.rpc_errors = 0
+        self.reported = self.report_errors = 0
+        self.errors: list[str] = []
+
+    def run(self, first: int, last: int, timeout: float, what: str = "the reads") -> float:
+        """Read customers `first` .. `last - 1`; the seconds from the first call to the last answer."""
+        started = self.started = time.monotonic()
+        deadline = started + timeout
+        self._timeout = timeout
+        self._idle.clear()
+        for i in range(first, last):
+            request = pb.GetBooleanEntitlementRequest(customer_id=customer_id(i), feature_id="feature-bool-0")
+            self._call(self._stub.GetBooleanEntitlement, request, lambda f, i=i: self._read_done(i, f), deadline, what)
+            if self._report_every and i % self._report_every == 0:
+                report = pb.ReportUsageRequest(customer_id=customer_id(i), feature_id="feature-api-calls", value=1)
+                self._call(self._stub.ReportUsage, report, self._report_done, deadline, what)
+        with self._lock:
+            if self._pending == 0:
+                self._idle.set()
+        if not self._idle.wait(max(0.0, deadline - time.monotonic())) or self.errors:
+            raise BenchError(self._why(what))
+        return time.monotonic() - started
+
+    def _call(self, method: Any, request: Any, done: Callable[[grpc.Future], None], deadline: float, what: str) -> None:
+        while not self._slots.acquire(timeout=1):
+            if time.monotonic() > deadline or self.errors:
+                raise BenchError(self._why(what))
+        if self.errors:
+            raise BenchError(self._why(what))
+        with self._lock:
+            self._pending += 1
+            self._idle.clear()
+        method.future(request, timeout=self._call_timeout).add_done_callback(done)
+
+    def _why(self, what: str) -> str:
+        if self.errors:
+            return f"{len(self.errors)} errors or wrong answers in {what}, first: {self.errors[0]}"
+        return f"{what} did not finish within {self._timeout:.0f}s ({self.answered:,} answered)"
+
+    def _read_done(self, i: int, future: grpc.Future) -> None:
+        wrong = None
+        granted = fallback = rpc_error = 0
+        try:
+            r = future.result()
+            if r.is_fallback:
+                fallback = 1
+                if self._fallbacks_wrong:
+                    wrong = f"{customer_id(i)}: a fallback: {r}"
+            elif r.has_access:
+                granted = 1
+            else:
+                wrong = f"{customer_id(i)}: denied without a fallback: {r}"
+        except grpc.RpcError as e:
+            rpc_error = 1
+            if self._rpc_errors_wrong:
+                wrong = f"{customer_id(i)}: {e.code()} {e.details()}"
+        with self._lock:
+            self.granted += granted
+            self.fallbacks += fallback
+            self.rpc_errors += rpc_error
+            self.answered += 1
+            answered = self.answered
+            if wrong is not None:
+                self.errors.append(wrong)
+        if self._progress_every and answered % self._progress_every == 0:
+            print(f"  answered {answered:,}", flush=True)
+        self._finish()
+
+    def _report_done(self, future: grpc.Future) -> None:
+        try:
+            future.result()
+            reported = 1
+        except grpc.RpcError:
+            reported = 0
+        with self._lock:
+            self.reported += reported
+            self.report_errors += 1 - reported
+        self._finish()
+
+    def _finish(self) -> None:
+        self._slots.release()
+        with self._lock:
+            self._pending -= 1
+            if self._pending == 0:
+                self._idle.set()

@@ -1,20 +1,5 @@
-"""Stigg's Redis format for one cache entry: the key names and the JSON under each key.
-
-Owns the names (entry keys, `#timestamp` siblings, the fetch lock and its channel, the peer
-changes channel) and the conversion between a `CustomerEntry` and the values stored in Redis,
-in the shape Stigg's own SDKs share: what Node SDK 3.x writes and reads, plus the fields that
-@stigg/cache-redis-store 1.29 (Node SDK 4.x, persistent-cache-service) migrates 3.x entries to,
-so both generations read what this sidecar writes, and it reads what either writes.
-docs/redis-format.md describes every key and field. Pure: no I/O, no clock, no logging. The
-connection, the newer-wins scripts and the miss rules that need Redis live in `redis.py`.
-
-One entry is stored as (STIGG_REFERENCE §3.3), with `B = {prefix}:{cache_key}`:
-
-- `B`             {refId: {"calculatedEntitlement": {...}, "featureUsage": {...}}, ...}
-- `B:metadata`    {"accessDeniedReason": ...}
-- `B:f_{id}`      {"currentUsage", "usagePeriodStart", "usagePeriodEnd"} per metered feature
-- `B:credit_{id}` the same shape per credit entitlement
-- `<key>#timestamp`  epoch ms of the value beside it; usage times live only there.
+"""Stored values back into a `CustomerEntry`, whichever generation wrote them (Node SDK 3.x,
+cache-redis-store 1.29, this sidecar); an unreadable value raises `FormatError` (a miss).
 """
 
 from __future__ import annotations
@@ -24,6 +9,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from stigg_sidecar.cache.redis.format.encode import is_usage_tracked
+from stigg_sidecar.cache.redis.format.names import (
+    CREDIT,
+    FEATURE,
+    EntryKeys,
+    FormatError,
+    LegacyFormat,
+    MissingUsage,
+    timestamp_key,
+    usage_ref,
+)
 from stigg_sidecar.entitlements.records import (
     CreditEntitlement,
     CreditRate,
@@ -33,227 +29,10 @@ from stigg_sidecar.entitlements.records import (
     FeatureEntitlement,
     FieldReader,
     Usage,
-    cache_key,
     freeze_json,
     parse_time,
     shared_feature,
-    thaw_json,
 )
-
-TIMESTAMP_SUFFIX = "#timestamp"
-FEATURE = "FEATURE"
-CREDIT = "CREDIT"
-
-_FETCH = "refetchEntityEntitlementsAfterCacheMiss"
-
-
-class FormatError(ValueError):
-    """A stored value cannot be read (not JSON, or not Stigg's shape); the message names the
-    place. The read is a miss."""
-
-
-class LegacyFormat(FormatError):
-    """The entitlements key holds this project's earlier `{"v": 1, ...}` envelope: a miss, and
-    the refetch's write replaces it."""
-
-
-class MissingUsage(LookupError):
-    """A usage-tracked record's usage key (or its `#timestamp`) is missing: the read is a miss."""
-
-
-# --------------------------------------------------------------------------- names
-
-
-def timestamp_key(key: str) -> str:
-    return key + TIMESTAMP_SUFFIX
-
-
-def usage_ref(kind: str, ref_id: str) -> str:
-    """The suffix of a usage key: `f_{featureId}` or `credit_{currencyId}`."""
-    if kind == FEATURE:
-        return f"f_{ref_id}"
-    if kind == CREDIT:
-        return f"credit_{ref_id}"
-    raise ValueError(f"unknown usage kind {kind!r} (FEATURE or CREDIT)")
-
-
-def changes_channel(prefix: str) -> str:
-    """The pub/sub channel on which sidecars announce the entries they changed."""
-    return f"{prefix}:sidecar:changes"
-
-
-@dataclass(frozen=True, slots=True)
-class EntryKeys:
-    """Every Redis name that belongs to one customer (or customer+resource) entry."""
-
-    prefix: str
-    customer_id: str
-    resource_id: str | None = None
-
-    @property
-    def cache_key(self) -> str:
-        return cache_key(self.customer_id, self.resource_id)
-
-    @property
-    def entitlements(self) -> str:
-        return f"{self.prefix}:{self.cache_key}"
-
-    @property
-    def metadata(self) -> str:
-        return f"{self.entitlements}:metadata"
-
-    def usage(self, kind: str, ref_id: str) -> str:
-        return f"{self.entitlements}:{usage_ref(kind, ref_id)}"
-
-    @property
-    def customer_timestamp(self) -> str:
-        """The `#timestamp` of the customer-level entry (Stigg's "global" entry)."""
-        return timestamp_key(f"{self.prefix}:{cache_key(self.customer_id, None)}")
-
-    @property
-    def _entity(self) -> str:
-        return f"{self.customer_id}:{self.resource_id}" if self.resource_id else self.customer_id
-
-    @property
-    def fetch_lock(self) -> str:
-        return f"{self.prefix}:{_FETCH}-{self._entity}"
-
-    @property
-    def fetch_channel(self) -> str:
-        return f"{self.prefix}:{_FETCH}:{self._entity}"
-
-
-# --------------------------------------------------------------------------- encoding
-
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One value to store under `key`, with `key#timestamp` set to `timestamp` (epoch ms)."""
-
-    key: str
-    value: str
-    timestamp: int
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
-
-
-def is_usage_tracked(entitlement: FeatureEntitlement | CreditEntitlement) -> bool:
-    """Whether the entitlement's usage lives in its own key (metered features and all credits)."""
-    return isinstance(entitlement, CreditEntitlement) or entitlement.feature.is_metered
-
-
-def credit_record_key(currency_id: str) -> str:
-    """Where a credit entitlement sits in the entitlements object. Features sit under their
-    refId, as Node SDK 3.x keys them; the key of a credit is this project's choice (4.x's is
-    in the unpublished cache-core), and readers go by the record's `type`, not its key."""
-    return f"credit:{currency_id}"
-
-
-def encode_entry(prefix: str, entry: CustomerEntry) -> list[Item]:
-    """The items that store `entry`: entitlements first, then metadata, then one per usage key."""
-    keys = EntryKeys(prefix, entry.customer_id, entry.resource_id)
-    records: dict[str, Any] = {}
-    usages: list[Item] = []
-    for feature in entry.features.values():
-        records[feature.feature.id] = _feature_record(feature)
-        if is_usage_tracked(feature):
-            usage = feature.usage
-            value = encode_usage(usage.current_usage, usage.usage_period_start, usage.usage_period_end)
-            usages.append(Item(keys.usage(FEATURE, feature.feature.id), value, usage.updated_at))
-    for credit in entry.credits.values():
-        records[credit_record_key(credit.currency.currency_id)] = _credit_record(credit)
-        value = encode_usage(credit.current_usage, None, credit.usage_period_end)
-        usages.append(Item(keys.usage(CREDIT, credit.currency.currency_id), value, credit.usage_updated_at))
-    return [
-        Item(keys.entitlements, dumps(records), entry.timestamp),
-        Item(keys.metadata, dumps({"accessDeniedReason": entry.access_denied_reason}), entry.timestamp),
-        *usages,
-    ]
-
-
-def encode_usage(current_usage: float, usage_period_start: int | None, usage_period_end: int | None) -> str:
-    """A usage key's value; a period bound that is not known is left out, as Node SDK 3.x's
-    JSON.stringify leaves out `undefined`."""
-    return dumps(_present({
-        "currentUsage": current_usage,
-        "usagePeriodStart": usage_period_start,
-        "usagePeriodEnd": usage_period_end,
-    }))
-
-
-def _present(fields: dict[str, Any]) -> dict[str, Any]:
-    """`fields` without the ones that are None: absent reads as null in both generations."""
-    return {k: v for k, v in fields.items() if v is not None}
-
-
-def _feature_record(entitlement: FeatureEntitlement) -> dict[str, Any]:
-    feature = entitlement.feature
-    usage = entitlement.usage
-    rate = entitlement.credit_rate
-    calculated = _present({
-        "type": FEATURE,  # 4.x's discriminator; 3.x ignores it
-        "feature": _present({
-            "id": feature.id,
-            "featureType": feature.feature_type,
-            "meterType": feature.meter_type,
-            "units": feature.units,
-            "unitsPlural": feature.units_plural,
-            "displayName": feature.display_name,
-            "description": feature.description,
-        }),
-        "usageLimit": entitlement.usage_limit,
-        "hasUnlimitedUsage": entitlement.has_unlimited_usage,
-        "hasSoftLimit": entitlement.has_soft_limit,
-        "accessDeniedReason": entitlement.access_denied_reason,
-        "enumValues": list(entitlement.enum_values),
-        "validUntil": entitlement.valid_until,
-        "creditRate": None if rate is None else {"amount": rate.amount, "currencyId": rate.currency_id},
-        # Where 4.x's migration moves them to; 3.x reads them from featureUsage below.
-        "usagePeriodAnchor": entitlement.usage_period_anchor,
-        "resetPeriod": entitlement.reset_period,
-        "updatedAt": entitlement.updated_at,
-    })
-    # 3.x's featureUsage (4.x renames it usageData on read). For a metered feature the usage key
-    # wins over it in both readers; for the others it is the only usage there is.
-    feature_usage = _present({
-        "resetPeriod": entitlement.reset_period,
-        "usagePeriodAnchor": entitlement.usage_period_anchor,
-        "currentUsage": usage.current_usage,
-        "usagePeriodStart": usage.usage_period_start,
-        "usagePeriodEnd": usage.usage_period_end,
-        "updatedAt": usage.updated_at,
-    })
-    return {"calculatedEntitlement": calculated, "featureUsage": feature_usage}
-
-
-def _credit_record(credit: CreditEntitlement) -> dict[str, Any]:
-    # A 3.x reader sees a record without a feature: never metered, never matched by a feature
-    # refId, listed by getEntitlements as a denied boolean. Its usage is only in its usage key.
-    currency = credit.currency
-    meta = currency.additional_meta_data
-    return {
-        "calculatedEntitlement": _present({
-            "type": CREDIT,
-            "currency": _present({
-                "currencyId": currency.currency_id,
-                "displayName": currency.display_name,
-                "description": currency.description,
-                "unitSingular": currency.unit_singular,
-                "unitPlural": currency.unit_plural,
-                "additionalMetaData": None if meta is None else thaw_json(meta),
-            }),
-            "usageLimit": credit.usage_limit,
-            "hasSoftLimit": credit.has_soft_limit,
-            "accessDeniedReason": credit.access_denied_reason,
-            "validUntil": credit.valid_until,
-            "updatedAt": credit.updated_at,
-        })
-    }
-
-
-# --------------------------------------------------------------------------- decoding
 
 
 @dataclass(frozen=True, slots=True)
@@ -545,38 +324,3 @@ def _opt_time(obj: dict[str, Any], key: str, where: str) -> int | None:
     if parsed is None:
         raise FormatError(f"{where}.{key}: must be epoch ms, an ISO-8601 date-time or null")
     return parsed
-
-# --------------------------------------------------------------------------- messages
-
-
-def encode_change(cache_key: str, instance: str, kind: str) -> str:
-    """A peer notification: `kind` is "entry", "usage" or "purge"."""
-    return dumps({"key": cache_key, "instance": instance, "kind": kind})
-
-
-def decode_change(text: Any) -> tuple[str, str, str] | None:
-    """(key, instance, kind) of a peer notification, or None when it is not one."""
-    try:
-        message = json.loads(text)
-    except (TypeError, ValueError):
-        return None
-    if not isinstance(message, dict):
-        return None
-    fields = message.get("key"), message.get("instance"), message.get("kind")
-    if not all(isinstance(f, str) for f in fields):
-        return None
-    return fields  # type: ignore[return-value]
-
-
-def encode_fetch_result(error: str | None) -> str:
-    """What the fetch-lock holder publishes: `{}` on success, `{"error": msg}` on failure."""
-    return "{}" if error is None else dumps({"error": error})
-
-
-def fetch_succeeded(text: Any) -> bool:
-    """Whether a fetch-channel message reports success (`{}`; anything with "error" is failure)."""
-    try:
-        message = json.loads(text)
-    except (TypeError, ValueError):
-        return False
-    return isinstance(message, dict) and message.get("error") is None
