@@ -39,15 +39,19 @@ from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.delivery.spool import SpoolFile
 from stigg_sidecar.delivery.spooled import SpooledDelivery
 from stigg_sidecar.delivery.upstream import UpstreamWrites
+from stigg_sidecar.grpc.callers import CallerTokensError
 from stigg_sidecar.grpc.intake import add_sidecar_service
 from stigg_sidecar.grpc.server import ConnectionLimits, GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
+from stigg_sidecar.grpc.tls import TlsError
 from stigg_sidecar.offline import OfflineSidecar
 from stigg_sidecar.online.sidecar import CacheUpdates, OnlineSidecar
+from stigg_sidecar.ops import tracing as tracing_setup
 from stigg_sidecar.ops.metrics import Metrics, MetricsInterceptor
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.ops.web import HttpService, health_app
 from stigg_sidecar.process import gcpolicy
+from stigg_sidecar.process.access import grpc_access
 from stigg_sidecar.process.logs import make_observer
 from stigg_sidecar.process.service import SidecarService
 from stigg_sidecar.process.startup import exit_with, starting_line, version_text
@@ -68,6 +72,7 @@ log = Logger()
 _COMPUTED_DEFAULTS = {
     "CACHE_MAX_SIZE_BYTES": "half the available memory",
     "GRPC_MAX_CONCURRENT_STREAMS": "MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS",
+    "HTTP_BIND_ADDRESS": "BIND_ADDRESS",
 }
 
 
@@ -147,7 +152,7 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
     )
 
 
-def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
+def build_sidecar(settings: Settings, reactor=None, tracing: tracing_setup.Tracing | None = None) -> SidecarService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -157,6 +162,8 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
     # One deadline for the whole stop: gRPC drain, spool delivery and the last snapshot share it.
     budget = StopBudget(settings.shutdown_grace_secs, reactor)
     top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format), budget)
+    if tracing is not None:
+        tracing.service(reactor).setServiceParent(top)  # first in, stops last: flushes the last spans
     fetch_timeout = settings.entitlements_timeout_ms / 1000
     metrics = Metrics() if settings.metrics_enabled else None
     if metrics is not None:
@@ -174,12 +181,17 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
     HttpService(
         health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics,
                    settings.metrics_max_age_ms / 1000),
-        settings.bind_address,
+        settings.http_bind_address,
         settings.http_port,
         reactor,
         idle_timeout=settings.http_idle_timeout_secs,
         header_timeout=settings.http_header_timeout_secs,
+        address_setting="BIND_ADDRESS" if settings.http_bind_address == settings.bind_address else "HTTP_BIND_ADDRESS",
     ).setServiceParent(top)
+    # TLS and caller tokens (the standalone service); nothing at all when their settings are unset.
+    access = grpc_access(settings, reactor, metrics.hot.count_caller if metrics is not None else None)
+    for watcher in access.watchers:
+        watcher.setServiceParent(top)
 
     backend: OfflineSidecar | OnlineSidecar
     writer: OfflineSidecar | DirectDelivery | SpooledDelivery
@@ -280,8 +292,15 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         budget=budget,
         reactor=reactor,
         on_serving=lambda port: readiness.unblock("grpc"),
-        interceptors=[MetricsInterceptor(metrics)] if metrics else [],
+        # Tracing outermost (off, no interceptor at all), so a refused token is a span too; then the
+        # token check: MetricsInterceptor answers cached handlers without asking further in.
+        interceptors=[
+            *([tracing.interceptor()] if tracing is not None else []),
+            *access.interceptors,
+            *([MetricsInterceptor(metrics)] if metrics else []),
+        ],
         limits=connection_limits(settings),
+        credentials=access.credentials,
     ).setServiceParent(top)
     return top
 
@@ -327,8 +346,14 @@ def makeService(options: Options) -> SidecarService:
     # Logged before twistd starts logging: the log replays it first, ahead of twistd's own lines.
     log.info("{line}", line=starting_line(settings))
     try:
-        sidecar = build_sidecar(settings)
-    except StateDirectoryError as e:
+        tracing = tracing_setup.install()
+    except tracing_setup.TracingConfigError as e:
+        exit_with(str(e))
+    if tracing is not None:
+        log.info("OpenTelemetry {where}", where=tracing_setup.describe(tracing))
+    try:
+        sidecar = build_sidecar(settings, tracing=tracing)
+    except (StateDirectoryError, TlsError, CallerTokensError) as e:
         exit_with(str(e))
     except Exception as e:
         # A bug or an environment this code did not foresee: one line; the traceback at LOG_LEVEL=debug.

@@ -17,6 +17,10 @@ after that runs on the reactor:
   the snapshot: `StopBudget`), and no longer than something can still go: with Stigg down, once
   the next attempt would come after the deadline, the stop ends. The rest stays on disk for the
   next start, which loads it before readiness and delivers it.
+
+Traces: accepting a write is a PRODUCER span ("spool usage"/"spool events", the commit on the
+spool's thread under it) whose traceparent is kept with each record, on disk too; each delivery
+attempt is a CONSUMER span in a trace of its own, linking to the writes it carries.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from opentelemetry import context as otel_context
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from stigg_sidecar import spans
 from stigg_sidecar.contracts import EventReport, UsageAck, UsageReport, WriteError, WriteFailure, measurement_id
 from stigg_sidecar.crossing.gate import WriteGate
 from stigg_sidecar.crossing.wait import Handoff
@@ -67,6 +73,7 @@ class _Record:
     key: str
     usage: UsageReport | None = None
     event: EventReport | None = None
+    trace: str | None = None  # the spooling write's traceparent: its delivery links to it
 
 
 class SpooledDelivery(Service):
@@ -157,11 +164,16 @@ class SpooledDelivery(Service):
     def _accept_usage(self, usages: Sequence[UsageReport], budget: float, handoff: Handoff | None = None) -> Deferred:
         keyed = [(u, measurement_id()) for u in usages]
         rows = [(bodies.usage_body(u, key), (u, key)) for u, key in keyed]
-        return self._append(bodies.USAGE, rows, handoff).addCallback(self._usage_acks)
+        first = usages[0]
+        attributes = {**spans.ids(first.customer_id, first.resource_id, first.feature_id), "stigg.records": len(rows)}
+        return spans.span_until("spool usage", self._append, bodies.USAGE, rows, handoff, kind=spans.SpanKind.PRODUCER,
+                                attributes=attributes).addCallback(self._usage_acks)
 
     def _accept_events(self, events: Sequence[EventReport], budget: float, handoff: Handoff | None = None) -> Deferred:
         rows = [(bodies.event_body(e), e) for e in events]
-        return self._append(bodies.EVENT, rows, handoff).addCallback(lambda _: None)
+        attributes = {**spans.ids(events[0].customer_id, events[0].resource_id), "stigg.records": len(rows)}
+        return spans.span_until("spool events", self._append, bodies.EVENT, rows, handoff, kind=spans.SpanKind.PRODUCER,
+                                attributes=attributes).addCallback(lambda _: None)
 
     def _append(self, kind: str, rows: list[tuple[str, Any]], handoff: Handoff | None = None) -> Deferred:
         """Store `rows`; once synced, and only if `handoff` is still claimable (the caller will
@@ -179,6 +191,7 @@ class SpooledDelivery(Service):
             )
         self._reserved += size
         now_ms = int(self._clock.seconds() * 1000)
+        traced = spans.traceparent_of_current()
 
         def synced(seqs: list[int]) -> list[_Record]:
             self._reserved -= size
@@ -190,9 +203,9 @@ class SpooledDelivery(Service):
             for seq, (body, payload) in zip(seqs, rows, strict=True):
                 if kind == bodies.USAGE:
                     usage, key = payload
-                    record = _Record(seq, kind, len(body), now_ms, key, usage=usage)
+                    record = _Record(seq, kind, len(body), now_ms, key, usage=usage, trace=traced)
                 else:
-                    record = _Record(seq, kind, len(body), now_ms, payload.idempotency_key, event=payload)
+                    record = _Record(seq, kind, len(body), now_ms, payload.idempotency_key, event=payload, trace=traced)
                 self._register(record)
                 added.append(record)
             self._kick(kind)
@@ -203,7 +216,7 @@ class SpooledDelivery(Service):
             log.error("Appending to the write spool failed: {why}", why=failure.getErrorMessage())
             raise WriteError(WriteFailure.UNAVAILABLE, "the write spool could not be written; write not accepted")
 
-        return self.spool.append([(kind, body, now_ms) for body, _ in rows]).addCallbacks(synced, failed)
+        return self.spool.append([(kind, body, now_ms, traced) for body, _ in rows]).addCallbacks(synced, failed)
 
     def _unacknowledged(self, seqs: list[int]) -> None:
         """Records synced after their caller gave up: removed before anything could send them."""
@@ -250,11 +263,13 @@ class SpooledDelivery(Service):
             try:
                 if row.kind == bodies.USAGE:
                     spooled = bodies.read_usage(row.body)
-                    record = _Record(row.seq, row.kind, len(row.body), row.created_ms, spooled.key, usage=spooled.usage)
+                    record = _Record(row.seq, row.kind, len(row.body), row.created_ms, spooled.key, usage=spooled.usage,
+                                     trace=row.trace)
                     self._pending.add(row.seq, spooled.usage)
                 elif row.kind == bodies.EVENT:
                     event = bodies.read_event(row.body)
-                    record = _Record(row.seq, row.kind, len(row.body), row.created_ms, event.idempotency_key, event=event)
+                    record = _Record(row.seq, row.kind, len(row.body), row.created_ms, event.idempotency_key, event=event,
+                                     trace=row.trace)
                 else:
                     raise bodies.BodyError(f"unknown kind {row.kind!r}")
             except bodies.BodyError as e:
@@ -362,9 +377,18 @@ class SpooledDelivery(Service):
                     if r.usage is not None:
                         self._pending.remove(r.seq, r.usage)
 
-            sent = self._writes.usage(usages, [r.key for r in records], self._send_timeout, settled)
+            def send() -> Deferred:
+                return self._writes.usage(usages, [r.key for r in records], self._send_timeout, settled)
         else:
-            sent = self._writes.events([r.event for r in records if r.event is not None], self._send_timeout)
+
+            def send() -> Deferred:
+                return self._writes.events([r.event for r in records if r.event is not None], self._send_timeout)
+
+        # A trace of its own (an empty parent context), linking to the writes it carries.
+        links = [link for link in (spans.link_to(r.trace) for r in records) if link is not None]
+        attributes = {"stigg.records": len(records), "stigg.delivery.failures": self._failures[kind]}
+        sent = spans.span_until(f"deliver spooled {kind} records", send, kind=spans.SpanKind.CONSUMER, links=links,
+                                attributes=attributes, context=otel_context.Context())
         sent.addCallbacks(self._delivered, self._failed, callbackArgs=(kind, records), errbackArgs=(kind, records))
 
     def _delivered(self, _: Any, kind: str, records: list[_Record]) -> None:

@@ -113,6 +113,7 @@ class GrpcService(Service):
         on_serving: Callable[[int], None] | None = None,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
         budget: StopBudget | None = None,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         """`budget`: the stop's deadline shared with the other parts (else `grace` seconds of its own)."""
         if reactor is None:
@@ -129,6 +130,7 @@ class GrpcService(Service):
         self._on_serving = on_serving
         self._interceptors = list(interceptors)
         self._limits = limits
+        self._credentials = credentials  # TLS only when given: plaintext is then refused
         self._server: grpc.Server | None = None
         self.pool: HandlerPool | None = None
         self.port: int | None = None
@@ -155,7 +157,10 @@ class GrpcService(Service):
         if ":" in self._address and not self._address.startswith("["):
             target = f"[{self._address}]:{self._requested_port}"
         try:
-            port = server.add_insecure_port(target)
+            if self._credentials is not None:
+                port = server.add_secure_port(target, self._credentials)
+            else:
+                port = server.add_insecure_port(target)
         except RuntimeError:
             port = 0
         if port == 0:
@@ -169,7 +174,8 @@ class GrpcService(Service):
             self.privilegedStartService()
         assert self._server is not None
         self._server.start()
-        log.info("gRPC listening on {address}:{port}", address=self._address, port=self.port)
+        log.info("gRPC listening on {address}:{port}{tls}", address=self._address, port=self.port,
+                 tls=" (TLS)" if self._credentials is not None else "")
         if self._on_serving is not None:
             assert self.port is not None  # bound by privilegedStartService
             self._on_serving(self.port)

@@ -37,6 +37,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
+from stigg_sidecar import spans
 from stigg_sidecar.cache.redis.format import (
     EntryKeys,
     FormatError,
@@ -308,10 +309,14 @@ class SnapshotService(Service):
             log.warn("Could not write the cache snapshot {path}: {why}", path=self.path, why=failure.getErrorMessage())
             return 0
 
+        # One span, from the capture to the file synced on its thread.
+        attributes = {"stigg.snapshot.customers": len(entries)}
         if on_own_thread:
-            self._writing = _on_daemon_thread(self._reactor, write_snapshot, self.path, entries, self._wall_ms())
+            self._writing = spans.span_until("snapshot write", _on_daemon_thread, self._reactor, write_snapshot,
+                                             self.path, entries, self._wall_ms(), attributes=attributes)
         else:
-            self._writing = threads.deferToThread(write_snapshot, self.path, entries, self._wall_ms())
+            self._writing = spans.span_until("snapshot write", threads.deferToThread, write_snapshot, self.path,
+                                             entries, self._wall_ms(), attributes=attributes)
         self._writing.addCallbacks(written, failed)
         return self._writing
 

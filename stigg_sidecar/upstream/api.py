@@ -17,7 +17,7 @@ import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from treq.client import HTTPClient
 from twisted.internet import defer, error
@@ -28,6 +28,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, Respon
 from twisted.web.http_headers import Headers
 
 import stigg_sidecar
+from stigg_sidecar import spans
 from stigg_sidecar.contracts import EventReport, RemoteError, UsageReport, WriteFailure, measurement_id
 from stigg_sidecar.quoting import clipped
 from stigg_sidecar.upstream import operations
@@ -180,6 +181,18 @@ def _iso(ms: int | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
 
 
+def traced_url(url: str) -> str:
+    """`url` as a span attribute: without user and password (were any configured in it)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 def _with_resource(path: str, resource_id: str | None) -> str:
     return f"{path}?{urlencode({'resourceId': resource_id})}" if resource_id else path
 
@@ -308,12 +321,26 @@ class StiggApi:
     # -- transport --------------------------------------------------------------------------------
 
     @inlineCallbacks
-    def _once(self, endpoint: str, send: Callable[[float], Deferred], timeout: float):
+    def _once(self, endpoint: str, send: Callable[[float], Deferred], timeout: float,
+              target: tuple[str, str] = ("POST", ""), attempt: int = 1):
         """One attempt: send, read the JSON body, classify. Bounded by `timeout` seconds.
 
         One timer covers the request and the body; when it fires it cancels whichever is
         pending, and the attempt fails as a timeout whatever error the cancellation surfaces as.
+        The attempt is a CLIENT span (`target`: method and URL; never a header, so never the key).
         """
+        method, url = target
+        span = spans.tracer.start_span(f"{method} {endpoint}", kind=spans.SpanKind.CLIENT)
+        if span.is_recording():
+            parts = urlsplit(url)
+            span.set_attributes({
+                "http.request.method": method, "url.full": traced_url(url), "server.address": parts.hostname or "",
+                "stigg.operation": endpoint,
+            })
+            if parts.port is not None:
+                span.set_attribute("server.port", parts.port)
+            if attempt > 1:
+                span.set_attribute("http.request.resend_count", attempt - 1)
         started = self._reactor.seconds()
         outcome = "error"
         pending: list[Deferred] = []
@@ -330,6 +357,7 @@ class StiggApi:
         try:
             pending[:] = [send(timeout)]
             response = yield pending[0]
+            span.set_attribute("http.response.status_code", response.code)
             pending[:] = [response.content()]
             body = yield pending[0]
             if response.code != 200:
@@ -353,9 +381,11 @@ class StiggApi:
                 raise UpstreamError(WriteFailure.UNAVAILABLE, "Stigg answered no data", True)
             outcome = "ok"
             return data
-        except UpstreamError:
+        except UpstreamError as e:
+            spans.failed(span, e)
             raise
         except Exception as e:
+            spans.failed(span, e)
             if expired:
                 outcome = "timeout"
                 raise UpstreamError(WriteFailure.DEADLINE_EXCEEDED, f"Stigg did not answer within {timeout:.3g}s") from None
@@ -364,6 +394,8 @@ class StiggApi:
                 raise UpstreamError(WriteFailure.UNAVAILABLE, f"Stigg is unreachable ({type(e).__name__})", True) from None
             raise
         finally:
+            span.set_attribute("stigg.outcome", outcome)
+            span.end()
             if timer.active():
                 timer.cancel()
             self._attempts.pop(settled, None)
@@ -374,7 +406,7 @@ class StiggApi:
     @inlineCallbacks
     def _call(
         self, endpoint: str, send: Callable[[float], Deferred], timeout: float, breaker: CircuitBreaker,
-        retryable: bool = True,
+        retryable: bool = True, target: tuple[str, str] = ("POST", ""),
     ):
         """Attempts with backoff until success, a final failure, or the budget is spent; each
         attempt admitted by `breaker` (an open one refuses at once, or admits this as its probe,
@@ -391,7 +423,7 @@ class StiggApi:
             except BreakerOpen as e:
                 raise UpstreamError(e.failure, e.message, fast_failed=True) from None
             try:
-                result = yield self._once(endpoint, send, remaining)
+                result = yield self._once(endpoint, send, remaining, target, attempt)
             except UpstreamError as e:
                 if _means_down(e, remaining):
                     breaker.failed(ticket, e.message)
@@ -429,7 +461,7 @@ class StiggApi:
         def send(t: float) -> Deferred:
             return self._edge.get(url, headers=headers, allow_redirects=False)
 
-        return self._call(endpoint, send, timeout, self.breakers["edge"])
+        return self._call(endpoint, send, timeout, self.breakers["edge"], target=("GET", url))
 
     def _graphql_post(
         self, operation: str, query: str, variables: Mapping[str, Any], timeout: float, retryable: bool = True
@@ -450,7 +482,7 @@ class StiggApi:
         def send(t: float) -> Deferred:
             return self._graphql.post(url, data=body, headers=headers, allow_redirects=False)
 
-        return self._call(operation, send, timeout, self.breakers["graphql"], retryable)
+        return self._call(operation, send, timeout, self.breakers["graphql"], retryable, target=("POST", url))
 
     # -- operations -------------------------------------------------------------------------------
 
