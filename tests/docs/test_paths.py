@@ -1,10 +1,11 @@
 """Every repository path that README.md and deploy/README.md name exists.
 
-A path is a word in backticks or a Markdown link target that looks like one: a slash in it, or a
-file name with a known extension, relative to the document's folder or to the repository's root.
-Words that only look like paths are left out: absolute paths (inside a container), URLs and domain
-names (`cert-manager.io/v1`), paths under a setting (`STATE_DIR/lock`) or a shell variable, and
-what exists only once a command ran (`.venv/`)."""
+A path is a word in backticks or a Markdown link target that looks like one, relative to the
+document's folder or to the repository's root: a file name with a known extension, or words with a
+slash whose first part is a folder there (`deploy/kubernetes.yaml` is checked; `http/protobuf` is
+not a path). Words that only look like paths are left out: absolute paths (inside a container),
+URLs and domain names (`cert-manager.io/v1`), paths under a setting (`STATE_DIR/lock`) or a shell
+variable, and what exists only once a command ran (`.venv/`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ _CANDIDATE = re.compile(r"`([^`\s]+)`|\]\(([^)\s#]+)\)")
 _PATH = re.compile(r"[A-Za-z0-9_.\-/]+")
 
 
-def looks_like_a_repository_path(word: str) -> bool:
+def looks_like_a_repository_path(word: str, folders: tuple[Path, ...] = (ROOT,)) -> bool:
     if not _PATH.fullmatch(word) or word.startswith("/") or "//" in word:
         return False
     first = word.split("/")[0]
@@ -30,13 +31,15 @@ def looks_like_a_repository_path(word: str) -> bool:
         return False
     if first.isupper() or first == ".venv":  # STATE_DIR/..., or made by scripts/venv
         return False
-    return "/" in word or word.endswith(_EXTENSIONS)
+    if word.endswith(_EXTENSIONS):
+        return True
+    return "/" in word and any((folder / first).is_dir() for folder in folders)
 
 
 def mentioned_paths(document: Path) -> list[str]:
     text = _FENCE.sub("", document.read_text())
-    words = [a or b for a, b in _CANDIDATE.findall(text)]
-    return sorted({w.rstrip(".,:;") for w in words if looks_like_a_repository_path(w.rstrip(".,:;"))})
+    words = {w.rstrip(".,:;") for a, b in _CANDIDATE.findall(text) for w in [a or b]}
+    return sorted(w for w in words if looks_like_a_repository_path(w, (document.parent, ROOT)))
 
 
 class MentionedPathsTests(SynchronousTestCase):
@@ -50,10 +53,11 @@ class MentionedPathsTests(SynchronousTestCase):
     def test_what_counts_as_a_path(self):
         for word in ("deploy/compose.yaml", "../Dockerfile", "kubernetes/overlays/sidecar", "pyproject.toml",
                      ".ci/run", "scripts/test"):
-            self.assertTrue(looks_like_a_repository_path(word), word)
+            self.assertTrue(looks_like_a_repository_path(word, (ROOT / "deploy", ROOT)), word)
         for word in ("cert-manager.io/v1", "app.kubernetes.io/name", "/var/lib/stigg-sidecar", "STATE_DIR/lock",
-                     "localhost:8443", ".venv/bin/stigg-sidecar-cli", "grpc.health.v1", "tls.crt", "$STATE_DIR/x"):
-            self.assertFalse(looks_like_a_repository_path(word), word)
+                     "localhost:8443", ".venv/bin/stigg-sidecar-cli", "grpc.health.v1", "tls.crt", "$STATE_DIR/x",
+                     "http/protobuf"):
+            self.assertFalse(looks_like_a_repository_path(word, (ROOT / "deploy", ROOT)), word)
 
     def test_a_missing_path_is_found(self):
         # the slip this test is for: the README once pointed to deploy/kubernetes.yaml
