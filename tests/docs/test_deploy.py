@@ -232,5 +232,5 @@ class ProbesAgainstTheSidecarTests(SynchronousTestCase):
         # grpc.health.v1.Health/Check with service "" (what a `grpc:` probe sends): an empty request;
         # the answer HealthCheckResponse{status: SERVING} encodes as b"\x08\x01".
         with grpc.insecure_channel(f"127.0.0.1:{self.sidecar.grpc_port}") as channel:
-            check = channel.unary_unary("/grpc.health.v1.Health/Check")
+            check: grpc.UnaryUnaryMultiCallable = channel.unary_unary("/grpc.health.v1.Health/Check")
             self.assertEqual(check(b"", timeout=5), b"\x08\x01")

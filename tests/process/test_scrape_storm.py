@@ -35,7 +35,12 @@ class ScrapeStormTests(TestCase):
             ["h2load", "--h1", "-c", str(SCRAPERS), "-D", "12", "-T", "10", f"{base}/metrics"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        self.addCleanup(lambda: storm.poll() is None and storm.kill())
+
+        def stop_storm() -> None:
+            if storm.poll() is None:
+                storm.kill()
+
+        self.addCleanup(stop_storm)
         time.sleep(2)  # every scraper connected and scraping
         failed = []
         for i in range(PROBES):
