@@ -169,7 +169,7 @@ class SidecarOverlayPodTests(SynchronousTestCase):
 
         # The startup probe's question, and a metered check, from outside the pod.
         with grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}") as channel:
-            health = channel.unary_unary("/grpc.health.v1.Health/Check")
+            health: grpc.UnaryUnaryMultiCallable = channel.unary_unary("/grpc.health.v1.Health/Check")
             self.assertEqual(health(b"", timeout=5), b"\x08\x01")  # SERVING
             metered = SidecarServiceStub(channel).GetEntitlement(
                 pb.GetEntitlementRequest(customer_id="customer-acme", feature_id="feature-api-calls"), timeout=10)
