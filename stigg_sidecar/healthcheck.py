@@ -22,7 +22,10 @@ _WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 def liveness_url(environ: Mapping[str, str]) -> str:
     def setting(name: str):
         spec = _SPECS[name]
-        return spec.parse(environ.get(name) or spec.default or "")
+        try:
+            return spec.parse(environ.get(name) or spec.default or "")
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
 
     address = str(setting("BIND_ADDRESS"))
     host = _WILDCARDS.get(address, address)
