@@ -201,6 +201,10 @@ SPECS: tuple[Spec, ...] = (
         "GRPC_MAX_CONCURRENT_STREAMS", None, _parse_int(1, 2**31 - 1),
         "calls at once on one gRPC connection (default: MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS)",
     ),
+    Spec(
+        "GRPC_MAX_CONNECTIONS", "0", _parse_int(0, 2**31 - 1),
+        "gRPC connections at once; more are closed as they come (0: the open-files limit less 256 kept for Stigg, Redis, the spool and HTTP)",
+    ),
     Spec("SHUTDOWN_GRACE_SECS", "10", _parse_seconds, "how long in-flight calls may finish on shutdown"),
     Spec("METRICS_ENABLED", "1", parse_bool, "serve Prometheus metrics at /metrics and count on the hot path"),
     Spec("METRICS_MAX_AGE_MS", "1000", _parse_int(0, 60_000), "render /metrics at most once per this many milliseconds; scrapes in between get the same page (0: every scrape)"),
@@ -262,6 +266,7 @@ class Settings:
     grpc_keepalive_timeout_secs: float = 20.0
     grpc_max_connection_idle_secs: float = 300.0
     grpc_max_concurrent_streams: int = 784  # MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS
+    grpc_max_connections: int = 0
     shutdown_grace_secs: float = 10.0
     metrics_enabled: bool = True
     metrics_max_age_ms: int = 1000

@@ -47,8 +47,9 @@ from stigg_sidecar.online.sidecar import CacheUpdates, OnlineSidecar
 from stigg_sidecar.ops.metrics import Metrics, MetricsInterceptor
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.ops.web import HttpService, health_app
-from stigg_sidecar.process import gcpolicy
+from stigg_sidecar.process import descriptors, gcpolicy
 from stigg_sidecar.process.logs import make_observer
+from stigg_sidecar.process.native_output import route_native_output
 from stigg_sidecar.process.service import SidecarService
 from stigg_sidecar.process.startup import exit_with, starting_line, version_text
 from stigg_sidecar.settings import SPECS, Settings, SettingsError, load_settings, parse_bool
@@ -143,6 +144,7 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
         keepalive_timeout_secs=settings.grpc_keepalive_timeout_secs,
         max_connection_idle_secs=settings.grpc_max_connection_idle_secs,
         max_concurrent_streams=settings.grpc_max_concurrent_streams,
+        max_connections=descriptors.grpc_connection_cap(settings.grpc_max_connections, descriptors.open_files_limit()),
     )
 
 
@@ -320,6 +322,17 @@ def makeService(options: Options) -> SidecarService:
         exit_with(str(e))
     # Logged before twistd starts logging: the log replays it first, ahead of twistd's own lines.
     log.info("{line}", line=starting_line(settings))
+    from twisted.internet import reactor
+
+    route_native_output(reactor)  # grpc-core's lines in this log, in LOG_FORMAT
+    before, limit = descriptors.raise_open_files_limit()
+    cap = descriptors.grpc_connection_cap(settings.grpc_max_connections, limit)
+    log.debug("Open files: limit {limit} (was {before}); at most {cap} gRPC connections at once",
+             limit=limit, before=before, cap=cap)
+    if cap > limit - descriptors.RESERVED_DESCRIPTORS:
+        log.warn("GRPC_MAX_CONNECTIONS {cap} leaves fewer than {reserved} of the {limit} open files for Stigg,"
+                 " Redis, the spool and HTTP: many clients could starve them", cap=cap,
+                 reserved=descriptors.RESERVED_DESCRIPTORS, limit=limit)
     try:
         sidecar = build_sidecar(settings)
     except StateDirectoryError as e:
