@@ -20,7 +20,7 @@ import os
 import sys
 import traceback
 from functools import partial
-from typing import Mapping, Sequence
+from typing import IO, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -39,19 +39,24 @@ from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.delivery.spool import SpoolFile
 from stigg_sidecar.delivery.spooled import SpooledDelivery
 from stigg_sidecar.delivery.upstream import UpstreamWrites
+from stigg_sidecar.grpc.callers import CallerTokensError
 from stigg_sidecar.grpc.intake import add_sidecar_service
 from stigg_sidecar.grpc.server import ConnectionLimits, GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
+from stigg_sidecar.grpc.tls import TlsError
 from stigg_sidecar.offline import OfflineSidecar
 from stigg_sidecar.online.sidecar import CacheUpdates, OnlineSidecar
+from stigg_sidecar.ops import tracing as tracing_setup
 from stigg_sidecar.ops.metrics import Metrics, MetricsInterceptor
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.ops.web import HttpService, health_app
 from stigg_sidecar.process import descriptors, gcpolicy
+from stigg_sidecar.process.access import grpc_access
 from stigg_sidecar.process.logs import make_observer
 from stigg_sidecar.process.native_output import route_native_output
 from stigg_sidecar.process.service import SidecarService
 from stigg_sidecar.process.startup import exit_with, starting_line, version_text
+from stigg_sidecar.process.stopping import StopBudget
 from stigg_sidecar.settings import SPECS, Settings, SettingsError, load_settings, parse_bool
 from stigg_sidecar.state.directory import StateDirectory, StateDirectoryError
 from stigg_sidecar.state.snapshot import FILE_NAME as SNAPSHOT_FILE
@@ -68,6 +73,7 @@ log = Logger()
 _COMPUTED_DEFAULTS = {
     "CACHE_MAX_SIZE_BYTES": "half the available memory",
     "GRPC_MAX_CONCURRENT_STREAMS": "MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS",
+    "HTTP_BIND_ADDRESS": "BIND_ADDRESS",
 }
 
 
@@ -148,14 +154,21 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
     )
 
 
-def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
+def build_sidecar(
+    settings: Settings, reactor=None, tracing: tracing_setup.Tracing | None = None, log_stream: IO[str] | None = None
+) -> SidecarService:
+    """The service tree for `settings`; its log goes to `log_stream` (standard output if None)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     readiness = Readiness()
     readiness.block("grpc", "gRPC server is not serving yet")
-    top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format))
+    # One deadline for the whole stop: gRPC drain, spool delivery and the last snapshot share it.
+    budget = StopBudget(settings.shutdown_grace_secs, reactor)
+    top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format, log_stream), budget)
+    if tracing is not None:
+        tracing.service(reactor).setServiceParent(top)  # first in, stops last: flushes the last spans
     fetch_timeout = settings.entitlements_timeout_ms / 1000
     metrics = Metrics() if settings.metrics_enabled else None
     if metrics is not None:
@@ -173,12 +186,17 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
     HttpService(
         health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics,
                    settings.metrics_max_age_ms / 1000),
-        settings.bind_address,
+        settings.http_bind_address,
         settings.http_port,
         reactor,
         idle_timeout=settings.http_idle_timeout_secs,
         header_timeout=settings.http_header_timeout_secs,
+        address_setting="BIND_ADDRESS" if settings.http_bind_address == settings.bind_address else "HTTP_BIND_ADDRESS",
     ).setServiceParent(top)
+    # TLS and caller tokens (the standalone service); nothing at all when their settings are unset.
+    access = grpc_access(settings, reactor, metrics.hot.count_caller if metrics is not None else None)
+    for watcher in access.watchers:
+        watcher.setServiceParent(top)
 
     backend: OfflineSidecar | OnlineSidecar
     writer: OfflineSidecar | DirectDelivery | SpooledDelivery
@@ -210,6 +228,7 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         UpstreamService(
             reactor, api, backend, readiness, fetch_timeout,
             on_init_error=metrics.initialization_errors.inc if metrics else (lambda: None),
+            budget=budget,
         ).setServiceParent(top)
         refresher = Refresher(reactor, backend)
         poller = Poller(reactor, refresher, settings.poll_interval_secs, active=True)
@@ -227,6 +246,7 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
                 reactor, state_dir.file(SNAPSHOT_FILE), online, settings.snapshot_interval_secs,
                 refresh=refresher.refresh, readiness=readiness,
                 on_loaded_age=metrics.snapshot_loaded_age.set if metrics is not None else (lambda age: None),
+                budget=budget,
             ).setServiceParent(top)
         writer = DirectDelivery(
             WriteGate(reactor, online.waiting_writes, lambda: online.key_rejected), UpstreamWrites(api, online), online
@@ -245,7 +265,7 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
                 batch_size=settings.spool_batch_size,
                 flush_interval=settings.spool_flush_ms / 1000,
                 send_timeout=fetch_timeout,
-                grace=settings.shutdown_grace_secs,
+                budget=budget,
                 readiness=readiness,
                 metrics=metrics,
             )
@@ -274,10 +294,18 @@ def build_sidecar(settings: Settings, reactor=None) -> SidecarService:
         max_workers=settings.grpc_max_workers,
         max_message_bytes=settings.grpc_max_message_bytes,
         grace=settings.shutdown_grace_secs,
+        budget=budget,
         reactor=reactor,
         on_serving=lambda port: readiness.unblock("grpc"),
-        interceptors=[MetricsInterceptor(metrics)] if metrics else [],
+        # Tracing outermost (off, no interceptor at all), so a refused token is a span too; then the
+        # token check: MetricsInterceptor answers cached handlers without asking further in.
+        interceptors=[
+            *([tracing.interceptor()] if tracing is not None else []),
+            *access.interceptors,
+            *([MetricsInterceptor(metrics)] if metrics else []),
+        ],
         limits=connection_limits(settings),
+        credentials=access.credentials,
     ).setServiceParent(top)
     return top
 
@@ -315,11 +343,28 @@ def _observe_spool(metrics: Metrics, spool: SpooledDelivery) -> None:
     metrics.spool_oldest_age.set_function(spool.oldest_age)
 
 
+def _log_stream(options: Options) -> IO[str] | None:
+    """Where the log goes: twistd's --logfile when given (`-` is standard output); else, when
+    twistd daemonizes (no -n), `twistd.log` as twistd's own log would (standard output is gone
+    then); else standard output. Opened now: the file stays open across the daemon's fork."""
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return None
+    path = parent.get("logfile") or (None if parent.get("nodaemon") else "twistd.log")
+    if path in (None, "-"):
+        return None
+    try:
+        return open(path, "a", buffering=1, encoding="utf-8")
+    except OSError as e:
+        exit_with(f"--logfile: {path}: {e.strerror}")
+
+
 def makeService(options: Options) -> SidecarService:
     try:
         settings = load_settings(os.environ, options.overrides())
     except SettingsError as e:
         exit_with(str(e))
+    log_stream = _log_stream(options)
     # Logged before twistd starts logging: the log replays it first, ahead of twistd's own lines.
     log.info("{line}", line=starting_line(settings))
     from twisted.internet import reactor
@@ -334,8 +379,14 @@ def makeService(options: Options) -> SidecarService:
                  " Redis, the spool and HTTP: many clients could starve them", cap=cap,
                  reserved=descriptors.RESERVED_DESCRIPTORS, limit=limit)
     try:
-        sidecar = build_sidecar(settings)
-    except StateDirectoryError as e:
+        tracing = tracing_setup.install()
+    except tracing_setup.TracingConfigError as e:
+        exit_with(str(e))
+    if tracing is not None:
+        log.info("OpenTelemetry {where}", where=tracing_setup.describe(tracing))
+    try:
+        sidecar = build_sidecar(settings, tracing=tracing, log_stream=log_stream)
+    except (StateDirectoryError, TlsError, CallerTokensError) as e:
         exit_with(str(e))
     except Exception as e:
         # A bug or an environment this code did not foresee: one line; the traceback at LOG_LEVEL=debug.

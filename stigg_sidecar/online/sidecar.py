@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from stigg_sidecar import spans
 from stigg_sidecar.cache.memory import EntitlementCache, earliest_expiry
 from stigg_sidecar.cache.redis import RedisMirror
 from stigg_sidecar.contracts import UsageReport
@@ -145,6 +146,12 @@ class OnlineSidecar:
         self._on_miss()
         if self.key_rejected:
             return None
+        with spans.tracer.start_as_current_span("entitlements miss", attributes=spans.ids(customer_id, resource_id)) as span:
+            entry = self._wait_for_fetch(customer_id, resource_id, timeout)
+            span.set_attribute("stigg.fallback", entry is None)
+            return entry
+
+    def _wait_for_fetch(self, customer_id: str, resource_id: str | None, timeout: float) -> CustomerEntry | None:
         try:
             return wait_on_reactor(self._reactor, self.waiting_reads, self.fetch, customer_id, resource_id, timeout=timeout)
         except BudgetExhausted:
@@ -191,7 +198,9 @@ class OnlineSidecar:
         waiters = self._inflight.get(flight)
         if waiters is not None:
             waiters.append(mine)
-            return mine
+            # Waiting on another caller's fetch: its spans are in that caller's trace.
+            return spans.span_until(f"join in-flight {mode} fetch", lambda: mine,
+                                    attributes=spans.ids(customer_id, resource_id))
         self._inflight[flight] = [mine]
         self._fetch(customer_id, resource_id, mode).addBoth(self._landed, flight)
         return mine
@@ -212,14 +221,29 @@ class OnlineSidecar:
         mirror = self.mirror
         token = None
         if mirror is not None and mode == "miss":
-            shared = yield mirror.read(customer_id, resource_id)
+            shared = yield spans.span_until("redis read", mirror.read, customer_id, resource_id,
+                                            kind=spans.SpanKind.CLIENT, attributes={"db.system": "redis"})
             if self._usable(shared):
                 return self.store(shared)
             lock_ms = int(self._fetch_timeout * 1000) + 1000  # held as long as our fetch may take
-            token = yield mirror.acquire_fetch_lock(customer_id, resource_id, ttl_ms=lock_ms)
+            token = yield spans.span_until(
+                "fleet fetch lock", lambda: mirror.acquire_fetch_lock(customer_id, resource_id, ttl_ms=lock_ms)
+            )
+            if token is not None and mirror.connected:
+                # The read above may predate a peer's whole fetch: it wrote Redis and released the
+                # lock between our read and our lock. Looked at again under the lock, the fleet
+                # fetches a customer once.
+                shared = yield spans.span_until("redis read", mirror.read, customer_id, resource_id,
+                                                kind=spans.SpanKind.CLIENT, attributes={"db.system": "redis"})
+                if self._usable(shared):
+                    mirror.release_fetch_lock(customer_id, resource_id, token)
+                    return self.store(shared)
             # Another sidecar of the fleet is fetching this customer: wait for its result.
-            if token is None and (yield mirror.wait_for_fetch(customer_id, resource_id, self._fetch_timeout + 0.5)):
-                shared = yield mirror.read(customer_id, resource_id)
+            if token is None and (yield spans.span_until(
+                "wait for the fleet's fetch", mirror.wait_for_fetch, customer_id, resource_id, self._fetch_timeout + 0.5
+            )):
+                shared = yield spans.span_until("redis read", mirror.read, customer_id, resource_id,
+                                                kind=spans.SpanKind.CLIENT, attributes={"db.system": "redis"})
                 if self._usable(shared):
                     return self.store(shared)
         try:
@@ -284,7 +308,8 @@ class OnlineSidecar:
 
     def reload_entry(self, customer_id: str, resource_id: str | None, timeout: float) -> Deferred:
         """Refetch through GraphQL (never Edge, which may lag); fires with the entry."""
-        return self.fetch(customer_id, resource_id, "reload")
+        return spans.span_until("reload entitlements", self.fetch, customer_id, resource_id, "reload",
+                                attributes=spans.ids(customer_id, resource_id))
 
     def apply_usage_result(self, usage: UsageReport, result: dict) -> None:
         """Stigg's answer to a usage report is authoritative: it updates the cached usage."""

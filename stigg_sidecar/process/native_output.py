@@ -73,4 +73,6 @@ def route_native_output(reactor) -> None:
             for text in pipe:
                 lines.line(text)
 
-    threading.Thread(target=read, name="native-log", daemon=True).start()
+    # Started with the reactor: a daemonizing twistd forks after this (threads do not survive a
+    # fork), and until then the pipe holds what grpc-core writes.
+    reactor.callWhenRunning(threading.Thread(target=read, name="native-log", daemon=True).start)

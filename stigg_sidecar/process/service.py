@@ -2,7 +2,9 @@
 
 Owns the order of start and stop: readiness turns DOWN the moment stopping begins, the HTTP
 service stops last so probes keep getting answers while gRPC drains, and the log observer is
-handed to twistd's application so LOG_LEVEL and LOG_FORMAT apply from the first line.
+handed to twistd's application so LOG_LEVEL and LOG_FORMAT apply from the first line. The stop's
+`StopBudget` (SHUTDOWN_GRACE_SECS) begins with the stop: every part that takes time to stop
+shares that one deadline, and the last line says how long the whole stop took.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from twisted.logger import ILogObserver, Logger
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.process.listening import ListenError
 from stigg_sidecar.process.startup import exit_with
+from stigg_sidecar.process.stopping import StopBudget
 
 if TYPE_CHECKING:
     from stigg_sidecar.offline import OfflineSidecar
@@ -26,9 +29,12 @@ log = Logger()
 
 
 class SidecarService(MultiService):
-    def __init__(self, readiness: Readiness, observer: ILogObserver | None = None) -> None:
+    def __init__(
+        self, readiness: Readiness, observer: ILogObserver | None = None, budget: StopBudget | None = None
+    ) -> None:
         super().__init__()
         self.readiness = readiness
+        self.budget = budget
         self._observer = observer
         self.backend: OfflineSidecar | OnlineSidecar | None = None  # what the gRPC handlers use (set by tap)
         self.metrics: Metrics | None = None  # when enabled (set by tap)
@@ -70,6 +76,8 @@ class SidecarService(MultiService):
     @inlineCallbacks
     def stopService(self):
         """Stop children one at a time, last added first, each after the previous finished."""
+        if self.budget is not None:
+            self.budget.begin()
         self.readiness.block("shutdown", "shutting down")
         log.info("Stopping")
         Service.stopService(self)
@@ -78,6 +86,11 @@ class SidecarService(MultiService):
                 yield maybeDeferred(child.stopService)
             except Exception:
                 log.failure("Stopping {name} failed", name=child.name)
+        if self.budget is not None:
+            log.info("stigg-sidecar stopped in {took:.2f}s (SHUTDOWN_GRACE_SECS {grace:g}s)",
+                     took=self.budget.elapsed(), grace=self.budget.seconds)
+        else:
+            log.info("stigg-sidecar stopped")
         # A drain that completed is a clean exit: twistd would otherwise re-raise SIGTERM/SIGINT
         # on itself after shutdown, and orchestrators would read that as a crash.
         from twisted.internet import reactor
