@@ -369,7 +369,11 @@ def makeService(options: Options) -> SidecarService:
     log.info("{line}", line=starting_line(settings))
     from twisted.internet import reactor
 
-    route_native_output(reactor)  # grpc-core's lines in this log, in LOG_FORMAT
+    parent = getattr(options, "parent", None)
+    if parent is None or parent.get("nodaemon"):
+        # grpc-core's lines in this log, in LOG_FORMAT. A daemon's descriptor 2 is /dev/null (and
+        # must not keep its starter's stderr open), so there they are silenced instead.
+        route_native_output(reactor)
     before, limit = descriptors.raise_open_files_limit()
     cap = descriptors.grpc_connection_cap(settings.grpc_max_connections, limit)
     log.debug("Open files: limit {limit} (was {before}); at most {cap} gRPC connections at once",
