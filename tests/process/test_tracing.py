@@ -103,7 +103,7 @@ class TracingTests(TestCase):
 
     def assert_no_secret(self, process: SidecarProcess) -> None:
         for span in self.receiver.received():
-            for value in (*span.attributes.values(), *span.resource.values(), span.name):
+            for value in (*span.attributes.values(), *span.resource.values(), span.name, span.status_message):
                 self.assertNotIn(KEY, str(value), f"the API key in span {span.name}")
                 self.assertNotIn(TOKEN, str(value), f"the collector's token in span {span.name}")
         self.assertNotIn(KEY, process.text)
