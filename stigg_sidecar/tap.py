@@ -20,7 +20,7 @@ import os
 import sys
 import traceback
 from functools import partial
-from typing import Mapping, Sequence
+from typing import IO, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -152,7 +152,10 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
     )
 
 
-def build_sidecar(settings: Settings, reactor=None, tracing: tracing_setup.Tracing | None = None) -> SidecarService:
+def build_sidecar(
+    settings: Settings, reactor=None, tracing: tracing_setup.Tracing | None = None, log_stream: IO[str] | None = None
+) -> SidecarService:
+    """The service tree for `settings`; its log goes to `log_stream` (standard output if None)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -161,7 +164,7 @@ def build_sidecar(settings: Settings, reactor=None, tracing: tracing_setup.Traci
     readiness.block("grpc", "gRPC server is not serving yet")
     # One deadline for the whole stop: gRPC drain, spool delivery and the last snapshot share it.
     budget = StopBudget(settings.shutdown_grace_secs, reactor)
-    top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format), budget)
+    top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format, log_stream), budget)
     if tracing is not None:
         tracing.service(reactor).setServiceParent(top)  # first in, stops last: flushes the last spans
     fetch_timeout = settings.entitlements_timeout_ms / 1000
@@ -338,11 +341,28 @@ def _observe_spool(metrics: Metrics, spool: SpooledDelivery) -> None:
     metrics.spool_oldest_age.set_function(spool.oldest_age)
 
 
+def _log_stream(options: Options) -> IO[str] | None:
+    """Where the log goes: twistd's --logfile when given (`-` is standard output); else, when
+    twistd daemonizes (no -n), `twistd.log` as twistd's own log would (standard output is gone
+    then); else standard output. Opened now: the file stays open across the daemon's fork."""
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return None
+    path = parent.get("logfile") or (None if parent.get("nodaemon") else "twistd.log")
+    if path in (None, "-"):
+        return None
+    try:
+        return open(path, "a", buffering=1, encoding="utf-8")
+    except OSError as e:
+        exit_with(f"--logfile: {path}: {e.strerror}")
+
+
 def makeService(options: Options) -> SidecarService:
     try:
         settings = load_settings(os.environ, options.overrides())
     except SettingsError as e:
         exit_with(str(e))
+    log_stream = _log_stream(options)
     # Logged before twistd starts logging: the log replays it first, ahead of twistd's own lines.
     log.info("{line}", line=starting_line(settings))
     try:
@@ -352,7 +372,7 @@ def makeService(options: Options) -> SidecarService:
     if tracing is not None:
         log.info("OpenTelemetry {where}", where=tracing_setup.describe(tracing))
     try:
-        sidecar = build_sidecar(settings, tracing=tracing)
+        sidecar = build_sidecar(settings, tracing=tracing, log_stream=log_stream)
     except (StateDirectoryError, TlsError, CallerTokensError) as e:
         exit_with(str(e))
     except Exception as e:
