@@ -20,7 +20,7 @@ import os
 import sys
 import traceback
 from functools import partial
-from typing import Mapping, Sequence
+from typing import IO, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -50,10 +50,11 @@ from stigg_sidecar.ops import tracing as tracing_setup
 from stigg_sidecar.ops.metrics import Metrics, MetricsInterceptor
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.ops.web import HttpService, health_app
-from stigg_sidecar.process import gcpolicy
+from stigg_sidecar.process import descriptors, gcpolicy
 from stigg_sidecar.process.access import grpc_access
 from stigg_sidecar.process.clock import use_monotonic_time
 from stigg_sidecar.process.logs import make_observer
+from stigg_sidecar.process.native_output import route_native_output
 from stigg_sidecar.process.service import SidecarService
 from stigg_sidecar.process.startup import exit_with, starting_line, version_text
 from stigg_sidecar.process.stopping import StopBudget
@@ -116,7 +117,11 @@ class Options(usage.Options):
     optParameters = [[spec.option, None, None, _help(spec)] for spec in SPECS]
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        super().parseOptions(flags_as_values(sys.argv[1:] if options is None else options))
+        try:
+            super().parseOptions(flags_as_values(sys.argv[1:] if options is None else options))
+        except usage.UsageError as e:
+            # twistd would print the whole help (some 200 lines) above the one that matters.
+            exit_with(f"{str(e).rstrip('.')}; see twistd stigg-sidecar --help")
 
     def opt_version(self) -> None:
         """Display the sidecar's version (and grpcio's, Twisted's, Python's) and exit."""
@@ -150,10 +155,14 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
         keepalive_timeout_secs=settings.grpc_keepalive_timeout_secs,
         max_connection_idle_secs=settings.grpc_max_connection_idle_secs,
         max_concurrent_streams=settings.grpc_max_concurrent_streams,
+        max_connections=descriptors.grpc_connection_cap(settings.grpc_max_connections, descriptors.open_files_limit()),
     )
 
 
-def build_sidecar(settings: Settings, reactor=None, tracing: tracing_setup.Tracing | None = None) -> SidecarService:
+def build_sidecar(
+    settings: Settings, reactor=None, tracing: tracing_setup.Tracing | None = None, log_stream: IO[str] | None = None
+) -> SidecarService:
+    """The service tree for `settings`; its log goes to `log_stream` (standard output if None)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -162,7 +171,7 @@ def build_sidecar(settings: Settings, reactor=None, tracing: tracing_setup.Traci
     readiness.block("grpc", "gRPC server is not serving yet")
     # One deadline for the whole stop: gRPC drain, spool delivery and the last snapshot share it.
     budget = StopBudget(settings.shutdown_grace_secs, reactor)
-    top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format), budget)
+    top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format, log_stream), budget)
     if tracing is not None:
         tracing.service(reactor).setServiceParent(top)  # first in, stops last: flushes the last spans
     fetch_timeout = settings.entitlements_timeout_ms / 1000
@@ -344,25 +353,55 @@ def _observe_spool(metrics: Metrics, spool: SpooledDelivery) -> None:
     metrics.spool_oldest_age.set_function(spool.oldest_age)
 
 
+def _log_stream(options: Options) -> IO[str] | None:
+    """Where the log goes: twistd's --logfile when given (`-` is standard output); else, when
+    twistd daemonizes (no -n), `twistd.log` as twistd's own log would (standard output is gone
+    then); else standard output. Opened now: the file stays open across the daemon's fork."""
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return None
+    path = parent.get("logfile") or (None if parent.get("nodaemon") else "twistd.log")
+    if path in (None, "-"):
+        return None
+    try:
+        return open(path, "a", buffering=1, encoding="utf-8")
+    except OSError as e:
+        exit_with(f"--logfile: {path}: {e.strerror}")
+
+
 def makeService(options: Options) -> SidecarService:
     try:
         settings = load_settings(os.environ, options.overrides())
     except SettingsError as e:
         exit_with(str(e))
+    log_stream = _log_stream(options)
     # Logged before twistd starts logging: the log replays it first, ahead of twistd's own lines.
     log.info("{line}", line=starting_line(settings))
+    from twisted.internet import reactor
+
+    parent = getattr(options, "parent", None)
+    if parent is None or parent.get("nodaemon"):
+        # grpc-core's lines in this log, in LOG_FORMAT. A daemon's descriptor 2 is /dev/null (and
+        # must not keep its starter's stderr open), so there they are silenced instead.
+        route_native_output(reactor)
+    before, limit = descriptors.raise_open_files_limit()
+    cap = descriptors.grpc_connection_cap(settings.grpc_max_connections, limit)
+    log.debug("Open files: limit {limit} (was {before}); at most {cap} gRPC connections at once",
+             limit=limit, before=before, cap=cap)
+    if cap > limit - descriptors.RESERVED_DESCRIPTORS:
+        log.warn("GRPC_MAX_CONNECTIONS {cap} leaves fewer than {reserved} of the {limit} open files for Stigg,"
+                 " Redis, the spool and HTTP: many clients could starve them", cap=cap,
+                 reserved=descriptors.RESERVED_DESCRIPTORS, limit=limit)
     try:
         tracing = tracing_setup.install()
     except tracing_setup.TracingConfigError as e:
         exit_with(str(e))
     if tracing is not None:
         log.info("OpenTelemetry {where}", where=tracing_setup.describe(tracing))
-    from twisted.internet import reactor
-
     # Every timer on elapsed time: a wall clock stepped back must not freeze them (issue 20, 12).
     use_monotonic_time(reactor)
     try:
-        sidecar = build_sidecar(settings, reactor, tracing=tracing)
+        sidecar = build_sidecar(settings, reactor, tracing=tracing, log_stream=log_stream)
     except (StateDirectoryError, TlsError, CallerTokensError) as e:
         exit_with(str(e))
     except Exception as e:
