@@ -106,8 +106,8 @@ class ClockStepTests(TestCase):
         self.step("-2h")
         await deferLater(reactor, 0.5, lambda: None)  # a poll already due may still go
         self.emulator.state.reset_request_counts()
-        # Every second a refresh of the one cached customer: two within five seconds at the least.
-        await until(lambda: self.emulator.state.request_counts().get(EDGE, 0) >= 2, 5, "polls after the step back")
+        # Every second a refresh of the one cached customer: two within eight seconds on a loaded machine.
+        await until(lambda: self.emulator.state.request_counts().get(EDGE, 0) >= 2, 8, "polls after the step back")
 
     async def test_an_open_breaker_still_probes_after_a_step_back(self):
         customers = {f"cold-{i}": data.ACME for i in range(20)}
