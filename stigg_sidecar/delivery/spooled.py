@@ -352,8 +352,8 @@ class SpooledDelivery(Service):
                 timer.cancel()
         self._stopping = False  # stopped: nothing more is sent (see _pump)
         if self.records:
-            log.info("{n} spooled {records} stay on disk for the next start", n=self.records,
-                     records="record" if self.records == 1 else "records")
+            log.info("{n} spooled {records} on disk for the next start", n=self.records,
+                     records="record stays" if self.records == 1 else "records stay")
         yield self.spool.close()
 
     def _can_deliver_before(self, deadline: float) -> bool:
