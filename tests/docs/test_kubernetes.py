@@ -20,6 +20,7 @@ import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
 from stigg_sidecar.grpc.callers import parse_callers
+from stigg_sidecar.ops import tracing
 from stigg_sidecar.settings import SPECS, Settings
 from tests.docs.test_deploy import DOCKERFILE, SETTING_NAMES, dockerfile_instructions, sidecar_settings
 from tests.fixtures.kustomize import KUBERNETES, OVERLAYS, overlays, render, rendered, workload
@@ -118,7 +119,15 @@ class _ShapeChecks(_Checks):
         return number
 
     def test_every_sidecar_variable_is_a_real_setting(self):
-        self.assertEqual(set(self.env) - SETTING_NAMES, set())
+        # Besides the settings: OpenTelemetry's own variables (the tracing component), checked below.
+        self.assertEqual({name for name in self.env if not name.startswith("OTEL_")} - SETTING_NAMES, set())
+
+    def test_traces_go_to_the_collector_in_the_cluster(self):
+        otel = {name: e["value"] for name, e in self.env.items() if name.startswith("OTEL_")}
+        self.assertEqual(otel["OTEL_EXPORTER_OTLP_ENDPOINT"], "http://otel-collector.observability:4318")
+        self.assertEqual(otel["OTEL_SERVICE_NAME"], "stigg-sidecar")
+        self.assertTrue(tracing.wanted(otel))
+        tracing.check(otel)  # the values a start would refuse with one line
 
     def test_values_are_strings_as_kubernetes_requires(self):
         for container in [self.w.sidecar, *self.w.apps]:
