@@ -262,8 +262,8 @@ class OnlineHarness:
 
         from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
         from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
+        from stigg_sidecar.process.assembly import assemble
         from stigg_sidecar.settings import load_settings
-        from stigg_sidecar.tap import build_sidecar
 
         if emulator is None:
             emulator = await start_emulator(self.reactor, data, random=Random(seed) if seed is not None else None)
@@ -283,12 +283,14 @@ class OnlineHarness:
         }
         env.update(settings)
         self.settings = load_settings(env)
-        self.sidecar = build_sidecar(self.settings, self.reactor)
+        assembled = assemble(self.settings, self.reactor)
+        self.sidecar = assembled.service
+        self.parts = assembled.parts
         self.sidecar.privilegedStartService()
         self.sidecar.startService()
         self.testcase.addCleanup(self.sidecar.stopService)
-        self.grpc_port = self.sidecar.getServiceNamed("grpc").port
-        self.http_port = self.sidecar.getServiceNamed("http").port
+        self.grpc_port = self.parts.grpc.port
+        self.http_port = self.parts.http.port
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
         self.testcase.addCleanup(self.channel.close)
         self.stub = SidecarServiceStub(self.channel)

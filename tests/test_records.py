@@ -12,21 +12,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from stigg_sidecar.entitlements.changes import apply_usage, newer_or_equal
+from stigg_sidecar.entitlements.fields import thaw_json
 from stigg_sidecar.entitlements.records import (
     CreditEntitlement,
     Currency,
     CustomerEntry,
     Feature,
     FeatureEntitlement,
-    MalformedState,
     Usage,
-    apply_usage,
     cache_key,
-    entry_bytes,
-    entry_from_state,
-    newer_or_equal,
-    thaw_json,
 )
+from stigg_sidecar.entitlements.sizing import entry_bytes
+from stigg_sidecar.upstream.wire import MalformedState, entry_from_state
 
 NOV_1 = 1_793_491_200_000  # 2026-11-01T00:00:00Z
 OCT_1 = 1_790_812_800_000  # 2026-10-01T00:00:00Z

@@ -22,6 +22,7 @@ from stigg_sidecar.cache.redis_format import (
     fetch_succeeded,
     timestamp_key,
 )
+from stigg_sidecar.entitlements.fields import freeze_json
 from stigg_sidecar.entitlements.records import (
     CreditEntitlement,
     CreditRate,
@@ -30,9 +31,8 @@ from stigg_sidecar.entitlements.records import (
     Feature,
     FeatureEntitlement,
     Usage,
-    entry_from_state,
-    freeze_json,
 )
+from stigg_sidecar.upstream.wire import entry_from_state
 from tests.test_records import boolean_item, credit_item, metered_item, state
 
 NOW = 1_792_000_000_000

@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from stigg_sidecar.entitlements.fields import FieldReader, freeze_json, parse_time, thaw_json
+from stigg_sidecar.entitlements.interning import shared_feature
 from stigg_sidecar.entitlements.records import (
     CreditEntitlement,
     CreditRate,
@@ -31,13 +33,8 @@ from stigg_sidecar.entitlements.records import (
     CustomerEntry,
     Feature,
     FeatureEntitlement,
-    FieldReader,
     Usage,
     cache_key,
-    freeze_json,
-    parse_time,
-    shared_feature,
-    thaw_json,
 )
 
 TIMESTAMP_SUFFIX = "#timestamp"
