@@ -6,7 +6,7 @@ generated servicer base. Each check RPC returns a constant prebuilt response (by
 serialized bytes the benchmark got from the real sidecar, so both send the same payload); there is
 no cache, no decision and no Twisted. Everything else answers UNIMPLEMENTED, as the base does.
 
-    python bench/bare_server.py --port 50051 [--response GetBooleanEntitlement=FILE ...]
+    python -m bench.bare_server --port 50051 [--response GetBooleanEntitlement=FILE ...]
 
 Prints `bare gRPC listening on 127.0.0.1:PORT` once serving; stops on SIGTERM or Ctrl-C.
 """
@@ -23,8 +23,9 @@ import grpc
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceServicer, add_SidecarServiceServicer_to_server
-from stigg_sidecar.grpc.server import ConnectionLimits, server_options
+from stigg_sidecar.grpc.server import server_options
 from stigg_sidecar.settings import SPECS, Settings
+from stigg_sidecar.tap import connection_limits
 
 _DEFAULTS = {spec.env: spec.default for spec in SPECS}
 MAX_WORKERS = int(_DEFAULTS["GRPC_MAX_WORKERS"] or 16)
@@ -65,7 +66,7 @@ class ConstantServicer(SidecarServiceServicer):
 def build_server(responses: dict[str, Any], max_workers: int = MAX_WORKERS) -> grpc.Server:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-handler"),
-        options=server_options(MAX_MESSAGE_BYTES, ConnectionLimits.from_settings(Settings())),
+        options=server_options(MAX_MESSAGE_BYTES, connection_limits(Settings())),
         maximum_concurrent_rpcs=None,
     )
     add_SidecarServiceServicer_to_server(ConstantServicer(responses), server)

@@ -1,7 +1,7 @@
 """Memory of a cold burst against a steady warm-up: the sidecar's RSS after caching the same
 customers at different read concurrencies.
 
-    python bench/cold_burst.py [--customers 20000] [--concurrency 4,32] [--sidecar-env K=V ...]
+    python -m bench.cold_burst [--customers 20000] [--concurrency 4,32] [--sidecar-env K=V ...]
 
 For each concurrency, on a fresh sidecar (pinned to core 0) against one emulator (core 1): one
 GetBooleanEntitlement per customer, all cold, `--concurrency` in flight; answers that are
@@ -18,16 +18,20 @@ import argparse
 import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from memory import metrics
-from processes import Children, rss_kib, run_with_children, start_emulator, start_sidecar, write_emulator_data
-from seed import customer_id, entitlements
-
-from stigg_sidecar._proto import sidecar_pb2 as pb
+from bench.harness import (
+    Children,
+    Reads,
+    metrics,
+    rss_kib,
+    run_with_children,
+    start_emulator,
+    start_sidecar,
+    write_emulator_data,
+)
+from bench.seed import customer_id, entitlements
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 
 SIDECAR_CPU = 0
@@ -41,36 +45,6 @@ def thread_count(pid: int) -> int:
             if line.startswith("Threads:"):
                 return int(line.split()[1])
     return 0
-
-
-def burst(stub: SidecarServiceStub, customers: int, concurrency: int, timeout: float) -> tuple[int, int]:
-    """(fallbacks, errors) of one cold read per customer, `concurrency` in flight."""
-    slots = threading.Semaphore(concurrency)
-    lock = threading.Lock()
-    counts = {"fallbacks": 0, "errors": 0, "done": 0}
-    finished = threading.Event()
-
-    def done(future: grpc.Future) -> None:
-        with lock:
-            try:
-                if future.result().is_fallback:
-                    counts["fallbacks"] += 1
-            except grpc.RpcError:
-                counts["errors"] += 1
-            counts["done"] += 1
-            if counts["done"] == customers:
-                finished.set()
-        slots.release()
-
-    deadline = time.monotonic() + timeout
-    for i in range(customers):
-        if not slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise SystemExit(f"burst did not finish within {timeout:.0f}s")
-        request = pb.GetBooleanEntitlementRequest(customer_id=customer_id(i), feature_id="feature-bool-0")
-        stub.GetBooleanEntitlement.future(request, timeout=30).add_done_callback(done)
-    if not finished.wait(max(0.0, deadline - time.monotonic())):
-        raise SystemExit(f"burst did not finish within {timeout:.0f}s")
-    return counts["fallbacks"], counts["errors"]
 
 
 def measure(children: Children, api_url: str, args: argparse.Namespace, concurrency: int) -> None:
@@ -90,7 +64,9 @@ def measure(children: Children, api_url: str, args: argparse.Namespace, concurre
     sampler.start()
     channel = grpc.insecure_channel(sidecar.target)
     started = time.monotonic()
-    fallbacks, errors = burst(SidecarServiceStub(channel), args.customers, concurrency, args.timeout)
+    reads = Reads(SidecarServiceStub(channel), concurrency, 30, rpc_errors_wrong=False)
+    reads.run(0, args.customers, args.timeout, "the burst")
+    fallbacks, errors = reads.fallbacks, reads.rpc_errors
     elapsed = time.monotonic() - started
     # Background fetches (of reads that answered fallbacks) may still land: wait for the cache
     # to stop growing.

@@ -1,7 +1,7 @@
 """Cold-fill benchmark: customers fetched and cached per second at 64 concurrent cold reads, the
 sidecar beside Stigg's Node SDK, from a fast upstream.
 
-    python bench/cold_fill.py [--customers 10000] [--concurrency 64] [--repeat 3] [--no-node]
+    python -m bench.cold_fill [--customers 10000] [--concurrency 64] [--repeat 3] [--no-node]
 
 The upstream is bench/node/upstream.js serving the emulator's own answers (computed here by the
 emulator's code from a generated data file of --customers customers of ten features) from memory,
@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -38,15 +37,15 @@ from pathlib import Path
 from typing import Callable
 
 import grpc
+from twisted.internet.task import Clock
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from grpc_load import cpu_seconds
-from memory import metrics
-from processes import (
+from bench.harness import (
     API_KEY,
-    BenchError,
     Children,
+    Reads,
+    cpu_seconds,
     ensure_node_reference,
+    metrics,
     rss_kib,
     run_with_children,
     start_fast_upstream,
@@ -54,10 +53,7 @@ from processes import (
     start_sidecar,
     write_emulator_data,
 )
-from seed import customer_id, entitlements
-from twisted.internet.task import Clock
-
-from stigg_sidecar._proto import sidecar_pb2 as pb
+from bench.seed import customer_id, entitlements
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 from stigg_sidecar.emulator.data import load_data_file
 from stigg_sidecar.emulator.graphql import SDK_CONFIGURATION
@@ -116,66 +112,6 @@ def upstream_fetches(base_url: str) -> int:
 # -- the cold reads ---------------------------------------------------------------------------
 
 
-class ColdReads:
-    """One GetBooleanEntitlement per customer, at most `concurrency` in flight; counts granted
-    answers and fallbacks, keeps anything else as an error."""
-
-    def __init__(self, stub: SidecarServiceStub, customers: int, concurrency: int) -> None:
-        self._stub = stub
-        self._total = customers
-        self._slots = threading.Semaphore(concurrency)
-        self._lock = threading.Lock()
-        self._all_done = threading.Event()
-        self._finished = 0
-        self.started = 0.0
-        self.granted = 0
-        self.fallbacks = 0
-        self.errors: list[str] = []
-
-    def run(self, timeout: float) -> float:
-        """Seconds from the first read to the last answer."""
-        started = self.started = time.monotonic()
-        deadline = started + timeout
-        for i in range(self._total):
-            while not self._slots.acquire(timeout=1):
-                if time.monotonic() > deadline or self.errors:
-                    raise BenchError(self._why(timeout))
-            if self.errors:
-                raise BenchError(self._why(timeout))
-            request = pb.GetBooleanEntitlementRequest(customer_id=customer_id(i), feature_id="feature-bool-0")
-            self._stub.GetBooleanEntitlement.future(request, timeout=CALL_TIMEOUT).add_done_callback(
-                lambda f, i=i: self._done(i, f)
-            )
-        if not self._all_done.wait(max(0.0, deadline - time.monotonic())) or self.errors:
-            raise BenchError(self._why(timeout))
-        return time.monotonic() - started
-
-    def _why(self, timeout: float) -> str:
-        if self.errors:
-            return f"{len(self.errors)} errors or wrong answers in the cold reads, first: {self.errors[0]}"
-        return f"the cold reads did not finish within {timeout:.0f}s ({self._finished}/{self._total} done)"
-
-    def _done(self, i: int, future: grpc.Future) -> None:
-        granted = fallback = 0
-        try:
-            r = future.result()
-            if r.is_fallback:
-                fallback = 1
-            elif r.has_access:
-                granted = 1
-            else:
-                self.errors.append(f"{customer_id(i)}: denied without a fallback: {r}")
-        except grpc.RpcError as e:
-            self.errors.append(f"{customer_id(i)}: {e.code()} {e.details()}")
-        self._slots.release()
-        with self._lock:
-            self.granted += granted
-            self.fallbacks += fallback
-            self._finished += 1
-            if self._finished == self._total:
-                self._all_done.set()
-
-
 def wait_cached(cached: Callable[[], int], customers: int, started: float, deadline: float) -> tuple[int, float]:
     """(customers cached, seconds from `started` until that many were): polls until every customer
     is cached, or none was added for STALLED seconds, or `deadline`. A server that answered
@@ -226,10 +162,10 @@ def fill(
 ) -> Fill:
     channel = grpc.insecure_channel(target)
     try:
-        reads = ColdReads(SidecarServiceStub(channel), args.customers, args.concurrency)
+        reads = Reads(SidecarServiceStub(channel), args.concurrency, CALL_TIMEOUT)
         fetched_before = upstream_fetches(upstream_url)
         cpu_before, upstream_before, wall_before = cpu_seconds(pid), cpu_seconds(upstream_pid), time.monotonic()
-        answered = reads.run(args.timeout)
+        answered = reads.run(0, args.customers, args.timeout, "the cold reads")
         held, seconds = wait_cached(cached, args.customers, reads.started, reads.started + args.timeout)
         wall = time.monotonic() - wall_before
         server_cpu = 100 * (cpu_seconds(pid) - cpu_before) / wall

@@ -1,7 +1,7 @@
 """Does the sidecar leak through the garbage collector? Frozen objects and RSS of a real sidecar
 through passes of eviction churn, usage reports and an outage of Stigg.
 
-    python bench/gc_leak.py [--customers 4000] [--cache-entries 1000] [--passes 6]
+    python -m bench.gc_leak [--customers 4000] [--cache-entries 1000] [--passes 6]
 
 An object the collector never walks (frozen by `gc.freeze()`, or untracked) that ends up inside a
 reference cycle is never freed. `stigg_sidecar.process.gcpolicy` freezes the heap once at start and
@@ -32,26 +32,21 @@ import argparse
 import os
 import signal
 import sys
-import threading
 import time
-from pathlib import Path
 
 import grpc
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from memory import metrics
-from processes import (
-    BenchError,
+from bench.harness import (
     Children,
+    Reads,
+    metrics,
     rss_kib,
     run_with_children,
     start_emulator,
     start_sidecar,
     write_emulator_data,
 )
-from seed import customer_id, entitlements
-
-from stigg_sidecar._proto import sidecar_pb2 as pb
+from bench.seed import customer_id, entitlements
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 
 SIDECAR_CPU = 0
@@ -59,77 +54,6 @@ EMULATOR_CPU = 1
 CONCURRENCY = 64
 READ_TIMEOUT = 3.0  # the caller's deadline: in the outage, reads answer the fallback before it
 PASS_TIMEOUT = 600.0
-
-
-class Pass:
-    """One read per customer (`CONCURRENCY` in flight) and a usage report for every tenth."""
-
-    def __init__(self, stub: SidecarServiceStub, customers: int) -> None:
-        self._stub = stub
-        self._customers = customers
-        self._slots = threading.Semaphore(CONCURRENCY)
-        self._lock = threading.Lock()
-        self._pending = 0
-        self._idle = threading.Event()
-        self.granted = self.fallbacks = self.reported = self.report_errors = 0
-        self.errors: list[str] = []
-
-    def run(self, first: int, last: int, deadline: float) -> None:
-        self._idle.clear()
-        for i in range(first, last):
-            self._start(deadline, self._stub.GetBooleanEntitlement.future(
-                pb.GetBooleanEntitlementRequest(customer_id=customer_id(i), feature_id="feature-bool-0"),
-                timeout=READ_TIMEOUT,
-            ), self._read_done)
-            if i % 10 == 0:
-                self._start(deadline, self._stub.ReportUsage.future(
-                    pb.ReportUsageRequest(customer_id=customer_id(i), feature_id="feature-api-calls", value=1),
-                    timeout=READ_TIMEOUT,
-                ), self._report_done)
-        with self._lock:
-            if self._pending == 0:
-                self._idle.set()
-        if not self._idle.wait(max(0.0, deadline - time.monotonic())):
-            raise BenchError(f"a pass did not finish within {PASS_TIMEOUT:.0f}s")
-        if self.errors:
-            raise BenchError(f"{len(self.errors)} wrong answers, first: {self.errors[0]}")
-
-    def _start(self, deadline: float, future: grpc.Future, done) -> None:
-        while not self._slots.acquire(timeout=1):
-            if time.monotonic() > deadline:
-                raise BenchError(f"a pass did not finish within {PASS_TIMEOUT:.0f}s")
-        with self._lock:
-            self._pending += 1
-            self._idle.clear()
-        future.add_done_callback(done)
-
-    def _finish(self) -> None:
-        self._slots.release()
-        with self._lock:
-            self._pending -= 1
-            if self._pending == 0:
-                self._idle.set()
-
-    def _read_done(self, future: grpc.Future) -> None:
-        try:
-            r = future.result()
-            if r.is_fallback:
-                self.fallbacks += 1
-            elif r.has_access:
-                self.granted += 1
-            else:
-                self.errors.append(f"denied: {r}")
-        except grpc.RpcError as e:
-            self.errors.append(f"{e.code()} {e.details()}")
-        self._finish()
-
-    def _report_done(self, future: grpc.Future) -> None:
-        try:
-            future.result()
-            self.reported += 1
-        except grpc.RpcError:
-            self.report_errors += 1  # expected in the outage
-        self._finish()
 
 
 def bench(children: Children, args: argparse.Namespace) -> int:
@@ -140,7 +64,7 @@ def bench(children: Children, args: argparse.Namespace) -> int:
     # The first sidecar measures what an entry costs, so the second's budget holds --cache-entries.
     probe = start_sidecar(children, SIDECAR_CPU, api_url, {"POLL_INTERVAL_SECS": "0", "SHUTDOWN_GRACE_SECS": "1"})
     with grpc.insecure_channel(probe.target) as channel:
-        Pass(SidecarServiceStub(channel), 200).run(0, 200, time.monotonic() + PASS_TIMEOUT)
+        Reads(SidecarServiceStub(channel), CONCURRENCY, READ_TIMEOUT, report_every=10).run(0, 200, PASS_TIMEOUT, "a pass")
     sample = metrics(probe.http_port)
     per_entry = sample["sidecar_cache_bytes"] / max(1.0, sample["sidecar_cache_entries"])
     probe.child.stop()
@@ -160,18 +84,18 @@ def bench(children: Children, args: argparse.Namespace) -> int:
     with grpc.insecure_channel(sidecar.target) as channel:
         stub = SidecarServiceStub(channel)
         for n in range(1, args.passes + 1):
-            run = Pass(stub, args.customers)
+            run = Reads(stub, CONCURRENCY, READ_TIMEOUT, report_every=10)
             deadline = time.monotonic() + PASS_TIMEOUT
             if n == args.outage_pass:
                 half = args.customers // 2
                 os.kill(emulator.pid, signal.SIGSTOP)
                 try:
-                    run.run(0, half, deadline)
+                    run.run(0, half, deadline - time.monotonic(), "a pass")
                 finally:
                     os.kill(emulator.pid, signal.SIGCONT)
-                run.run(half, args.customers, deadline)
+                run.run(half, args.customers, deadline - time.monotonic(), "a pass")
             else:
-                run.run(0, args.customers, deadline)
+                run.run(0, args.customers, deadline - time.monotonic(), "a pass")
             time.sleep(1.0)  # in-flight background fetches settle
             m = metrics(sidecar.http_port)
             frozen, entries = m["sidecar_gc_frozen_objects"], m["sidecar_cache_entries"]

@@ -1,6 +1,6 @@
 """Full garbage collections with a big cache, with and without the sidecar's gc policy.
 
-    python bench/gc_pauses.py [--entries 40000] [--gc-policy on|off]
+    python -m bench.gc_pauses [--entries 40000] [--gc-policy on|off]
 
 Fills an `EntitlementCache` with `--entries` customers (bench/reactor_pause.py's parse: Stigg-shaped
 answers through `entry_from_state`), budgets it to full, stores half as many new customers
@@ -13,13 +13,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import time
-from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from reactor_pause import parse
-
+from bench.reactor_pause import parse
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.process import gcpolicy
 

@@ -1,7 +1,7 @@
 """gRPC load benchmark: cached entitlement checks on the sidecar against a bare grpcio server and
 against Stigg's Node SDK behind grpc-js.
 
-    python bench/grpc_load.py [--duration 10] [--warm-up 2] [--connections 1,4,8] [--streams 1,10]
+    python -m bench.grpc_load [--duration 10] [--warm-up 2] [--connections 1,4,8] [--streams 1,10]
                               [--rpc boolean,metered] [--customers 4] [--no-node]
 
 Starts the emulator seeded with a few customers of ten features each, the sidecar as a real
@@ -40,10 +40,10 @@ from typing import Any
 
 import grpc
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from processes import (
+from bench.harness import (
     BenchError,
     Children,
+    cpu_seconds,
     rss_kib,
     run_with_children,
     start_bare_server,
@@ -52,8 +52,7 @@ from processes import (
     start_sidecar,
     write_emulator_data,
 )
-from seed import METERED_LIMIT, current_usage, customer_id, entitlements
-
+from bench.seed import METERED_LIMIT, current_usage, customer_id, entitlements
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 
@@ -208,12 +207,6 @@ class Run:
     def per_cpu_second(self) -> float:
         """Requests per CPU-second of the server: less sensitive to other load on the machine."""
         return self.rps / max(self.cpu_percent / 100, 1e-9)
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def machine_busy_seconds() -> float:

@@ -1,6 +1,6 @@
 """Memory benchmark: RSS per cached customer of ten features, the sidecar beside Stigg's Node SDK.
 
-    python bench/memory.py [--customers 20000,100000] [--concurrency 8] [--no-node]
+    python -m bench.memory [--customers 20000,100000] [--concurrency 8] [--no-node]
 
 Measures, each as a real process pinned to core 0:
 1. the idle RSS of an OFFLINE=1 sidecar (no emulator, no cache);
@@ -25,19 +25,17 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import threading
 import time
-import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from processes import (
+from bench.harness import (
     BenchError,
     Children,
+    Reads,
     ensure_node_reference,
+    metrics,
     rss_kib,
     run_with_children,
     start_emulator,
@@ -45,8 +43,7 @@ from processes import (
     start_sidecar,
     write_emulator_data,
 )
-from seed import customer_id, entitlements
-
+from bench.seed import customer_id, entitlements
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 
@@ -59,69 +56,6 @@ SETTLE = 2.0  # seconds to let RSS settle before reading it
 
 def mib(kib: float) -> str:
     return f"{kib / 1024:.1f} MiB"
-
-
-def metrics(http_port: int, timeout: float = 10) -> dict[str, float]:
-    """The sidecar's unlabelled Prometheus samples (name -> value)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=timeout) as r:
-        text = r.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, _, value = line.partition(" ")
-            values[name] = float(value)
-    return values
-
-
-class Warmer:
-    """One GetBooleanEntitlement per customer, at most `concurrency` in flight; checks each answer."""
-
-    def __init__(self, stub: SidecarServiceStub, customers: int, concurrency: int) -> None:
-        self._stub = stub
-        self._next = iter(range(customers))
-        self._lock = threading.Lock()
-        self._slots = threading.Semaphore(concurrency)
-        self._all_done = threading.Event()
-        self._total = customers
-        self._finished = 0
-        self.errors: list[str] = []
-
-    def run(self, timeout: float) -> None:
-        started = time.monotonic()
-        deadline = started + timeout
-        for i in self._next:
-            while not self._slots.acquire(timeout=1):
-                if time.monotonic() > deadline or self.errors:
-                    raise BenchError(self._why(timeout))
-            if self.errors:
-                raise BenchError(self._why(timeout))
-            request = pb.GetBooleanEntitlementRequest(customer_id=customer_id(i), feature_id="feature-bool-0")
-            self._stub.GetBooleanEntitlement.future(request, timeout=CALL_TIMEOUT).add_done_callback(
-                lambda f, i=i: self._done(i, f)
-            )
-        if not self._all_done.wait(max(0.0, deadline - time.monotonic())) or self.errors:
-            raise BenchError(self._why(timeout))
-
-    def _why(self, timeout: float) -> str:
-        if self.errors:
-            return f"{len(self.errors)} wrong answers while warming, first: {self.errors[0]}"
-        return f"warming did not finish within {timeout:.0f}s ({self._finished}/{self._total} done)"
-
-    def _done(self, i: int, future: grpc.Future) -> None:
-        try:
-            r = future.result()
-            if not r.has_access or r.is_fallback:
-                self.errors.append(f"{customer_id(i)}: {r}")
-        except grpc.RpcError as e:
-            self.errors.append(f"{customer_id(i)}: {e.code()} {e.details()}")
-        self._slots.release()
-        with self._lock:
-            self._finished += 1
-            finished = self._finished
-        if finished % 10_000 == 0 or finished == self._total:
-            print(f"  warmed {finished}/{self._total}", flush=True)
-        if finished == self._total:
-            self._all_done.set()
 
 
 def offline_idle_rss(children: Children) -> int:
@@ -185,7 +119,9 @@ def reread_sample(stub: SidecarServiceStub, customers: int) -> None:
 
 def warm(stub: SidecarServiceStub, customers: int, args: argparse.Namespace, what: str) -> float:
     started = time.monotonic()
-    Warmer(stub, customers, args.concurrency).run(args.timeout)
+    Reads(stub, args.concurrency, CALL_TIMEOUT, fallbacks_wrong=True, progress_every=10_000).run(
+        0, customers, args.timeout, "warming"
+    )
     elapsed = time.monotonic() - started
     print(
         f"  warmed {customers} customers in {elapsed:.1f}s ({customers / elapsed:.0f}/s) on the {what}, every "

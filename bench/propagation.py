@@ -1,6 +1,6 @@
 """Propagation benchmark: from an admin change in Stigg to the changed gRPC answer.
 
-    python bench/propagation.py [--modes socket,poller] [--changes 200] [--poll-interval 1]
+    python -m bench.propagation [--modes socket,poller] [--changes 200] [--poll-interval 1]
                                 [--probe-interval-ms 1] [--gap SECS] [--no-pin]
 
 Starts the emulator and, per mode, a real `twistd stigg-sidecar` process against it:
@@ -42,11 +42,17 @@ from pathlib import Path
 
 import grpc
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from processes import BenchError, Children, exit_status, start_emulator, start_sidecar, wait_until, write_emulator_data  # noqa: E402
-
-from stigg_sidecar._proto import sidecar_pb2 as pb  # noqa: E402
-from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub  # noqa: E402
+from bench.harness import (
+    BenchError,
+    Children,
+    exit_status,
+    start_emulator,
+    start_sidecar,
+    wait_until,
+    write_emulator_data,
+)
+from stigg_sidecar._proto import sidecar_pb2 as pb
+from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 
 SIDECAR_CPU = 0
 OTHER_CPU = 1  # emulator and this script

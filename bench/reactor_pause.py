@@ -1,6 +1,6 @@
 """Reactor pauses from cache upkeep: the longest loop delay with a full cache under eviction churn.
 
-    python bench/reactor_pause.py [--entries 500000] [--seconds 20] [--puts-per-sec 2000]
+    python -m bench.reactor_pause [--entries 500000] [--seconds 20] [--puts-per-sec 2000]
 
 In one process, as the sidecar runs it: a Twisted reactor owns an `EntitlementCache` filled with
 `--entries` customers of ten features each (parsed from Stigg-shaped JSON by the sidecar's own
@@ -24,15 +24,11 @@ import argparse
 import gc
 import json
 import random
-import sys
 import threading
 import time
 from itertools import islice
-from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-from seed import customer_id, entitlements
-
+from bench.seed import customer_id, entitlements
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.entitlements.changes import apply_usage
 from stigg_sidecar.entitlements.records import cache_key

@@ -1,9 +1,9 @@
 """Redis restart benchmark: failed reads while Redis dies, and restart -> first Redis-served read.
 
-    python bench/redis_restart.py [--trials 5] [--down-secs 3] [--api-fault down|http400]
+    python -m bench.redis_restart [--trials 5] [--down-secs 3] [--api-fault down|http400]
                                   [--cached 20] [--load-interval-ms 2] [--no-pin]
 
-Starts a real redis-server (tests/redis_server.py, with an append-only file fsynced on every
+Starts a real redis-server (tests/fixtures/redis.py, with an append-only file fsynced on every
 write so that what the sidecars wrote survives `kill -9`), the emulator, and two sidecars with
 the same REDIS_ENVIRONMENT_PREFIX and WS_ENABLED=0: A, measured, and B, a peer that puts
 customers into Redis that A has never read. Warms --cached customers through A. Then per trial:
@@ -45,14 +45,21 @@ from pathlib import Path
 
 import grpc
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO)]
-from processes import BenchError, Children, exit_status, start_emulator, start_sidecar, wait_until, write_emulator_data  # noqa: E402
+from bench.harness import (
+    BenchError,
+    Children,
+    exit_status,
+    start_emulator,
+    start_sidecar,
+    wait_until,
+    write_emulator_data,
+)
+from stigg_sidecar._proto import sidecar_pb2 as pb
+from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
+from stigg_sidecar.cache.redis.format import EntryKeys
+from tests.fixtures.redis import RedisServer
 
-from stigg_sidecar._proto import sidecar_pb2 as pb  # noqa: E402
-from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub  # noqa: E402
-from stigg_sidecar.cache.redis_format import EntryKeys  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 SIDECAR_CPU = 0
 OTHER_CPU = 1

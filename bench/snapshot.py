@@ -1,7 +1,7 @@
 """The cache snapshot at scale: write time, the longest reactor pause while writing, file size,
 and load time (read, decode, store in slices) at 100,000 customers.
 
-    python bench/snapshot.py [--customers 100000]
+    python -m bench.snapshot [--customers 100000]
 
 Runs the sidecar's own SnapshotService on a real reactor in this process, over a cache filled
 with entries built from the benchmark seed (ten entitlements each, as the emulator answers them:
@@ -19,22 +19,19 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from twisted.internet import reactor, task
+from twisted.internet.defer import ensureDeferred
 
-from twisted.internet import reactor, task  # noqa: E402
-from twisted.internet.defer import ensureDeferred  # noqa: E402
-
-from bench import seed  # noqa: E402
-from stigg_sidecar import gcpolicy  # noqa: E402
-from stigg_sidecar.cache.memory import EntitlementCache  # noqa: E402
-from stigg_sidecar.emulator.data import parse_data  # noqa: E402
-from stigg_sidecar.emulator.state import EmulatorState  # noqa: E402
-from stigg_sidecar.online.store import EntitlementStore  # noqa: E402
-from stigg_sidecar.ops.readiness import Readiness  # noqa: E402
-from stigg_sidecar.state.snapshot import FILE_NAME, SnapshotService  # noqa: E402
-from stigg_sidecar.upstream.wire import entry_from_state  # noqa: E402
+from bench import seed
+from stigg_sidecar.cache.memory import EntitlementCache
+from stigg_sidecar.emulator.data import parse_data
+from stigg_sidecar.emulator.state import EmulatorState
+from stigg_sidecar.online.store import EntitlementStore
+from stigg_sidecar.ops.readiness import Readiness
+from stigg_sidecar.process import gcpolicy
+from stigg_sidecar.state.snapshot import FILE_NAME, SnapshotService
+from stigg_sidecar.upstream.wire import entry_from_state
 
 
 class PauseMeter:

@@ -1,7 +1,7 @@
 """Spooled vs direct writes: acknowledged ReportUsage per second, acknowledgement latency (p50,
 p99), and the upstream calls Stigg receives per 1,000 writes, with Stigg 100 ms away.
 
-    python bench/spool.py [--seconds 10] [--concurrency 16] [--latency-ms 100]
+    python -m bench.spool [--seconds 10] [--concurrency 16] [--latency-ms 100]
 
 For each mode it starts the emulator (with `latency_ms` injected) and a sidecar as real
 processes, runs `--concurrency` client threads calling ReportUsage in a loop for `--seconds`,
@@ -20,13 +20,10 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import grpc
 
-import grpc  # noqa: E402
-
-from bench.processes import (  # noqa: E402
+from bench.harness import (
     BenchError,
     Children,
     run_with_children,
@@ -35,8 +32,8 @@ from bench.processes import (  # noqa: E402
     wait_until,
     write_emulator_data,
 )
-from stigg_sidecar._proto import sidecar_pb2 as pb  # noqa: E402
-from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub  # noqa: E402
+from stigg_sidecar._proto import sidecar_pb2 as pb
+from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 
 CUSTOMERS = 20
 FEATURE = "feature-api-calls"

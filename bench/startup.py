@@ -1,7 +1,7 @@
 """Cold start and idle memory: time from spawning `twistd -n stigg-sidecar` until /readyz answers
 200, and the resident memory of the idle process (OFFLINE, no network).
 
-    python bench/startup.py [--runs 5]
+    python -m bench.startup [--runs 5]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Storm benchmark: the read path under bursts, a slow Stigg and an outage (issue 10).
 
-    python bench/storm.py [--cold 256] [--storm 64] [--latency-ms 3000] [--samples 2000]
+    python -m bench.storm [--cold 256] [--storm 64] [--latency-ms 3000] [--samples 2000]
 
 Starts the emulator (`twistd stigg-emulator`, one `sso` boolean per customer) pinned to core 1
 and the sidecar (`twistd stigg-sidecar`, online, WS_ENABLED=0, default settings otherwise) pinned
@@ -30,13 +30,10 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
-
-from processes import (  # noqa: E402
+from bench.harness import (
     BenchError,
     Children,
     exit_status,
@@ -45,9 +42,8 @@ from processes import (  # noqa: E402
     start_sidecar,
     write_emulator_data,
 )
-
-from stigg_sidecar._proto import sidecar_pb2 as pb  # noqa: E402
-from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub  # noqa: E402
+from stigg_sidecar._proto import sidecar_pb2 as pb
+from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 
 SSO = [{"isGranted": True, "feature": {"refId": "sso", "displayName": "sso", "featureType": "BOOLEAN", "meterType": "None"}}]
 HOT = [*SSO, {"isGranted": True, "usageLimit": 1_000_000, "currentUsage": 0,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import secrets
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 from stigg_sidecar.entitlements.records import CustomerEntry, Usage, cache_key
 
@@ -110,6 +110,27 @@ class WriteError(Exception):
         self.message = message
 
 
+class Problem(enum.Enum):
+    """What went wrong with a call to a remote service (Stigg), in its own terms; what that
+    means for a caller (a write's gRPC status, a read's fallback) is the caller's side's to say."""
+
+    KEY_REJECTED = "key rejected"  # HTTP 401 or GraphQL Unauthenticated
+    REFUSED = "refused"  # the request's input was refused (or could not be sent as it is)
+    NOT_FOUND = "not found"  # a GraphQL *NotFound code
+    RATE_LIMITED = "rate limited"  # HTTP 429 or GraphQL RateLimitExceeded
+    TIMED_OUT = "timed out"  # no answer within the call's budget
+    UNAVAILABLE = "unavailable"  # unreachable, 5xx, a malformed answer, an open breaker...
+
+
+class RemoteError(Exception):
+    """A call to Stigg that failed, as the layers above the upstream client see it: what went
+    wrong (`problem`) and a message safe to show the caller. `upstream.errors.UpstreamError` is
+    one; the write gate turns any into a `WriteError` without knowing the client."""
+
+    problem: Problem
+    message: str
+
+
 def measurement_id() -> str:
     """A random id in the style of Stigg's offline acknowledgements (21 URL-safe characters)."""
     return secrets.token_urlsafe(16)[:21]
@@ -142,11 +163,19 @@ class EntitlementSource(Protocol):
 
 
 class Writer(Protocol):
-    """Carries writes out; called from gRPC handler threads; raises WriteError."""
+    """Carries writes out; called from gRPC handler threads; raises WriteError.
 
-    def report_usage(self, usages: Sequence[UsageReport], timeout: float) -> Sequence[UsageAck]: ...
+    `still_wanted` says whether the caller still waits (False once it cancelled the call): a
+    writer that can still take a write back (the spool, before it acknowledges) drops one whose
+    caller is gone, so a write counts only if its caller saw it acknowledged."""
 
-    def report_events(self, events: Sequence[EventReport], timeout: float) -> None: ...
+    def report_usage(
+        self, usages: Sequence[UsageReport], timeout: float, still_wanted: Callable[[], bool] | None = None
+    ) -> Sequence[UsageAck]: ...
+
+    def report_events(
+        self, events: Sequence[EventReport], timeout: float, still_wanted: Callable[[], bool] | None = None
+    ) -> None: ...
 
 
 class UsageStore(Protocol):

@@ -7,7 +7,7 @@ events are accepted and dropped, and reloads report that the entity exists. Hold
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from stigg_sidecar.contracts import EventReport, UsageAck, UsageReport, measurement_id
 from stigg_sidecar.entitlements.records import CustomerEntry
@@ -28,7 +28,9 @@ class OfflineSidecar:
     def now_ms(self) -> int:
         return int(time.time() * 1000)
 
-    def report_usage(self, usages: Sequence[UsageReport], timeout: float) -> Sequence[UsageAck]:
+    def report_usage(
+        self, usages: Sequence[UsageReport], timeout: float, still_wanted: Callable[[], bool] | None = None
+    ) -> Sequence[UsageAck]:
         return [
             UsageAck(
                 measurement_id=measurement_id(),
@@ -39,7 +41,9 @@ class OfflineSidecar:
             for u in usages
         ]
 
-    def report_events(self, events: Sequence[EventReport], timeout: float) -> None:
+    def report_events(
+        self, events: Sequence[EventReport], timeout: float, still_wanted: Callable[[], bool] | None = None
+    ) -> None:
         return None
 
     def reload(self, customer_id: str, resource_id: str | None, timeout: float) -> bool:

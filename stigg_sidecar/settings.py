@@ -203,6 +203,7 @@ SPECS: tuple[Spec, ...] = (
     ),
     Spec("SHUTDOWN_GRACE_SECS", "10", _parse_seconds, "how long in-flight calls may finish on shutdown"),
     Spec("METRICS_ENABLED", "1", parse_bool, "serve Prometheus metrics at /metrics and count on the hot path"),
+    Spec("METRICS_MAX_AGE_MS", "1000", _parse_int(0, 60_000), "render /metrics at most once per this many milliseconds; scrapes in between get the same page (0: every scrape)"),
     Spec("LOG_LEVEL", "info", _parse_choice(LOG_LEVELS), "lowest log level written"),
     Spec("LOG_FORMAT", "text", _parse_choice(LOG_FORMATS), "text for people, json for one object per line"),
     Spec("STATE_DIR", "", _parse_str, "a directory this sidecar owns for its cache snapshot and write spool (unset: nothing on disk)"),
@@ -216,6 +217,9 @@ SPECS: tuple[Spec, ...] = (
 
 @dataclass(frozen=True)
 class Settings:
+    """Validated settings. Every default is SPECS' default as `load_settings` parses it (a test
+    compares them field by field), so `Settings()` is what an empty environment gives."""
+
     server_api_key: str | None = field(default=None, repr=False)
     server_api_key_file: str = ""
     offline: bool = False
@@ -227,7 +231,7 @@ class Settings:
     entitlements_timeout_ms: int = 10000
     poll_interval_secs: float = 30.0
     entitlements_fallback: Mapping[str, FallbackValues] = field(default_factory=dict)
-    cache_max_size_bytes: int = 0
+    cache_max_size_bytes: int = field(default_factory=default_cache_max_size_bytes)  # as load_settings computes it
     redis_environment_prefix: str = ""
     redis_host: str = "localhost"
     redis_port: int = 6379
@@ -260,6 +264,7 @@ class Settings:
     grpc_max_concurrent_streams: int = 784  # MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS
     shutdown_grace_secs: float = 10.0
     metrics_enabled: bool = True
+    metrics_max_age_ms: int = 1000
     log_level: str = "info"
     log_format: str = "text"
     state_dir: str = ""

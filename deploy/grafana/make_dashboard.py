@@ -1,6 +1,6 @@
 """Writes deploy/grafana/stigg-sidecar.json, the Grafana dashboard of the sidecar's metrics.
 
-Run `python deploy/grafana/make_dashboard.py` after changing a panel here; tests/test_monitoring.py
+Run `python deploy/grafana/make_dashboard.py` after changing a panel here; tests/docs/test_monitoring.py
 checks that the JSON is this script's output and that every metric it queries is exported.
 """
 

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 from stigg_sidecar.entitlements.changes import keep_newer_usage, newer_or_equal
 from stigg_sidecar.entitlements.records import CustomerEntry
-from stigg_sidecar.process.gcpolicy import untrack
+from stigg_sidecar.entitlements.tracking import untrack
 
 # Reads remembered for the reactor to replay: bounds both the memory and one replay's work
 # (~1 ms at the bound).

@@ -8,15 +8,14 @@ gate refuses at once what could not be answered in time and turns every failure 
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
-from stigg_sidecar.contracts import ApiKeyState, WriteError, WriteFailure
-from stigg_sidecar.crossing.wait import BudgetExhausted, WaitBudget, wait_on_reactor
-from stigg_sidecar.upstream.errors import Problem, UpstreamError
-from stigg_sidecar.upstream.wire import MalformedState
+from stigg_sidecar.contracts import ApiKeyState, Problem, RemoteError, WriteError, WriteFailure
+from stigg_sidecar.crossing.wait import BudgetExhausted, Handoff, WaitBudget, wait_on_reactor
 
 log = Logger()
 
@@ -53,6 +52,18 @@ class WriteGate:
         self._key = key
 
     def run(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+        return self._run(fn, args, timeout, None)
+
+    def run_acknowledged(
+        self, fn: Callable[..., Any], *args: Any, timeout: float, still_wanted: Callable[[], bool] | None = None
+    ) -> Any:
+        """As `run`, for a write that may count only if its acknowledgement reaches the caller:
+        `fn(*args, budget, handoff)` claims the `Handoff` before it makes the write count, and
+        leaves no trace when the claim fails (the caller's deadline passed or `still_wanted()`
+        turned false: the caller cancelled)."""
+        return self._run(fn, args, timeout, still_wanted or (lambda: True))
+
+    def _run(self, fn: Callable[..., Any], args: tuple, timeout: float, still_wanted: Callable[[], bool] | None) -> Any:
         if self._key.rejected:
             raise WriteError(WriteFailure.UNAUTHENTICATED, "Stigg rejected the API key")
         if timeout < MIN_WRITE_BUDGET:
@@ -60,8 +71,13 @@ class WriteGate:
                 WriteFailure.DEADLINE_EXCEEDED, f"the call's deadline leaves {timeout * 1000:.0f} ms: too little to reach Stigg"
             )
         budget = timeout - min(_HANDOFF_MAX, timeout * _HANDOFF_SHARE)
+        handoff = None
+        if still_wanted is not None:
+            # Claimed only while the rest of the deadline leaves time to hand the answer back.
+            handoff = Handoff(time.monotonic() + budget, still_wanted)
+            fn = _with_handoff(fn, handoff)
         try:
-            return wait_on_reactor(self._reactor, self._slots, fn, *args, budget, timeout=timeout)
+            return wait_on_reactor(self._reactor, self._slots, fn, *args, budget, timeout=timeout, handoff=handoff)
         except BudgetExhausted:
             raise WriteError(
                 WriteFailure.UNAVAILABLE,
@@ -69,12 +85,19 @@ class WriteGate:
             ) from None
         except TimeoutError:
             raise WriteError(WriteFailure.DEADLINE_EXCEEDED, f"{self._waiting_for} did not answer within {timeout:.3g}s") from None
-        except UpstreamError as e:
+        except RemoteError as e:
             raise WriteError(WRITE_FAILURES[e.problem], e.message) from None
-        except (WriteError, MalformedState):
+        except WriteError:
             raise
         except Exception as e:
             log.failure("A write to Stigg failed unexpectedly")
             raise WriteError(
                 WriteFailure.UNAVAILABLE, f"the write to Stigg failed ({type(e).__name__}); it may or may not have been recorded"
             ) from None
+
+
+def _with_handoff(fn: Callable[..., Any], handoff: Handoff) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        return fn(*args, handoff)
+
+    return call

@@ -56,9 +56,48 @@ class WaitBudget:
             self._in_use -= 1
 
 
-def call_on_reactor(reactor, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+class Handoff:
+    """Whether a write's answer still reaches its caller: decided once, by whichever side comes first.
+
+    The reactor `claim()`s it just before it makes a write count (acknowledges a spooled record):
+    that fails once the caller's handler gave up waiting (`abandon()`, its deadline passed), once
+    `answer_by` (time.monotonic()) has passed (too late for the answer to travel back), or once
+    `still_wanted()` says the call is over (the caller cancelled it). After a failed claim the
+    write must leave no trace; after a successful one the handler waits for the answer, even a
+    moment past its deadline. Thread-safe: a handler thread and the reactor both call it.
+    """
+
+    def __init__(self, answer_by: float, still_wanted: Callable[[], bool] | None = None) -> None:
+        self._answer_by = answer_by
+        self._still_wanted = still_wanted
+        self._lock = threading.Lock()
+        self._state = "waiting"  # -> "claimed" | "abandoned"
+
+    def claim(self) -> bool:
+        """On the reactor: True if the caller will get this answer (and the write may count)."""
+        wanted = self._still_wanted is None or self._still_wanted()
+        with self._lock:
+            if self._state == "waiting":
+                self._state = "claimed" if wanted and time.monotonic() < self._answer_by else "abandoned"
+            return self._state == "claimed"
+
+    def abandon(self) -> bool:
+        """On the handler thread, past its deadline: True if the answer will never be claimed."""
+        with self._lock:
+            if self._state == "waiting":
+                self._state = "abandoned"
+            return self._state == "abandoned"
+
+
+# How long a handler whose answer was claimed at its deadline waits for it (it is being handed over).
+_CLAIMED_ANSWER_WAIT = 5.0
+
+
+def call_on_reactor(reactor, fn: Callable[..., Any], *args: Any, timeout: float, handoff: Handoff | None = None) -> Any:
     """Run `fn(*args)` on the reactor thread and wait up to `timeout` seconds for its result
-    (a Deferred is waited for). Raises TimeoutError past the deadline, or what `fn` raised."""
+    (a Deferred is waited for). Raises TimeoutError past the deadline, or what `fn` raised.
+    With a `handoff`, the deadline abandons it, unless the reactor claimed it first: then the
+    answer it claimed is returned."""
     future: concurrent.futures.Future = concurrent.futures.Future()
 
     def failed(failure: Failure) -> None:
@@ -68,10 +107,17 @@ def call_on_reactor(reactor, fn: Callable[..., Any], *args: Any, timeout: float)
         maybeDeferred(fn, *args).addCallbacks(future.set_result, failed)
 
     reactor.callFromThread(run)
-    return future.result(timeout)
+    try:
+        return future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        if handoff is None or handoff.abandon():
+            raise
+        return future.result(_CLAIMED_ANSWER_WAIT)
 
 
-def wait_on_reactor(reactor, budget: WaitBudget, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+def wait_on_reactor(
+    reactor, budget: WaitBudget, fn: Callable[..., Any], *args: Any, timeout: float, handoff: Handoff | None = None
+) -> Any:
     """From a handler thread: run `fn(*args)` on the reactor and wait for its result, holding one
     place of `budget` (BudgetExhausted at once when there is none) and no runner role (the
     handler pool serves other calls meanwhile), for at most `timeout` seconds from now
@@ -85,6 +131,6 @@ def wait_on_reactor(reactor, budget: WaitBudget, fn: Callable[..., Any], *args: 
         raise BudgetExhausted(budget)
     try:
         with blocking():
-            return call_on_reactor(reactor, fn, *args, timeout=max(0.0, deadline - time.monotonic()))
+            return call_on_reactor(reactor, fn, *args, timeout=max(0.0, deadline - time.monotonic()), handoff=handoff)
     finally:
         budget.leave()

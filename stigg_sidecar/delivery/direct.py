@@ -6,7 +6,7 @@ a failure is the precise gRPC status of what went wrong. Reloads are reads: `onl
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import inlineCallbacks
 
@@ -22,10 +22,15 @@ class DirectDelivery:
 
     # -- handler threads --------------------------------------------------------------------------
 
-    def report_usage(self, usages: Sequence[UsageReport], timeout: float) -> Sequence[UsageAck]:
+    # `still_wanted` is not consulted: a write sent to Stigg cannot be taken back.
+    def report_usage(
+        self, usages: Sequence[UsageReport], timeout: float, still_wanted: Callable[[], bool] | None = None
+    ) -> Sequence[UsageAck]:
         return self._gate.run(self._report_usage, usages, timeout=timeout)
 
-    def report_events(self, events: Sequence[EventReport], timeout: float) -> None:
+    def report_events(
+        self, events: Sequence[EventReport], timeout: float, still_wanted: Callable[[], bool] | None = None
+    ) -> None:
         self._gate.run(self._writes.events, events, timeout=timeout)
 
     # -- reactor ----------------------------------------------------------------------------------

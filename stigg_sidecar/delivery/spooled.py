@@ -2,8 +2,8 @@
 
 A write is validated by the servicer, crosses to the reactor once (`WriteGate`), gets its
 idempotency key, and is appended to the `SpoolFile`; once that append is synced to disk the
-write is acknowledged and its usage is counted in the cache at once (the store's pending usage). Everything
-after that runs on the reactor:
+write is acknowledged and its usage is counted in the cache at once (the store's pending usage).
+Everything after that runs on the reactor:
 
 - Delivery in batches (ReportUsageBulk, one ReportEvent with many events) through the same
   `UpstreamWrites` as direct writes: a batch goes when `batch_size` records wait, or
@@ -41,10 +41,11 @@ from stigg_sidecar.contracts import (
     measurement_id,
 )
 from stigg_sidecar.crossing.gate import WriteGate
+from stigg_sidecar.crossing.wait import Handoff
 from stigg_sidecar.delivery import bodies as bodies
 from stigg_sidecar.delivery.spool import SpoolFile, StoredRecord
 from stigg_sidecar.delivery.upstream import UpstreamWrites
-from stigg_sidecar.quoting import clipped, quoted
+from stigg_sidecar.quoting import quoted
 from stigg_sidecar.upstream.api import RetryPolicy
 from stigg_sidecar.upstream.errors import UpstreamError
 
@@ -120,6 +121,7 @@ class SpooledDelivery(Service):
         self._stopping = False
         self.delivered = 0
         self.dead_lettered = 0
+        self.unacknowledged = 0  # records synced after their caller's deadline or cancellation, removed
 
     # -- gauges -----------------------------------------------------------------------------------
 
@@ -138,24 +140,31 @@ class SpooledDelivery(Service):
 
     # -- handler threads --------------------------------------------------------------------------
 
-    def report_usage(self, usages: Sequence[UsageReport], timeout: float) -> Sequence[UsageAck]:
-        return self._gate.run(self._accept_usage, usages, timeout=timeout)
+    def report_usage(
+        self, usages: Sequence[UsageReport], timeout: float, still_wanted: Callable[[], bool] | None = None
+    ) -> Sequence[UsageAck]:
+        return self._gate.run_acknowledged(self._accept_usage, usages, timeout=timeout, still_wanted=still_wanted)
 
-    def report_events(self, events: Sequence[EventReport], timeout: float) -> None:
-        self._gate.run(self._accept_events, events, timeout=timeout)
+    def report_events(
+        self, events: Sequence[EventReport], timeout: float, still_wanted: Callable[[], bool] | None = None
+    ) -> None:
+        self._gate.run_acknowledged(self._accept_events, events, timeout=timeout, still_wanted=still_wanted)
 
     # -- reactor: accepting -----------------------------------------------------------------------
 
-    def _accept_usage(self, usages: Sequence[UsageReport], budget: float) -> Deferred:
+    def _accept_usage(self, usages: Sequence[UsageReport], budget: float, handoff: Handoff | None = None) -> Deferred:
         keyed = [(u, measurement_id()) for u in usages]
         rows = [(bodies.usage_body(u, key), (u, key)) for u, key in keyed]
-        return self._append(bodies.USAGE, rows).addCallback(self._usage_acks)
+        return self._append(bodies.USAGE, rows, handoff).addCallback(self._usage_acks)
 
-    def _accept_events(self, events: Sequence[EventReport], budget: float) -> Deferred:
+    def _accept_events(self, events: Sequence[EventReport], budget: float, handoff: Handoff | None = None) -> Deferred:
         rows = [(bodies.event_body(e), e) for e in events]
-        return self._append(bodies.EVENT, rows).addCallback(lambda _: None)
+        return self._append(bodies.EVENT, rows, handoff).addCallback(lambda _: None)
 
-    def _append(self, kind: str, rows: list[tuple[str, Any]]) -> Deferred:
+    def _append(self, kind: str, rows: list[tuple[str, Any]], handoff: Handoff | None = None) -> Deferred:
+        """Store `rows`; once synced, and only if `handoff` is still claimable (the caller will
+        get the acknowledgement), they count and wait for delivery. Synced too late for their
+        caller, they are deleted again: a write whose caller saw a failure is never delivered."""
         if not self.running or self._stopping:
             raise WriteError(WriteFailure.UNAVAILABLE, "the sidecar is shutting down; write not accepted")
         if not self._loaded:
@@ -171,6 +180,10 @@ class SpooledDelivery(Service):
 
         def synced(seqs: list[int]) -> list[_Record]:
             self._reserved -= size
+            if handoff is not None and not handoff.claim():
+                self._unacknowledged(seqs)
+                raise WriteError(WriteFailure.DEADLINE_EXCEEDED,
+                                 "the write spool did not sync within the call's deadline; write not recorded")
             added = []
             for seq, (body, payload) in zip(seqs, rows, strict=True):
                 if kind == bodies.USAGE:
@@ -189,6 +202,14 @@ class SpooledDelivery(Service):
             raise WriteError(WriteFailure.UNAVAILABLE, "the write spool could not be written; write not accepted")
 
         return self.spool.append([(kind, body, now_ms) for body, _ in rows]).addCallbacks(synced, failed)
+
+    def _unacknowledged(self, seqs: list[int]) -> None:
+        """Records synced after their caller gave up: removed before anything could send them."""
+        self.unacknowledged += len(seqs)
+        self.spool.delete(seqs).addErrback(
+            lambda f: log.error("Could not remove {n} unacknowledged records from the spool: {why}",
+                                n=len(seqs), why=f.getErrorMessage())
+        )
 
     def _register(self, record: _Record) -> None:
         self._queues[record.kind][record.seq] = record
@@ -411,7 +432,7 @@ class SpooledDelivery(Service):
             log.warn(
                 "Stigg refused spooled {what} for customer {customer} (idempotency key {key}) for good: {why};"
                 " moved to the dead letters of {path}",
-                what=what, customer=quoted(customer), key=quoted(record.key), why=clipped(why), path=self.spool.path,
+                what=what, customer=quoted(customer), key=quoted(record.key), why=why, path=self.spool.path,
             )
             self._inflight[kind] = None
             self._next(kind)

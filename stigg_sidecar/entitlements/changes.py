@@ -11,8 +11,8 @@ from typing import Any
 from stigg_sidecar.entitlements.compact import FrozenMap
 from stigg_sidecar.entitlements.records import CustomerEntry
 from stigg_sidecar.entitlements.sizing import usage_bytes
+from stigg_sidecar.entitlements.tracking import untrack as _untrack
 from stigg_sidecar.entitlements.values import Usage
-from stigg_sidecar.process.gcpolicy import untrack as _untrack
 
 
 def _derived(entry: CustomerEntry, size: int, **changes: Any) -> CustomerEntry:

@@ -14,8 +14,8 @@ from dataclasses import FrozenInstanceError, dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from stigg_sidecar.entitlements.interning import is_shared_index, shared_index, shared_terms
+from stigg_sidecar.entitlements.tracking import untrack as _untrack
 from stigg_sidecar.entitlements.values import CreditRate, Feature, Usage
-from stigg_sidecar.process.gcpolicy import untrack as _untrack
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
-from stigg_sidecar.process.gcpolicy import untrack as _untrack
+from stigg_sidecar.entitlements.tracking import untrack as _untrack
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)

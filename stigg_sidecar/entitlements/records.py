@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from stigg_sidecar.entitlements.compact import EMPTY_MAP, FeatureEntitlement, FrozenMap
 from stigg_sidecar.entitlements.sizing import entry_bytes
+from stigg_sidecar.entitlements.tracking import untrack as _untrack
 from stigg_sidecar.entitlements.values import CreditEntitlement, CreditRate, Currency, Feature, Malformed, Usage
-from stigg_sidecar.process.gcpolicy import untrack as _untrack
 
 __all__ = [
     "CreditEntitlement",

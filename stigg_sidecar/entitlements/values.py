@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from stigg_sidecar.process.gcpolicy import untrack as _untrack
+from stigg_sidecar.entitlements.tracking import untrack as _untrack
 
 _METERED_TYPES = frozenset({"Fluctuating", "Incremental"})
 

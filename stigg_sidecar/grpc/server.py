@@ -20,8 +20,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from stigg_sidecar.crossing.pool import HandlerPool
-from stigg_sidecar.process.startup import ListenError, probe_bind
-from stigg_sidecar.settings import Settings
+from stigg_sidecar.process.listening import ListenError, probe_bind
 
 log = Logger()
 
@@ -37,23 +36,14 @@ MIN_CLIENT_PING_INTERVAL_MS = 10_000
 class ConnectionLimits:
     """How long a gRPC connection may stay idle or silent, and how many calls it may carry at once.
 
-    Without these grpc-core keeps a connection (even a half-open one) open forever. The defaults
-    are the settings' (`ConnectionLimits.from_settings(Settings())`).
+    Without these grpc-core keeps a connection (even a half-open one) open forever. The values are
+    the settings' (the assembly's `connection_limits(settings)`): this package never reads settings.
     """
 
     keepalive_secs: float
     keepalive_timeout_secs: float
     max_connection_idle_secs: float
     max_concurrent_streams: int
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ConnectionLimits:
-        return cls(
-            keepalive_secs=settings.grpc_keepalive_secs,
-            keepalive_timeout_secs=settings.grpc_keepalive_timeout_secs,
-            max_connection_idle_secs=settings.grpc_max_connection_idle_secs,
-            max_concurrent_streams=settings.grpc_max_concurrent_streams,
-        )
 
     def options(self) -> list[tuple[str, int]]:
         """grpc-core channel arguments (milliseconds, at least 1)."""
@@ -105,10 +95,10 @@ class GrpcService(Service):
         max_workers: int,
         max_message_bytes: int,
         grace: float,
+        limits: ConnectionLimits,
         reactor=None,
         on_serving: Callable[[int], None] | None = None,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
-        limits: ConnectionLimits | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -123,7 +113,7 @@ class GrpcService(Service):
         self._grace = grace
         self._on_serving = on_serving
         self._interceptors = list(interceptors)
-        self._limits = limits if limits is not None else ConnectionLimits.from_settings(Settings())
+        self._limits = limits
         self._server: grpc.Server | None = None
         self.pool: HandlerPool | None = None
         self.port: int | None = None

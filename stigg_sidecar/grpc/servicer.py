@@ -376,7 +376,7 @@ class SidecarServicer(SidecarServiceServicer):
     def ReportUsage(self, request, context):
         def action():
             usage = self._usage(request, "")
-            (ack,) = self._writer.report_usage([usage], self._budget(context, self._write_timeout))
+            (ack,) = self._writer.report_usage([usage], self._budget(context, self._write_timeout), context.is_active)
             return convert.usage_ack(ack)
 
         return self._write(context, action)
@@ -386,7 +386,7 @@ class SidecarServicer(SidecarServiceServicer):
             usages = [self._usage(u, f"usages[{i}].") for i, u in enumerate(request.usages)]
             if not usages:
                 return pb.ReportUsageBulkResponse()
-            acks = self._writer.report_usage(usages, self._budget(context, self._write_timeout))
+            acks = self._writer.report_usage(usages, self._budget(context, self._write_timeout), context.is_active)
             return pb.ReportUsageBulkResponse(usages=[convert.usage_ack(a) for a in acks])
 
         return self._write(context, action)
@@ -407,7 +407,7 @@ class SidecarServicer(SidecarServiceServicer):
                     )
                 )
             if events:
-                self._writer.report_events(events, self._budget(context, self._write_timeout))
+                self._writer.report_events(events, self._budget(context, self._write_timeout), context.is_active)
             return Empty()
 
         return self._write(context, action)
@@ -420,7 +420,7 @@ class SidecarServicer(SidecarServiceServicer):
                 exists = self._source.reload(customer_id, resource_id, self._budget(context, self._read_timeout))
             except ReloadFailed as e:
                 # Stigg's contract: a reload that fails reports false rather than an error.
-                log.warn("Reload of {customer} failed: {why}", customer=quoted(customer_id), why=clipped(e.message))
+                log.warn("Reload of {customer} failed: {why}", customer=quoted(customer_id), why=e.message)
                 exists = False
             return pb.ReloadEntitlementsResponse(entitled_entity_exists=exists)
 

@@ -64,7 +64,7 @@ class _ThrottledWarning:
         log.warn(
             "Entitlements for {customer} unavailable ({why}); answering fallbacks{more}",
             customer=quoted(customer_id),
-            why=clipped(why),
+            why=why,  # our wording, with any outside text in it clipped where it was composed
             suppressed=suppressed,
             more=more,
         )
@@ -128,7 +128,7 @@ class Reads:
                 self._counters.fast_failed("upstream_down")
             self._fallback_log.warn(customer_id, e.message)
         except MalformedState as e:
-            self._fallback_log.warn(customer_id, f"malformed: {e}")
+            self._fallback_log.warn(customer_id, f"malformed: {clipped(str(e))}")
         return None
 
     def reload(self, customer_id: str, resource_id: str | None, timeout: float) -> bool:
@@ -146,7 +146,7 @@ class Reads:
         except UpstreamError as e:
             raise ReloadFailed(e.message) from None
         except MalformedState as e:
-            raise ReloadFailed(f"Stigg answered malformed entitlements: {e}") from None
+            raise ReloadFailed(f"Stigg answered malformed entitlements: {clipped(str(e))}") from None
         except Exception as e:
             log.failure("A reload failed unexpectedly")
             raise ReloadFailed(f"the reload failed ({type(e).__name__})") from None

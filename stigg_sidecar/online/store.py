@@ -24,8 +24,8 @@ from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.contracts import UsageChange, UsageReport
 from stigg_sidecar.entitlements.changes import apply_usage
 from stigg_sidecar.entitlements.records import CustomerEntry, Usage, cache_key
+from stigg_sidecar.entitlements.tracking import untrack
 from stigg_sidecar.online.pending import PendingUsage
-from stigg_sidecar.process.gcpolicy import untrack
 
 
 class SharedCache(Protocol):

@@ -25,6 +25,29 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+class CachedPage:
+    """The exposition rendered at most once per `max_age` seconds; scrapes in between get the same
+    bytes. Rendering walks every metric on the reactor (milliseconds); without this, clients
+    scraping in a loop take the whole reactor and probes and cache misses wait behind them.
+    `max_age` 0 renders every scrape. `clock` is monotonic: a wall-clock step changes nothing."""
+
+    def __init__(self, render: Callable[[], bytes], max_age: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._render = render
+        self._max_age = max_age
+        self._clock = clock
+        self._page: bytes | None = None
+        self._rendered_at = 0.0
+        self.renders = 0
+
+    def page(self) -> bytes:
+        now = self._clock()
+        if self._page is None or self._max_age <= 0 or now - self._rendered_at >= self._max_age:
+            self._page = self._render()
+            self._rendered_at = now
+            self.renders += 1
+        return self._page
+
+
 def reason_label(reason: str) -> str:
     """One style for every `reason` label value: snake_case ("Unknown" -> "unknown",
     "FeatureTypeMismatch" -> "feature_type_mismatch"; "granted" stays)."""

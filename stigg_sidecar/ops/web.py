@@ -1,12 +1,15 @@
 """The HTTP side: liveness, readiness (and metrics) on HTTP_PORT, as a Klein app and a service.
 
 Owns the routes, the listening port and its connection timeouts (idle between requests, and a
-deadline for each request's headers); reads Readiness, never changes it.
+deadline for each request's headers); reads Readiness, never changes it. No route takes a body: a
+request that declares one is answered (405 or 413) and closed before a byte of it is read, so a
+client can neither trickle a body to hold a connection nor make the process store one.
 """
 
 from __future__ import annotations
 
 import json
+from io import BytesIO
 from typing import cast
 
 from klein import Klein
@@ -19,11 +22,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
-from stigg_sidecar.ops.metrics import CONTENT_TYPE, Metrics
+from stigg_sidecar.ops.metrics import CONTENT_TYPE, CachedPage, Metrics
 from stigg_sidecar.ops.readiness import Readiness
-from stigg_sidecar.process.startup import listen_error
+from stigg_sidecar.process.listening import listen_error
 
 log = Logger()
 
@@ -35,15 +38,19 @@ def _json(request, status: int, body: dict) -> bytes:
     return json.dumps(body).encode()
 
 
-def health_app(health_path: str, ready_path: str, readiness: Readiness, metrics: Metrics | None = None) -> Klein:
+def health_app(
+    health_path: str, ready_path: str, readiness: Readiness, metrics: Metrics | None = None, metrics_max_age: float = 0.0
+) -> Klein:
+    """The routes; `/metrics` is rendered at most once per `metrics_max_age` seconds (see CachedPage)."""
     app = Klein()
 
     if metrics is not None:
+        cached = CachedPage(metrics.exposition, metrics_max_age)
 
         @app.route("/metrics", methods=["GET"])
         def metrics_page(request):
             request.setHeader(b"content-type", CONTENT_TYPE.encode())
-            return metrics.exposition()
+            return cached.page()
 
     @app.route(f"/{health_path}", methods=["GET", "HEAD"])
     def livez(request):
@@ -98,12 +105,15 @@ class _DeadlineChannel(HTTPChannel):
 
     header_timeout: float | None = None
     _header_deadline: IDelayedCall | None = None
+    _refused = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self._start_header_deadline()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
         # Line mode: between requests or inside a request line and headers (the body is raw mode).
         if self.line_mode:
             self._start_header_deadline()
@@ -111,7 +121,31 @@ class _DeadlineChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._stop_header_deadline()
+        if self.length != 0:  # a Content-Length above 0, or chunked (None): a body is coming
+            self._refuse_body()
+            return
         super().allHeadersReceived()
+
+    def _refuse_body(self) -> None:
+        """Answer at once and close: no route takes a body, so none is read (nor buffered)."""
+        command = getattr(self, "_command", b"")
+        if command in (b"GET", b"HEAD"):
+            status, error = b"413 Content Too Large", b"Request bodies are not accepted"
+        else:
+            status, error = b"405 Method Not Allowed", b"Method Not Allowed"
+        body = b'{"error": "' + error + b'"}'
+        transport = cast(ITCPTransport, self.transport)
+        transport.write(
+            b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncache-control: no-store\r\n"
+            b"connection: close\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        self._refused = True  # what arrives after the answer is dropped, never parsed as a body
+        self.setTimeout(None)
+        self.loseConnection()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().rawDataReceived(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_header_deadline()
@@ -138,6 +172,15 @@ class _DeadlineChannel(HTTPChannel):
         self.timeoutConnection()
 
 
+class _NoBodyRequest(Request):
+    """A request whose body buffer is always in memory: Twisted's own puts a body over 100 KB (or
+    any chunked one) in a temporary file. Bodies are refused before they are read (see
+    `_DeadlineChannel`), so this buffer stays empty."""
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+
+
 class _QuietSite(Site):
     """Probes hit these paths every few seconds; an access log line each would drown the logs.
 
@@ -146,6 +189,7 @@ class _QuietSite(Site):
 
     noisy = False
     protocol = _DeadlineChannel  # type: ignore[assignment]
+    requestFactory = _NoBodyRequest
 
     def __init__(self, resource: IResource, idle_timeout: float, header_timeout: float) -> None:
         super().__init__(resource, timeout=idle_timeout)

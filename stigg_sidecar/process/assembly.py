@@ -141,7 +141,8 @@ def _metrics(settings: Settings, readiness: Readiness) -> Metrics | None:
 def _edge(settings: Settings, reactor: Any, readiness: Readiness, metrics: Metrics | None) -> tuple[Phase, HttpService]:
     edge = Phase("edge")
     http = HttpService(
-        health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics),
+        health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics,
+                   settings.metrics_max_age_ms / 1000),
         settings.bind_address,
         settings.http_port,
         reactor,
@@ -272,10 +273,20 @@ def _serving(settings: Settings, reactor: Any, readiness: Readiness, metrics: Me
         reactor=reactor,
         on_serving=lambda port: readiness.unblock("grpc"),
         interceptors=[MetricsInterceptor(metrics)] if metrics else [],
-        limits=ConnectionLimits.from_settings(settings),
+        limits=connection_limits(settings),
     )
     grpc.setServiceParent(serving)
     return serving, grpc
+
+
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    """The gRPC server's connection limits, from the settings (grpc/ never reads settings itself)."""
+    return ConnectionLimits(
+        keepalive_secs=settings.grpc_keepalive_secs,
+        keepalive_timeout_secs=settings.grpc_keepalive_timeout_secs,
+        max_connection_idle_secs=settings.grpc_max_connection_idle_secs,
+        max_concurrent_streams=settings.grpc_max_concurrent_streams,
+    )
 
 
 def _breaker_state(breaker: CircuitBreaker) -> int:

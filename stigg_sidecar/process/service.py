@@ -16,7 +16,8 @@ from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.logger import ILogObserver, Logger
 
 from stigg_sidecar.ops.readiness import Readiness
-from stigg_sidecar.process.startup import ListenError, exit_with
+from stigg_sidecar.process.listening import ListenError
+from stigg_sidecar.process.startup import exit_with
 
 log = Logger()
 

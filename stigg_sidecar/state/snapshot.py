@@ -3,7 +3,7 @@
 File format (`STATE_DIR/snapshot.gz`): gzip (its CRC and length catch truncation and corruption)
 of JSON lines: a header `{"format": "stigg-sidecar-snapshot", "version": 1, "writtenMs", "entries"}`,
 one line per entry `[customerId, resourceId, [[keySuffix, value, timestamp], ...]]`, and a trailer
-`{"end": entries}`. An entry's items are Stigg's Redis format (`cache.redis_format.encode_entry`,
+`{"end": entries}`. An entry's items are Stigg's Redis format (`cache.redis.format.encode_entry`,
 read back as `decode_from` does): a stable, documented shape, independent of the record classes.
 An entitlements value already written (customers of one plan share it) is written as its number.
 
@@ -31,7 +31,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from stigg_sidecar.cache.redis_format import (
+from stigg_sidecar.cache.redis.format import (
     EntryKeys,
     FormatError,
     MissingUsage,
@@ -93,7 +93,7 @@ class _Encoder:
 
 
 class _Decoder:
-    """Entries back from their lines (the same steps as `redis_format.decode_from`), decoding
+    """Entries back from their lines (the same steps as `cache.redis.format.decode_from`), decoding
     each distinct entitlements value once."""
 
     def __init__(self) -> None:

@@ -1,4 +1,5 @@
-"""How a call to Stigg failed, in Stigg's terms: `Problem` and `UpstreamError`.
+"""How a call to Stigg failed: `UpstreamError`, with its `Problem` (defined with `RemoteError` in
+`contracts`, so the layers above see failures without knowing this client).
 
 What a failure becomes for a caller (a write's gRPC status, a read's fallback) is decided by the
 caller's side (`crossing.gate`, `online.reads`), not here.
@@ -6,21 +7,12 @@ caller's side (`crossing.gate`, `online.reads`), not here.
 
 from __future__ import annotations
 
-import enum
+from stigg_sidecar.contracts import Problem, RemoteError
+
+__all__ = ["Problem", "UpstreamError"]
 
 
-class Problem(enum.Enum):
-    """What went wrong with a call to Stigg."""
-
-    KEY_REJECTED = "key rejected"  # HTTP 401 or GraphQL Unauthenticated
-    REFUSED = "refused"  # Stigg refused the request's input (or it could not be sent as it is)
-    NOT_FOUND = "not found"  # a GraphQL *NotFound code
-    RATE_LIMITED = "rate limited"  # HTTP 429 or GraphQL RateLimitExceeded
-    TIMED_OUT = "timed out"  # no answer within the call's budget
-    UNAVAILABLE = "unavailable"  # unreachable, 5xx, a malformed answer, an open breaker...
-
-
-class UpstreamError(Exception):
+class UpstreamError(RemoteError):
     """A call to Stigg failed. `message` is safe to return to a caller; `retryable` says whether
     trying again might help; `code` is the GraphQL error code when Stigg answered with one (the
     request reached Stigg and was refused); `fast_failed`: refused without trying (the

@@ -16,8 +16,8 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from tests import data
-from tests.support import OnlineHarness
+from tests.fixtures import data
+from tests.fixtures.online import OnlineHarness
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "spool" / "v1.sqlite3"
 SEED = {

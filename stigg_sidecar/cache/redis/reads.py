@@ -1,0 +1,62 @@
+"""How the mirror reads one entry: the keys it asks for, and the miss rules that need Redis.
+
+The entitlements key, its metadata and `#timestamp` (and, for a resource, the customer-level
+entry's `#timestamp`: Stigg's rule §3.4 Read 3) in one MGET, then every usage key the records
+name in a second; `format` decodes what comes back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Generator
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+
+from stigg_sidecar.cache.redis.format import (
+    EntryKeys,
+    FormatError,
+    MissingUsage,
+    decode_entitlements,
+    decode_entry,
+    decode_timestamp,
+    timestamp_key,
+)
+from stigg_sidecar.entitlements.records import CustomerEntry
+
+
+@inlineCallbacks
+def read_entry(
+    p: Any, keys: EntryKeys, require_customer_entry: bool, unreadable: Callable[[str, FormatError], None]
+) -> Generator[Deferred, Any, CustomerEntry | None]:
+    """The entry under `keys` through the connection `p` (two MGETs at most), or None on a miss
+    (see `RedisMirror.read`). An unreadable entry is handed to `unreadable` and misses."""
+    names = [keys.entitlements, keys.metadata, timestamp_key(keys.entitlements)]
+    check_customer = bool(keys.resource_id) and require_customer_entry
+    if check_customer:
+        names.append(keys.customer_timestamp)
+    values = yield p.execute_command("MGET", *names)
+    text, metadata, stamp = values[0], values[1], values[2]
+    if text is None or stamp is None:
+        return None
+    try:
+        entry_stamp = decode_timestamp(stamp, "#timestamp")
+        if check_customer:
+            customer_stamp = values[3]
+            if customer_stamp is None:
+                return None
+            if decode_timestamp(customer_stamp, "customer #timestamp") > entry_stamp:
+                return None
+        stored = decode_entitlements(text, entry_stamp)
+        usages: dict[str, tuple[str | None, str | None]] = {}
+        refs = stored.usage_refs
+        if refs:
+            names = []
+            for ref in refs:
+                names.extend((f"{keys.entitlements}:{ref}", timestamp_key(f"{keys.entitlements}:{ref}")))
+            values = yield p.execute_command("MGET", *names)
+            usages = {ref: (values[2 * i], values[2 * i + 1]) for i, ref in enumerate(refs)}
+        return decode_entry(keys.customer_id, keys.resource_id, stored, metadata, stamp, usages)
+    except MissingUsage:
+        return None
+    except FormatError as e:
+        unreadable(keys.entitlements, e)
+        return None
