@@ -5,7 +5,8 @@ per-customer shape, resources included) into `EmulatorData`, with error messages
 ``customers.acme.entitlements[2].feature.featureType: must be one of BOOLEAN, NUMBER, ENUM``.
 Entitlements are normalised into exactly the JSON Stigg's API returns (every field of the client
 fragments present, ``__typename`` on every object), so they can be served as they are.
-Also owns the GraphQL DateTime format and the V1 (``Entitlement``) view of a feature entitlement.
+Also owns the V1 (``Entitlement``) view of a feature entitlement; the GraphQL DateTime format
+and the readers of single fields are `fields.py`'s.
 
 Pure: no I/O except `load_data_file`, no clock (missing timestamps stay ``None``; the state
 fills them in), no globals.
@@ -22,13 +23,24 @@ Format::
 
 from __future__ import annotations
 
-import difflib
 import json
-import math
-import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
+
+from stigg_sidecar.emulator.fields import (
+    DataError,
+    as_object,
+    boolean_field,
+    check_keys,
+    check_typename,
+    child_place,
+    enum_field,
+    number_field,
+    parse_timestamp,
+    string_field,
+    string_list_field,
+    timestamp_field,
+)
 
 ACCESS_DENIED_REASONS = (
     "BudgetExceeded", "CustomerIsArchived", "CustomerNotFound", "CustomerResourceNotFound",
@@ -70,13 +82,6 @@ _CURRENCY_FIELDS = (
     "__typename", "currencyId", "displayName", "description", "unitSingular", "unitPlural",
     "additionalMetaData",
 )  # fmt: skip
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-
-
-class DataError(ValueError):
-    """Data that does not describe valid Stigg state; ``str()`` names the place and the problem."""
-
-
 @dataclass
 class EntityState:
     """What Stigg knows about one customer, or one resource of a customer."""
@@ -95,27 +100,6 @@ class CustomerData:
 class EmulatorData:
     api_keys: list[str]
     customers: dict[str, CustomerData]
-
-
-# -- timestamps -----------------------------------------------------------------------------------
-
-
-def format_timestamp(moment: datetime) -> str:
-    """GraphQL DateTime as Stigg sends it: UTC, milliseconds, ``Z``."""
-    utc = moment.astimezone(timezone.utc)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
-
-
-def parse_timestamp(value: str) -> datetime:
-    """An ISO-8601 timestamp with a timezone (``Z`` or an offset); raises ValueError otherwise."""
-    moment = datetime.fromisoformat(value)
-    if moment.tzinfo is None:
-        raise ValueError("no timezone")
-    return moment.astimezone(timezone.utc)
-
-
-def timestamp_from_seconds(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, tz=timezone.utc)
 
 
 # -- entry points ---------------------------------------------------------------------------------
@@ -142,15 +126,15 @@ def load_data_file(path: str) -> EmulatorData:
 
 def parse_data(raw: object) -> EmulatorData:
     """Validate a decoded data file."""
-    top = _object(raw, "(top level)")
-    _check_keys(top, ("apiKeys", "customers", "description"), "")
+    top = as_object(raw, "(top level)")
+    check_keys(top, ("apiKeys", "customers", "description"), "")
     keys = top.get("apiKeys", [])
     if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
         raise DataError("apiKeys: must be a list of non-empty strings")
-    customers_raw = _object(top.get("customers", {}), "customers")
+    customers_raw = as_object(top.get("customers", {}), "customers")
     customers = {}
     for customer_id, customer_raw in customers_raw.items():
-        place = _child("customers", customer_id)
+        place = child_place("customers", customer_id)
         if not customer_id:
             raise DataError(f"{place}: customer ids must be non-empty")
         customers[customer_id] = parse_customer(customer_raw, place=place)
@@ -160,17 +144,17 @@ def parse_data(raw: object) -> EmulatorData:
 def parse_customer(raw: object, *, place: str = "") -> CustomerData:
     """Validate one customer of the data file: ``{"accessDeniedReason", "entitlements",
     "resources": {resourceId: {"accessDeniedReason", "entitlements"}}}`` (the admin PUT body)."""
-    customer_obj = _object(raw, place or "(body)")
-    _check_keys(customer_obj, ("accessDeniedReason", "entitlements", "resources"), place)
+    customer_obj = as_object(raw, place or "(body)")
+    check_keys(customer_obj, ("accessDeniedReason", "entitlements", "resources"), place)
     state = parse_entity_state(
         {k: v for k, v in customer_obj.items() if k != "resources"}, place=place
     )
     resources = {}
-    resources_place = _child(place, "resources")
-    for resource_id, resource_raw in _object(
+    resources_place = child_place(place, "resources")
+    for resource_id, resource_raw in as_object(
         customer_obj.get("resources", {}), resources_place
     ).items():
-        resource_place = _child(resources_place, resource_id)
+        resource_place = child_place(resources_place, resource_id)
         if not resource_id:
             raise DataError(f"{resource_place}: resource ids must be non-empty")
         resources[resource_id] = parse_entity_state(resource_raw, place=resource_place)
@@ -179,10 +163,10 @@ def parse_customer(raw: object, *, place: str = "") -> CustomerData:
 
 def parse_entity_state(raw: object, *, place: str = "") -> EntityState:
     """Validate one customer's or resource's ``{"accessDeniedReason", "entitlements"}``."""
-    obj = _object(raw, place or "(body)")
-    _check_keys(obj, ("accessDeniedReason", "entitlements"), place)
-    reason = _enum(obj, "accessDeniedReason", STATE_ACCESS_DENIED_REASONS, place)
-    items_place = _child(place, "entitlements")
+    obj = as_object(raw, place or "(body)")
+    check_keys(obj, ("accessDeniedReason", "entitlements"), place)
+    reason = enum_field(obj, "accessDeniedReason", STATE_ACCESS_DENIED_REASONS, place)
+    items_place = child_place(place, "entitlements")
     items = obj.get("entitlements", [])
     if not isinstance(items, list):
         raise DataError(f"{items_place}: must be a list")
@@ -214,7 +198,7 @@ def is_metered(entitlement: Mapping[str, Any]) -> bool:
 
 def parse_entitlement(raw: object, place: str) -> dict[str, Any]:
     """One ``entitlementsV2`` item, normalised to the API's shape."""
-    obj = _object(raw, place)
+    obj = as_object(raw, place)
     typename = obj.get("__typename")
     if typename is None:
         typename = "CreditEntitlement" if "currency" in obj else "FeatureEntitlement"
@@ -264,55 +248,55 @@ def v1_entitlement(
 
 
 def _feature_entitlement(obj: Mapping[str, Any], place: str) -> dict[str, Any]:
-    _check_keys(obj, _FEATURE_ENTITLEMENT_FIELDS, place)
-    feature = _feature(obj.get("feature"), _child(place, "feature"))
+    check_keys(obj, _FEATURE_ENTITLEMENT_FIELDS, place)
+    feature = _feature(obj.get("feature"), child_place(place, "feature"))
     metered = feature["featureType"] == "NUMBER" and feature["meterType"] in METERED_TYPES
-    reason = _enum(obj, "accessDeniedReason", ACCESS_DENIED_REASONS, place)
-    enum_values = _string_list(obj, "enumValues", place)
+    reason = enum_field(obj, "accessDeniedReason", ACCESS_DENIED_REASONS, place)
+    enum_values = string_list_field(obj, "enumValues", place)
     if enum_values is None and feature["featureType"] == "ENUM":
         enum_values = []
-    current_usage = _number(obj, "currentUsage", place)
+    current_usage = number_field(obj, "currentUsage", place)
     credit_rate = obj.get("creditRate")
     if credit_rate is not None:
-        rate_place = _child(place, "creditRate")
-        rate = _object(credit_rate, rate_place)
-        _check_keys(rate, ("__typename", "amount", "currencyId"), rate_place)
+        rate_place = child_place(place, "creditRate")
+        rate = as_object(credit_rate, rate_place)
+        check_keys(rate, ("__typename", "amount", "currencyId"), rate_place)
         credit_rate = {
             "__typename": "CreditRate",
-            "amount": _number(rate, "amount", rate_place, required=True),
-            "currencyId": _string(rate, "currencyId", rate_place, required=True),
+            "amount": number_field(rate, "amount", rate_place, required=True),
+            "currencyId": string_field(rate, "currencyId", rate_place, required=True),
         }
     return {
         "__typename": "FeatureEntitlement",
         "isGranted": _is_granted(obj, reason, place),
         "accessDeniedReason": reason,
-        "usageLimit": _number(obj, "usageLimit", place),
-        "hasUnlimitedUsage": _boolean(obj, "hasUnlimitedUsage", place, default=False),
-        "hasSoftLimit": _boolean(obj, "hasSoftLimit", place, default=False),
+        "usageLimit": number_field(obj, "usageLimit", place),
+        "hasUnlimitedUsage": boolean_field(obj, "hasUnlimitedUsage", place, default=False),
+        "hasSoftLimit": boolean_field(obj, "hasSoftLimit", place, default=False),
         "currentUsage": 0 if current_usage is None and metered else current_usage,
         "enumValues": enum_values,
-        "entitlementUpdatedAt": _timestamp(obj, "entitlementUpdatedAt", place),
-        "usageUpdatedAt": _timestamp(obj, "usageUpdatedAt", place),
-        "usagePeriodAnchor": _timestamp(obj, "usagePeriodAnchor", place),
-        "usagePeriodStart": _timestamp(obj, "usagePeriodStart", place),
-        "usagePeriodEnd": _timestamp(obj, "usagePeriodEnd", place),
-        "resetPeriod": _enum(obj, "resetPeriod", RESET_PERIODS, place),
+        "entitlementUpdatedAt": timestamp_field(obj, "entitlementUpdatedAt", place),
+        "usageUpdatedAt": timestamp_field(obj, "usageUpdatedAt", place),
+        "usagePeriodAnchor": timestamp_field(obj, "usagePeriodAnchor", place),
+        "usagePeriodStart": timestamp_field(obj, "usagePeriodStart", place),
+        "usagePeriodEnd": timestamp_field(obj, "usagePeriodEnd", place),
+        "resetPeriod": enum_field(obj, "resetPeriod", RESET_PERIODS, place),
         "resetPeriodConfiguration": _reset_period_configuration(obj, place),
         "feature": feature,
         "creditRate": credit_rate,
-        "validUntil": _timestamp(obj, "validUntil", place),
+        "validUntil": timestamp_field(obj, "validUntil", place),
     }
 
 
 def _credit_entitlement(obj: Mapping[str, Any], place: str) -> dict[str, Any]:
-    _check_keys(obj, _CREDIT_ENTITLEMENT_FIELDS, place)
-    currency_place = _child(place, "currency")
-    currency = _object(obj.get("currency"), currency_place)
-    _check_keys(currency, _CURRENCY_FIELDS, currency_place)
-    _typename(currency, "EntitlementCurrency", currency_place)
-    currency_id = _string(currency, "currencyId", currency_place, required=True)
-    reason = _enum(obj, "accessDeniedReason", ACCESS_DENIED_REASONS, place)
-    current_usage = _number(obj, "currentUsage", place)
+    check_keys(obj, _CREDIT_ENTITLEMENT_FIELDS, place)
+    currency_place = child_place(place, "currency")
+    currency = as_object(obj.get("currency"), currency_place)
+    check_keys(currency, _CURRENCY_FIELDS, currency_place)
+    check_typename(currency, "EntitlementCurrency", currency_place)
+    currency_id = string_field(currency, "currencyId", currency_place, required=True)
+    reason = enum_field(obj, "accessDeniedReason", ACCESS_DENIED_REASONS, place)
+    current_usage = number_field(obj, "currentUsage", place)
     return {
         "__typename": "CreditEntitlement",
         "isGranted": _is_granted(obj, reason, place),
@@ -320,58 +304,58 @@ def _credit_entitlement(obj: Mapping[str, Any], place: str) -> dict[str, Any]:
         "currency": {
             "__typename": "EntitlementCurrency",
             "currencyId": currency_id,
-            "displayName": _string(currency, "displayName", currency_place) or currency_id,
-            "description": _string(currency, "description", currency_place),
-            "unitSingular": _string(currency, "unitSingular", currency_place),
-            "unitPlural": _string(currency, "unitPlural", currency_place),
+            "displayName": string_field(currency, "displayName", currency_place) or currency_id,
+            "description": string_field(currency, "description", currency_place),
+            "unitSingular": string_field(currency, "unitSingular", currency_place),
+            "unitPlural": string_field(currency, "unitPlural", currency_place),
             "additionalMetaData": currency.get("additionalMetaData"),
         },
-        "usageLimit": _number(obj, "usageLimit", place),
+        "usageLimit": number_field(obj, "usageLimit", place),
         "currentUsage": 0 if current_usage is None else current_usage,
-        "hasSoftLimit": _boolean(obj, "hasSoftLimit", place, default=False),
-        "usageUpdatedAt": _timestamp(obj, "usageUpdatedAt", place),
-        "entitlementUpdatedAt": _timestamp(obj, "entitlementUpdatedAt", place),
-        "usagePeriodEnd": _timestamp(obj, "usagePeriodEnd", place),
-        "validUntil": _timestamp(obj, "validUntil", place),
+        "hasSoftLimit": boolean_field(obj, "hasSoftLimit", place, default=False),
+        "usageUpdatedAt": timestamp_field(obj, "usageUpdatedAt", place),
+        "entitlementUpdatedAt": timestamp_field(obj, "entitlementUpdatedAt", place),
+        "usagePeriodEnd": timestamp_field(obj, "usagePeriodEnd", place),
+        "validUntil": timestamp_field(obj, "validUntil", place),
     }
 
 
 def _feature(raw: object, place: str) -> dict[str, Any]:
-    obj = _object(raw, place)
-    _check_keys(obj, _FEATURE_FIELDS, place)
-    _typename(obj, "EntitlementFeature", place)
-    ref_id = _string(obj, "refId", place, required=True)
-    feature_type = _enum(obj, "featureType", FEATURE_TYPES, place, required=True)
-    meter_type = _enum(obj, "meterType", METER_TYPES, place)
+    obj = as_object(raw, place)
+    check_keys(obj, _FEATURE_FIELDS, place)
+    check_typename(obj, "EntitlementFeature", place)
+    ref_id = string_field(obj, "refId", place, required=True)
+    feature_type = enum_field(obj, "featureType", FEATURE_TYPES, place, required=True)
+    meter_type = enum_field(obj, "meterType", METER_TYPES, place)
     if meter_type in METERED_TYPES and feature_type != "NUMBER":
-        raise DataError(f"{_child(place, 'meterType')}: only NUMBER features can be metered")
+        raise DataError(f"{child_place(place, 'meterType')}: only NUMBER features can be metered")
     transformation = obj.get("unitTransformation")
     if transformation is not None:
-        tr_place = _child(place, "unitTransformation")
-        tr = _object(transformation, tr_place)
-        _check_keys(
+        tr_place = child_place(place, "unitTransformation")
+        tr = as_object(transformation, tr_place)
+        check_keys(
             tr,
             ("__typename", "divide", "round", "featureUnits", "featureUnitsPlural"),
             tr_place,
         )
-        divide = _number(tr, "divide", tr_place, required=True)
+        divide = number_field(tr, "divide", tr_place, required=True)
         if divide <= 0:
-            raise DataError(f"{_child(tr_place, 'divide')}: must be greater than 0")
+            raise DataError(f"{child_place(tr_place, 'divide')}: must be greater than 0")
         transformation = {
             "__typename": "UnitTransformation",
             "divide": divide,
-            "round": _enum(tr, "round", ROUNDINGS, tr_place, required=True),
-            "featureUnits": _string(tr, "featureUnits", tr_place),
-            "featureUnitsPlural": _string(tr, "featureUnitsPlural", tr_place),
+            "round": enum_field(tr, "round", ROUNDINGS, tr_place, required=True),
+            "featureUnits": string_field(tr, "featureUnits", tr_place),
+            "featureUnitsPlural": string_field(tr, "featureUnitsPlural", tr_place),
         }
     return {
         "__typename": "EntitlementFeature",
         "featureType": feature_type,
         "meterType": meter_type,
-        "featureUnits": _string(obj, "featureUnits", place),
-        "featureUnitsPlural": _string(obj, "featureUnitsPlural", place),
-        "description": _string(obj, "description", place),
-        "displayName": _string(obj, "displayName", place) or ref_id,
+        "featureUnits": string_field(obj, "featureUnits", place),
+        "featureUnitsPlural": string_field(obj, "featureUnitsPlural", place),
+        "description": string_field(obj, "description", place),
+        "displayName": string_field(obj, "displayName", place) or ref_id,
         "refId": ref_id,
         "unitTransformation": transformation,
     }
@@ -381,8 +365,8 @@ def _reset_period_configuration(obj: Mapping[str, Any], place: str) -> dict[str,
     raw = obj.get("resetPeriodConfiguration")
     if raw is None:
         return None
-    config_place = _child(place, "resetPeriodConfiguration")
-    config = _object(raw, config_place)
+    config_place = child_place(place, "resetPeriodConfiguration")
+    config = as_object(raw, config_place)
     typename = config.get("__typename")
     if typename is None:  # infer it from the one "...AccordingTo" key given
         typename = next(
@@ -393,114 +377,12 @@ def _reset_period_configuration(obj: Mapping[str, Any], place: str) -> dict[str,
             f"{config_place}.__typename: must be one of {', '.join(RESET_PERIOD_CONFIGS)}"
         )
     key, choices = RESET_PERIOD_CONFIGS[typename]
-    _check_keys(config, ("__typename", key), config_place)
-    return {"__typename": typename, key: _enum(config, key, choices, config_place)}
+    check_keys(config, ("__typename", key), config_place)
+    return {"__typename": typename, key: enum_field(config, key, choices, config_place)}
 
 
 def _is_granted(obj: Mapping[str, Any], reason: str | None, place: str) -> bool:
-    granted = _boolean(obj, "isGranted", place, default=reason is None)
+    granted = boolean_field(obj, "isGranted", place, default=reason is None)
     if granted and reason is not None:
-        raise DataError(f"{_child(place, 'isGranted')}: cannot be true with an accessDeniedReason")
+        raise DataError(f"{child_place(place, 'isGranted')}: cannot be true with an accessDeniedReason")
     return granted
-
-
-# -- field readers --------------------------------------------------------------------------------
-
-
-def _child(place: str, key: str) -> str:
-    step = key if _IDENTIFIER.match(key) else json.dumps(key)
-    return f"{place}.{step}" if place else step
-
-
-def _object(value: object, place: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise DataError(f"{place}: must be an object")
-    return value
-
-
-def _check_keys(obj: Mapping[str, Any], allowed: Iterable[str], place: str) -> None:
-    allowed = tuple(allowed)
-    for key in obj:
-        if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise DataError(f"{_child(place, key)}: unknown field{hint}")
-
-
-def _typename(obj: Mapping[str, Any], expected: str, place: str) -> None:
-    if obj.get("__typename", expected) != expected:
-        raise DataError(f"{_child(place, '__typename')}: must be {expected}")
-
-
-def _missing(obj: Mapping[str, Any], key: str, place: str, required: bool) -> bool:
-    if obj.get(key) is None:
-        if required:
-            raise DataError(f"{_child(place, key)}: required")
-        return True
-    return False
-
-
-def _string(obj: Mapping[str, Any], key: str, place: str, *, required: bool = False) -> Any:
-    if _missing(obj, key, place, required):
-        return None
-    value = obj[key]
-    if not isinstance(value, str) or (required and not value):
-        raise DataError(f"{_child(place, key)}: must be a{' non-empty' if required else ''} string")
-    return value
-
-
-def _number(obj: Mapping[str, Any], key: str, place: str, *, required: bool = False) -> Any:
-    if _missing(obj, key, place, required):
-        return None
-    value = obj[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(f"{_child(place, key)}: must be a finite number")
-    return value
-
-
-def _boolean(obj: Mapping[str, Any], key: str, place: str, *, default: bool) -> bool:
-    value = obj.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise DataError(f"{_child(place, key)}: must be true or false")
-    return value
-
-
-def _enum(
-    obj: Mapping[str, Any],
-    key: str,
-    choices: tuple[str, ...],
-    place: str,
-    *,
-    required: bool = False,
-) -> Any:
-    if _missing(obj, key, place, required):
-        return None
-    if obj[key] not in choices:
-        raise DataError(f"{_child(place, key)}: must be one of {', '.join(choices)}")
-    return obj[key]
-
-
-def _string_list(obj: Mapping[str, Any], key: str, place: str) -> list[str] | None:
-    if _missing(obj, key, place, False):
-        return None
-    value = obj[key]
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise DataError(f"{_child(place, key)}: must be a list of strings")
-    return list(value)
-
-
-def _timestamp(obj: Mapping[str, Any], key: str, place: str) -> str | None:
-    if _missing(obj, key, place, False):
-        return None
-    value = obj[key]
-    try:
-        if not isinstance(value, str):
-            raise ValueError
-        return format_timestamp(parse_timestamp(value))
-    except ValueError:
-        raise DataError(
-            f"{_child(place, key)}: must be an ISO-8601 timestamp with a timezone, "
-            "e.g. 2025-01-31T00:00:00.000Z"
-        ) from None

@@ -21,11 +21,8 @@ import math
 import re
 from typing import Any, Callable, Mapping
 
-from stigg_sidecar.emulator.data import parse_timestamp
-from stigg_sidecar.emulator.state import (
-    ACCOUNT_ID,
-    ENVIRONMENT_ID,
-    EmulatorState,
+from stigg_sidecar.emulator.fields import parse_timestamp
+from stigg_sidecar.emulator.model import (
     EntitlementsChanged,
     PackagePublished,
     StateChange,
@@ -34,6 +31,7 @@ from stigg_sidecar.emulator.state import (
     UsageEvent,
     UsageReport,
 )
+from stigg_sidecar.emulator.state import ACCOUNT_ID, ENVIRONMENT_ID, EmulatorState
 
 Variables = Mapping[str, Any]
 Operation = Callable[[EmulatorState, Variables], dict[str, Any]]

@@ -44,7 +44,8 @@ from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.logger import Logger
 
 from stigg_sidecar.emulator import graphql
-from stigg_sidecar.emulator.state import EmulatorState, FaultsChanged, StateChange
+from stigg_sidecar.emulator.model import FaultsChanged, StateChange
+from stigg_sidecar.emulator.state import EmulatorState
 
 GRAPHQL_TRANSPORT_WS = "graphql-transport-ws"
 INVALID_API_KEY = "Invalid API key"  # the reason Stigg's SDK treats as "give up for good"

@@ -105,13 +105,19 @@ class TextLineObserver:
 
 # Library lines an operator does want at info: the signal that began a shutdown.
 _LIBRARY_INFO_KEPT = ("Received SIG",)
+# Libraries whose warnings are about connections the sidecar reports itself, in its own words (the
+# real-time socket): autobahn's "dropping connection to peer ... with abort=True: None" says nothing more.
+_LIBRARY_WARNINGS_AT_DEBUG = ("autobahn.",)
 
 
 def is_library_chatter(event: dict) -> bool:
-    """An info line from a library (Twisted's factories, ports, retries, twistd's banner), not ours."""
+    """An info line from a library (Twisted's factories, ports, retries, twistd's banner), not
+    ours, or a warning from a library in `_LIBRARY_WARNINGS_AT_DEBUG`."""
+    namespace = event.get("log_namespace") or ""
+    if event.get("log_level") == LogLevel.warn:
+        return namespace.startswith(_LIBRARY_WARNINGS_AT_DEBUG)
     if event.get("log_level") != LogLevel.info:
         return False
-    namespace = event.get("log_namespace") or ""
     if namespace == "stigg_sidecar" or namespace.startswith("stigg_sidecar."):
         return False
     text = event.get("log_format") or ""
@@ -120,7 +126,8 @@ def is_library_chatter(event: dict) -> bool:
 
 @implementer(ILogObserver)
 class LibraryChatterAtDebug:
-    """Passes events on, with libraries' info lines lowered to debug: info is what an operator needs."""
+    """Passes events on, with libraries' info lines (and some libraries' warnings) lowered to debug:
+    info is what an operator needs."""
 
     def __init__(self, observer: ILogObserver) -> None:
         self._observer = observer

@@ -19,6 +19,8 @@ from typing import Callable
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from stigg_sidecar.quoting import clipped
+
 log = Logger()
 
 
@@ -50,7 +52,7 @@ class BreakerOpen(Exception):
 
     def __init__(self, name: str, failures: int, last_error: str, retry_in: float) -> None:
         self.message = (
-            f"not sent: Stigg's {name} failed {failures} times in a row (last: {last_error}); "
+            f"not sent: Stigg's {name} failed {failures} times in a row (last: {clipped(last_error)}); "
             f"calls fail at once until a probe succeeds (next in {max(0.0, retry_in):.1f}s)"
         )
         super().__init__(self.message)
