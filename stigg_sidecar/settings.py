@@ -183,9 +183,14 @@ SPECS: tuple[Spec, ...] = (
     Spec("REDIS_SENTINEL_USERNAME", "", _parse_str, "ACL user name on the Sentinels"),
     Spec("REDIS_SENTINEL_PASSWORD", "", _parse_str, "password of the Sentinels (their requirepass)", secret=True),
     Spec("REDIS_SENTINEL_PASSWORD_FILE", "", _parse_str, "file holding the Sentinels' password (instead of REDIS_SENTINEL_PASSWORD)"),
-    Spec("BIND_ADDRESS", "0.0.0.0", _parse_str, "interface the gRPC and HTTP servers listen on"),
+    Spec("BIND_ADDRESS", "0.0.0.0", _parse_str, "interface the gRPC server (and by default the HTTP server) listens on"),
     Spec("PORT", "8443", _parse_int(0, 65535), "gRPC port"),
+    Spec("HTTP_BIND_ADDRESS", None, _parse_str, "interface the HTTP server (probes, metrics) listens on (default: BIND_ADDRESS)"),
     Spec("HTTP_PORT", "8080", _parse_int(0, 65535), "HTTP port for health, readiness and metrics"),
+    Spec("TLS_CERT_FILE", "", _parse_str, "PEM certificate (chain allowed) served on PORT: gRPC over TLS only; re-read when it changes"),
+    Spec("TLS_KEY_FILE", "", _parse_str, "PEM private key of TLS_CERT_FILE; re-read when it changes"),
+    Spec("TLS_CLIENT_CA_FILE", "", _parse_str, "PEM CA certificates: callers must present a client certificate signed by one (mutual TLS)"),
+    Spec("CALLER_TOKENS_FILE", "", _parse_str, "callers allowed, one 'name scope token' a line (scope read or write); re-read when it changes"),
     Spec("HEALTH_ENDPOINT_URL", "livez", _parse_path, "liveness path"),
     Spec("READY_ENDPOINT_URL", "readyz", _parse_path, "readiness path"),
     Spec("GRPC_MAX_WORKERS", "16", _parse_int(1, 1024), "gRPC handler threads running calls at once (calls waiting on Stigg do not count)"),
@@ -201,7 +206,8 @@ SPECS: tuple[Spec, ...] = (
         "GRPC_MAX_CONCURRENT_STREAMS", None, _parse_int(1, 2**31 - 1),
         "calls at once on one gRPC connection (default: MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS)",
     ),
-    Spec("SHUTDOWN_GRACE_SECS", "10", _parse_seconds, "how long in-flight calls may finish on shutdown"),
+    Spec("SHUTDOWN_GRACE_SECS", "8", _parse_seconds,
+         "the whole stop on SIGTERM: gRPC drain, spool delivery and the last snapshot, together"),
     Spec("METRICS_ENABLED", "1", parse_bool, "serve Prometheus metrics at /metrics and count on the hot path"),
     Spec("METRICS_MAX_AGE_MS", "1000", _parse_int(0, 60_000), "render /metrics at most once per this many milliseconds; scrapes in between get the same page (0: every scrape)"),
     Spec("LOG_LEVEL", "info", _parse_choice(LOG_LEVELS), "lowest log level written"),
@@ -249,7 +255,12 @@ class Settings:
     redis_sentinel_password_file: str = ""
     bind_address: str = "0.0.0.0"
     port: int = 8443
+    http_bind_address: str = "0.0.0.0"  # BIND_ADDRESS
     http_port: int = 8080
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    caller_tokens_file: str = ""
     health_endpoint_url: str = "livez"
     ready_endpoint_url: str = "readyz"
     grpc_max_workers: int = 16
@@ -262,7 +273,7 @@ class Settings:
     grpc_keepalive_timeout_secs: float = 20.0
     grpc_max_connection_idle_secs: float = 300.0
     grpc_max_concurrent_streams: int = 784  # MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS
-    shutdown_grace_secs: float = 10.0
+    shutdown_grace_secs: float = 8.0
     metrics_enabled: bool = True
     metrics_max_age_ms: int = 1000
     log_level: str = "info"
@@ -277,6 +288,10 @@ class Settings:
     @property
     def redis_enabled(self) -> bool:
         return bool(self.redis_environment_prefix)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert_file)
 
     def secrets(self) -> tuple[str, ...]:
         """The secret values, for redaction checks."""
@@ -336,6 +351,12 @@ def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str | None
         values["cache_max_size_bytes"] = default_cache_max_size_bytes()
     if not values.get("offline") and not values.get("server_api_key"):
         raise SettingsError("SERVER_API_KEY (or SERVER_API_KEY_FILE) is required unless OFFLINE is set")
+    if not values.get("http_bind_address"):  # unset or empty: the gRPC server's interface
+        values["http_bind_address"] = values.get("bind_address", "0.0.0.0")
+    if bool(values.get("tls_cert_file")) != bool(values.get("tls_key_file")):
+        raise SettingsError("TLS_CERT_FILE and TLS_KEY_FILE go together: set both (gRPC over TLS) or neither")
+    if values.get("tls_client_ca_file") and not values.get("tls_cert_file"):
+        raise SettingsError("TLS_CLIENT_CA_FILE needs TLS_CERT_FILE and TLS_KEY_FILE: mutual TLS is TLS first")
     if values.get("http_port") == values.get("port") and values.get("port") != 0:
         raise SettingsError(f"HTTP_PORT must differ from PORT (both are {values['port']})")
     capacity = sum(cast(int, values[name]) for name in ("max_waiting_reads", "max_waiting_writes", "grpc_max_workers"))

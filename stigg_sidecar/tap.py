@@ -16,6 +16,9 @@ from typing import Mapping, Sequence
 from twisted.logger import Logger
 from twisted.python import usage
 
+from stigg_sidecar.grpc.callers import CallerTokensError
+from stigg_sidecar.grpc.tls import TlsError
+from stigg_sidecar.ops import tracing as tracing_setup
 from stigg_sidecar.process import gcpolicy
 from stigg_sidecar.process.assembly import assemble
 from stigg_sidecar.process.service import SidecarService
@@ -29,6 +32,7 @@ log = Logger()
 _COMPUTED_DEFAULTS = {
     "CACHE_MAX_SIZE_BYTES": "half the available memory",
     "GRPC_MAX_CONCURRENT_STREAMS": "MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS",
+    "HTTP_BIND_ADDRESS": "BIND_ADDRESS",
 }
 
 
@@ -90,8 +94,14 @@ def makeService(options: Options) -> SidecarService:
     # Logged before twistd starts logging: the log replays it first, ahead of twistd's own lines.
     log.info("{line}", line=starting_line(settings))
     try:
-        sidecar = assemble(settings).service
-    except StateDirectoryError as e:
+        tracing = tracing_setup.install()
+    except tracing_setup.TracingConfigError as e:
+        exit_with(str(e))
+    if tracing is not None:
+        log.info("OpenTelemetry {where}", where=tracing_setup.describe(tracing))
+    try:
+        sidecar = assemble(settings, tracing=tracing).service
+    except (StateDirectoryError, TlsError, CallerTokensError) as e:
         exit_with(str(e))
     except Exception as e:
         # A bug or an environment this code did not foresee: one line; the traceback at LOG_LEVEL=debug.

@@ -70,6 +70,9 @@ class HandlerPool(Executor):
         self._spares: list[threading.Event] = []  # parked threads without a role; newest last
         self._serial = 0
         self._shutdown = False
+        # Calls submitted so far: a stopping server watches it to see calls stop arriving. Only
+        # grpcio's serving thread submits, so the increment needs no lock.
+        self.submitted = 0
 
     # -- what tests and metrics read ----------------------------------------------------------------
 
@@ -100,6 +103,7 @@ class HandlerPool(Executor):
         if self._shutdown:
             raise RuntimeError("cannot schedule new calls after shutdown")
         future: Future = Future()
+        self.submitted += 1
         self._calls.put(_WorkItem(future, fn, args, kwargs))
         if not self._idle:
             # No holder is waiting for a call; a holder that took one after leaving its token is

@@ -5,11 +5,17 @@ budgets that bound how many handler threads wait at once (`WaitBudget`, one for 
 writes, so neither takes the other's capacity), and `wait_on_reactor`, which puts the two
 together inside the handler pool's `blocking()` so a waiting thread hands its runner role to
 another and cached reads keep being served. Never touches state: `fn` runs on the reactor.
+
+The caller's context (`contextvars`: the current trace span among them) crosses with the call:
+`fn` runs on the reactor inside a copy of the handler thread's context, so the spans it starts
+are children of the caller's, and so are those of the inlineCallbacks it starts (Twisted runs
+each in a copy of the context it was called in).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import threading
 import time
 from typing import Any, Callable
@@ -95,16 +101,17 @@ _CLAIMED_ANSWER_WAIT = 5.0
 
 def call_on_reactor(reactor, fn: Callable[..., Any], *args: Any, timeout: float, handoff: Handoff | None = None) -> Any:
     """Run `fn(*args)` on the reactor thread and wait up to `timeout` seconds for its result
-    (a Deferred is waited for). Raises TimeoutError past the deadline, or what `fn` raised.
-    With a `handoff`, the deadline abandons it, unless the reactor claimed it first: then the
-    answer it claimed is returned."""
+    (a Deferred is waited for), in a copy of this thread's context. Raises TimeoutError past the
+    deadline, or what `fn` raised. With a `handoff`, the deadline abandons it, unless the reactor
+    claimed it first: then the answer it claimed is returned."""
     future: concurrent.futures.Future = concurrent.futures.Future()
+    context = contextvars.copy_context()
 
     def failed(failure: Failure) -> None:
         future.set_exception(failure.value)
 
     def run() -> None:
-        maybeDeferred(fn, *args).addCallbacks(future.set_result, failed)
+        context.run(maybeDeferred, fn, *args).addCallbacks(future.set_result, failed)
 
     reactor.callFromThread(run)
     try:

@@ -10,9 +10,15 @@ on the disk. Jobs queue up while a commit is syncing, and the thread runs all qu
 transaction: concurrent writes share one sync (group commit). Results are handed back to the
 reactor with `callFromThread`.
 
-Tables: `spool` (records waiting for delivery: seq, kind, body, created_ms) and `dead_letters`
-(records Stigg refused for good, with the error and when). A body is the record as JSON (see
-`delivery.records`); the format of the whole file is `PRAGMA user_version`.
+Tables: `spool` (records waiting for delivery: seq, kind, body, created_ms, trace) and
+`dead_letters` (records Stigg refused for good, with the error and when). A body is the record as
+JSON (see `delivery.bodies`); the format of the whole file is `PRAGMA user_version`. `trace` (the
+W3C traceparent of the write that spooled the record, or NULL) was added to format 1 as a
+nullable column: opening a file without it adds it, rows without it load with None, and a sidecar
+that predates it still reads and writes the file (it names its columns).
+
+A job submitted inside a recording trace span carries that span's context to the writer thread,
+where its transaction is a span ("spool commit") under it: spans follow a write across threads.
 """
 
 from __future__ import annotations
@@ -20,12 +26,17 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from stigg_sidecar import spans
 
 log = Logger()
 
@@ -38,6 +49,8 @@ _SCHEMA = (
     " seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, body TEXT NOT NULL, created_ms INTEGER NOT NULL,"
     " failed_ms INTEGER NOT NULL, error TEXT NOT NULL)",
 )
+# Columns added to format 1 since, each nullable: (table, column, declaration).
+_ADDED_COLUMNS = (("spool", "trace", "TEXT"),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +59,7 @@ class StoredRecord:
     kind: str  # "usage" | "event"
     body: str
     created_ms: int
+    trace: str | None = None  # the spooling write's W3C traceparent
 
 
 class SpoolFileError(Exception):
@@ -53,12 +67,14 @@ class SpoolFileError(Exception):
 
 
 class _Job:
-    __slots__ = ("run", "done", "result")
+    __slots__ = ("run", "done", "result", "trace")
 
-    def __init__(self, run: Callable[[sqlite3.Connection], Any], done: Deferred) -> None:
+    def __init__(self, run: Callable[[sqlite3.Connection], Any], done: Deferred,
+                 trace: otel_context.Context | None = None) -> None:
         self.run = run
         self.done = done
         self.result: Any = None
+        self.trace = trace  # the submitter's context when its span records
 
 
 _STOP = object()
@@ -80,8 +96,8 @@ class SpoolFile:
         self._thread.start()
         return self._submit(_load)
 
-    def append(self, rows: Sequence[tuple[str, str, int]]) -> Deferred:
-        """Store (kind, body, created_ms) rows; fires with their seqs once synced to disk."""
+    def append(self, rows: Sequence[tuple[str, str, int] | tuple[str, str, int, str | None]]) -> Deferred:
+        """Store (kind, body, created_ms[, trace]) rows; fires with their seqs once synced to disk."""
         return self._submit(lambda db: [_insert(db, row) for row in rows])
 
     def delete(self, seqs: Sequence[int]) -> Deferred:
@@ -128,7 +144,8 @@ class SpoolFile:
         if self._thread is None:
             done.errback(Failure(SpoolFileError("the spool is closed")))
             return done
-        self._jobs.put(_Job(run, done))
+        traced = otel_context.get_current() if trace.get_current_span().is_recording() else None
+        self._jobs.put(_Job(run, done, traced))
         return done
 
     # -- the writer thread ------------------------------------------------------------------------
@@ -162,6 +179,7 @@ class SpoolFile:
                 return
 
     def _run_together(self, db: sqlite3.Connection, jobs: list[_Job]) -> None:
+        started = time.time_ns()
         try:
             with db:  # one transaction, committed (and synced) at the end
                 for job in jobs:
@@ -176,6 +194,14 @@ class SpoolFile:
                     self._reactor.callFromThread(job.done.errback, Failure(e))
                     job.done = None  # type: ignore[assignment]
         self.commits += 1
+        ended = time.time_ns()
+        for job in jobs:
+            if job.trace is not None:  # one span per traced job, over the transaction it shared
+                span = spans.tracer.start_span("spool commit", context=job.trace, start_time=started,
+                                               attributes={"db.system": "sqlite", "stigg.spool.jobs": len(jobs)})
+                if job.done is None:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, "the job failed"))
+                span.end(end_time=ended)
         for job in jobs:
             if job.done is not None:
                 self._reactor.callFromThread(job.done.callback, job.result)
@@ -194,6 +220,9 @@ def _connect(path: str) -> sqlite3.Connection:
         with db:
             for statement in _SCHEMA:
                 db.execute(statement)
+            for table, column, declaration in _ADDED_COLUMNS:
+                if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
             db.execute(f"PRAGMA user_version={FORMAT_VERSION}")
     except Exception:
         db.close()
@@ -202,10 +231,12 @@ def _connect(path: str) -> sqlite3.Connection:
 
 
 def _load(db: sqlite3.Connection) -> list[StoredRecord]:
-    rows = db.execute("SELECT seq, kind, body, created_ms FROM spool ORDER BY seq").fetchall()
+    rows = db.execute("SELECT seq, kind, body, created_ms, trace FROM spool ORDER BY seq").fetchall()
     return [StoredRecord(*row) for row in rows]
 
 
-def _insert(db: sqlite3.Connection, row: tuple[str, str, int]) -> int:
-    cursor = db.execute("INSERT INTO spool (kind, body, created_ms) VALUES (?, ?, ?)", row)
+def _insert(db: sqlite3.Connection, row: tuple[str, str, int] | tuple[str, str, int, str | None]) -> int:
+    kind, body, created_ms, *traced = row
+    values = (kind, body, created_ms, traced[0] if traced else None)
+    cursor = db.execute("INSERT INTO spool (kind, body, created_ms, trace) VALUES (?, ?, ?, ?)", values)
     return int(cursor.lastrowid or 0)

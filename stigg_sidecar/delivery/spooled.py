@@ -13,8 +13,14 @@ Everything after that runs on the reactor:
 - A batch Stigg refuses for good (a GraphQL error such as FeatureNotFound or BadUserInput) is
   split in halves until the record to blame is alone; that record goes to the dead-letter table
   with one log line, and the records behind it keep going.
-- Stop: deliver what can be delivered within `grace` seconds; the rest stays on disk for the
+- Stop: deliver what can be delivered within the stop's budget (shared with the gRPC drain and
+  the snapshot: `StopBudget`), and no longer than something can still go: with Stigg down, once
+  the next attempt would come after the deadline, the stop ends. The rest stays on disk for the
   next start, which loads it before readiness and delivers it.
+
+Traces: accepting a write is a PRODUCER span ("spool usage"/"spool events", the commit on the
+spool's thread under it) whose traceparent is kept with each record, on disk too; each delivery
+attempt is a CONSUMER span in a trace of its own, linking to the writes it carries.
 """
 
 from __future__ import annotations
@@ -25,12 +31,14 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from opentelemetry import context as otel_context
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from stigg_sidecar import spans
 from stigg_sidecar.contracts import (
     EventReport,
     UsageAck,
@@ -45,6 +53,7 @@ from stigg_sidecar.crossing.wait import Handoff
 from stigg_sidecar.delivery import bodies as bodies
 from stigg_sidecar.delivery.spool import SpoolFile, StoredRecord
 from stigg_sidecar.delivery.upstream import UpstreamWrites
+from stigg_sidecar.process.stopping import StopBudget
 from stigg_sidecar.quoting import quoted
 from stigg_sidecar.upstream.api import RetryPolicy
 from stigg_sidecar.upstream.errors import UpstreamError
@@ -72,6 +81,7 @@ class _Record:
     key: str
     usage: UsageReport | None = None
     event: EventReport | None = None
+    trace: str | None = None  # the spooling write's traceparent: its delivery links to it
 
 
 class SpooledDelivery(Service):
@@ -90,6 +100,7 @@ class SpooledDelivery(Service):
         flush_interval: float = 0.1,
         send_timeout: float = 10.0,
         grace: float = 10.0,
+        budget: StopBudget | None = None,
         backoff: RetryPolicy = DELIVERY_BACKOFF,
         rng: Callable[[], float] = random.random,
         readiness=None,
@@ -104,7 +115,8 @@ class SpooledDelivery(Service):
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._send_timeout = send_timeout
-        self._grace = grace
+        # The stop's deadline, shared with the other parts (else `grace` seconds of its own).
+        self._budget = budget if budget is not None else StopBudget(grace, clock)
         self._backoff = backoff
         self._rng = rng
         self._readiness = readiness
@@ -155,11 +167,16 @@ class SpooledDelivery(Service):
     def _accept_usage(self, usages: Sequence[UsageReport], budget: float, handoff: Handoff | None = None) -> Deferred:
         keyed = [(u, measurement_id()) for u in usages]
         rows = [(bodies.usage_body(u, key), (u, key)) for u, key in keyed]
-        return self._append(bodies.USAGE, rows, handoff).addCallback(self._usage_acks)
+        first = usages[0]
+        attributes = {**spans.ids(first.customer_id, first.resource_id, first.feature_id), "stigg.records": len(rows)}
+        return spans.span_until("spool usage", self._append, bodies.USAGE, rows, handoff, kind=spans.SpanKind.PRODUCER,
+                                attributes=attributes).addCallback(self._usage_acks)
 
     def _accept_events(self, events: Sequence[EventReport], budget: float, handoff: Handoff | None = None) -> Deferred:
         rows = [(bodies.event_body(e), e) for e in events]
-        return self._append(bodies.EVENT, rows, handoff).addCallback(lambda _: None)
+        attributes = {**spans.ids(events[0].customer_id, events[0].resource_id), "stigg.records": len(rows)}
+        return spans.span_until("spool events", self._append, bodies.EVENT, rows, handoff, kind=spans.SpanKind.PRODUCER,
+                                attributes=attributes).addCallback(lambda _: None)
 
     def _append(self, kind: str, rows: list[tuple[str, Any]], handoff: Handoff | None = None) -> Deferred:
         """Store `rows`; once synced, and only if `handoff` is still claimable (the caller will
@@ -177,6 +194,7 @@ class SpooledDelivery(Service):
             )
         self._reserved += size
         now_ms = int(self._clock.seconds() * 1000)
+        traced = spans.traceparent_of_current()
 
         def synced(seqs: list[int]) -> list[_Record]:
             self._reserved -= size
@@ -188,9 +206,9 @@ class SpooledDelivery(Service):
             for seq, (body, payload) in zip(seqs, rows, strict=True):
                 if kind == bodies.USAGE:
                     usage, key = payload
-                    record = _Record(seq, kind, len(body), now_ms, key, usage=usage)
+                    record = _Record(seq, kind, len(body), now_ms, key, usage=usage, trace=traced)
                 else:
-                    record = _Record(seq, kind, len(body), now_ms, payload.idempotency_key, event=payload)
+                    record = _Record(seq, kind, len(body), now_ms, payload.idempotency_key, event=payload, trace=traced)
                 self._register(record)
                 added.append(record)
             self._kick(kind)
@@ -201,7 +219,7 @@ class SpooledDelivery(Service):
             log.error("Appending to the write spool failed: {why}", why=failure.getErrorMessage())
             raise WriteError(WriteFailure.UNAVAILABLE, "the write spool could not be written; write not accepted")
 
-        return self.spool.append([(kind, body, now_ms) for body, _ in rows]).addCallbacks(synced, failed)
+        return self.spool.append([(kind, body, now_ms, traced) for body, _ in rows]).addCallbacks(synced, failed)
 
     def _unacknowledged(self, seqs: list[int]) -> None:
         """Records synced after their caller gave up: removed before anything could send them."""
@@ -248,11 +266,13 @@ class SpooledDelivery(Service):
             try:
                 if row.kind == bodies.USAGE:
                     spooled = bodies.read_usage(row.body)
-                    record = _Record(row.seq, row.kind, len(row.body), row.created_ms, spooled.key, usage=spooled.usage)
+                    record = _Record(row.seq, row.kind, len(row.body), row.created_ms, spooled.key, usage=spooled.usage,
+                                     trace=row.trace)
                     self._store.pending_added(row.seq, spooled.usage)
                 elif row.kind == bodies.EVENT:
                     event = bodies.read_event(row.body)
-                    record = _Record(row.seq, row.kind, len(row.body), row.created_ms, event.idempotency_key, event=event)
+                    record = _Record(row.seq, row.kind, len(row.body), row.created_ms, event.idempotency_key, event=event,
+                                     trace=row.trace)
                 else:
                     raise bodies.BodyError(f"unknown kind {row.kind!r}")
             except bodies.BodyError as e:
@@ -278,10 +298,12 @@ class SpooledDelivery(Service):
 
     @inlineCallbacks
     def stopService(self):
-        """Deliver what can be delivered within the grace period; the rest stays on disk."""
+        """Deliver what can be delivered within the stop's budget; the rest stays on disk."""
         super().stopService()
         self._stopping = True
-        deadline = self._clock.seconds() + self._grace
+        self._budget.begin()
+        left = self._budget.remaining()
+        deadline = self._clock.seconds() + left
         if self._flush_timer is not None and self._flush_timer.active():
             self._flush_timer.cancel()
         self._flush_timer = None
@@ -290,9 +312,9 @@ class SpooledDelivery(Service):
             if timer is not None and timer.active():
                 timer.cancel()
             self._waiting[kind] = None
-            if self._grace > 0:  # no time at all: start nothing that would outlive the stop
+            if left > 0:  # no time at all: start nothing that would outlive the stop
                 self._pump(kind)
-        while self._loaded and self._busy() and self._clock.seconds() < deadline:
+        while self._loaded and self._can_deliver_before(deadline) and self._clock.seconds() < deadline:
             yield deferLater(self._clock, min(0.05, max(0.0, deadline - self._clock.seconds())), lambda: None)
         for kind in KINDS:
             timer = self._waiting[kind]
@@ -300,11 +322,20 @@ class SpooledDelivery(Service):
                 timer.cancel()
         self._stopping = False  # stopped: nothing more is sent (see _pump)
         if self.records:
-            log.info("{n} spooled records stay on disk for the next start", n=self.records)
+            log.info("{n} spooled {records} stay on disk for the next start", n=self.records,
+                     records="record" if self.records == 1 else "records")
         yield self.spool.close()
 
-    def _busy(self) -> bool:
-        return any(self._queues[kind] or self._inflight[kind] for kind in KINDS)
+    def _can_deliver_before(self, deadline: float) -> bool:
+        """Whether a batch is in flight, or one waits whose next attempt comes before `deadline`."""
+        for kind in KINDS:
+            if self._inflight[kind] is not None:
+                return True
+            if self._queues[kind]:
+                timer = self._waiting[kind]
+                if timer is None or not timer.active() or timer.getTime() < deadline:
+                    return True
+        return False
 
     # -- reactor: delivering ----------------------------------------------------------------------
 
@@ -349,9 +380,18 @@ class SpooledDelivery(Service):
                     if r.usage is not None:
                         self._store.pending_settled(r.seq, r.usage)
 
-            sent = self._writes.usage(usages, [r.key for r in records], self._send_timeout, settled)
+            def send() -> Deferred:
+                return self._writes.usage(usages, [r.key for r in records], self._send_timeout, settled)
         else:
-            sent = self._writes.events([r.event for r in records if r.event is not None], self._send_timeout)
+
+            def send() -> Deferred:
+                return self._writes.events([r.event for r in records if r.event is not None], self._send_timeout)
+
+        # A trace of its own (an empty parent context), linking to the writes it carries.
+        links = [link for link in (spans.link_to(r.trace) for r in records) if link is not None]
+        attributes = {"stigg.records": len(records), "stigg.delivery.failures": self._failures[kind]}
+        sent = spans.span_until(f"deliver spooled {kind} records", send, kind=spans.SpanKind.CONSUMER, links=links,
+                                attributes=attributes, context=otel_context.Context())
         sent.addCallbacks(self._delivered, self._failed, callbackArgs=(kind, records), errbackArgs=(kind, records))
 
     def _delivered(self, _: Any, kind: str, records: list[_Record]) -> None:

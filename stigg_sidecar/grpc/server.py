@@ -2,9 +2,15 @@
 
 Owns the grpc.Server: its handler pool (`executor.HandlerPool`: `max_workers` threads run calls,
 more while calls block on Stigg), its connection limits (`ConnectionLimits`), its port and its
-graceful stop. Start binds and serves; stop
-refuses new calls at once and lets in-flight ones finish within the grace period, returning a
-Deferred the parent MultiService waits on. Knows nothing of entitlements.
+graceful stop. Start binds and serves. Stop drains the way gRPC servers do: readiness and gRPC
+health have already turned NOT_SERVING (the parent does that first), so clients watching them
+send their calls elsewhere; calls still arriving are served until none came for a moment (at
+most `DRAIN_MAX_SECS`); then `server.stop` sends GOAWAY, refuses new calls (UNAVAILABLE, which
+clients retry elsewhere) and lets in-flight ones finish within what is left of the stop's
+budget. Returns a Deferred the parent MultiService waits on. Knows nothing of entitlements.
+
+Why the wait before GOAWAY: grpc-core cancels (CANCELLED, which clients do not retry) the calls
+that arrived but were not yet handed to Python when the server shuts down.
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ from typing import Callable, Sequence, cast
 
 import grpc
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from stigg_sidecar.crossing.pool import HandlerPool
 from stigg_sidecar.process.listening import ListenError, probe_bind
+from stigg_sidecar.process.stopping import StopBudget
 
 log = Logger()
 
@@ -30,6 +38,11 @@ Registration = Callable[[grpc.Server], None]
 # Clients may ping this often without calls (grpc-java's and grpc-go's smallest keepalive time is
 # 10 s); more often is abuse, and grpc-core answers it with GOAWAY "too_many_pings".
 MIN_CLIENT_PING_INTERVAL_MS = 10_000
+
+# Stopping: calls still arriving after NOT_SERVING are served until none came for QUIET_SECS,
+# for at most DRAIN_MAX_SECS (and at most a quarter of the stop's budget), before GOAWAY.
+QUIET_SECS = 0.1
+DRAIN_MAX_SECS = 1.0
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,10 @@ class GrpcService(Service):
         reactor=None,
         on_serving: Callable[[int], None] | None = None,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
+        budget: StopBudget | None = None,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
+        """`budget`: the stop's deadline shared with the other parts (else `grace` seconds of its own)."""
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -110,10 +126,11 @@ class GrpcService(Service):
         self._requested_port = port
         self._max_workers = max_workers
         self._max_message_bytes = max_message_bytes
-        self._grace = grace
+        self._budget = budget if budget is not None else StopBudget(grace, reactor)
         self._on_serving = on_serving
         self._interceptors = list(interceptors)
         self._limits = limits
+        self._credentials = credentials  # TLS only when given: plaintext is then refused
         self._server: grpc.Server | None = None
         self.pool: HandlerPool | None = None
         self.port: int | None = None
@@ -140,7 +157,10 @@ class GrpcService(Service):
         if ":" in self._address and not self._address.startswith("["):
             target = f"[{self._address}]:{self._requested_port}"
         try:
-            port = server.add_insecure_port(target)
+            if self._credentials is not None:
+                port = server.add_secure_port(target, self._credentials)
+            else:
+                port = server.add_insecure_port(target)
         except RuntimeError:
             port = 0
         if port == 0:
@@ -154,7 +174,8 @@ class GrpcService(Service):
             self.privilegedStartService()
         assert self._server is not None
         self._server.start()
-        log.info("gRPC listening on {address}:{port}", address=self._address, port=self.port)
+        log.info("gRPC listening on {address}:{port}{tls}", address=self._address, port=self.port,
+                 tls=" (TLS)" if self._credentials is not None else "")
         if self._on_serving is not None:
             assert self.port is not None  # bound by privilegedStartService
             self._on_serving(self.port)
@@ -164,17 +185,32 @@ class GrpcService(Service):
         server, self._server = self._server, None
         if server is None:
             return None
-        log.info("gRPC stopping: refusing new calls, {grace}s for in-flight ones", grace=self._grace)
-        done = server.stop(self._grace)
+        self._budget.begin()
+        return self._drain(server)
+
+    @inlineCallbacks
+    def _drain(self, server: grpc.Server):
         pool, self.pool = self.pool, None
+        yield self._until_quiet(pool, min(DRAIN_MAX_SECS, self._budget.remaining() / 4))
+        grace = self._budget.remaining()
+        log.info("gRPC stopping: GOAWAY, new calls refused, {grace:.1f}s for in-flight ones", grace=grace)
+        done = server.stop(grace)
         # Waiting on the event blocks, so it happens on the reactor's thread pool (still running
         # while "before shutdown" triggers, which stop services, are pending).
-        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), done.wait, self._grace + 5)
+        yield deferToThreadPool(self._reactor, self._reactor.getThreadPool(), done.wait, grace + 1)
+        if pool is not None:
+            pool.shutdown(wait=False)  # parked threads exit now, any still waiting after their call
+        log.info("gRPC stopped")
 
-        def stopped(_: object) -> None:
-            if pool is not None:
-                pool.shutdown(wait=False)  # parked threads exit now, any still waiting after their call
-            log.info("gRPC stopped")
-
-        d.addCallback(stopped)
-        return d
+    @inlineCallbacks
+    def _until_quiet(self, pool: HandlerPool | None, at_most: float):
+        """Serve on until no call arrived for QUIET_SECS, or for `at_most` seconds."""
+        if pool is None:
+            return
+        ends = self._reactor.seconds() + at_most
+        seen = pool.submitted
+        while self._reactor.seconds() < ends:
+            yield deferLater(self._reactor, min(QUIET_SECS, max(0.0, ends - self._reactor.seconds())), lambda: None)
+            if pool.submitted == seen:
+                return
+            seen = pool.submitted

@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.python.failure import Failure
 
+from stigg_sidecar import spans
 from stigg_sidecar.cache.memory import earliest_expiry
 from stigg_sidecar.entitlements.records import CustomerEntry, cache_key
 from stigg_sidecar.online.malformed import MalformedEntitlements
@@ -30,6 +31,9 @@ class EntitlementsApi(Protocol):
 
 class FleetLocks(Protocol):
     """The fleet's Redis as the fetcher uses it (`cache.redis.RedisMirror`): reads and the fetch lock."""
+
+    @property
+    def connected(self) -> bool: ...
 
     def read(self, customer_id: str, resource_id: str | None = None) -> Deferred: ...
 
@@ -78,14 +82,17 @@ class Fetcher:
         waiters = self._inflight.get(flight)
         if waiters is not None:
             waiters.append(mine)
-            return mine
+            # Waiting on another caller's fetch: its spans are in that caller's trace.
+            return spans.span_until(f"join in-flight {mode} fetch", lambda: mine,
+                                    attributes=spans.ids(customer_id, resource_id))
         self._inflight[flight] = [mine]
         self._fetch(customer_id, resource_id, mode).addBoth(self._landed, flight)
         return mine
 
     def reload(self, customer_id: str, resource_id: str | None) -> Deferred:
         """Refetch through GraphQL (never Edge, which may lag); fires with the entry."""
-        return self.fetch(customer_id, resource_id, "reload")
+        return spans.span_until("reload entitlements", self.fetch, customer_id, resource_id, "reload",
+                                attributes=spans.ids(customer_id, resource_id))
 
     def fetch_in_background(self, customer_id: str, resource_id: str | None) -> None:
         """Fetch for a read that answered a fallback without waiting, within a bound: unbounded, a
@@ -123,14 +130,26 @@ class Fetcher:
         fleet = self._fleet
         token = None
         if fleet is not None and mode == "miss":
-            shared = yield fleet.read(customer_id, resource_id)
+            shared = yield _traced_read(fleet, customer_id, resource_id)
             if self._usable(shared):
                 return self._store.put(shared)
             lock_ms = int(self._fetch_timeout * 1000) + 1000  # held as long as our fetch may take
-            token = yield fleet.acquire_fetch_lock(customer_id, resource_id, ttl_ms=lock_ms)
+            token = yield spans.span_until(
+                "fleet fetch lock", lambda: fleet.acquire_fetch_lock(customer_id, resource_id, ttl_ms=lock_ms)
+            )
+            if token is not None and fleet.connected:
+                # The read above may predate a peer's whole fetch: it wrote Redis and released the
+                # lock between our read and our lock. Looked at again under the lock, the fleet
+                # fetches a customer once.
+                shared = yield _traced_read(fleet, customer_id, resource_id)
+                if self._usable(shared):
+                    fleet.release_fetch_lock(customer_id, resource_id, token)
+                    return self._store.put(shared)
             # Another sidecar of the fleet is fetching this customer: wait for its result.
-            if token is None and (yield fleet.wait_for_fetch(customer_id, resource_id, self._fetch_timeout + 0.5)):
-                shared = yield fleet.read(customer_id, resource_id)
+            if token is None and (yield spans.span_until(
+                "wait for the fleet's fetch", fleet.wait_for_fetch, customer_id, resource_id, self._fetch_timeout + 0.5
+            )):
+                shared = yield _traced_read(fleet, customer_id, resource_id)
                 if self._usable(shared):
                     return self._store.put(shared)
         try:
@@ -153,3 +172,8 @@ class Fetcher:
             return False
         expires = earliest_expiry(shared)
         return expires is None or expires > self._now_ms()
+
+
+def _traced_read(fleet: FleetLocks, customer_id: str, resource_id: str | None) -> Deferred:
+    return spans.span_until("redis read", fleet.read, customer_id, resource_id,
+                            kind=spans.SpanKind.CLIENT, attributes={"db.system": "redis"})

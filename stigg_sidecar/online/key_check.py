@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from stigg_sidecar.contracts import ApiKeyState
 from stigg_sidecar.ops.readiness import Readiness
+from stigg_sidecar.process.stopping import StopBudget
 from stigg_sidecar.upstream.errors import Problem, UpstreamError
 
 log = Logger()
@@ -29,7 +30,7 @@ class KeyedApi(Protocol):
 
     def validate_key(self, timeout: float) -> Deferred: ...
 
-    def close(self) -> Deferred: ...
+    def close(self, within: float | None = None) -> Deferred: ...
 
 
 class KeyCheck(Service):
@@ -44,8 +45,10 @@ class KeyCheck(Service):
         timeout: float,
         max_retry_delay: float = 60.0,
         on_init_error: Callable[[], Any] = lambda: None,
+        budget: StopBudget | None = None,
     ) -> None:
         self._on_init_error = on_init_error
+        self._budget = budget  # the stop's deadline: requests to Stigg still in flight are cut there
         self._reactor = reactor
         self._api = api
         self._key = key
@@ -98,4 +101,8 @@ class KeyCheck(Service):
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
         self._pending = None
-        return self._api.close()
+        if self._budget is None:
+            return self._api.close()
+        self._budget.begin()
+        # Cut a little before the deadline: closing the connections after the cut takes a moment.
+        return self._api.close(within=max(0.0, self._budget.remaining_for_last_step() - 0.25))

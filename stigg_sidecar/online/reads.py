@@ -16,6 +16,7 @@ from typing import Callable
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
+from stigg_sidecar import spans
 from stigg_sidecar.contracts import ApiKeyState, ReloadFailed
 from stigg_sidecar.crossing.wait import BudgetExhausted, WaitBudget, wait_on_reactor
 from stigg_sidecar.entitlements.records import CustomerEntry, cache_key
@@ -112,6 +113,12 @@ class Reads:
         self._counters.miss()
         if self._key.rejected:
             return None
+        with spans.tracer.start_as_current_span("entitlements miss", attributes=spans.ids(customer_id, resource_id)) as span:
+            entry = self._wait_for_fetch(customer_id, resource_id, timeout)
+            span.set_attribute("stigg.fallback", entry is None)
+            return entry
+
+    def _wait_for_fetch(self, customer_id: str, resource_id: str | None, timeout: float) -> CustomerEntry | None:
         try:
             return wait_on_reactor(self._reactor, self.waiting, self._fetcher.fetch, customer_id, resource_id,
                                    timeout=timeout)

@@ -165,12 +165,13 @@ class _ThreadTally:
     """What one thread counted. Only its own thread writes it, so `+=` needs no lock; the
     scrape reads it from another thread and may see it a few calls behind, never torn."""
 
-    __slots__ = ("hits", "misses", "calls", "latency_sums", "latency_buckets")
+    __slots__ = ("hits", "misses", "calls", "latency_sums", "latency_buckets", "callers")
 
     def __init__(self) -> None:
         self.hits = 0
         self.misses = 0
         self.calls: dict[tuple[str, str], int] = {}
+        self.callers: dict[tuple[str, str], int] = {}
         self.latency_sums: dict[str, float] = {}
         self.latency_buckets: dict[str, list[int]] = {}
 
@@ -195,6 +196,12 @@ class HotPathTally:
                 self._tallies.append(tally)
             return tally
 
+    def count_caller(self, caller: str, outcome: str) -> None:
+        """A call checked against CALLER_TOKENS_FILE: the caller's name (never a token) and the outcome."""
+        callers = self.mine().callers
+        key = (caller, outcome)
+        callers[key] = callers.get(key, 0) + 1
+
     def observe_call(self, method: str, code: str, seconds: float) -> None:
         tally = self.mine()
         key = (method, code)
@@ -214,11 +221,14 @@ class HotPathTally:
         misses = CounterMetricFamily("sidecar_cache_misses", "Reads that had to fetch")
         misses.add_metric([], sum(t.misses for t in tallies))
         calls: dict[tuple[str, str], int] = {}
+        callers: dict[tuple[str, str], int] = {}
         sums: dict[str, float] = {}
         buckets: dict[str, list[int]] = {}
         for t in tallies:
             for key, n in list(t.calls.items()):
                 calls[key] = calls.get(key, 0) + n
+            for key, n in list(t.callers.items()):
+                callers[key] = callers.get(key, 0) + n
             for method, counts in list(t.latency_buckets.items()):
                 total = buckets.setdefault(method, [0] * len(counts))
                 for i, n in enumerate(counts):
@@ -236,7 +246,15 @@ class HotPathTally:
                 running += n
                 cumulative.append((bound, running))
             latency.add_metric([method], cumulative, sums[method])
-        yield from (hits, misses, requests, latency)
+        by_caller = CounterMetricFamily(
+            "sidecar_grpc_caller_requests",
+            "gRPC calls checked against CALLER_TOKENS_FILE by caller name and outcome (ok, unauthenticated:"
+            " no valid token, caller \"(none)\"; permission_denied: a read token on a write)",
+            labels=["caller", "outcome"],
+        )
+        for (caller, outcome), n in sorted(callers.items()):
+            by_caller.add_metric([caller, outcome], n)
+        yield from (hits, misses, requests, latency, by_caller)
 
 
 class _CountedElsewhere:

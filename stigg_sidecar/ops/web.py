@@ -213,12 +213,14 @@ class HttpService(Service):
     name = "http"
 
     def __init__(
-        self, app: Klein, address: str, port: int, reactor, idle_timeout: float = 60.0, header_timeout: float = 10.0
+        self, app: Klein, address: str, port: int, reactor, idle_timeout: float = 60.0, header_timeout: float = 10.0,
+        address_setting: str = "BIND_ADDRESS",
     ) -> None:
         self._site = _QuietSite(_DecodableOnly(app.resource()), idle_timeout, header_timeout)
         self._reactor = reactor
         self._address = address
         self._requested_port = port
+        self._address_setting = address_setting  # named when the address cannot be bound
         self._listening: IListeningPort | None = None
         self.port: int | None = None
 
@@ -227,7 +229,7 @@ class HttpService(Service):
         try:
             self._listening = self._reactor.listenTCP(self._requested_port, self._site, interface=self._address)
         except CannotListenError as e:
-            raise listen_error("HTTP_PORT", self._address, self._requested_port, e) from None
+            raise listen_error("HTTP_PORT", self._address, self._requested_port, e, self._address_setting) from None
         self.port = self._listening.getHost().port  # type: ignore[union-attr]  # an IPv4/6 address
         log.info("HTTP listening on {address}:{port}", address=self._address, port=self.port)
 

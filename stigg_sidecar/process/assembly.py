@@ -2,13 +2,14 @@
 every package).
 
     SidecarService                readiness DOWN the moment stopping begins
-    ├── edge       HttpService: liveness, readiness, metrics on HTTP_PORT           stops last
+    ├── edge       trace export; HttpService: liveness, readiness, metrics          stops last
     ├── sources    Redis mirror, key check, poller, real-time socket, snapshot      (online only)
     ├── delivery   the spool, when SPOOL_WRITES (direct writes need no service)    (online only)
-    └── serving    GrpcService: stigg.sidecar.v1.SidecarService on PORT             stops first, draining
+    └── serving    TLS file watchers; GrpcService: SidecarService on PORT          stops first, draining
 
 Phases start in that order and stop in reverse, one at a time, and so do the parts inside each:
-the stop order is this structure. Each phase is built by one function below; the parts get what
+the stop order is this structure. The whole stop shares one deadline, SHUTDOWN_GRACE_SECS
+(`StopBudget`), handed to every part whose stop takes time. Each phase is built by one function below; the parts get what
 they use in their constructors, and the assembly hands back `Parts` for whoever must reach one
 (tests, tools), instead of hanging them on the service tree.
 """
@@ -42,11 +43,14 @@ from stigg_sidecar.online.reads import ReadCounters, Reads
 from stigg_sidecar.online.refresh import Poller, Refresher
 from stigg_sidecar.online.store import EntitlementStore
 from stigg_sidecar.online.updates import RealtimeUpdates
+from stigg_sidecar.ops import tracing as tracing_setup
 from stigg_sidecar.ops.metrics import Metrics, MetricsInterceptor
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.ops.web import HttpService, health_app
+from stigg_sidecar.process.access import grpc_access
 from stigg_sidecar.process.logs import make_observer
 from stigg_sidecar.process.service import Phase, SidecarService
+from stigg_sidecar.process.stopping import StopBudget
 from stigg_sidecar.settings import Settings
 from stigg_sidecar.state.directory import StateDirectory
 from stigg_sidecar.state.snapshot import FILE_NAME as SNAPSHOT_FILE
@@ -95,16 +99,18 @@ class Sidecar:
     parts: Parts
 
 
-def assemble(settings: Settings, reactor: Any = None) -> Sidecar:
+def assemble(settings: Settings, reactor: Any = None, tracing: tracing_setup.Tracing | None = None) -> Sidecar:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     readiness = Readiness()
     readiness.block("grpc", "gRPC server is not serving yet")
-    top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format))
+    # One deadline for the whole stop: gRPC drain, spool delivery and the last snapshot share it.
+    budget = StopBudget(settings.shutdown_grace_secs, reactor)
+    top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format), budget)
     metrics = _metrics(settings, readiness)
-    edge, http = _edge(settings, reactor, readiness, metrics)
+    edge, http = _edge(settings, reactor, readiness, metrics, tracing)
     state_dir = StateDirectory(settings.state_dir).lock() if settings.state_dir else None
     sources, delivery = Phase("sources"), Phase("delivery")
     online: Online | None = None
@@ -115,9 +121,9 @@ def assemble(settings: Settings, reactor: Any = None) -> Sidecar:
     else:
         online = _online(settings, reactor, metrics)
         source = online.reads
-        _sources(settings, reactor, online, state_dir, readiness, metrics, sources)
-        writer = _delivery(settings, reactor, online, state_dir, readiness, metrics, delivery)
-    serving, grpc = _serving(settings, reactor, readiness, metrics, source, writer)
+        _sources(settings, reactor, online, state_dir, readiness, metrics, budget, sources)
+        writer = _delivery(settings, reactor, online, state_dir, readiness, metrics, budget, delivery)
+    serving, grpc = _serving(settings, reactor, readiness, metrics, budget, tracing, source, writer)
     for phase in (edge, sources, delivery, serving):
         phase.setServiceParent(top)
     return Sidecar(top, Parts(readiness, metrics, http, grpc, source, writer, online))
@@ -138,16 +144,20 @@ def _metrics(settings: Settings, readiness: Readiness) -> Metrics | None:
     return metrics
 
 
-def _edge(settings: Settings, reactor: Any, readiness: Readiness, metrics: Metrics | None) -> tuple[Phase, HttpService]:
+def _edge(settings: Settings, reactor: Any, readiness: Readiness, metrics: Metrics | None,
+          tracing: tracing_setup.Tracing | None) -> tuple[Phase, HttpService]:
     edge = Phase("edge")
+    if tracing is not None:
+        tracing.service(reactor).setServiceParent(edge)  # first in, stops last: flushes the last spans
     http = HttpService(
         health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics,
                    settings.metrics_max_age_ms / 1000),
-        settings.bind_address,
+        settings.http_bind_address,
         settings.http_port,
         reactor,
         idle_timeout=settings.http_idle_timeout_secs,
         header_timeout=settings.http_header_timeout_secs,
+        address_setting="BIND_ADDRESS" if settings.http_bind_address == settings.bind_address else "HTTP_BIND_ADDRESS",
     )
     http.setServiceParent(edge)
     return edge, http
@@ -198,7 +208,7 @@ def _read_counters(metrics: Metrics | None) -> ReadCounters:
 
 
 def _sources(settings: Settings, reactor: Any, online: Online, state_dir: StateDirectory | None,
-             readiness: Readiness, metrics: Metrics | None, sources: Phase) -> None:
+             readiness: Readiness, metrics: Metrics | None, budget: StopBudget, sources: Phase) -> None:
     """`sources`' children, in stop order from the bottom: the snapshot stops first (after the
     spool: the last snapshot has its results), the key check closes Stigg's connection pools after
     the socket and poller stopped, and the mirror goes last."""
@@ -207,6 +217,7 @@ def _sources(settings: Settings, reactor: Any, online: Online, state_dir: StateD
     KeyCheck(
         reactor, online.api, online.key, readiness, settings.entitlements_timeout_ms / 1000,
         on_init_error=metrics.initialization_errors.inc if metrics is not None else (lambda: None),
+        budget=budget,
     ).setServiceParent(sources)
     online.poller.setServiceParent(sources)
     if online.realtime is not None:
@@ -216,11 +227,12 @@ def _sources(settings: Settings, reactor: Any, online: Online, state_dir: StateD
             reactor, state_dir.file(SNAPSHOT_FILE), online.store, settings.snapshot_interval_secs,
             refresh=online.refresher.refresh, readiness=readiness,
             on_loaded_age=metrics.snapshot_loaded_age.set if metrics is not None else (lambda age: None),
+            budget=budget,
         ).setServiceParent(sources)
 
 
 def _delivery(settings: Settings, reactor: Any, online: Online, state_dir: StateDirectory | None,
-              readiness: Readiness, metrics: Metrics | None, phase: Phase) -> Writer:
+              readiness: Readiness, metrics: Metrics | None, budget: StopBudget, phase: Phase) -> Writer:
     """The one write path: direct (no service), or the spool as `phase`'s child."""
     writes = UpstreamWrites(online.api, online.store)
     if not settings.spool_writes:
@@ -236,7 +248,7 @@ def _delivery(settings: Settings, reactor: Any, online: Online, state_dir: State
         batch_size=settings.spool_batch_size,
         flush_interval=settings.spool_flush_ms / 1000,
         send_timeout=settings.entitlements_timeout_ms / 1000,
-        grace=settings.shutdown_grace_secs,
+        budget=budget,
         readiness=readiness,
         metrics=metrics,
     )
@@ -248,8 +260,9 @@ def _delivery(settings: Settings, reactor: Any, online: Online, state_dir: State
     return spooled
 
 
-def _serving(settings: Settings, reactor: Any, readiness: Readiness, metrics: Metrics | None,
-             source: EntitlementSource, writer: Writer) -> tuple[Phase, GrpcService]:
+def _serving(settings: Settings, reactor: Any, readiness: Readiness, metrics: Metrics | None, budget: StopBudget,
+             tracing: tracing_setup.Tracing | None, source: EntitlementSource,
+             writer: Writer) -> tuple[Phase, GrpcService]:
     timeout = settings.entitlements_timeout_ms / 1000
     servicer = SidecarServicer(
         source=source,
@@ -260,6 +273,10 @@ def _serving(settings: Settings, reactor: Any, readiness: Readiness, metrics: Me
         on_fallback=metrics.fallback_answered if metrics else (lambda reason: None),
     )
     serving = Phase("serving")
+    # TLS and caller tokens (the standalone service); nothing at all when their settings are unset.
+    access = grpc_access(settings, reactor, metrics.hot.count_caller if metrics is not None else None)
+    for watcher in access.watchers:
+        watcher.setServiceParent(serving)  # before the server: they stop after it
     grpc = GrpcService(
         [
             lambda server: add_sidecar_service(servicer, server),
@@ -270,10 +287,18 @@ def _serving(settings: Settings, reactor: Any, readiness: Readiness, metrics: Me
         max_workers=settings.grpc_max_workers,
         max_message_bytes=settings.grpc_max_message_bytes,
         grace=settings.shutdown_grace_secs,
+        budget=budget,
         reactor=reactor,
         on_serving=lambda port: readiness.unblock("grpc"),
-        interceptors=[MetricsInterceptor(metrics)] if metrics else [],
+        # Tracing outermost (off, no interceptor at all), so a refused token is a span too; then the
+        # token check: MetricsInterceptor answers cached handlers without asking further in.
+        interceptors=[
+            *([tracing.interceptor()] if tracing is not None else []),
+            *access.interceptors,
+            *([MetricsInterceptor(metrics)] if metrics else []),
+        ],
         limits=connection_limits(settings),
+        credentials=access.credentials,
     )
     grpc.setServiceParent(serving)
     return serving, grpc

@@ -21,22 +21,25 @@ class ListenError(Exception):
         super().__init__(f"{setting}: {host}:{port} {reason}")
 
 
-def _reason(error_number: int | None, text: str) -> str:
+def _reason(error_number: int | None, text: str, address_setting: str = "BIND_ADDRESS") -> str:
     if error_number == errno.EADDRINUSE:
         return "is already in use"
     if error_number == errno.EACCES:
         return "cannot be bound: permission denied (ports below 1024 need privileges)"
     if error_number == errno.EADDRNOTAVAIL:
-        return "cannot be bound: BIND_ADDRESS is not an address of this machine"
+        return f"cannot be bound: {address_setting} is not an address of this machine"
     return f"cannot be bound: {text}"
 
 
-def listen_error(setting: str, address: str, port: int, error: BaseException) -> ListenError:
-    """A ListenError from an OSError or Twisted's CannotListenError."""
+def listen_error(
+    setting: str, address: str, port: int, error: BaseException, address_setting: str = "BIND_ADDRESS"
+) -> ListenError:
+    """A ListenError from an OSError or Twisted's CannotListenError; `address_setting` names the
+    setting `address` came from."""
     if isinstance(error, CannotListenError) and isinstance(error.socketError, BaseException):
         error = error.socketError
     if isinstance(error, OSError):
-        return ListenError(setting, address, port, _reason(error.errno, error.strerror or str(error)))
+        return ListenError(setting, address, port, _reason(error.errno, error.strerror or str(error), address_setting))
     return ListenError(setting, address, port, f"cannot be bound: {error}")
 
 

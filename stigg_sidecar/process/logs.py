@@ -1,6 +1,8 @@
 """Log output: twisted.logger events as text lines or JSON objects on stdout, filtered by level.
 
-Owns formatting only. Secrets stay out by construction: no code passes a secret into a log event,
+Owns formatting only. A JSON line written inside a trace span carries its `trace_id` and
+`span_id` (observers run on the thread that logs, so the current span is the logging code's),
+which joins the logs to the traces. Secrets stay out by construction: no code passes a secret into a log event,
 and settings objects hide them from repr. Input cannot inflate a line: code quotes caller input
 through stigg_sidecar.quoting, and as a backstop every string field is clipped and every line is
 bounded here, so a log line never carries megabytes whatever an event holds.
@@ -12,6 +14,7 @@ import json
 import sys
 from typing import IO, Any
 
+from opentelemetry import trace
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
@@ -80,6 +83,10 @@ class JsonLineObserver:
             "message": formatEvent(event),
             "fields": {k: _json_safe(v) for k, v in event.items() if k not in _INTERNAL and not k.startswith("log_")},
         }
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            record["trace_id"] = f"{span.trace_id:032x}"
+            record["span_id"] = f"{span.span_id:016x}"
         failure = event.get("log_failure")
         if isinstance(failure, Failure):
             record["error"] = clipped(failure.getErrorMessage(), _FIELD_LIMIT)

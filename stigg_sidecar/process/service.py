@@ -4,7 +4,9 @@ Owns the order of start and stop: phases start in order and stop in reverse, one
 after the previous finished (so the assembly's phase order is the stop order: serving stops first,
 the edge last, so probes keep getting answers while gRPC drains); readiness turns DOWN the moment
 stopping begins; the log observer is handed to twistd's application so LOG_LEVEL and LOG_FORMAT
-apply from the first line.
+apply from the first line. The stop's `StopBudget` (SHUTDOWN_GRACE_SECS) begins with the stop:
+every part that takes time to stop shares that one deadline, and the last line says how long the
+whole stop took.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from twisted.logger import ILogObserver, Logger
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.process.listening import ListenError
 from stigg_sidecar.process.startup import exit_with
+from stigg_sidecar.process.stopping import StopBudget
 
 log = Logger()
 
@@ -46,9 +49,12 @@ class Phase(MultiService):
 
 
 class SidecarService(MultiService):
-    def __init__(self, readiness: Readiness, observer: ILogObserver | None = None) -> None:
+    def __init__(
+        self, readiness: Readiness, observer: ILogObserver | None = None, budget: StopBudget | None = None
+    ) -> None:
         super().__init__()
         self.readiness = readiness
+        self.budget = budget
         self._observer = observer
         self._was_ready = readiness.ready
         readiness.subscribe(self._log_readiness)
@@ -88,10 +94,17 @@ class SidecarService(MultiService):
     @inlineCallbacks
     def stopService(self) -> Any:
         """Stop the phases one at a time, last added first, each after the previous finished."""
+        if self.budget is not None:
+            self.budget.begin()
         self.readiness.block("shutdown", "shutting down")
         log.info("Stopping")
         Service.stopService(self)
         yield _stop_in_reverse(self)
+        if self.budget is not None:
+            log.info("stigg-sidecar stopped in {took:.2f}s (SHUTDOWN_GRACE_SECS {grace:g}s)",
+                     took=self.budget.elapsed(), grace=self.budget.seconds)
+        else:
+            log.info("stigg-sidecar stopped")
         # A drain that completed is a clean exit: twistd would otherwise re-raise SIGTERM/SIGINT
         # on itself after shutdown, and orchestrators would read that as a crash.
         from twisted.internet import reactor

@@ -42,10 +42,21 @@ def mode_summary(settings: Settings) -> str:
     return "online: " + ", ".join(parts)
 
 
+def access_summary(settings: Settings) -> str:
+    """How the gRPC port is guarded, for the first log line ("" when it is open plaintext)."""
+    parts = []
+    if settings.tls_cert_file:
+        parts.append("mutual TLS" if settings.tls_client_ca_file else "TLS")
+    if settings.caller_tokens_file:
+        parts.append("caller tokens")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def starting_line(settings: Settings) -> str:
     return (
         f"stigg-sidecar {stigg_sidecar.__version__} starting, {mode_summary(settings)}; "
-        f"gRPC on {settings.bind_address}:{settings.port}, HTTP on {settings.bind_address}:{settings.http_port}"
+        f"gRPC on {settings.bind_address}:{settings.port}{access_summary(settings)}, "
+        f"HTTP on {settings.http_bind_address}:{settings.http_port}"
     )
 
 

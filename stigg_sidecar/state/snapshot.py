@@ -13,6 +13,11 @@ the atomic rename run on a thread. At start the file is read and decoded on a th
 readiness blocked, its entries stored on the reactor in slices, then revalidated in the
 background. A missing, corrupt, truncated or unknown-version file is one log line and an empty
 start, never a failure.
+
+The write at stop is the stop's last step (`StopBudget`): each write's duration is reserved, so
+the parts stopping before it leave that much time, and the final write is waited for only until
+the deadline; one that outlasts it is abandoned (its own daemon thread, so the process still
+exits) and the previous snapshot stays, whole.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -31,6 +37,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
+from stigg_sidecar import spans
 from stigg_sidecar.cache.redis.format import (
     EntryKeys,
     FormatError,
@@ -43,6 +50,7 @@ from stigg_sidecar.cache.redis.format import (
     timestamp_key,
 )
 from stigg_sidecar.entitlements.records import CustomerEntry
+from stigg_sidecar.process.stopping import StopBudget
 
 log = Logger()
 T = TypeVar("T")
@@ -220,8 +228,12 @@ class SnapshotService(Service):
         readiness: Any = None,
         on_loaded_age: Callable[[float], None] = lambda age: None,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        budget: StopBudget | None = None,
     ) -> None:
         self._reactor = reactor
+        self._budget = budget
+        if budget is not None:  # until a write says how long one takes
+            budget.reserve_last_step(min(1.0, budget.seconds / 4))
         self.path = path
         self._store = store
         self._interval = interval
@@ -286,10 +298,11 @@ class SnapshotService(Service):
             return None
         return self.write()
 
-    def write(self) -> Deferred:
-        """Write the cache as it is now; fires with the file's size. One write at a time."""
+    def write(self, on_own_thread: bool = False) -> Deferred:
+        """Write the cache as it is now; fires with the file's size. One write at a time.
+        `on_own_thread`: a daemon thread, not the reactor's pool (which the process waits for)."""
         if self._writing is not None:
-            return self._writing.addCallback(lambda _: self.write())
+            return self._writing.addCallback(lambda _: self.write(on_own_thread))
         changes = self._store.changes
         entries = self._store.snapshot_entries()
         started = self._reactor.seconds()
@@ -298,6 +311,8 @@ class SnapshotService(Service):
             self._writing = None
             self._written_changes = changes
             self.writes += 1
+            if self._budget is not None:  # the stop leaves the next write this long, and some
+                self._budget.reserve_last_step(1.5 * (self._reactor.seconds() - started) + 0.1)
             log.debug("Cache snapshot: {n} customers, {size} bytes in {s:.2f}s", n=len(entries), size=size,
                       s=self._reactor.seconds() - started)
             return size
@@ -307,7 +322,14 @@ class SnapshotService(Service):
             log.warn("Could not write the cache snapshot {path}: {why}", path=self.path, why=failure.getErrorMessage())
             return 0
 
-        self._writing = threads.deferToThread(write_snapshot, self.path, entries, self._wall_ms())
+        # One span, from the capture to the file synced on its thread.
+        attributes = {"stigg.snapshot.customers": len(entries)}
+        if on_own_thread:
+            self._writing = spans.span_until("snapshot write", _on_daemon_thread, self._reactor, write_snapshot,
+                                             self.path, entries, self._wall_ms(), attributes=attributes)
+        else:
+            self._writing = spans.span_until("snapshot write", threads.deferToThread, write_snapshot, self.path,
+                                             entries, self._wall_ms(), attributes=attributes)
         self._writing.addCallbacks(written, failed)
         return self._writing
 
@@ -316,7 +338,54 @@ class SnapshotService(Service):
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        if self._writing is not None:
-            yield self._writing
-        if self._store.changes != self._written_changes:
-            yield self.write()
+        if self._budget is None:
+            if self._writing is not None:
+                yield self._writing
+            if self._store.changes != self._written_changes:
+                yield self.write()
+            return
+        self._budget.begin()
+        if self._store.changes != self._written_changes or self._writing is not None:
+            left = self._budget.remaining_for_last_step()
+            final = self.write(on_own_thread=True)
+            finished = yield _within(self._reactor, final, left)
+            if not finished:
+                log.warn("The cache snapshot was not written within SHUTDOWN_GRACE_SECS ({grace:g}s);"
+                         " the previous one stays", grace=self._budget.seconds)
+
+
+def _on_daemon_thread(reactor, f: Callable[..., Any], *args: Any) -> Deferred:
+    """`f(*args)` on a thread of its own that does not hold the process open."""
+    d: Deferred = Deferred()
+
+    def run() -> None:
+        try:
+            result = f(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the Deferred
+            reactor.callFromThread(d.errback, e)
+        else:
+            reactor.callFromThread(d.callback, result)
+
+    threading.Thread(target=run, name="snapshot-at-stop", daemon=True).start()
+    return d
+
+
+def _within(reactor, d: Deferred, seconds: float) -> Deferred:
+    """Deferred[bool]: whether `d` fired within `seconds` (`d` itself is left to finish or not)."""
+    outcome: Deferred = Deferred()
+
+    def late() -> None:
+        if not outcome.called:
+            outcome.callback(False)
+
+    timer = reactor.callLater(seconds, late)
+
+    def fired(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        if not outcome.called:
+            outcome.callback(True)
+        return result
+
+    d.addBoth(fired)
+    return outcome

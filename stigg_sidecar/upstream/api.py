@@ -16,7 +16,7 @@ import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from treq.client import HTTPClient
 from twisted.internet import defer, error
@@ -27,6 +27,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed, Respon
 from twisted.web.http_headers import Headers
 
 import stigg_sidecar
+from stigg_sidecar import spans
 from stigg_sidecar.contracts import EventReport, UsageReport, measurement_id
 from stigg_sidecar.upstream import operations, wire
 from stigg_sidecar.upstream.breaker import BreakerOpen, BreakerPolicy, CircuitBreaker
@@ -126,6 +127,18 @@ def _retry_after(headers: Headers) -> float | None:
         return None
 
 
+def traced_url(url: str) -> str:
+    """`url` as a span attribute: without user and password (were any configured in it)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 def _with_resource(path: str, resource_id: str | None) -> str:
     return f"{path}?{urlencode({'resourceId': resource_id})}" if resource_id else path
 
@@ -171,7 +184,8 @@ class StiggApi:
         self._headers = identification_headers(api_key)
         self._pools: list[_ClosablePool] = []
         self._pauses: set[Deferred] = set()
-        self._attempts: set[Deferred] = set()  # one per attempt in flight, fired when it settles
+        # One per attempt in flight, fired when it settles -> what cuts the attempt short.
+        self._attempts: dict[Deferred, Callable[[], None]] = {}
         self._closed = False
         self._graphql = self._client()
         self._edge = self._client()
@@ -198,28 +212,49 @@ class StiggApi:
         return headers
 
     @inlineCallbacks
-    def close(self):
+    def close(self, within: float | None = None):
         """Stop retrying (pending calls fail with their last error) and close the pools.
 
         Fires once every connection is closed: an attempt in flight keeps its connection until it
-        settles (bounded by its own timeout), and that connection would otherwise go back to the
-        pool and idle there after the sidecar stopped; so the pools close after the attempts.
+        settles (bounded by its own timeout, and by `within` seconds when given: the stop's
+        budget, past which it is cut short as a timeout), and that connection would otherwise go
+        back to the pool and idle there after the sidecar stopped; so the pools close after the
+        attempts.
         """
         self._closed = True  # an attempt still in flight fails with its error, no new pause
         for pause in list(self._pauses):
             pause.cancel()
+        cut = None
+        if within is not None and self._attempts:
+            cut = self._reactor.callLater(within, lambda: [expire() for expire in list(self._attempts.values())])
         yield defer.gatherResults(list(self._attempts))  # each settles within its own timeout
+        if cut is not None and cut.active():
+            cut.cancel()
         yield defer.gatherResults([p.close() for p in self._pools])
 
     # -- transport --------------------------------------------------------------------------------
 
     @inlineCallbacks
-    def _once(self, endpoint: str, send: Callable[[float], Deferred], timeout: float):
+    def _once(self, endpoint: str, send: Callable[[float], Deferred], timeout: float,
+              target: tuple[str, str] = ("POST", ""), attempt: int = 1):
         """One attempt: send, read the JSON body, classify. Bounded by `timeout` seconds.
 
         One timer covers the request and the body; when it fires it cancels whichever is
         pending, and the attempt fails as a timeout whatever error the cancellation surfaces as.
+        The attempt is a CLIENT span (`target`: method and URL; never a header, so never the key).
         """
+        method, url = target
+        span = spans.tracer.start_span(f"{method} {endpoint}", kind=spans.SpanKind.CLIENT)
+        if span.is_recording():
+            parts = urlsplit(url)
+            span.set_attributes({
+                "http.request.method": method, "url.full": traced_url(url), "server.address": parts.hostname or "",
+                "stigg.operation": endpoint,
+            })
+            if parts.port is not None:
+                span.set_attribute("server.port", parts.port)
+            if attempt > 1:
+                span.set_attribute("http.request.resend_count", attempt - 1)
         started = self._reactor.seconds()
         outcome = "error"
         pending: list[Deferred] = []
@@ -231,11 +266,12 @@ class StiggApi:
                 d.cancel()
 
         settled: Deferred = Deferred()
-        self._attempts.add(settled)
+        self._attempts[settled] = expire
         timer = self._reactor.callLater(timeout, expire)
         try:
             pending[:] = [send(timeout)]
             response = yield pending[0]
+            span.set_attribute("http.response.status_code", response.code)
             pending[:] = [response.content()]
             body = yield pending[0]
             if response.code != 200:
@@ -248,9 +284,11 @@ class StiggApi:
                 raise e.error from None
             outcome = "ok"
             return data
-        except UpstreamError:
+        except UpstreamError as e:
+            spans.failed(span, e)
             raise
         except Exception as e:
+            spans.failed(span, e)
             if expired:
                 outcome = "timeout"
                 raise UpstreamError(Problem.TIMED_OUT, f"Stigg did not answer within {timeout:.3g}s") from None
@@ -259,9 +297,11 @@ class StiggApi:
                 raise UpstreamError(Problem.UNAVAILABLE, f"Stigg is unreachable ({type(e).__name__})", True) from None
             raise
         finally:
+            span.set_attribute("stigg.outcome", outcome)
+            span.end()
             if timer.active():
                 timer.cancel()
-            self._attempts.discard(settled)
+            self._attempts.pop(settled, None)
             settled.callback(None)
             if self._on_attempt is not None:
                 self._on_attempt(endpoint, outcome, self._reactor.seconds() - started)
@@ -269,7 +309,7 @@ class StiggApi:
     @inlineCallbacks
     def _call(
         self, endpoint: str, send: Callable[[float], Deferred], timeout: float, breaker: CircuitBreaker,
-        retryable: bool = True,
+        retryable: bool = True, target: tuple[str, str] = ("POST", ""),
     ):
         """Attempts with backoff until success, a final failure, or the budget is spent; each
         attempt admitted by `breaker` (an open one refuses at once, or admits this as its probe,
@@ -286,7 +326,7 @@ class StiggApi:
             except BreakerOpen as e:
                 raise UpstreamError(Problem.UNAVAILABLE, e.message, fast_failed=True) from None
             try:
-                result = yield self._once(endpoint, send, remaining)
+                result = yield self._once(endpoint, send, remaining, target, attempt)
             except UpstreamError as e:
                 if _means_down(e, remaining):
                     breaker.failed(ticket, e.message)
@@ -324,7 +364,7 @@ class StiggApi:
         def send(t: float) -> Deferred:
             return self._edge.get(url, headers=headers, allow_redirects=False)
 
-        return self._call(endpoint, send, timeout, self.breakers["edge"])
+        return self._call(endpoint, send, timeout, self.breakers["edge"], target=("GET", url))
 
     def _graphql_post(
         self, operation: str, query: str, variables: Mapping[str, Any], timeout: float, retryable: bool = True
@@ -345,7 +385,7 @@ class StiggApi:
         def send(t: float) -> Deferred:
             return self._graphql.post(url, data=body, headers=headers, allow_redirects=False)
 
-        return self._call(operation, send, timeout, self.breakers["graphql"], retryable)
+        return self._call(operation, send, timeout, self.breakers["graphql"], retryable, target=("POST", url))
 
     # -- operations -------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
+from stigg_sidecar import spans
 from stigg_sidecar.quoting import clipped
 from stigg_sidecar.upstream.operations import SUBSCRIPTIONS
 
@@ -53,6 +54,22 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
     """One socket's life: init, ack, subscribe, keep alive, dispatch."""
 
     factory: "_Factory"
+    _connect_span: Any = None
+
+    def connectionMade(self) -> None:
+        # The connect is one span: TCP up, the upgrade, connection_init, until Stigg's ack.
+        self._connect_span = spans.tracer.start_span(
+            "realtime connect", kind=spans.SpanKind.CLIENT,
+            attributes={"server.address": self.factory.host, "server.port": self.factory.port},
+        )
+        super().connectionMade()
+
+    def _connect_ended(self, error: str | None = None) -> None:
+        span, self._connect_span = self._connect_span, None
+        if span is not None:
+            if error is not None:
+                span.set_status(spans.Status(spans.StatusCode.ERROR, error))
+            span.end()
 
     def onOpen(self) -> None:
         service = self.factory.service
@@ -89,6 +106,7 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
                 self._subscriptions[sub_id] = name
                 self._send_json({"id": sub_id, "type": "subscribe", "payload": {"operationName": operation, "query": query}})
             self._schedule_ping()
+            self._connect_ended()
             service.connected(self)
         elif kind == "ping":
             self._send_json({"type": "pong"})
@@ -146,6 +164,7 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
         for call in (*(getattr(self, name, None) for name in timers), handshake_timer):
             if call is not None and call.active():
                 call.cancel()
+        self._connect_ended(f"closed before Stigg's acknowledgement (code {code})")
         self.factory.service.disconnected(self, code, reason)
 
 
@@ -249,6 +268,15 @@ class RealtimeService(MultiService):
 
     def dispatch(self, field: str, payload: Mapping[str, Any]) -> None:
         self.last_update = self.reactor.seconds()
+        customer = payload.get("customerId")
+        resource = payload.get("resourceId")
+        attributes = spans.ids(customer if isinstance(customer, str) else None,
+                               resource if isinstance(resource, str) else None)
+        with spans.tracer.start_as_current_span(f"realtime {field}", kind=spans.SpanKind.CONSUMER,
+                                                attributes=attributes):
+            self._apply(field, payload)
+
+    def _apply(self, field: str, payload: Mapping[str, Any]) -> None:
         try:
             if field == "entitlementsUpdatedV2":
                 self.sink.entitlements_updated(payload)

@@ -42,8 +42,8 @@ class SettingsDefaultsTests(SynchronousTestCase):
             self.assertEqual(actual, expected, spec.env)
             self.assertIs(type(actual), type(expected), spec.env)
             compared += 1
-        # Every table entry but the three without a default text (the key, and two computed ones).
-        self.assertEqual(compared, len(SPECS) - 3)
+        # Every table entry but the four without a default text (the key, and three computed ones).
+        self.assertEqual(compared, len(SPECS) - 4)
 
     def test_a_bare_settings_is_what_an_empty_environment_loads(self) -> None:
         loaded = load_settings({"SERVER_API_KEY": KEY})
@@ -58,5 +58,10 @@ class SettingsDefaultsTests(SynchronousTestCase):
         )
         self.assertEqual(settings.cache_max_size_bytes, default_cache_max_size_bytes())
         self.assertGreater(settings.cache_max_size_bytes, 0)
+        self.assertEqual(settings.http_bind_address, settings.bind_address)
+        self.assertEqual(load_settings({"OFFLINE": "1", "BIND_ADDRESS": "10.0.0.7"}).http_bind_address, "10.0.0.7")
         without_default = {spec.env for spec in SPECS if spec.default is None}
-        self.assertEqual(without_default, {"SERVER_API_KEY", "CACHE_MAX_SIZE_BYTES", "GRPC_MAX_CONCURRENT_STREAMS"})
+        self.assertEqual(
+            without_default,
+            {"SERVER_API_KEY", "CACHE_MAX_SIZE_BYTES", "GRPC_MAX_CONCURRENT_STREAMS", "HTTP_BIND_ADDRESS"},
+        )
