@@ -3,6 +3,11 @@ against Stigg's Node SDK behind grpc-js.
 
     python -m bench.grpc_load [--duration 10] [--warm-up 2] [--connections 1,4,8] [--streams 1,10]
                               [--rpc boolean,metered] [--customers 4] [--no-node]
+                              [--variant NAME:ENV=VALUE,...]...
+
+`--variant` adds another sidecar with extra environment to the same run (the tracing overhead:
+`--variant 'nopar:OTEL_EXPORTER_OTLP_ENDPOINT={otlp},OTEL_TRACES_SAMPLER=parentbased_always_off'
+--variant 'sampled:OTEL_EXPORTER_OTLP_ENDPOINT={otlp}'`, exporting to a sink run by this script).
 
 Starts the emulator seeded with a few customers of ten features each, the sidecar as a real
 `twistd stigg-sidecar` process (online, against the emulator), bench/bare_server.py and the Node
@@ -333,6 +338,40 @@ def median_run(runs: list[Run]) -> Run:
     return replace(ordered[(len(ordered) - 1) // 2], samples=sum(r.samples for r in runs))
 
 
+class OtlpSink:
+    """An OTLP/HTTP endpoint on 127.0.0.1 that takes every export (200, body read and counted,
+    not decoded): the traced variants export to a collector that keeps up."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        sink = self
+        self.requests = 0
+        self.bytes = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                sink.requests += 1
+                sink.bytes += len(body)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -360,6 +399,15 @@ def main() -> int:
         default=[],
         metavar="NAME=VALUE",
         help="extra environment for the sidecar, repeatable (e.g. METRICS_ENABLED=0)",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:NAME=VALUE[,NAME=VALUE]",
+        help="another sidecar in the same run, with this extra environment (repeatable; NAME up to 8 characters;"
+        " {otlp} in a value is the URL of an OTLP/HTTP sink this script runs), e.g."
+        " 'sampled:OTEL_EXPORTER_OTLP_ENDPOINT={otlp},OTEL_TRACES_SAMPLER=always_on'",
     )
     parser.add_argument(
         "--no-node", action="store_true", help="leave out the Node reference (Stigg's Node SDK behind grpc-js)"
@@ -409,6 +457,26 @@ def bench(children: Children, args: argparse.Namespace, calls: list[LoadCall]) -
     rss_warm = rss_kib(sidecar.child.pid)
 
     servers = {"sidecar": (sidecar.child.pid, sidecar.grpc_port, stub), "bare": (bare.pid, bare_port, bare_stub)}
+    variant_channels = []
+    sink = OtlpSink() if any("{otlp}" in v for v in args.variant) else None
+    for spec in args.variant:
+        name, _, settings = spec.partition(":")
+        env = {k: v.replace("{otlp}", sink.url if sink else "") for k, v in
+               (item.split("=", 1) for item in settings.split(",") if item)}
+        variant = start_sidecar(children, SERVER_CPU, api_url, {"SHUTDOWN_GRACE_SECS": "1", **extra, **env})
+        variant_channel = grpc.insecure_channel(variant.target)
+        variant_channels.append(variant_channel)
+        variant_stub = SidecarServiceStub(variant_channel)
+        for i in range(args.customers):
+            variant_stub.GetEntitlementsStateV2(pb.GetEntitlementsStateV2Request(customer_id=customer_id(i)), timeout=15)
+        for i in range(args.customers):
+            check_customer(variant_stub, i)
+        for call in calls:
+            if call.call(variant_stub) != references[call.name]:
+                raise BenchError(f"the {name} sidecar's {call.method} answer differs from the sidecar's")
+        print(f"{name} sidecar pid {variant.child.pid} on core {SERVER_CPU}, gRPC {variant.target}, env {env}:"
+              " same answers")
+        servers[name] = (variant.child.pid, variant.grpc_port, variant_stub)
     node_channel = None
     if not args.no_node:
         node = start_node_reference(children, SERVER_CPU, api_url)
@@ -504,6 +572,11 @@ def bench(children: Children, args: argparse.Namespace, calls: list[LoadCall]) -
             check_customer(server_stub, i)
     channel.close()
     bare_channel.close()
+    for variant_channel in variant_channels:
+        variant_channel.close()
+    if sink is not None:
+        print(f"OTLP sink: {sink.requests} exports, {sink.bytes / 1e6:.1f} MB received")
+        sink.stop()
     if node_channel is not None:
         node_channel.close()
 

@@ -13,6 +13,7 @@ repository is then on `sys.path`, and `Children` hands it to every child as PYTH
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -501,7 +502,7 @@ class Reads:
         self._idle.clear()
         for i in range(first, last):
             request = pb.GetBooleanEntitlementRequest(customer_id=customer_id(i), feature_id="feature-bool-0")
-            self._call(self._stub.GetBooleanEntitlement, request, lambda f, i=i: self._read_done(i, f), deadline, what)
+            self._call(self._stub.GetBooleanEntitlement, request, functools.partial(self._read_done, i), deadline, what)
             if self._report_every and i % self._report_every == 0:
                 report = pb.ReportUsageRequest(customer_id=customer_id(i), feature_id="feature-api-calls", value=1)
                 self._call(self._stub.ReportUsage, report, self._report_done, deadline, what)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Mapping, Sequence
+from typing import IO, Mapping, Sequence
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -19,8 +19,9 @@ from twisted.python import usage
 from stigg_sidecar.grpc.callers import CallerTokensError
 from stigg_sidecar.grpc.tls import TlsError
 from stigg_sidecar.ops import tracing as tracing_setup
-from stigg_sidecar.process import gcpolicy
+from stigg_sidecar.process import descriptors, gcpolicy
 from stigg_sidecar.process.assembly import assemble
+from stigg_sidecar.process.native_output import route_native_output
 from stigg_sidecar.process.service import SidecarService
 from stigg_sidecar.process.startup import exit_with, starting_line, version_text
 from stigg_sidecar.settings import SPECS, SettingsError, load_settings, parse_bool
@@ -86,13 +87,45 @@ class Options(usage.Options):
         return {spec.env: self[spec.option] for spec in SPECS}
 
 
+def _log_stream(options: Options) -> IO[str] | None:
+    """Where the log goes: twistd's --logfile when given (`-` is standard output); else, when
+    twistd daemonizes (no -n), `twistd.log` as twistd's own log would (standard output is gone
+    then); else standard output. Opened now: the file stays open across the daemon's fork."""
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return None
+    path = parent.get("logfile") or (None if parent.get("nodaemon") else "twistd.log")
+    if path in (None, "-"):
+        return None
+    try:
+        return open(path, "a", buffering=1, encoding="utf-8")
+    except OSError as e:
+        exit_with(f"--logfile: {path}: {e.strerror}")
+
+
 def makeService(options: Options) -> SidecarService:
     try:
         settings = load_settings(os.environ, options.overrides())
     except SettingsError as e:
         exit_with(str(e))
+    log_stream = _log_stream(options)
     # Logged before twistd starts logging: the log replays it first, ahead of twistd's own lines.
     log.info("{line}", line=starting_line(settings))
+    from twisted.internet import reactor
+
+    parent = getattr(options, "parent", None)
+    if parent is None or parent.get("nodaemon"):
+        # grpc-core's lines in this log, in LOG_FORMAT. A daemon's descriptor 2 is /dev/null (and
+        # must not keep its starter's stderr open), so there they are silenced instead.
+        route_native_output(reactor)
+    before, limit = descriptors.raise_open_files_limit()
+    cap = descriptors.grpc_connection_cap(settings.grpc_max_connections, limit)
+    log.debug("Open files: limit {limit} (was {before}); at most {cap} gRPC connections at once",
+             limit=limit, before=before, cap=cap)
+    if cap > limit - descriptors.RESERVED_DESCRIPTORS:
+        log.warn("GRPC_MAX_CONNECTIONS {cap} leaves fewer than {reserved} of the {limit} open files for Stigg,"
+                 " Redis, the spool and HTTP: many clients could starve them", cap=cap,
+                 reserved=descriptors.RESERVED_DESCRIPTORS, limit=limit)
     try:
         tracing = tracing_setup.install()
     except tracing_setup.TracingConfigError as e:
@@ -100,7 +133,7 @@ def makeService(options: Options) -> SidecarService:
     if tracing is not None:
         log.info("OpenTelemetry {where}", where=tracing_setup.describe(tracing))
     try:
-        sidecar = assemble(settings, tracing=tracing).service
+        sidecar = assemble(settings, tracing=tracing, log_stream=log_stream).service
     except (StateDirectoryError, TlsError, CallerTokensError) as e:
         exit_with(str(e))
     except Exception as e:

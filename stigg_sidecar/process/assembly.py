@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import IO, Any
 
 import stigg_sidecar
 from stigg_sidecar.cache.memory import EntitlementCache
@@ -47,6 +47,7 @@ from stigg_sidecar.ops import tracing as tracing_setup
 from stigg_sidecar.ops.metrics import Metrics, MetricsInterceptor
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.ops.web import HttpService, health_app
+from stigg_sidecar.process import descriptors
 from stigg_sidecar.process.access import grpc_access
 from stigg_sidecar.process.logs import make_observer
 from stigg_sidecar.process.service import Phase, SidecarService
@@ -99,7 +100,9 @@ class Sidecar:
     parts: Parts
 
 
-def assemble(settings: Settings, reactor: Any = None, tracing: tracing_setup.Tracing | None = None) -> Sidecar:
+def assemble(settings: Settings, reactor: Any = None, tracing: tracing_setup.Tracing | None = None,
+             log_stream: IO[str] | None = None) -> Sidecar:
+    """The service tree for `settings`; its log goes to `log_stream` (standard output if None)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -108,7 +111,7 @@ def assemble(settings: Settings, reactor: Any = None, tracing: tracing_setup.Tra
     readiness.block("grpc", "gRPC server is not serving yet")
     # One deadline for the whole stop: gRPC drain, spool delivery and the last snapshot share it.
     budget = StopBudget(settings.shutdown_grace_secs, reactor)
-    top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format), budget)
+    top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format, log_stream), budget)
     metrics = _metrics(settings, readiness)
     edge, http = _edge(settings, reactor, readiness, metrics, tracing)
     state_dir = StateDirectory(settings.state_dir).lock() if settings.state_dir else None
@@ -311,6 +314,7 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
         keepalive_timeout_secs=settings.grpc_keepalive_timeout_secs,
         max_connection_idle_secs=settings.grpc_max_connection_idle_secs,
         max_concurrent_streams=settings.grpc_max_concurrent_streams,
+        max_connections=descriptors.grpc_connection_cap(settings.grpc_max_connections, descriptors.open_files_limit()),
     )
 
 

@@ -9,6 +9,7 @@ like is `wire`'s; this module knows nothing of the cache. Runs on the reactor on
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -57,6 +58,18 @@ _MIN_TIMEOUT_COUNTED = 1.0
 
 
 DEFAULT_BREAKER = BreakerPolicy()
+
+
+# A socket that could not even be made: the process is out of descriptors (or buffers), not Stigg.
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def _is_local(e: BaseException) -> bool:
+    """Whether an attempt failed inside this process, before anything reached the network."""
+    if isinstance(e, error.ConnectBindError):  # Twisted's name for "socket() or bind() failed"
+        return True
+    os_error = getattr(e, "osError", None)
+    return (isinstance(e, OSError) and e.errno in _LOCAL_ERRNOS) or os_error in _LOCAL_ERRNOS
 
 
 def _means_down(error: UpstreamError, attempt_timeout: float) -> bool:
@@ -292,6 +305,10 @@ class StiggApi:
             if expired:
                 outcome = "timeout"
                 raise UpstreamError(Problem.TIMED_OUT, f"Stigg did not answer within {timeout:.3g}s") from None
+            if _is_local(e):
+                outcome = "local"
+                raise UpstreamError(Problem.UNAVAILABLE, "not sent: the sidecar is out of file descriptors "
+                                    "(too many open connections)", True, local=True) from None
             if isinstance(e, _CONNECTION_ERRORS):
                 outcome = "unreachable"
                 raise UpstreamError(Problem.UNAVAILABLE, f"Stigg is unreachable ({type(e).__name__})", True) from None
@@ -328,7 +345,9 @@ class StiggApi:
             try:
                 result = yield self._once(endpoint, send, remaining, target, attempt)
             except UpstreamError as e:
-                if _means_down(e, remaining):
+                if e.local:
+                    breaker.abandoned(ticket)  # nothing reached Stigg: neither up nor down
+                elif _means_down(e, remaining):
                     breaker.failed(ticket, e.message)
                 else:
                     breaker.succeeded(ticket)  # Stigg answered, if only to refuse

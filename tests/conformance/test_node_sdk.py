@@ -148,11 +148,11 @@ async def ask_sidecar(h: OnlineHarness, check: tuple) -> dict[str, Any]:
     elif kind == "numeric":
         r = await h.call("GetNumericEntitlement", pb.GetNumericEntitlementRequest(**common))
     elif kind == "metered":
-        options = pb.MeteredEntitlementOptions(requested_usage=extra)
-        r = await h.call("GetMeteredEntitlement", pb.GetMeteredEntitlementRequest(**common, options=options))
+        metered = pb.MeteredEntitlementOptions(requested_usage=extra)
+        r = await h.call("GetMeteredEntitlement", pb.GetMeteredEntitlementRequest(**common, options=metered))
     else:
-        options = pb.EnumEntitlementOptions(requested_values=extra)
-        r = await h.call("GetEnumEntitlement", pb.GetEnumEntitlementRequest(**common, options=options))
+        enum = pb.EnumEntitlementOptions(requested_values=extra)
+        r = await h.call("GetEnumEntitlement", pb.GetEnumEntitlementRequest(**common, options=enum))
     return from_sidecar(kind, r)
 
 
@@ -274,6 +274,7 @@ class NodePeerTests(TestCase):
         peer = NodePeer(reactor)
         with self.assertRaises(defer.TimeoutError):
             await peer.start()
+        assert peer.transport is not None  # spawned, then exited
         self.assertIsNone(peer.transport.pid)  # exited and reaped: no orphan node
 
 

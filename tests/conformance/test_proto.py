@@ -35,7 +35,7 @@ def _official_messages() -> dict[str, type]:
     }
 
 
-def _official_enums() -> dict[str, type]:
+def _official_enums() -> dict[str, type[betterproto.Enum]]:
     return {
         name: cls
         for name, cls in vars(official).items()

@@ -15,7 +15,7 @@ from tests.fixtures.paths import ROOT
 
 
 def pins(name: str) -> dict[str, str]:
-    found = {}
+    found: dict[str, str] = {}
     for line in (ROOT / name).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line and not line.startswith("-"):

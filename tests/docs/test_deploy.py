@@ -1,6 +1,6 @@
-"""The deployment examples under deploy/ agree with the code: settings, ports, probes, secrets,
-the Dockerfile and the emulator's command line. Parsed as YAML, checked against the real modules,
-and the probes asked of a real sidecar process."""
+"""The deployment examples under deploy/ agree with the code: the Dockerfile, the compose file and
+the emulator's command line (the Kubernetes overlays: test_kubernetes.py). Parsed as YAML, checked
+against the real modules, and the sidecar overlay's probes asked of a real sidecar process."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import shlex
 import subprocess
 import sys
 import urllib.request
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -21,19 +20,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from stigg_sidecar import cli
 from stigg_sidecar.emulator.data import load_data_file
 from stigg_sidecar.settings import SPECS, Settings, load_settings
+from tests.fixtures.kustomize import workload
 from tests.fixtures.paths import ROOT
 from tests.fixtures.processes import base_env, shared_sidecar
 
 DEPLOY = ROOT / "deploy"
-KUBERNETES = DEPLOY / "kubernetes" / "deployment.yaml"
 COMPOSE = DEPLOY / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 SETTING_NAMES = {spec.env for spec in SPECS}
 SIDECAR_IMAGE = "stigg-sidecar"
-PLACEHOLDER_KEY = "placeholder-from-the-secret"
 
-# `- name: FOO` lines that are commented out: optional settings shown to the reader.
-_COMMENTED_ENV = re.compile(r"^\s*#\s*-\s*name:\s*([A-Z][A-Z0-9_]*)\s*$", re.MULTILINE)
 # Compose interpolation: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}.
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
@@ -54,130 +50,6 @@ def dockerfile_env() -> dict[str, str]:
 def sidecar_settings(env: dict[str, str]) -> Settings:
     """What the sidecar would run with: the image's ENV under the manifest's variables."""
     return load_settings({**dockerfile_env(), **env})
-
-
-# -- Kubernetes -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Manifest:
-    text: str
-    docs: list[dict]
-    pod: dict
-    sidecar: dict
-    apps: list[dict]
-
-
-def kubernetes_manifest() -> Manifest:
-    text = KUBERNETES.read_text()
-    docs = [d for d in yaml.safe_load_all(text) if d]
-    (workload,) = [d for d in docs if d["kind"] in ("Deployment", "Pod")]
-    pod = workload["spec"]["template"]["spec"] if workload["kind"] == "Deployment" else workload["spec"]
-    containers = pod["containers"] + pod.get("initContainers", [])
-    (sidecar,) = [c for c in containers if c["image"].split(":")[0] == SIDECAR_IMAGE]
-    return Manifest(text, docs, pod, sidecar, [c for c in containers if c is not sidecar])
-
-
-class KubernetesManifestTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        manifest = kubernetes_manifest()
-        self.text, self.docs, self.pod, self.sidecar, self.apps = (
-            manifest.text, manifest.docs, manifest.pod, manifest.sidecar, manifest.apps
-        )
-        self.assertTrue(self.apps, "an application container beside the sidecar")
-        self.env = {e["name"]: e for e in self.sidecar.get("env", [])}
-
-    def settings(self) -> Settings:
-        values = {name: e["value"] for name, e in self.env.items() if "value" in e}
-        values["SERVER_API_KEY"] = PLACEHOLDER_KEY
-        return sidecar_settings(values)
-
-    def port(self, port: int | str) -> int:
-        """A probe's port: a number, or the name of one of the sidecar's container ports."""
-        if isinstance(port, int):
-            return port
-        (number,) = [p["containerPort"] for p in self.sidecar["ports"] if p.get("name") == port]
-        return number
-
-    def test_every_sidecar_variable_is_a_real_setting(self):
-        self.assertLessEqual(set(self.env), SETTING_NAMES)
-
-    def test_commented_out_variables_are_real_settings_too(self):
-        commented = set(_COMMENTED_ENV.findall(self.text))
-        self.assertIn("REDIS_ENVIRONMENT_PREFIX", commented)
-        self.assertLessEqual(commented, SETTING_NAMES)
-
-    def test_values_are_strings_as_kubernetes_requires(self):
-        for container in [self.sidecar, *self.apps]:
-            for e in container.get("env", []):
-                self.assertTrue("value" in e or "valueFrom" in e, e)
-                if "value" in e:
-                    self.assertIsInstance(e["value"], str, e["name"])
-
-    def test_api_key_comes_from_the_secret_in_the_file(self):
-        key = self.env["SERVER_API_KEY"]
-        self.assertNotIn("value", key)
-        ref = key["valueFrom"]["secretKeyRef"]
-        secrets = [d for d in self.docs if d["kind"] == "Secret" and d["metadata"]["name"] == ref["name"]]
-        self.assertEqual(len(secrets), 1, f"Secret {ref['name']} in the manifest")
-        self.assertIn(ref["key"], {**secrets[0].get("data", {}), **secrets[0].get("stringData", {})})
-
-    def test_secret_settings_never_have_a_literal_value(self):
-        for spec in SPECS:
-            if spec.secret and spec.env in self.env:
-                self.assertNotIn("value", self.env[spec.env], spec.env)
-
-    def test_the_environment_validates_as_settings(self):
-        settings = self.settings()
-        self.assertFalse(settings.offline)
-        self.assertNotIn(settings.bind_address, ("127.0.0.1", "localhost", "::1"), "the kubelet probes the pod IP")
-
-    def test_container_ports_are_the_settings_ports(self):
-        settings = self.settings()
-        ports = {p["name"]: p["containerPort"] for p in self.sidecar["ports"]}
-        self.assertEqual(ports, {"grpc": settings.port, "http": settings.http_port})
-        self.assertEqual((settings.port, settings.http_port), (8443, 8080))
-
-    def test_http_probes_use_the_health_and_ready_paths(self):
-        settings = self.settings()
-        live, ready = self.sidecar["livenessProbe"]["httpGet"], self.sidecar["readinessProbe"]["httpGet"]
-        self.assertEqual(live["path"], f"/{settings.health_endpoint_url}")
-        self.assertEqual(ready["path"], f"/{settings.ready_endpoint_url}")
-        self.assertEqual(self.port(live["port"]), settings.http_port)
-        self.assertEqual(self.port(ready["port"]), settings.http_port)
-
-    def test_grpc_probe_targets_the_grpc_port(self):
-        kinds = ("startupProbe", "livenessProbe", "readinessProbe")
-        probes = [self.sidecar[k]["grpc"] for k in kinds if "grpc" in self.sidecar.get(k, {})]
-        self.assertEqual(len(probes), 1)
-        self.assertEqual(self.port(probes[0]["port"]), self.settings().port)
-
-    def test_resources_have_requests_and_limits(self):
-        resources = self.sidecar["resources"]
-        for part in ("requests", "limits"):
-            self.assertEqual(set(resources[part]), {"cpu", "memory"}, part)
-
-    def test_grace_period_outlasts_the_sidecar_drain(self):
-        grace = self.pod.get("terminationGracePeriodSeconds", 30)
-        self.assertGreater(grace, self.settings().shutdown_grace_secs)
-
-    def test_state_dir_is_a_mounted_volume_and_the_image_volume(self):
-        state_dir = self.settings().state_dir
-        mounts = {m["mountPath"]: m["name"] for m in self.sidecar["volumeMounts"]}
-        self.assertIn(state_dir, mounts)
-        self.assertIn(mounts[state_dir], {v["name"] for v in self.pod["volumes"]})
-        self.assertIn(state_dir, dockerfile_instructions("VOLUME"))
-
-    def test_runs_as_the_image_user(self):
-        (uid,) = re.findall(r"--uid (\d+)", DOCKERFILE.read_text())
-        self.assertEqual(self.sidecar["securityContext"]["runAsUser"], int(uid))
-
-    def test_app_is_pointed_at_the_sidecar_grpc_port(self):
-        app_env = {e["name"]: e.get("value") for c in self.apps for e in c.get("env", [])}
-        port = self.settings().port
-        self.assertEqual(app_env["STIGG_SIDECAR_TARGET"], f"localhost:{port}")
-        self.assertEqual(app_env["STIGG_SIDECAR_PORT"], str(port))
-        self.assertEqual(app_env["STIGG_SIDECAR_HOST"], "localhost")
 
 
 # -- Dockerfile -----------------------------------------------------------------------------------
@@ -327,7 +199,7 @@ class ComposeTests(SynchronousTestCase):
 
     def test_one_image_built_from_the_repository(self):
         for service in (self.sidecar, self.emulator):
-            self.assertEqual(service["image"].split(":")[0], SIDECAR_IMAGE)
+            self.assertEqual(interpolate(service["image"])[0].split(":")[0], SIDECAR_IMAGE)
             self.assertEqual((DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).resolve(), DOCKERFILE)
 
 
@@ -339,7 +211,7 @@ class ProbesAgainstTheSidecarTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.sidecar = shared_sidecar("deploy-offline", base_env(OFFLINE="1"))
-        self.container = kubernetes_manifest().sidecar
+        self.container = workload("sidecar").sidecar
 
     def test_liveness_and_readiness_paths_answer_200(self):
         for probe in ("livenessProbe", "readinessProbe"):
@@ -360,5 +232,5 @@ class ProbesAgainstTheSidecarTests(SynchronousTestCase):
         # grpc.health.v1.Health/Check with service "" (what a `grpc:` probe sends): an empty request;
         # the answer HealthCheckResponse{status: SERVING} encodes as b"\x08\x01".
         with grpc.insecure_channel(f"127.0.0.1:{self.sidecar.grpc_port}") as channel:
-            check = channel.unary_unary("/grpc.health.v1.Health/Check")
+            check: grpc.UnaryUnaryMultiCallable = channel.unary_unary("/grpc.health.v1.Health/Check")
             self.assertEqual(check(b"", timeout=5), b"\x08\x01")

@@ -11,15 +11,16 @@ import io
 import math
 import random
 import socket
+from typing import cast
 
 import grpc
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
@@ -27,6 +28,7 @@ from stigg_sidecar.grpc import intake
 from stigg_sidecar.process.logs import JsonLineObserver, TextLineObserver
 from stigg_sidecar.quoting import QUOTE_LIMIT, TEXT_LIMIT, clipped, quoted
 from tests.fixtures import data
+from tests.fixtures.logs import log_events
 from tests.fixtures.online import OnlineHarness
 from tests.fixtures.paths import ROOT
 
@@ -104,11 +106,16 @@ def valid_requests(customer: str = "acme") -> dict:
 METHODS = tuple(valid_requests())
 
 
+
+def _descriptor(message_type: type[Message]) -> Descriptor:
+    """A message type's descriptor, as intake sees it (the stubs also allow upb's own type)."""
+    return cast(Descriptor, message_type.DESCRIPTOR)
+
 class _Caller:
     """Blocking raw-bytes calls on the harness's channel (run them in a worker thread)."""
 
     def __init__(self, channel: grpc.Channel) -> None:
-        self._raw = {m: channel.unary_unary(SERVICE + m) for m in METHODS}
+        self._raw: dict[str, grpc.UnaryUnaryMultiCallable] = {m: channel.unary_unary(SERVICE + m) for m in METHODS}
 
     def call(self, method: str, request: bytes, timeout: float = 10) -> tuple[grpc.StatusCode, str]:
         try:
@@ -169,7 +176,7 @@ def hostile_calls(draw) -> tuple[str, bytes]:
 class HostileInputTests(TestCase):
     timeout = 120
 
-    async def setUp(self):
+    async def setUp(self):  # type: ignore[override]  # trial waits on what setUp/tearDown return
         self.h = await OnlineHarness(self, reactor).start(data.SEED, seed=3)
         self.caller = _Caller(self.h.channel)
 
@@ -329,11 +336,9 @@ class LogAmplificationTests(TestCase):
 
     timeout = 60
 
-    async def setUp(self):
+    async def setUp(self):  # type: ignore[override]  # trial waits on what setUp/tearDown return
         self.h = await OnlineHarness(self, reactor).start(data.SEED, seed=3)
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = log_events(self)
 
     def lines(self) -> list[str]:
         out = io.StringIO()
@@ -417,7 +422,7 @@ class QuotingTests(SynchronousTestCase):
             self.assertLess(len(line), 3000)
 
     def test_malformed_descriptions(self):
-        descriptor = pb.ReportEventsRequest.DESCRIPTOR
+        descriptor = _descriptor(pb.ReportEventsRequest)
         nested = pb.ReportEventsRequest(events=[pb.Event(event_name="ZZ")]).SerializeToString().replace(b"ZZ", b"\xc3(")
         self.assertEqual(
             intake.describe_malformed(nested, descriptor),
@@ -446,6 +451,6 @@ class DocumentedLimitsTests(SynchronousTestCase):
         """A request of many tiny valid fields with a defect at its end: the walk stops after a
         bounded number of fields instead of walking megabytes in Python."""
         data = b"\x78\x01" * 1_000_000 + b"\x78"  # 2 MB of unknown varint fields, then a truncated one
-        message = intake.describe_malformed(data, pb.GetBooleanEntitlementRequest.DESCRIPTOR)
+        message = intake.describe_malformed(data, _descriptor(pb.GetBooleanEntitlementRequest))
         self.assertIn("the first 10000 fields look fine", message)
-        self.assertIn("truncated varint", intake.describe_malformed(data[-2001:], pb.GetBooleanEntitlementRequest.DESCRIPTOR))
+        self.assertIn("truncated varint", intake.describe_malformed(data[-2001:], _descriptor(pb.GetBooleanEntitlementRequest)))

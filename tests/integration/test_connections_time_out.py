@@ -12,10 +12,11 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from typing import cast
 
 import grpc
 import stigg_sidecar_sdk as sdk
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
@@ -83,7 +84,8 @@ class HttpTimeoutTests(TestCase):
     def connect(self, port: int):
         peer = _Peer()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), peer)
-        self.addCleanup(lambda: peer.transport.abortConnection() if peer.transport.connected else None)
+        transport = cast(tcp.Client, peer.transport)
+        self.addCleanup(lambda: transport.abortConnection() if transport.connected else None)
         return peer
 
     @inlineCallbacks

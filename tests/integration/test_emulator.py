@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
+from twisted.web.http_headers import Headers
 
 from stigg_sidecar.emulator.data import DataError, load_data_file, parse_data, parse_entity_state
 from stigg_sidecar.emulator.graphql import operation_name
@@ -91,7 +92,7 @@ class DataFileTests(SynchronousTestCase):
         )
 
     def test_rejects_bad_values(self) -> None:
-        cases = [
+        cases: list[tuple[Any, str]] = [
             ({"feature": {"featureType": "BOOLEAN"}}, "feature.refId: required"),
             (
                 {"usagePeriodEnd": "yesterday", "feature": _feature("x")},
@@ -224,7 +225,7 @@ class StateTests(SynchronousTestCase):
 class EmulatorHTTPTests(TestCase):
     timeout = 15
 
-    def setUp(self) -> Deferred:
+    def setUp(self) -> Deferred:  # type: ignore[override]  # trial waits on what setUp/tearDown return
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.http = treq.client.HTTPClient(Agent(reactor, pool=self.pool))
         self.random = ScriptedRandom([0.9] * 100)
@@ -245,7 +246,7 @@ class EmulatorHTTPTests(TestCase):
         key: str | None = KEY,
         raw: bytes | None = None,
     ) -> tuple[int, Any]:
-        headers = {"X-API-KEY": [key]} if key is not None else {}
+        headers = Headers({"X-API-KEY": [key]} if key is not None else {})
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         response = await self.http.request(
             method, self.url + path, data=data, headers=headers
@@ -607,7 +608,7 @@ class StiggApiClientTests(TestCase):
 
     timeout = 30
 
-    def setUp(self) -> Deferred:
+    def setUp(self) -> Deferred:  # type: ignore[override]  # trial waits on what setUp/tearDown return
         def started(emulator: RunningEmulator) -> None:
             self.state, _, self.url = emulator
             self.addCleanup(stop_emulator, emulator)

@@ -7,14 +7,15 @@ Real sockets on 127.0.0.1 port 0; every wait is bounded.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import treq
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.defer import Deferred, TimeoutError, gatherResults
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
 
 from stigg_sidecar.emulator.data import parse_data
 from stigg_sidecar.emulator.graphql import subscription_field
@@ -145,11 +146,12 @@ class StateListenerTests(SynchronousTestCase):
         )
         self.assertEqual((second.package_version, other.package_version), (2, 7))
         self.assertEqual(self.changes, [first, second, other])
-        for args, kwargs in (
+        refused: list[tuple[tuple[str, ...], dict[str, Any]]] = [
             (("SOME_CUSTOMERS",), {}),
             (("ALL_CUSTOMERS",), {"package_version": "3"}),
             (("ALL_CUSTOMERS",), {"package_ref_id": ""}),
-        ):
+        ]
+        for args, kwargs in refused:
             with self.assertRaises(ValueError):
                 self.state.publish_package(*args, **kwargs)
         self.assertEqual(len(self.changes), 3)
@@ -170,7 +172,7 @@ class StateListenerTests(SynchronousTestCase):
 class EmulatorWebSocketTests(TestCase):
     timeout = 15
 
-    def setUp(self) -> Deferred:
+    def setUp(self) -> Deferred:  # type: ignore[override]  # trial waits on what setUp/tearDown return
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.http = treq.client.HTTPClient(Agent(reactor, pool=self.pool))
         self.clients: list[GraphQLWSClient] = []
@@ -184,7 +186,7 @@ class EmulatorWebSocketTests(TestCase):
 
         return d.addCallback(started)
 
-    def tearDown(self) -> Deferred:
+    def tearDown(self) -> Deferred:  # type: ignore[override]  # trial waits on what setUp/tearDown return
         # Wait for the client ends too, so that no socket outlives the test.
         return gatherResults([client.abort() for client in self.clients])
 
@@ -223,7 +225,7 @@ class EmulatorWebSocketTests(TestCase):
     async def request(
         self, method: str, path: str, body: Any = None, key: str | None = None
     ) -> tuple[int, Any]:
-        headers = {"X-API-KEY": [key]} if key is not None else {}
+        headers = Headers({"X-API-KEY": [key]} if key is not None else {})
         data = json.dumps(body).encode() if body is not None else None
         response = await self.http.request(
             method, self.url + path, data=data, headers=headers
@@ -250,6 +252,7 @@ class EmulatorWebSocketTests(TestCase):
 
     async def test_a_known_key_is_acknowledged(self) -> None:
         client = await self.acknowledged()
+        assert client.protocol is not None
         self.assertEqual(client.protocol.websocket_protocol_in_use, "graphql-transport-ws")
         await self.acknowledged(OTHER_KEY)
         _, sockets = await self.request("GET", "/_emulator/sockets")
@@ -294,7 +297,8 @@ class EmulatorWebSocketTests(TestCase):
 
     async def test_a_client_gone_mid_close_leaves_no_timer_behind(self) -> None:
         client = await self.connect(None)
-        client.protocol.transport.pauseProducing()  # the client will not read the close frame
+        assert client.protocol is not None
+        cast(tcp.Client, client.protocol.transport).pauseProducing()  # the client will not read the close frame
         client.send({"type": "connection_init", "payload": {"headers": {"X-API-KEY": "wrong"}}})
         await deferLater(reactor, 0.05, lambda: None)  # the server has sent its close frame
         await client.abort()  # and the client vanishes without answering it
@@ -515,6 +519,7 @@ class EmulatorWebSocketTests(TestCase):
             message,
             {"id": "sub-0", "type": "next", "payload": {"data": {"packagePublished": expected}}},
         )
+        bad: object
         for bad in ({"migrationType": "SOME"}, {"migrationType": "NEW_CUSTOMERS", "x": 1}, []):
             status, answer = await self.request("POST", "/_emulator/publish", bad)
             self.assertEqual(status, 400, bad)

@@ -4,9 +4,13 @@ answer a precise status."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import grpc
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import gatherResults
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
@@ -15,7 +19,7 @@ from tests.fixtures.online import OnlineHarness
 
 # Long enough that retried failures end by running out of attempts (backoff totals ~1.5 s at
 # most), not of time, even on a loaded machine; the slow-upstream test outlasts it on purpose.
-RETRY_BUDGET = {"ENTITLEMENTS_TIMEOUT_MS": "4000"}
+RETRY_BUDGET: dict[str, Any] = {"ENTITLEMENTS_TIMEOUT_MS": "4000"}
 FALLBACK = '{"sso": {"hasAccess": true}}'
 
 
@@ -30,7 +34,7 @@ def usage():
 class FaultTests(TestCase):
     timeout = 60
 
-    async def setUp(self):
+    async def setUp(self):  # type: ignore[override]  # trial waits on what setUp/tearDown return
         self.h = await OnlineHarness(self, reactor).start(data.SEED, seed=7, ENTITLEMENTS_FALLBACK=FALLBACK, **RETRY_BUDGET)
 
     async def assertReadFallsBack(self):
@@ -215,20 +219,20 @@ class RedirectTests(TestCase):
             elsewhere_saw.append(request.getHeader("x-api-key"))
             return b"{}"
 
-        other = reactor.listenTCP(0, Site(elsewhere.resource()), interface="127.0.0.1")
+        other = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(elsewhere.resource()))
         self.addCleanup(other.stopListening)
         redirector = Klein()
 
         @redirector.route("/", branch=True)
         def redirect(request):
             request.setResponseCode(302)
-            request.setHeader("location", f"http://127.0.0.1:{other.getHost().port}/stolen")
+            request.setHeader("location", f"http://127.0.0.1:{cast(IPv4Address, other.getHost()).port}/stolen")
             return b""
 
-        edge = reactor.listenTCP(0, Site(redirector.resource()), interface="127.0.0.1")
+        edge = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(redirector.resource()))
         self.addCleanup(edge.stopListening)
         h = await OnlineHarness(self, reactor).start(
-            data.SEED, EDGE_API_URL=f"http://127.0.0.1:{edge.getHost().port}", ENTITLEMENTS_FALLBACK=FALLBACK, **RETRY_BUDGET
+            data.SEED, EDGE_API_URL=f"http://127.0.0.1:{cast(IPv4Address, edge.getHost()).port}", ENTITLEMENTS_FALLBACK=FALLBACK, **RETRY_BUDGET
         )
         r = await h.call("GetBooleanEntitlement", sso())
         self.assertTrue(r.is_fallback)

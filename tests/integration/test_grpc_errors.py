@@ -40,7 +40,9 @@ class InvalidArgumentTests(SynchronousTestCase):
 
     def tearDown(self):
         self.channel.close()
-        self.service._server.stop(None).wait(5)
+        server = self.service._server
+        assert server is not None
+        server.stop(None).wait(5)
 
     def assertInvalid(self, method, request, message):
         with self.assertRaises(grpc.RpcError) as caught:

@@ -5,11 +5,11 @@ the others Stigg's data; it is counted and logged, and a reload says which it wa
 from __future__ import annotations
 
 from twisted.internet import reactor
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from tests.fixtures import data
+from tests.fixtures.logs import log_events
 from tests.fixtures.online import OnlineHarness
 
 FALLBACK = '{"api-calls": {"hasAccess": true, "usageLimit": 7}}'
@@ -18,16 +18,13 @@ FALLBACK = '{"api-calls": {"hasAccess": true, "usageLimit": 7}}'
 class MalformedEntitlementTests(TestCase):
     timeout = 60
 
-    async def setUp(self):
+    async def setUp(self):  # type: ignore[override]  # trial waits on what setUp/tearDown return
         self.h = await OnlineHarness(self, reactor).start(data.SEED, ENTITLEMENTS_FALLBACK=FALLBACK)
-        self.logged: list[str] = []
+        self.events = log_events(self)
 
-        def observe(event):
-            if "Stigg sent" in str(event.get("log_format", "")):
-                self.logged.append(event["log_format"].format(**event))
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+    @property
+    def logged(self) -> list[str]:
+        return [e["log_format"].format(**e) for e in self.events if "Stigg sent" in str(e.get("log_format", ""))]
 
     async def metric(self, name: str) -> float:
         response = await self.h.http.get(f"http://127.0.0.1:{self.h.http_port}/metrics")

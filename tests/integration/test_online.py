@@ -27,7 +27,7 @@ def metered(customer, feature, usage=None):
 class DecisionRulesOverGrpcTests(TestCase):
     timeout = 30
 
-    async def setUp(self):
+    async def setUp(self):  # type: ignore[override]  # trial waits on what setUp/tearDown return
         self.h = await OnlineHarness(self, reactor).start(data.SEED)
 
     async def test_boolean_grants(self):
@@ -135,7 +135,7 @@ class DecisionRulesOverGrpcTests(TestCase):
 class UsageTests(TestCase):
     timeout = 30
 
-    async def setUp(self):
+    async def setUp(self):  # type: ignore[override]  # trial waits on what setUp/tearDown return
         self.h = await OnlineHarness(self, reactor).start(data.SEED)
 
     async def test_reported_usage_is_reflected_in_the_next_check(self):
@@ -217,7 +217,7 @@ class ReloadIsAuthoritativeTests(TestCase):
 class SingleFlightTests(TestCase):
     timeout = 30
 
-    async def setUp(self):
+    async def setUp(self):  # type: ignore[override]  # trial waits on what setUp/tearDown return
         self.h = await OnlineHarness(self, reactor).start(data.SEED)
 
     async def test_concurrent_misses_share_one_upstream_request(self):

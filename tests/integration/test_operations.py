@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,7 +38,7 @@ def sample(text: str, name: str, **labels: str) -> float:
 class MetricsTests(TestCase):
     timeout = 30
 
-    async def setUp(self):
+    async def setUp(self):  # type: ignore[override]  # trial waits on what setUp/tearDown return
         self.h = await OnlineHarness(self, reactor).start(data.SEED, ENTITLEMENTS_FALLBACK=FALLBACK)
 
     async def scrape(self) -> str:
@@ -83,7 +84,7 @@ class MetricsTests(TestCase):
         self.assertNotIn("test-key", after)
 
     async def test_health_follows_readiness_and_reflection_lists_the_service(self):
-        stub = health_pb2_grpc.HealthStub(self.h.channel)
+        stub: Any = health_pb2_grpc.HealthStub(self.h.channel)  # the stubs' HealthStub lists no methods
 
         async def status():
             return (await self.h.call_stub(stub.Check, health_pb2.HealthCheckRequest(service="stigg.sidecar.v1.SidecarService"))).status
@@ -97,7 +98,7 @@ class MetricsTests(TestCase):
         self.h.sidecar.readiness.unblock("test")
         self.assertEqual(await status(), health_pb2.HealthCheckResponse.SERVING)
 
-        reflect = reflection_pb2_grpc.ServerReflectionStub(self.h.channel)
+        reflect: Any = reflection_pb2_grpc.ServerReflectionStub(self.h.channel)  # as HealthStub
         responses = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
         names = {s.name for r in responses for s in r.list_services_response.service}
         self.assertIn("stigg.sidecar.v1.SidecarService", names)

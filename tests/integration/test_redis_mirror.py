@@ -9,12 +9,12 @@ import json
 import random
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Generator
 
 from twisted.internet import reactor, task
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.ssl import Certificate
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.cache.redis import RedisMirror
@@ -24,6 +24,7 @@ from stigg_sidecar.entitlements.records import CustomerEntry, Usage
 from stigg_sidecar.settings import load_settings
 from stigg_sidecar.upstream.wire import entry_from_state
 from tests.fixtures.edge import boolean_item, credit_item, metered_item, state
+from tests.fixtures.logs import log_events
 from tests.fixtures.polling import until
 from tests.fixtures.redis import RedisServer, free_port
 
@@ -31,6 +32,8 @@ PREFIX = "test-env"
 TIMEOUT_MS = 250
 METERED = "feature-api-calls"
 CREDIT = "cred-tokens"
+
+Steps = Generator[Deferred[Any], Any, None]  # an inlineCallbacks test
 
 
 def sample_entry(customer: str = "cust-1", resource: str | None = None, timestamp: int | None = None) -> CustomerEntry:
@@ -57,9 +60,7 @@ class MirrorTestCase(TestCase):
     def setUp(self) -> None:
         self.server = RedisServer(**self.server_options).start()
         self.addCleanup(self.server.cleanup)
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = log_events(self)
 
     def make_mirror(self, **options: Any) -> RedisMirror:
         settings: dict[str, Any] = dict(
@@ -87,7 +88,7 @@ class MirrorTestCase(TestCase):
 
 class LayoutTests(MirrorTestCase):
     @inlineCallbacks
-    def test_write_stores_stigg_key_layout_with_ttl(self) -> None:
+    def test_write_stores_stigg_key_layout_with_ttl(self) -> Steps:
         mirror = yield self.mirror(ttl_secs=600)
         entry = sample_entry()
         written = yield mirror.write(entry)
@@ -108,14 +109,14 @@ class LayoutTests(MirrorTestCase):
         self.assertEqual(self.server.command("GET", f"{base}:f_{METERED}#timestamp"), str(usage_stamp))
 
     @inlineCallbacks
-    def test_negative_ttl_stores_keys_without_expiry(self) -> None:
+    def test_negative_ttl_stores_keys_without_expiry(self) -> Steps:
         mirror = yield self.mirror(ttl_secs=-1)
         yield mirror.write(sample_entry())
         self.assertEqual(self.server.command("TTL", f"{PREFIX}:c_cust-1"), -1)
         self.assertEqual(self.server.command("TTL", f"{PREFIX}:c_cust-1:f_{METERED}#timestamp"), -1)
 
     @inlineCallbacks
-    def test_db_selects_the_database(self) -> None:
+    def test_db_selects_the_database(self) -> Steps:
         mirror = yield self.mirror(db=3)
         yield mirror.write(sample_entry())
         self.assertEqual(self.server.command("EXISTS", f"{PREFIX}:c_cust-1", db=3), 1)
@@ -124,7 +125,7 @@ class LayoutTests(MirrorTestCase):
 
 class ReadWriteTests(MirrorTestCase):
     @inlineCallbacks
-    def test_read_returns_what_was_written(self) -> None:
+    def test_read_returns_what_was_written(self) -> Steps:
         mirror = yield self.mirror()
         entry = sample_entry()
         yield mirror.write(entry)
@@ -133,7 +134,7 @@ class ReadWriteTests(MirrorTestCase):
         self.assertEqual(mirror.errors, 0)
 
     @inlineCallbacks
-    def test_read_misses_without_entitlements_timestamp_or_any_usage_key(self) -> None:
+    def test_read_misses_without_entitlements_timestamp_or_any_usage_key(self) -> Steps:
         mirror = yield self.mirror()
         self.assertIsNone((yield mirror.read("nobody", None)))
         for gone in ("c_cust-1#timestamp", f"c_cust-1:credit_{CREDIT}", f"c_cust-1:f_{METERED}#timestamp"):
@@ -143,7 +144,7 @@ class ReadWriteTests(MirrorTestCase):
         self.assertEqual(mirror.errors, 0)
 
     @inlineCallbacks
-    def test_unreadable_entry_is_a_miss_and_an_error(self) -> None:
+    def test_unreadable_entry_is_a_miss_and_an_error(self) -> Steps:
         mirror = yield self.mirror()
         yield mirror.write(sample_entry())
         self.server.command("SET", f"{PREFIX}:c_cust-1", '{"v":99}')
@@ -153,7 +154,7 @@ class ReadWriteTests(MirrorTestCase):
         self.assertEqual(len(self.logged("cannot read")), 1)  # one line per key per interval
 
     @inlineCallbacks
-    def test_each_unreadable_key_is_logged_once_per_interval(self) -> None:
+    def test_each_unreadable_key_is_logged_once_per_interval(self) -> Steps:
         self.patch(redis_errors, "FORMAT_LOG_INTERVAL", 0.5)
         mirror = yield self.mirror()
         for customer in ("cust-1", "cust-2", "cust-3"):
@@ -178,7 +179,7 @@ class ReadWriteTests(MirrorTestCase):
         self.assertEqual(len(self.logged("cannot read")), 4)
 
     @inlineCallbacks
-    def test_the_earlier_v1_envelope_is_a_miss_that_a_write_replaces(self) -> None:
+    def test_the_earlier_v1_envelope_is_a_miss_that_a_write_replaces(self) -> Steps:
         mirror = yield self.mirror()
         entry = sample_entry()
         yield mirror.write(entry)
@@ -189,7 +190,7 @@ class ReadWriteTests(MirrorTestCase):
         self.assertEqual((yield mirror.read("cust-1", None)), entry)
 
     @inlineCallbacks
-    def test_resource_read_needs_a_customer_entry_that_is_not_newer(self) -> None:
+    def test_resource_read_needs_a_customer_entry_that_is_not_newer(self) -> Steps:
         mirror = yield self.mirror()
         resource = sample_entry(resource="site-9", timestamp=2000)
         yield mirror.write(resource)
@@ -202,7 +203,7 @@ class ReadWriteTests(MirrorTestCase):
         self.assertEqual((yield lenient.read("cust-1", "site-9")), resource)
 
     @inlineCallbacks
-    def test_older_write_is_skipped_equal_and_epoch_zero_win(self) -> None:
+    def test_older_write_is_skipped_equal_and_epoch_zero_win(self) -> Steps:
         mirror = yield self.mirror()
         self.assertTrue((yield mirror.write(sample_entry(timestamp=2000))))
         self.assertFalse((yield mirror.write(sample_entry(timestamp=1000))))
@@ -212,7 +213,7 @@ class ReadWriteTests(MirrorTestCase):
         self.assertEqual(self.server.command("GET", f"{PREFIX}:c_cust-1#timestamp"), "0")
 
     @inlineCallbacks
-    def test_only_if_cached_writes_nothing_for_an_uncached_customer(self) -> None:
+    def test_only_if_cached_writes_nothing_for_an_uncached_customer(self) -> Steps:
         mirror = yield self.mirror()
         self.assertFalse((yield mirror.write(sample_entry(), only_if_cached=True)))
         self.assertEqual(self.server.command("KEYS", f"{PREFIX}:*"), [])
@@ -220,7 +221,7 @@ class ReadWriteTests(MirrorTestCase):
         self.assertTrue((yield mirror.write(sample_entry(timestamp=2), only_if_cached=True)))
 
     @inlineCallbacks
-    def test_racing_writers_keep_the_newest(self) -> None:
+    def test_racing_writers_keep_the_newest(self) -> Steps:
         # A generous timeout: 400 calls issued at once must not time out on a loaded test machine.
         first = yield self.mirror(timeout_ms=10_000)
         second = yield self.mirror(timeout_ms=10_000)
@@ -240,7 +241,7 @@ class ReadWriteTests(MirrorTestCase):
 
 
     @inlineCallbacks
-    def test_a_bad_call_is_counted_not_raised(self) -> None:
+    def test_a_bad_call_is_counted_not_raised(self) -> Steps:
         mirror = yield self.mirror()
         entry = sample_entry()
         broken = replace(entry.features[METERED], usage=Usage(current_usage=float("nan")))
@@ -252,14 +253,14 @@ class ReadWriteTests(MirrorTestCase):
 
 class UsageAndPurgeTests(MirrorTestCase):
     @inlineCallbacks
-    def test_write_usage_only_for_a_cached_customer(self) -> None:
+    def test_write_usage_only_for_a_cached_customer(self) -> Steps:
         mirror = yield self.mirror()
         written = yield mirror.write_usage("cust-1", None, "FEATURE", METERED, 5, None, None, 10)
         self.assertFalse(written)
         self.assertEqual(self.server.command("KEYS", f"{PREFIX}:*"), [])
 
     @inlineCallbacks
-    def test_write_usage_newer_wins_and_the_read_sees_it(self) -> None:
+    def test_write_usage_newer_wins_and_the_read_sees_it(self) -> Steps:
         mirror = yield self.mirror()
         entry = sample_entry()
         yield mirror.write(entry)
@@ -271,6 +272,7 @@ class UsageAndPurgeTests(MirrorTestCase):
         self.assertTrue((yield mirror.write_usage("cust-1", None, "CREDIT", CREDIT, 300, 9, 4, credit_stamp + 1)))
         read = yield mirror.read("cust-1", None)
         expected = apply_usage(entry, "FEATURE", METERED, 77, 1, 2, stamp + 10)
+        assert expected is not None
         expected = apply_usage(expected, "CREDIT", CREDIT, 300, None, 4, credit_stamp + 1)
         self.assertEqual(read, expected)
         # A later fetch with older usage keeps the newer usage stored (usage is versioned alone).
@@ -278,7 +280,7 @@ class UsageAndPurgeTests(MirrorTestCase):
         self.assertEqual((yield mirror.read("cust-1", None)).features[METERED].usage.current_usage, 77)
 
     @inlineCallbacks
-    def test_purge_deletes_entitlements_and_metadata_but_leaves_usage(self) -> None:
+    def test_purge_deletes_entitlements_and_metadata_but_leaves_usage(self) -> Steps:
         mirror = yield self.mirror()
         yield mirror.write(sample_entry())
         self.assertTrue((yield mirror.purge("cust-1", None)))
@@ -293,7 +295,7 @@ class UsageAndPurgeTests(MirrorTestCase):
 
 class CrossInstanceTests(MirrorTestCase):
     @inlineCallbacks
-    def test_fetch_lock_single_flight_between_two_mirrors(self) -> None:
+    def test_fetch_lock_single_flight_between_two_mirrors(self) -> Steps:
         first = yield self.mirror()
         second = yield self.mirror()
         token = yield first.acquire_fetch_lock("cust-1", None)
@@ -315,7 +317,7 @@ class CrossInstanceTests(MirrorTestCase):
         self.assertIsNotNone((yield second.acquire_fetch_lock("cust-1", None)), "released")
 
     @inlineCallbacks
-    def test_wait_reports_the_holders_error_and_times_out(self) -> None:
+    def test_wait_reports_the_holders_error_and_times_out(self) -> Steps:
         first = yield self.mirror()
         second = yield self.mirror()
         token = yield first.acquire_fetch_lock("cust-1", "site-9")
@@ -329,7 +331,7 @@ class CrossInstanceTests(MirrorTestCase):
         self.assertLess(time.monotonic() - started, 4)  # its own 0.3 s ended it, long before the held lock (5 s TTL) goes
 
     @inlineCallbacks
-    def test_a_cancelled_wait_unsubscribes(self) -> None:
+    def test_a_cancelled_wait_unsubscribes(self) -> Steps:
         first = yield self.mirror()
         second = yield self.mirror()
         yield first.acquire_fetch_lock("cust-1", None)
@@ -341,7 +343,7 @@ class CrossInstanceTests(MirrorTestCase):
         yield until(lambda: self.server.command("PUBSUB", "NUMSUB", channel)[1] == 0, 5, what="unsubscribed", interval=0.02)
 
     @inlineCallbacks
-    def test_wait_after_the_lock_was_released_answers_at_once(self) -> None:
+    def test_wait_after_the_lock_was_released_answers_at_once(self) -> Steps:
         first = yield self.mirror()
         second = yield self.mirror()
         token = yield first.acquire_fetch_lock("cust-1", None)
@@ -349,7 +351,7 @@ class CrossInstanceTests(MirrorTestCase):
         self.assertTrue((yield second.wait_for_fetch("cust-1", None, timeout=5)))
 
     @inlineCallbacks
-    def test_release_with_a_stale_token_keeps_the_new_holders_lock(self) -> None:
+    def test_release_with_a_stale_token_keeps_the_new_holders_lock(self) -> Steps:
         mirror = yield self.mirror()
         yield mirror.acquire_fetch_lock("cust-1", None, ttl_ms=50)
         yield sleep(0.1)
@@ -358,7 +360,7 @@ class CrossInstanceTests(MirrorTestCase):
         self.assertEqual(self.server.command("GET", f"{PREFIX}:refetchEntityEntitlementsAfterCacheMiss-cust-1"), token)
 
     @inlineCallbacks
-    def test_peer_changes_reach_the_other_mirror_and_not_self(self) -> None:
+    def test_peer_changes_reach_the_other_mirror_and_not_self(self) -> Steps:
         heard_first: list[tuple[str, str]] = []
         heard_second: list[tuple[str, str]] = []
         first = yield self.mirror(on_peer_change=lambda key, kind: heard_first.append((key, kind)))
@@ -381,7 +383,7 @@ class CrossInstanceTests(MirrorTestCase):
 
 
     @inlineCallbacks
-    def test_health_probes_keep_the_subscriber_in_step(self) -> None:
+    def test_health_probes_keep_the_subscriber_in_step(self) -> Steps:
         heard: list[tuple[str, str]] = []
         first = yield self.mirror(health_interval=0.05)
         second = yield self.mirror(health_interval=0.05, on_peer_change=lambda key, kind: heard.append((key, kind)))
@@ -400,7 +402,7 @@ class AuthTests(MirrorTestCase):
     server_options = {"users": {"sidecar": "acl-s3cret-pw"}, "password": "default-s3cret-pw"}
 
     @inlineCallbacks
-    def test_acl_user_and_password(self) -> None:
+    def test_acl_user_and_password(self) -> Steps:
         mirror = yield self.mirror(username="sidecar", password="acl-s3cret-pw")
         entry = sample_entry()
         self.assertTrue((yield mirror.write(entry)))
@@ -408,12 +410,12 @@ class AuthTests(MirrorTestCase):
         self.assertEqual(self.server.command("ACL", "WHOAMI", user="sidecar", password="acl-s3cret-pw"), "sidecar")
 
     @inlineCallbacks
-    def test_password_only_authenticates_the_default_user(self) -> None:
+    def test_password_only_authenticates_the_default_user(self) -> Steps:
         mirror = yield self.mirror(password="default-s3cret-pw")
         self.assertTrue((yield mirror.write(sample_entry())))
 
     @inlineCallbacks
-    def test_wrong_password_logs_one_line_and_reads_miss_promptly(self) -> None:
+    def test_wrong_password_logs_one_line_and_reads_miss_promptly(self) -> Steps:
         secret = "wrong-s3cret-pw"
         mirror = self.make_mirror(username="sidecar", password=secret)
         yield until(lambda: self.logged("Redis rejected the credentials"), 5, what="the credentials line", interval=0.02)
@@ -427,7 +429,7 @@ class AuthTests(MirrorTestCase):
         self.assertNotIn(secret, repr(mirror))
 
     @inlineCallbacks
-    def test_missing_password_is_reported_as_rejected_credentials(self) -> None:
+    def test_missing_password_is_reported_as_rejected_credentials(self) -> Steps:
         mirror = self.make_mirror()
         yield until(lambda: self.logged("Redis rejected the credentials"), 5, what="the credentials line", interval=0.02)
         self.assertFalse(mirror.connected)
@@ -435,7 +437,7 @@ class AuthTests(MirrorTestCase):
 
 class FailureTests(MirrorTestCase):
     @inlineCallbacks
-    def test_redis_down_at_start_then_up(self) -> None:
+    def test_redis_down_at_start_then_up(self) -> Steps:
         self.server.stop()
         mirror = self.make_mirror()
         self.assertIsNone((yield at_once(self, mirror.read("cust-1", None))))
@@ -450,7 +452,7 @@ class FailureTests(MirrorTestCase):
         self.assertEqual(len(self.logged("reachable again")), 1)
 
     @inlineCallbacks
-    def test_kill9_then_restart_recovers_without_a_new_mirror(self) -> None:
+    def test_kill9_then_restart_recovers_without_a_new_mirror(self) -> Steps:
         heard: list[tuple[str, str]] = []
         mirror = yield self.mirror()
         peer = yield self.mirror(on_peer_change=lambda key, kind: heard.append((key, kind)))
@@ -472,11 +474,11 @@ class FailureTests(MirrorTestCase):
         self.assertEqual(len(self.logged("reachable again")), 2)
 
     @inlineCallbacks
-    def test_a_stalled_redis_bounds_every_call(self) -> None:
+    def test_a_stalled_redis_bounds_every_call(self) -> Steps:
         mirror = yield self.mirror()
         yield mirror.write(sample_entry())
-        self.server.process.send_signal(19)  # SIGSTOP: connected, but never answers
-        self.addCleanup(lambda: self.server.process and self.server.process.send_signal(18))
+        self.server.pause()  # SIGSTOP: connected, but never answers
+        self.addCleanup(self.server.resume)
         started = time.monotonic()
         results = yield gatherResults([mirror.read("cust-1", None), mirror.write(sample_entry()), mirror.purge("x")])
         elapsed = time.monotonic() - started
@@ -486,7 +488,7 @@ class FailureTests(MirrorTestCase):
         self.assertGreaterEqual(elapsed, TIMEOUT_MS / 1000 * 0.9)
         self.assertEqual(mirror.errors, 3)
         self.assertEqual(len(self.logged("did not answer within 250 ms")), 1)
-        self.server.process.send_signal(18)  # SIGCONT
+        self.server.resume()  # SIGCONT
         yield until(lambda: mirror.connected, 5, what="still connected", interval=0.02)
         # The same connection answers again once the resumed server has worked off its backlog;
         # on a loaded machine the first read after SIGCONT can itself outlast the 250 ms.
@@ -500,14 +502,14 @@ class FailureTests(MirrorTestCase):
 
 
     @inlineCallbacks
-    def test_a_wedged_redis_is_dropped_and_reconnected(self) -> None:
+    def test_a_wedged_redis_is_dropped_and_reconnected(self) -> Steps:
         mirror = yield self.mirror()
-        self.server.process.send_signal(19)  # SIGSTOP past the reply timeout (2 s at least)
-        self.addCleanup(lambda: self.server.process and self.server.process.send_signal(18))
+        self.server.pause()  # SIGSTOP past the reply timeout (2 s at least)
+        self.addCleanup(self.server.resume)
         self.assertIsNone((yield mirror.read("cust-1", None)))
         yield until(lambda: not mirror.connected, 5, what="the wedged connection dropped", interval=0.02)
         self.assertEqual(len(self.logged("is unreachable")), 1)
-        self.server.process.send_signal(18)
+        self.server.resume()
         yield until(lambda: mirror.connected and mirror.subscribed, 5, what="reconnect", interval=0.02)
         entry = sample_entry()
         self.assertTrue((yield mirror.write(entry)))
@@ -518,7 +520,7 @@ class TlsTests(MirrorTestCase):
     server_options = {"tls": True}
 
     @inlineCallbacks
-    def test_tls_connection_verifies_the_server(self) -> None:
+    def test_tls_connection_verifies_the_server(self) -> Steps:
         trust = Certificate.loadPEM(self.server.certificate_pem)
         mirror = yield self.mirror(tls=True, host="localhost", tls_trust_root=trust)
         entry = sample_entry()
@@ -526,7 +528,7 @@ class TlsTests(MirrorTestCase):
         self.assertEqual((yield mirror.read("cust-1", None)), entry)
 
     @inlineCallbacks
-    def test_tls_refuses_an_untrusted_server_with_one_clear_line(self) -> None:
+    def test_tls_refuses_an_untrusted_server_with_one_clear_line(self) -> Steps:
         mirror = self.make_mirror(tls=True, host="localhost")
         yield until(lambda: self.logged("TLS with Redis at localhost"), 5, what="the TLS line", interval=0.02)
         yield sleep(0.5)  # retries

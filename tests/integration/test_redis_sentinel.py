@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
@@ -22,6 +22,7 @@ from stigg_sidecar.upstream.wire import entry_from_state
 from tests.fixtures import data
 from tests.fixtures import sentinel as redis_sentinel
 from tests.fixtures.edge import boolean_item, metered_item, state
+from tests.fixtures.logs import log_events
 from tests.fixtures.online import OnlineHarness
 from tests.fixtures.polling import until
 from tests.fixtures.sentinel import MASTER_NAME, SentinelGroup
@@ -147,6 +148,7 @@ class SentinelFailoverTests(TestCase):
                     break
         self.assertIsNotNone(promoted_at, "the Sentinel did not promote the replica: " + group.sentinel.log_tail())
         self.assertIsNotNone(written_at, "the sidecar did not write to the new master")
+        assert promoted_at is not None and written_at is not None
         self.assertEqual(failed, [])
         self.assertGreaterEqual(answered, 80)  # reads all through the failover
         self.assertEqual(group.replica.command("ROLE")[0], "master")
@@ -197,9 +199,7 @@ class SentinelCredentialsTests(TestCase):
     def setUp(self):
         self.group = SentinelGroup(sentinel_password=SENTINEL_SECRET).start()
         self.addCleanup(self.group.cleanup)
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = log_events(self)
 
     def mirror(self, **options) -> RedisMirror:
         mirror = RedisMirror(

@@ -3,14 +3,16 @@ a fleet sharing one Redis, one upstream fetch for a cold fleet, Redis killed mid
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.internet.task import deferLater
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from tests.fixtures import data
+from tests.fixtures.logs import log_events
 from tests.fixtures.online import OnlineHarness
 from tests.fixtures.redis import RedisServer
 
@@ -21,7 +23,7 @@ def metered(customer, feature="api-calls"):
     return pb.GetMeteredEntitlementRequest(customer_id=customer, feature_id=feature)
 
 
-def redis_settings(server: RedisServer, **extra: str) -> dict[str, str]:
+def redis_settings(server: RedisServer, **extra: str) -> dict[str, Any]:
     settings = {
         "REDIS_ENVIRONMENT_PREFIX": PREFIX,
         "REDIS_HOST": "127.0.0.1",
@@ -163,9 +165,7 @@ class RedisSidecarTests(TestCase):
         self.redis.cleanup()
         self.redis = RedisServer(password="right-pass").start()
         self.addCleanup(self.redis.cleanup)
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = log_events(self)
         h = await OnlineHarness(self, reactor).start(
             data.SEED, **redis_settings(self.redis, REDIS_PASSWORD="wrong-pass-value")
         )

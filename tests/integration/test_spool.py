@@ -11,6 +11,7 @@ import json
 import shutil
 import sqlite3
 import tempfile
+from typing import Any
 
 import grpc
 from twisted.internet import reactor
@@ -99,8 +100,11 @@ class DeliveryTimingTests(TestCase):
             await deferLater(reactor, 0.05, lambda: None)
             self.assertEqual(self.sent(), attempts - 1, f"retried before {expected_delay}s")
             self.clock.advance(0.01)
-            await until(lambda n=attempts: self.sent() == n and self.delivery._waiting["usage"] is not None,
-                        what=f"attempt {attempts}")
+
+            def retried(n: int = attempts) -> bool:
+                return self.sent() == n and self.delivery._waiting["usage"] is not None
+
+            await until(retried, what=f"attempt {attempts}")
         self.emulator.state.faults.update({"down": False})
         self.clock.advance(4.0)
         await until(lambda: self.delivery.delivered == 1, what="delivered after the outage")
@@ -137,7 +141,7 @@ class SpooledSidecarTests(TestCase):
 
     timeout = 60
 
-    async def start(self, **settings: str) -> OnlineHarness:
+    async def start(self, **settings: Any) -> OnlineHarness:
         self.state_dir = tempfile.mkdtemp()
         harness = await OnlineHarness(self, reactor).start(
             data.SEED, STATE_DIR=self.state_dir, SPOOL_WRITES="1", SPOOL_FLUSH_MS="20", **settings

@@ -26,7 +26,7 @@ from tests.fixtures.polling import until
 class UnacknowledgedWriteTests(TestCase):
     timeout = 60
 
-    async def setUp(self):
+    async def setUp(self):  # type: ignore[override]  # trial waits on what setUp/tearDown return
         self.state_dir = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, self.state_dir, True)
         self.h = await OnlineHarness(self, reactor).start(

@@ -18,6 +18,7 @@ import treq
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
 
 from tests.fixtures.data import EMULATOR_SEED as SEED
 from tests.fixtures.paths import EXAMPLES, ROOT
@@ -63,7 +64,7 @@ class TwistdPluginTests(TestCase):
         for key in ("local-dev-key", "extra-key"):
             response = await http.get(
                 f"{url}/v1/c/customer-acme/entitlements-state.json?resourceId=site-main",
-                headers={"X-API-KEY": key},
+                headers=Headers({"X-API-KEY": [key]}),
             ).addTimeout(WAIT, reactor)
             body = await treq.json_content(response).addTimeout(WAIT, reactor)
             self.assertEqual(response.code, 200)

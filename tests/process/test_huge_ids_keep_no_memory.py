@@ -54,7 +54,7 @@ def huge_requests(n: int) -> list[tuple[str, object]]:
 class HugeIdMemoryTests(TestCase):
     timeout = 120
 
-    async def setUp(self):
+    async def setUp(self):  # type: ignore[override]  # trial waits on what setUp/tearDown return
         self.emulator = await start_emulator(reactor, data.SEED)
         self.addCleanup(stop_emulator, self.emulator)
         env = base_env(

@@ -8,14 +8,14 @@ A real sidecar process; the storm is h2load (Debian `nghttp2-client`) over HTTP/
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import time
 import urllib.request
 
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from tests.fixtures.processes import SidecarProcess, base_env
+from tests.fixtures.tools import require_tool
 
 SCRAPERS = 400
 PROBES = 16
@@ -26,8 +26,7 @@ class ScrapeStormTests(TestCase):
     timeout = 120
 
     def test_probes_answer_within_their_timeout_under_400_concurrent_scrapers(self):
-        if shutil.which("h2load") is None:
-            raise SkipTest("h2load (Debian nghttp2-client) is not installed")
+        require_tool("h2load")
         sidecar = SidecarProcess(base_env(OFFLINE="1"))
         self.addCleanup(sidecar.kill)
         base = f"http://127.0.0.1:{sidecar.http_port}"
@@ -35,7 +34,12 @@ class ScrapeStormTests(TestCase):
             ["h2load", "--h1", "-c", str(SCRAPERS), "-D", "12", "-T", "10", f"{base}/metrics"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        self.addCleanup(lambda: storm.poll() is None and storm.kill())
+
+        def stop_storm() -> None:
+            if storm.poll() is None:
+                storm.kill()
+
+        self.addCleanup(stop_storm)
         time.sleep(2)  # every scraper connected and scraping
         failed = []
         for i in range(PROBES):

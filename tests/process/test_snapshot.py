@@ -120,7 +120,7 @@ class SnapshotFileTests(SynchronousTestCase):
 class WarmRestartTests(TestCase):
     timeout = 90
 
-    async def setUp(self):
+    async def setUp(self):  # type: ignore[override]  # trial waits on what setUp/tearDown return
         self.emulator = await start_emulator(reactor, seed())
         self.addCleanup(stop_emulator, self.emulator)
         self.state_dir = tempfile.mkdtemp()

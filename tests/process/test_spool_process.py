@@ -35,7 +35,7 @@ BATCH = 50
 class SpoolProcessTests(TestCase):
     timeout = 120
 
-    async def setUp(self):
+    async def setUp(self):  # type: ignore[override]  # trial waits on what setUp/tearDown return
         seed = {"apiKeys": [KEY], "customers": {c: data.customer(data.metered("api-calls", 1_000_000, 0))
                                                 for c in CUSTOMERS}}
         self.emulator = await start_emulator(reactor, seed)
@@ -78,7 +78,7 @@ class SpoolProcessTests(TestCase):
         acked_usage: set[str] = set()
         acked_events: set[str] = set()
         counter = iter(range(10**6))
-        killed = []
+        killed: list[bool] = []
 
         async def writer():
             while not killed:

@@ -110,8 +110,9 @@ class QuietLogTests(SynchronousTestCase):
                 "Received SIGTERM, shutting down.",
                 "Not ready: shutting down",
                 "Stopping",
-                "gRPC stopping: refusing new calls, N.Ns for in-flight ones",
+                "gRPC stopping: GOAWAY, new calls refused, N.Ns for in-flight ones",
                 "gRPC stopped",
+                "stigg-sidecar stopped in N.Ns (SHUTDOWN_GRACE_SECS Ns)",
             ],
         )
 

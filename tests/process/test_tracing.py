@@ -21,10 +21,11 @@ from twisted.trial.unittest import TestCase
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from tests.fixtures import data
-from tests.fixtures.clients import grpc_deferred
+from tests.fixtures.clients import grpc_deferred, http_client
 from tests.fixtures.otlp import CLIENT, CONSUMER, PRODUCER, SERVER, OtlpReceiver, SilentCollector, Span, free_port
 from tests.fixtures.polling import until
 from tests.fixtures.processes import SidecarProcess, base_env, run_twistd, sidecar_with_stub, until_ready
+from tests.fixtures.redis import RedisServer
 
 KEY = "tracing-test-key-" + secrets.token_hex(8)
 TOKEN = "collector-token-" + secrets.token_hex(8)
@@ -72,8 +73,9 @@ class TracingTests(TestCase):
         self.addCleanup(self.receiver.stop)
 
     def env(self, **settings: str) -> dict[str, str]:
-        return base_env(SERVER_API_KEY=KEY, API_URL=self.emulator.url, EDGE_API_URL=self.emulator.url, WS_ENABLED="0",
-                        ENTITLEMENTS_TIMEOUT_MS="2000", LOG_FORMAT="json", OTEL_BSP_SCHEDULE_DELAY="50", **settings)
+        return base_env(**{"SERVER_API_KEY": KEY, "API_URL": self.emulator.url, "EDGE_API_URL": self.emulator.url,
+                           "WS_ENABLED": "0", "ENTITLEMENTS_TIMEOUT_MS": "2000", "LOG_FORMAT": "json",
+                           "OTEL_BSP_SCHEDULE_DELAY": "50", **settings})
 
     def traced_env(self, **settings: str) -> dict[str, str]:
         return self.env(OTEL_EXPORTER_OTLP_ENDPOINT=self.receiver.endpoint, OTEL_SERVICE_NAME="billing-sidecar",
@@ -101,7 +103,7 @@ class TracingTests(TestCase):
 
     def assert_no_secret(self, process: SidecarProcess) -> None:
         for span in self.receiver.received():
-            for value in (*span.attributes.values(), *span.resource.values(), span.name):
+            for value in (*span.attributes.values(), *span.resource.values(), span.name, span.status_message):
                 self.assertNotIn(KEY, str(value), f"the API key in span {span.name}")
                 self.assertNotIn(TOKEN, str(value), f"the collector's token in span {span.name}")
         self.assertNotIn(KEY, process.text)
@@ -191,6 +193,48 @@ class TracingTests(TestCase):
         await self.spans_where(lambda s: s.trace_id == trace_id, "the sampled call's span")
         # Batches leave in order: by the time the sampled call's span arrived, the others' would have.
         self.assertEqual({s.trace_id for s in self.receiver.received()}, {trace_id})
+
+    async def test_redis_the_socket_and_the_snapshot_are_spans(self):
+        redis = RedisServer().start()
+        self.addCleanup(redis.stop)
+        state_dir = tempfile.mkdtemp()
+        process = sidecar_with_stub(self, self.traced_env(
+            REDIS_ENVIRONMENT_PREFIX="traced", REDIS_PORT=str(redis.port), REDIS_HOST="127.0.0.1", WS_ENABLED="1",
+            WS_URL=self.emulator.url.replace("http://", "ws://"), STATE_DIR=state_dir, SNAPSHOT_INTERVAL_SECS="0.2",
+        ))
+        (connect,) = await self.spans_where(lambda s: s.name == "realtime connect", "the socket's connect")
+        self.assertEqual(connect.kind, CLIENT)
+        self.assertEqual(connect.attributes["server.address"], "127.0.0.1")
+
+        # A miss in Redis mode: the Redis read and the fleet's fetch lock, below the miss.
+        parent, trace_id, _ = traceparent()
+        await self.call(process, "GetBooleanEntitlement",
+                        pb.GetBooleanEntitlementRequest(customer_id="c8", feature_id="sso"), parent)
+        await self.spans_where(lambda s: s.trace_id == trace_id and s.kind == CLIENT and s.name.startswith("GET"),
+                               "Stigg's fetch")
+        in_trace = [s for s in self.receiver.received() if s.trace_id == trace_id]
+        (miss,) = [s for s in in_trace if s.name == "entitlements miss"]
+        reads = [s for s in in_trace if s.name == "redis read"]
+        self.assertTrue(reads, [s.name for s in in_trace])
+        self.assertEqual(reads[0].attributes["db.system"], "redis")
+        self.assertEqual(reads[0].parent_span_id, miss.span_id)
+        (lock,) = [s for s in in_trace if s.name == "fleet fetch lock"]
+        self.assertEqual(lock.parent_span_id, miss.span_id)
+
+        # Stigg pushes a change of c8: the push is a span naming the customer.
+        http = http_client(self, reactor)
+        body = json.dumps(data.customer(data.feature("sso"), data.metered("api-calls", 5000, 0))).encode()
+        response = await http.put(f"{self.emulator.url}/_emulator/customers/c8", data=body)
+        self.assertEqual(response.code, 200, await response.text())
+        (push,) = await self.spans_where(
+            lambda s: s.name == "realtime entitlementsUpdatedV2" and s.attributes.get("stigg.customer.id") == "c8",
+            "the push")
+        self.assertEqual(push.kind, CONSUMER)
+
+        # The cache changed: the snapshot is written, a span of its own.
+        (snapshot, *_) = await self.spans_where(lambda s: s.name == "snapshot write", "the snapshot write")
+        self.assertGreaterEqual(snapshot.attributes["stigg.snapshot.customers"], 1)
+        self.assert_no_secret(process)
 
     # -- writes -----------------------------------------------------------------------------------
 

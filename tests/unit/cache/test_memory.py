@@ -23,6 +23,14 @@ def entry(customer: str, timestamp: int = 1000, usage: float = 0, usage_at: int 
     return CustomerEntry(customer, features=ents, timestamp=timestamp)
 
 
+def _entry(cache: EntitlementCache, key: str) -> CustomerEntry:
+    """The entry cached under `key`, which the test knows is there."""
+    entry = cache.get_entry(key)
+    if entry is None:
+        raise AssertionError(f"{key} is not cached")
+    return entry
+
+
 class ByteBoundTests(SynchronousTestCase):
     def test_total_never_exceeds_budget_under_churn(self):
         one = entry("c0").size
@@ -61,7 +69,7 @@ class NewerWinsTests(SynchronousTestCase):
         cache = EntitlementCache(max_bytes=10**9)
         self.assertTrue(cache.put(entry("c", timestamp=2000)))
         self.assertFalse(cache.put(entry("c", timestamp=1000)))
-        self.assertEqual(cache.get_entry("c_c").timestamp, 2000)
+        self.assertEqual(_entry(cache, "c_c").timestamp, 2000)
 
     def test_epoch_zero_always_replaces(self):
         cache = EntitlementCache(max_bytes=10**9)
@@ -73,9 +81,9 @@ class NewerWinsTests(SynchronousTestCase):
         cache.put(entry("c", usage=5, usage_at=1000))
         cache.update("c_c", lambda e: apply_usage(e, "FEATURE", "api-calls", 9, None, None, 3000))
         cache.put(entry("c", usage=6, usage_at=2000))  # a fetch that started before the update
-        self.assertEqual(cache.get_entry("c_c").features["api-calls"].usage.current_usage, 9)
+        self.assertEqual(_entry(cache, "c_c").features["api-calls"].usage.current_usage, 9)
         cache.put(entry("c", usage=11, usage_at=4000))
-        self.assertEqual(cache.get_entry("c_c").features["api-calls"].usage.current_usage, 11)
+        self.assertEqual(_entry(cache, "c_c").features["api-calls"].usage.current_usage, 11)
 
     def test_expired_entries_are_not_fresh(self):
         cache = EntitlementCache(max_bytes=10**9)
@@ -181,10 +189,10 @@ class RefreshWalkTests(SynchronousTestCase):
                 elif step < 0.55 and cache._order:
                     cache.get(rng.choice(cache._order))
                 else:
-                    key = next(walk, None)
-                    if key is None:
+                    walked_key = next(walk, None)
+                    if walked_key is None:
                         break
-                    walked.append(key)
+                    walked.append(walked_key)
                 throughout &= set(cache._slots)
             counts = Counter(walked)
             self.assertEqual([k for k, n in counts.items() if n > 1], [], f"seed {seed}")

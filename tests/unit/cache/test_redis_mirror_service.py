@@ -3,18 +3,22 @@ stopped with it (no Redis needed: nothing listens on the port, so the links keep
 
 from __future__ import annotations
 
+from typing import Any, Generator
+
 from twisted.application.internet import ClientService
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.cache.redis import RedisMirror
 from tests.fixtures.redis import free_port
 
+Steps = Generator[Deferred[Any], Any, None]  # an inlineCallbacks test
+
 
 class MirrorServiceTests(TestCase):
     @inlineCallbacks
-    def test_the_links_are_child_services_started_and_stopped_with_the_mirror(self) -> None:
+    def test_the_links_are_child_services_started_and_stopped_with_the_mirror(self) -> Steps:
         mirror = RedisMirror(reactor, "svc-test", host="127.0.0.1", port=free_port(), timeout_ms=100)
         children = list(mirror)
         self.assertEqual(len(children), 2)

@@ -5,7 +5,10 @@ connection that answers after close is closed rather than kept in the pool (wher
 
 from __future__ import annotations
 
+from typing import cast
+
 from twisted.internet import protocol, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
@@ -17,21 +20,28 @@ class _Holding(protocol.Protocol):
     """Accepts a request and never answers, until the test drops the connection."""
 
     def connectionMade(self) -> None:
-        self.factory.held.append(self)  # type: ignore[attr-defined]
-        if not self.factory.connected.called:  # type: ignore[attr-defined]
-            self.factory.connected.callback(None)  # type: ignore[attr-defined]
+        factory = cast(_HoldingFactory, self.factory)
+        factory.held.append(self)
+        if not factory.connected.called:
+            factory.connected.callback(None)
+
+
+class _HoldingFactory(protocol.ServerFactory):
+    protocol = _Holding
+
+    def __init__(self) -> None:
+        self.held: list[_Holding] = []
+        self.connected: Deferred[None] = Deferred()
 
 
 class CloseTests(TestCase):
-    def holding_upstream(self) -> tuple[protocol.Factory, StiggApi]:
+    def holding_upstream(self) -> tuple[_HoldingFactory, StiggApi]:
         """A server on 127.0.0.1 that holds every connection (answering only when a test writes),
         and a StiggApi pointed at it."""
-        factory = protocol.Factory.forProtocol(_Holding)
-        factory.held = []  # type: ignore[attr-defined]
-        factory.connected = Deferred()  # type: ignore[attr-defined]
+        factory = _HoldingFactory()
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        url = f"http://127.0.0.1:{port.getHost().port}"
+        url = f"http://127.0.0.1:{cast(IPv4Address, port.getHost()).port}"
         return factory, StiggApi(reactor, "test-key", api_url=url, edge_api_url=url, edge_enabled=True)
 
     async def test_an_attempt_failing_after_close_is_not_retried(self) -> None:
@@ -41,6 +51,7 @@ class CloseTests(TestCase):
         closing = api.close()
         self.assertFalse(closing.called)  # it waits for the attempt in flight
         for held in factory.held:
+            assert held.transport is not None
             held.transport.loseConnection()  # the attempt in flight now fails, retryably
         with self.assertRaises(UpstreamError) as caught:
             await call
@@ -56,6 +67,7 @@ class CloseTests(TestCase):
         await factory.connected
         closing = api.close()
         body = b'{"data": {"entitlementsState": {"entitlements": []}}}'
+        assert factory.held[0].transport is not None
         factory.held[0].transport.write(  # a keep-alive answer: the connection would be reusable
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
         )

@@ -17,7 +17,7 @@ class CircuitBreakerTests(TestCase):
         self.jitter = 1.0  # 0.5 + jitter/2 of the delay: 1.0 means the whole delay
         self.breaker = CircuitBreaker("Edge API", self.clock, POLICY, rng=lambda: self.jitter, on_change=self.changes.append)
 
-    def fail(self, n: int = 1, why: str = "Stigg is unreachable (ConnectError)") -> None:
+    def fail_times(self, n: int = 1, why: str = "Stigg is unreachable (ConnectError)") -> None:
         for _ in range(n):
             self.breaker.failed(self.breaker.admit(), why)
 
@@ -27,15 +27,15 @@ class CircuitBreakerTests(TestCase):
         return caught.exception
 
     def test_stays_closed_below_the_threshold_and_a_success_resets_the_count(self):
-        self.fail(2)
+        self.fail_times(2)
         self.breaker.succeeded(self.breaker.admit())
-        self.fail(2)
+        self.fail_times(2)
         self.assertFalse(self.breaker.is_open)
         self.assertFalse(self.breaker.admit().probe)
         self.assertEqual(self.changes, [])
 
     def test_opens_after_consecutive_failures_and_refuses_with_a_precise_message(self):
-        self.fail(3)
+        self.fail_times(3)
         self.assertTrue(self.breaker.is_open)
         self.assertEqual(self.changes, [True])
         refused = self.assertRefused()
@@ -46,7 +46,7 @@ class CircuitBreakerTests(TestCase):
         )
 
     def test_one_probe_at_a_time_once_the_backoff_has_passed(self):
-        self.fail(3)
+        self.fail_times(3)
         self.clock.advance(0.99)
         self.assertRefused()
         self.clock.advance(0.01)
@@ -61,7 +61,7 @@ class CircuitBreakerTests(TestCase):
         self.assertFalse(self.breaker.admit().probe)
 
     def test_failed_probes_back_off_exponentially_up_to_the_cap(self):
-        self.fail(3)
+        self.fail_times(3)
         waits = []
         for _ in range(5):
             start = self.clock.seconds()
@@ -79,7 +79,7 @@ class CircuitBreakerTests(TestCase):
 
     def test_jitter_shortens_the_delay_to_no_less_than_half(self):
         self.jitter = 0.0
-        self.fail(3)
+        self.fail_times(3)
         self.clock.advance(0.49)
         self.assertRefused()
         self.clock.advance(0.01)
@@ -87,14 +87,14 @@ class CircuitBreakerTests(TestCase):
 
     def test_any_success_closes_it_even_from_a_call_admitted_before_it_opened(self):
         early = self.breaker.admit()
-        self.fail(3)
+        self.fail_times(3)
         self.breaker.succeeded(early)
         self.assertFalse(self.breaker.is_open)
         self.assertEqual(self.changes, [True, False])
 
     def test_late_failures_of_calls_admitted_before_it_opened_do_not_push_the_probe_back(self):
         early = [self.breaker.admit() for _ in range(4)]
-        self.fail(3)
+        self.fail_times(3)
         self.clock.advance(0.5)
         for ticket in early:
             self.breaker.failed(ticket, "timeout")
@@ -102,7 +102,7 @@ class CircuitBreakerTests(TestCase):
         self.assertTrue(self.breaker.admit().probe)
 
     def test_an_abandoned_probe_lets_the_next_call_probe(self):
-        self.fail(3)
+        self.fail_times(3)
         self.clock.advance(1.0)
         probe = self.breaker.admit()
         self.breaker.abandoned(probe)

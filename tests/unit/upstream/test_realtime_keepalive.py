@@ -5,15 +5,26 @@ on 127.0.0.1 that acknowledges and then ignores every ping."""
 from __future__ import annotations
 
 import json
+from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.upstream.realtime import SUBPROTOCOL, RealtimeService
 from tests.fixtures.polling import until
 from tests.fixtures.realtime import RecordingSink
+
+
+class RecordingFactory(WebSocketServerFactory):
+    """Keeps the protocols it opened and the message types they received."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.opened: list[SilentServer] = []
+        self.received: list[str] = []
 
 
 class SilentServer(WebSocketServerProtocol):
@@ -34,14 +45,13 @@ class KeepAliveTests(TestCase):
     timeout = 30
 
     async def test_missing_pong_drops_and_replaces_the_socket(self):
-        factory = WebSocketServerFactory(protocols=[SUBPROTOCOL])
+        factory = RecordingFactory(protocols=[SUBPROTOCOL])
         factory.protocol = SilentServer
-        factory.opened, factory.received = [], []
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         sink = RecordingSink()
         service = RealtimeService(
-            reactor, f"ws://127.0.0.1:{port.getHost().port}", {"X-API-KEY": "k"}, sink,
+            reactor, f"ws://127.0.0.1:{cast(IPv4Address, port.getHost()).port}", {"X-API-KEY": "k"}, sink,
             ping_interval=0.2, pong_timeout=0.2, max_delay=0.5, jitter=lambda: 0.0,
         )
         service.startService()
