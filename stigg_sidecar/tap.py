@@ -76,7 +76,11 @@ class Options(usage.Options):
     optParameters = [[spec.option, None, None, _help(spec)] for spec in SPECS]
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
-        super().parseOptions(flags_as_values(sys.argv[1:] if options is None else options))
+        try:
+            super().parseOptions(flags_as_values(sys.argv[1:] if options is None else options))
+        except usage.UsageError as e:
+            # twistd would print the whole help (some 200 lines) above the one that matters.
+            exit_with(f"{str(e).rstrip('.')}; see twistd stigg-sidecar --help")
 
     def opt_version(self) -> None:
         """Display the sidecar's version (and grpcio's, Twisted's, Python's) and exit."""

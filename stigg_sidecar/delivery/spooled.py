@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -51,7 +52,7 @@ from stigg_sidecar.contracts import (
 from stigg_sidecar.crossing.gate import WriteGate
 from stigg_sidecar.crossing.wait import Handoff
 from stigg_sidecar.delivery import bodies as bodies
-from stigg_sidecar.delivery.spool import SpoolFile, StoredRecord
+from stigg_sidecar.delivery.spool import SpoolFile, StoredRecord, is_disk_full
 from stigg_sidecar.delivery.upstream import UpstreamWrites
 from stigg_sidecar.process.stopping import StopBudget
 from stigg_sidecar.quoting import quoted
@@ -82,6 +83,31 @@ class _Record:
     usage: UsageReport | None = None
     event: EventReport | None = None
     trace: str | None = None  # the spooling write's traceparent: its delivery links to it
+
+
+# One line about refused writes per this many seconds, with how many were refused since.
+REFUSAL_LOG_INTERVAL = 10.0
+
+
+class RefusalLog:
+    """Refused writes, logged once per interval with a count: a full spool or disk refuses every
+    write, and a line each would flood the log. Reactor only; time is monotonic."""
+
+    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._next = 0.0
+        self._since = 0  # refused since the last line
+
+    def count(self, why: str) -> None:
+        self._since += 1
+        now = self._clock()
+        if now < self._next:
+            return
+        n, self._since = self._since, 0
+        self._next = now + self._interval
+        log.error("Writes refused: {why} ({n} refused since the last such line; at most one line per {interval:.0f}s)",
+                  why=why, n=n, interval=self._interval)
 
 
 class SpooledDelivery(Service):
@@ -134,6 +160,7 @@ class SpooledDelivery(Service):
         self.delivered = 0
         self.dead_lettered = 0
         self.unacknowledged = 0  # records synced after their caller's deadline or cancellation, removed
+        self._refusals = RefusalLog()
 
     # -- gauges -----------------------------------------------------------------------------------
 
@@ -187,10 +214,13 @@ class SpooledDelivery(Service):
         if not self._loaded:
             raise WriteError(WriteFailure.UNAVAILABLE, "the write spool is not open yet; try again shortly")
         size = sum(len(body) for body, _ in rows)
-        if self._bytes + self._reserved + size > self._max_bytes:
+        # What the files take on disk (as of the last commit), or the bodies when that is more.
+        used = max(self._bytes, self.spool.disk_bytes)
+        if used + self._reserved + size > self._max_bytes:
+            self._refusals.count(f"write spool full: {used} of {self._max_bytes} bytes (SPOOL_MAX_BYTES) used")
             raise WriteError(
                 WriteFailure.RESOURCE_EXHAUSTED,
-                f"write spool full: {self._bytes} of {self._max_bytes} bytes (SPOOL_MAX_BYTES) wait for delivery to Stigg",
+                f"write spool full: {used} of {self._max_bytes} bytes (SPOOL_MAX_BYTES) wait for delivery to Stigg",
             )
         self._reserved += size
         now_ms = int(self._clock.seconds() * 1000)
@@ -216,7 +246,10 @@ class SpooledDelivery(Service):
 
         def failed(failure: Failure) -> None:
             self._reserved -= size
-            log.error("Appending to the write spool failed: {why}", why=failure.getErrorMessage())
+            if is_disk_full(failure.value):
+                self._refusals.count(f"the disk of the write spool {self.spool.path} is full")
+                raise WriteError(WriteFailure.RESOURCE_EXHAUSTED, "write spool full: its disk is full; write not accepted")
+            self._refusals.count(f"appending to the write spool failed: {failure.getErrorMessage()}")
             raise WriteError(WriteFailure.UNAVAILABLE, "the write spool could not be written; write not accepted")
 
         return self.spool.append([(kind, body, now_ms, traced) for body, _ in rows]).addCallbacks(synced, failed)
@@ -322,8 +355,8 @@ class SpooledDelivery(Service):
                 timer.cancel()
         self._stopping = False  # stopped: nothing more is sent (see _pump)
         if self.records:
-            log.info("{n} spooled {records} stay on disk for the next start", n=self.records,
-                     records="record" if self.records == 1 else "records")
+            log.info("{n} spooled {records} on disk for the next start", n=self.records,
+                     records="record stays" if self.records == 1 else "records stay")
         yield self.spool.close()
 
     def _can_deliver_before(self, deadline: float) -> bool:

@@ -4,10 +4,12 @@ through the poller when the socket is disabled or down."""
 from __future__ import annotations
 
 from twisted.internet import reactor
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from tests.fixtures import data
+from tests.fixtures.logs import log_events
 from tests.fixtures.online import OnlineHarness
 
 
@@ -110,6 +112,7 @@ class SocketTests(TestCase):
         await h.wait_until(changed, timeout=5)
 
     async def test_wrong_key_is_not_retried(self):
+        events = log_events(self)
         h = await OnlineHarness(self, reactor).start(data.SEED, api_key="wrong-key", realtime=True)
 
         async def gave_up():
@@ -122,6 +125,11 @@ class SocketTests(TestCase):
         await deferLater(reactor, 2.5, lambda: None)  # longer than the first backoff steps
         self.assertEqual((await h.requests()).get("/graphql (websocket)"), attempts)
         self.assertEqual(attempts, 1)
+        # The log says so once, and claims no retry after it.
+        socket_lines = [formatEvent(e) for e in events if "real-time socket" in formatEvent(e).lower()]
+        self.assertEqual(len(socket_lines), 1, socket_lines)
+        self.assertIn("for good", socket_lines[0])
+        self.assertIn("not retrying", socket_lines[0])
 
     async def test_malformed_frames_are_ignored_and_the_socket_stays_up(self):
         h = await self.start()

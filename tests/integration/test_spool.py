@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
@@ -30,6 +31,7 @@ from stigg_sidecar.online.store import EntitlementStore
 from stigg_sidecar.upstream.api import RetryPolicy, StiggApi
 from stigg_sidecar.upstream.breaker import BreakerPolicy
 from tests.fixtures import data
+from tests.fixtures.logs import log_events
 from tests.fixtures.online import OnlineHarness
 from tests.fixtures.polling import until
 from tests.fixtures.processes import base_env, run_twistd
@@ -111,6 +113,15 @@ class DeliveryTimingTests(TestCase):
         self.assertEqual(len(self.emulator.state.usage_log()), 1)
         self.assertEqual(self.delivery._failures["usage"], 0)
 
+    async def test_a_stop_with_no_time_left_keeps_the_record_and_says_so_in_the_singular(self):
+        await self.start(batch_size=10, flush=60.0)
+        events = log_events(self)
+        await self.delivery._accept_usage([usage()], 1.0)
+        await self.delivery.stopService()  # grace 0: nothing is sent
+        self.assertEqual(self.sent(), 0)
+        lines = [formatEvent(e) for e in events if "on disk for the next start" in formatEvent(e)]
+        self.assertEqual(lines, ["1 spooled record stays on disk for the next start"])
+
     def test_the_backoff_is_jittered_between_half_and_all_of_the_step(self):
         policy = RetryPolicy(initial=0.5, factor=2.0, max_delay=30.0)
         self.assertEqual(policy.delay(1, lambda: 0.0), 0.25)
@@ -120,7 +131,9 @@ class DeliveryTimingTests(TestCase):
 
     async def test_a_full_spool_refuses_with_resource_exhausted_and_keeps_what_it_has(self):
         await self.start(batch_size=1000, flush=60.0)
-        self.delivery._max_bytes = 1000
+        # SPOOL_MAX_BYTES counts what the files take on disk: room for a few commits past the empty spool's.
+        limit = self.delivery.spool.disk_bytes + 200_000
+        self.delivery._max_bytes = limit
         accepted = 0
         with self.assertRaises(WriteError) as refused:
             for _ in range(100):
@@ -128,7 +141,7 @@ class DeliveryTimingTests(TestCase):
                 accepted += 1
         self.assertEqual(refused.exception.failure, WriteFailure.RESOURCE_EXHAUSTED)
         self.assertIn("write spool full", refused.exception.message)
-        self.assertIn("1000", refused.exception.message)
+        self.assertIn(str(limit), refused.exception.message)
         self.assertGreater(accepted, 5)
         self.assertEqual(self.delivery.records, accepted)
         self.clock.advance(60.0)

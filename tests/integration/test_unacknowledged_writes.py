@@ -79,5 +79,6 @@ class UnacknowledgedWriteTests(TestCase):
         future = self.h.stub.ReportUsage.future(self.usage(3), timeout=10)
         await deferLater(reactor, 0.3, lambda: None)  # it waits on the held spool
         self.assertTrue(future.cancel())
+        await deferLater(reactor, 0.5, lambda: None)  # the cancellation has reached the sidecar
         await self.settle()
         self.assertEqual(self.h.emulator.state.usage_log(), [])
