@@ -72,8 +72,8 @@ class RecoveryTests(TestCase):
         state_dir = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, state_dir, True)
         await self.start(realtime=True, STATE_DIR=state_dir, SPOOL_WRITES="1", SPOOL_FLUSH_MS="20")
-        realtime = self.h.sidecar.getServiceNamed("realtime")
-        delivery = self.h.sidecar.getServiceNamed("delivery")
+        realtime = self.h.parts.online.realtime
+        delivery = self.h.parts.writer
         await until(lambda: realtime.is_connected and delivery._loaded, 10, "socket and spool up")
         self.h.emulator.state.faults.update({"down": True})
         for value in (1, 2, 3):  # acknowledged once durable, delivered later
