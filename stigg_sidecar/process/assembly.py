@@ -59,6 +59,7 @@ from stigg_sidecar.state.snapshot import SnapshotService
 from stigg_sidecar.upstream.api import StiggApi
 from stigg_sidecar.upstream.breaker import CircuitBreaker
 from stigg_sidecar.upstream.realtime import RealtimeService
+from stigg_sidecar.upstream.stigg_time import ClockSkewCheck
 
 PHASES = ("edge", "sources", "delivery", "serving")
 
@@ -221,7 +222,6 @@ def _sources(settings: Settings, reactor: Any, online: Online, state_dir: StateD
     the socket and poller stopped, and the mirror goes last."""
     if online.mirror is not None:
         online.mirror.setServiceParent(sources)
-    online.api.stigg_clock.service(reactor).setServiceParent(sources)  # warns while the local clock is off
     KeyCheck(
         reactor, online.api, online.key, readiness, settings.entitlements_timeout_ms / 1000,
         on_init_error=metrics.initialization_errors.inc if metrics is not None else (lambda: None),
@@ -237,6 +237,7 @@ def _sources(settings: Settings, reactor: Any, online: Online, state_dir: StateD
             on_loaded_age=metrics.snapshot_loaded_age.set if metrics is not None else (lambda age: None),
             budget=budget,
         ).setServiceParent(sources)
+    ClockSkewCheck(online.api.stigg_clock, reactor).setServiceParent(sources)  # warns while the local clock is off
 
 
 def _delivery(settings: Settings, reactor: Any, online: Online, state_dir: StateDirectory | None,

@@ -116,8 +116,14 @@ class StiggClock:
             log.info("The local clock agrees with Stigg's again (within {t:.0f}s)", t=self._tolerance)
         self._warned = off
 
-    def service(self, clock) -> TimerService:
-        """A service checking the skew every CHECK_INTERVAL seconds of `clock` (the reactor)."""
-        checker = TimerService(CHECK_INTERVAL, self.check)
-        checker.clock = clock
-        return checker
+
+
+class ClockSkewCheck(TimerService):
+    """Checks `stigg_clock`'s skew every CHECK_INTERVAL seconds of `clock` (the reactor), so a
+    step of the local clock is warned about even while Stigg is not being called."""
+
+    name = "clock-skew"
+
+    def __init__(self, stigg_clock: StiggClock, clock) -> None:
+        super().__init__(CHECK_INTERVAL, stigg_clock.check)
+        self.clock = clock

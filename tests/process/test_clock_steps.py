@@ -22,6 +22,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
+from stigg_sidecar.emulator.data import parse_customer
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from tests.fixtures import data
 from tests.fixtures.clients import grpc_deferred
@@ -107,7 +108,11 @@ class ClockStepTests(TestCase):
         await deferLater(reactor, 0.5, lambda: None)  # a poll already due may still go
         self.emulator.state.reset_request_counts()
         # Every second a refresh of the one cached customer: two within eight seconds on a loaded machine.
-        await until(lambda: self.emulator.state.request_counts().get(EDGE, 0) >= 2, 8, "polls after the step back")
+        try:
+            await until(lambda: self.emulator.state.request_counts().get(EDGE, 0) >= 2, 8, "polls after the step back")
+        except AssertionError:
+            self.sidecar.kill()
+            self.fail(f"polls after the step back: {self.emulator.state.request_counts()}; log:\n{self.sidecar.text}")
 
     async def test_an_open_breaker_still_probes_after_a_step_back(self):
         customers = {f"cold-{i}": data.ACME for i in range(20)}
@@ -150,12 +155,14 @@ class ClockStepTests(TestCase):
         await until(lambda: abs(self.metric("sidecar_clock_skew_seconds") or 1e9) < 5, 10, "the skew back near zero")
 
     async def test_two_hours_behind_a_period_stigg_reset_is_rolled_over(self):
+        self.step("-2h")
+        await self.start({"behind": data.ACME}, POLL_INTERVAL_SECS="3600")
+        # An hourly period that ends four seconds from now by Stigg's clock, its limit used up
+        # (set once the sidecar is up, however long its start took).
         now = datetime.datetime.now(datetime.timezone.utc)
-        # An hourly period that ends four seconds from now by Stigg's clock, its limit used up.
         item = metered_with_period(10, 10, now + datetime.timedelta(seconds=4) - datetime.timedelta(hours=1), "HOUR",
                                    datetime.timedelta(hours=1))
-        self.step("-2h")
-        await self.start({"behind": data.customer(item)}, POLL_INTERVAL_SECS="3600")
+        self.emulator.state.replace("behind", None, parse_customer(data.customer(item)).state)
         answer = await self.metered("behind")
         self.assertEqual((answer.entitlement.current_usage, answer.has_access), (10, False))
         await deferLater(reactor, 5, lambda: None)  # Stigg's period has ended
