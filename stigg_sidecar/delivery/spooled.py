@@ -155,6 +155,7 @@ class SpooledDelivery(Service):
         self.dead_lettered = 0
         self.unacknowledged = 0  # records synced after their caller's deadline or cancellation, removed
         self._refusals = RefusalLog()
+        self._uncounted: dict[int, UsageReport] = {}  # loaded at start, not yet in the pending usage
 
     # -- gauges -----------------------------------------------------------------------------------
 
@@ -298,7 +299,9 @@ class SpooledDelivery(Service):
                     spooled = bodies.read_usage(row.body)
                     record = _Record(row.seq, row.kind, len(row.body), row.created_ms, spooled.key, usage=spooled.usage,
                                      trace=row.trace)
-                    self._pending.add(row.seq, spooled.usage)
+                    # Perhaps delivered already (its delete failed, or the process died first):
+                    # counted only once its first delivery fails, i.e. when Stigg may lack it.
+                    self._uncounted[row.seq] = spooled.usage
                 elif row.kind == bodies.EVENT:
                     event = bodies.read_event(row.body)
                     record = _Record(row.seq, row.kind, len(row.body), row.created_ms, event.idempotency_key, event=event,
@@ -424,9 +427,16 @@ class SpooledDelivery(Service):
                                 attributes=attributes, context=otel_context.Context())
         sent.addCallbacks(self._delivered, self._failed, callbackArgs=(kind, records), errbackArgs=(kind, records))
 
+    def _count_uncounted(self) -> None:
+        """Usage loaded at start that Stigg may not have (a delivery failed): shown from now on."""
+        uncounted, self._uncounted = self._uncounted, {}
+        for seq in sorted(uncounted):
+            self._pending.add(seq, uncounted[seq])
+
     def _delivered(self, _: Any, kind: str, records: list[_Record]) -> None:
         queue = self._queues[kind]
         for r in records:
+            self._uncounted.pop(r.seq, None)
             if queue.pop(r.seq, None) is not None:
                 self._bytes -= r.size
             if r.usage is not None:
@@ -467,6 +477,8 @@ class SpooledDelivery(Service):
             return
         self._inflight[kind] = None
         self._retries[kind].appendleft(batch)  # the same batch again: same keys, counted once
+        if kind == bodies.USAGE:
+            self._count_uncounted()
         self._failures[kind] += 1
         why = error.message if isinstance(error, UpstreamError) else repr(error)
         if not isinstance(error, UpstreamError):
@@ -487,6 +499,7 @@ class SpooledDelivery(Service):
 
     def _dead_letter(self, kind: str, record: _Record, why: str) -> None:
         def moved(_: Any) -> None:
+            self._uncounted.pop(record.seq, None)
             if self._queues[kind].pop(record.seq, None) is not None:
                 self._bytes -= record.size
             if record.usage is not None:
