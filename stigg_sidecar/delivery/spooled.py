@@ -2,8 +2,8 @@
 
 A write is validated by the servicer, crosses to the reactor once (`WriteGate`), gets its
 idempotency key, and is appended to the `SpoolFile`; once that append is synced to disk the
-write is acknowledged and its usage is counted in the cache at once (`PendingUsage`). Everything
-after that runs on the reactor:
+write is acknowledged and its usage is counted in the cache at once (the store's pending usage).
+Everything after that runs on the reactor:
 
 - Delivery in batches (ReportUsageBulk, one ReportEvent with many events) through the same
   `UpstreamWrites` as direct writes: a batch goes when `batch_size` records wait, or
@@ -40,16 +40,24 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from stigg_sidecar import spans
-from stigg_sidecar.contracts import EventReport, UsageAck, UsageReport, WriteError, WriteFailure, measurement_id
+from stigg_sidecar.contracts import (
+    EventReport,
+    UsageAck,
+    UsageReport,
+    UsageStore,
+    WriteError,
+    WriteFailure,
+    measurement_id,
+)
 from stigg_sidecar.crossing.gate import WriteGate
 from stigg_sidecar.crossing.wait import Handoff
 from stigg_sidecar.delivery import bodies as bodies
-from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.delivery.spool import SpoolFile, StoredRecord, is_disk_full
 from stigg_sidecar.delivery.upstream import UpstreamWrites
 from stigg_sidecar.process.stopping import StopBudget
 from stigg_sidecar.quoting import quoted
-from stigg_sidecar.upstream.api import RetryPolicy, UpstreamError
+from stigg_sidecar.upstream.api import RetryPolicy
+from stigg_sidecar.upstream.errors import UpstreamError
 
 log = Logger()
 
@@ -111,8 +119,7 @@ class SpooledDelivery(Service):
         gate: WriteGate,
         writes: UpstreamWrites,
         spool: SpoolFile,
-        pending: PendingUsage,
-        reloads,
+        store: UsageStore,
         *,
         max_bytes: int,
         batch_size: int = 100,
@@ -129,8 +136,7 @@ class SpooledDelivery(Service):
         self._gate = gate
         self._writes = writes
         self.spool = spool
-        self._pending = pending
-        self._reloads = reloads  # a DirectDelivery: reloads are reads, never spooled
+        self._store = store
         self._max_bytes = max_bytes
         self._batch_size = batch_size
         self._flush_interval = flush_interval
@@ -183,9 +189,6 @@ class SpooledDelivery(Service):
         self, events: Sequence[EventReport], timeout: float, still_wanted: Callable[[], bool] | None = None
     ) -> None:
         self._gate.run_acknowledged(self._accept_events, events, timeout=timeout, still_wanted=still_wanted)
-
-    def reload(self, customer_id: str, resource_id: str | None, timeout: float) -> bool:
-        return self._reloads.reload(customer_id, resource_id, timeout)
 
     # -- reactor: accepting -----------------------------------------------------------------------
 
@@ -269,7 +272,7 @@ class SpooledDelivery(Service):
         for record in added:
             usage = record.usage
             assert usage is not None
-            shown = self._pending.add(record.seq, usage)
+            shown = self._store.pending_added(record.seq, usage)
             acks.append(
                 UsageAck(
                     measurement_id=record.key,
@@ -411,7 +414,7 @@ class SpooledDelivery(Service):
             def settled() -> None:
                 for r in records:
                     if r.usage is not None:
-                        self._pending.remove(r.seq, r.usage)
+                        self._store.pending_settled(r.seq, r.usage)
 
             def send() -> Deferred:
                 return self._writes.usage(usages, [r.key for r in records], self._send_timeout, settled)
@@ -431,7 +434,7 @@ class SpooledDelivery(Service):
         """Usage loaded at start that Stigg may not have (a delivery failed): shown from now on."""
         uncounted, self._uncounted = self._uncounted, {}
         for seq in sorted(uncounted):
-            self._pending.add(seq, uncounted[seq])
+            self._store.pending_added(seq, uncounted[seq])
 
     def _delivered(self, _: Any, kind: str, records: list[_Record]) -> None:
         queue = self._queues[kind]
@@ -440,7 +443,7 @@ class SpooledDelivery(Service):
             if queue.pop(r.seq, None) is not None:
                 self._bytes -= r.size
             if r.usage is not None:
-                self._pending.refresh(r.usage)
+                self._store.pending_shown(r.usage)
         self.spool.delete([r.seq for r in records]).addErrback(
             lambda f: log.warn("Could not delete delivered records from the spool: {why}", why=f.getErrorMessage())
         )
@@ -503,8 +506,8 @@ class SpooledDelivery(Service):
             if self._queues[kind].pop(record.seq, None) is not None:
                 self._bytes -= record.size
             if record.usage is not None:
-                self._pending.remove(record.seq, record.usage)
-                self._pending.refresh(record.usage)
+                self._store.pending_settled(record.seq, record.usage)
+                self._store.pending_shown(record.usage)
             self.dead_lettered += 1
             if self._metrics is not None:
                 self._metrics.spool_dead_letters.inc()

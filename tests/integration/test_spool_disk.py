@@ -36,7 +36,7 @@ class SpoolDiskTests(TestCase):
     async def start(self, state_dir: str, **settings: str) -> OnlineHarness:
         h = await OnlineHarness(self, reactor).start(
             data.SEED, STATE_DIR=state_dir, SPOOL_WRITES="1", SPOOL_FLUSH_MS="20", **settings)
-        self.delivery = h.sidecar.getServiceNamed("delivery")
+        self.delivery = h.parts.writer
         await until(lambda: self.delivery._loaded, what="spool loaded")
         await h.faults(down=True)
         return h

@@ -32,7 +32,7 @@ class UnacknowledgedWriteTests(TestCase):
         self.h = await OnlineHarness(self, reactor).start(
             data.SEED, STATE_DIR=self.state_dir, SPOOL_WRITES="1", SPOOL_FLUSH_MS="20"
         )
-        self.delivery = self.h.sidecar.getServiceNamed("delivery")
+        self.delivery = self.h.parts.writer
         await until(lambda: self.delivery._loaded, what="spool loaded")
         self.released = threading.Event()
         self.addCleanup(self.released.set)
