@@ -216,7 +216,8 @@ class SpooledDelivery(Service):
             raise WriteError(WriteFailure.UNAVAILABLE, "the write spool is not open yet; try again shortly")
         size = sum(len(body) for body, _ in rows)
         # What the files take on disk (as of the last commit), or the bodies when that is more.
-        used = max(self._bytes, self.spool.disk_bytes)
+        # With nothing waiting, what is on disk is delivered records about to be freed: room.
+        used = max(self._bytes, self.spool.disk_bytes) if self._bytes else 0
         if used + self._reserved + size > self._max_bytes:
             self._refusals.count(f"write spool full: {used} of {self._max_bytes} bytes (SPOOL_MAX_BYTES) used")
             raise WriteError(

@@ -39,7 +39,7 @@ class RestartCountsOnceTests(TestCase):
         before = (await a.call("GetMeteredEntitlement", METERED)).entitlement.current_usage
         for _ in range(3):
             await a.call("ReportUsage", pb.ReportUsageRequest(customer_id="acme", feature_id="api-calls", value=1))
-        delivery = a.sidecar.getServiceNamed("delivery")
+        delivery = a.parts.writer
         await delivery.spool._submit(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
         undeleted = self.directory()
         shutil.copyfile(f"{first_dir}/spool.sqlite3", f"{undeleted}/spool.sqlite3")
@@ -53,7 +53,7 @@ class RestartCountsOnceTests(TestCase):
         await a.faults(latency_ms=1500)  # the re-delivery's answer comes late
         b = await OnlineHarness(self, reactor).start(
             data.SEED, emulator=a.emulator, STATE_DIR=second_dir, SPOOL_WRITES="1", SPOOL_FLUSH_MS="20")
-        again = b.sidecar.getServiceNamed("delivery")
+        again = b.parts.writer
         await until(lambda: again._loaded and again.records == 3, what="the spool loaded")
         shown = (await b.call("GetMeteredEntitlement", METERED)).entitlement.current_usage
         self.assertEqual(shown, stigg)  # not stigg + 3
