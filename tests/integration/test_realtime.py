@@ -60,7 +60,7 @@ class SocketTests(TestCase):
         await h.wait_until(ready, timeout=15)
 
     def realtime(self, h):
-        return h.sidecar.getServiceNamed("realtime")
+        return h.parts.online.realtime
 
     async def test_admin_change_reaches_a_grpc_answer(self):
         h = await self.start()
@@ -152,16 +152,16 @@ class SocketTests(TestCase):
         h = await self.start(ENTITLEMENTS_TIMEOUT_MS="15000")
         await h.faults(latency_ms=5000)
         reading = h.call("GetBooleanEntitlement", sso(), timeout=20)  # cold: a fetch is now in flight
-        await h.wait_until(lambda: _true(h.sidecar.backend.fetching("c_acme")), timeout=5)
+        await h.wait_until(lambda: _true(h.parts.online.fetcher.fetching("c_acme")), timeout=5)
         await h.admin("PUT", "customers/acme", data.customer(data.feature("other")))
-        cache = h.sidecar.backend.cache
+        cache = h.parts.online.cache
 
         async def pushed():
             entry = cache.get_entry("c_acme")
             return entry is not None and "other" in entry.features
 
         await h.wait_until(pushed, timeout=10)
-        self.assertTrue(h.sidecar.backend.fetching("c_acme"))
+        self.assertTrue(h.parts.online.fetcher.fetching("c_acme"))
         await reading
 
     async def test_a_subscription_error_replaces_the_socket(self):
@@ -179,7 +179,7 @@ class SocketTests(TestCase):
     async def test_package_published_for_all_customers_drops_the_cache(self):
         h = await self.start()
         await h.call("GetBooleanEntitlement", sso())
-        cache = h.sidecar.backend.cache
+        cache = h.parts.online.cache
         self.assertEqual(len(cache), 1)
         await h.admin("POST", "publish", {"migrationType": "NEW_CUSTOMERS"})
         await h.admin("POST", "publish", {"migrationType": "ALL_CUSTOMERS"})
@@ -191,7 +191,7 @@ class SocketTests(TestCase):
 
     async def test_poller_stands_down_while_the_socket_is_up(self):
         h = await self.start(POLL_INTERVAL_SECS="0.2")
-        poller = h.sidecar.getServiceNamed("poller")
+        poller = h.parts.online.poller
         self.assertFalse(poller.active)
         await h.admin("POST", "faults", {"down": True})
 
