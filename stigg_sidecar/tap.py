@@ -370,7 +370,7 @@ def makeService(options: Options) -> SidecarService:
     except tracing_setup.TracingConfigError as e:
         exit_with(str(e))
     if tracing is not None:
-        log.info("OpenTelemetry {where}", where=tracing_setup.describe(tracing))
+        log.info("OpenTelemetry {where}", where=tracing_setup.describe())
     try:
         sidecar = build_sidecar(settings, tracing=tracing, log_stream=log_stream)
     except (StateDirectoryError, TlsError, CallerTokensError) as e:
