@@ -253,7 +253,10 @@ def install(environ: Mapping[str, str] | None = None) -> Tracing | None:
     sdk_log.addHandler(complaints)
     sdk_log.propagate = False  # not also on stderr through logging's last-resort handler
     # The SDK reads os.environ itself (sampler, resource, processor, exporter): that is the point.
-    provider = TracerProvider(sampler=LinkAwareSampler(sampler_from_env()), resource=Resource.create())
+    # No exit hook: its shutdown waits for the export thread (up to the exporter's timeout with a
+    # collector that does not answer); the stop's bounded flush is the last word instead.
+    provider = TracerProvider(sampler=LinkAwareSampler(sampler_from_env()), resource=Resource.create(),
+                              shutdown_on_exit=False)
     exporter = CountingExporter(OTLPSpanExporter())
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
