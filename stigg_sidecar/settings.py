@@ -206,6 +206,10 @@ SPECS: tuple[Spec, ...] = (
         "GRPC_MAX_CONCURRENT_STREAMS", None, _parse_int(1, 2**31 - 1),
         "calls at once on one gRPC connection (default: MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS)",
     ),
+    Spec(
+        "GRPC_MAX_CONNECTIONS", "0", _parse_int(0, 2**31 - 1),
+        "gRPC connections at once; more are closed as they come (0: the open-files limit less 256 kept for Stigg, Redis, the spool and HTTP)",
+    ),
     Spec("SHUTDOWN_GRACE_SECS", "8", _parse_seconds,
          "the whole stop on SIGTERM: gRPC drain, spool delivery and the last snapshot, together"),
     Spec("METRICS_ENABLED", "1", parse_bool, "serve Prometheus metrics at /metrics and count on the hot path"),
@@ -273,6 +277,7 @@ class Settings:
     grpc_keepalive_timeout_secs: float = 20.0
     grpc_max_connection_idle_secs: float = 300.0
     grpc_max_concurrent_streams: int = 784  # MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS
+    grpc_max_connections: int = 0
     shutdown_grace_secs: float = 8.0
     metrics_enabled: bool = True
     metrics_max_age_ms: int = 1000

@@ -50,9 +50,10 @@ from stigg_sidecar.ops import tracing as tracing_setup
 from stigg_sidecar.ops.metrics import Metrics, MetricsInterceptor
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.ops.web import HttpService, health_app
-from stigg_sidecar.process import gcpolicy
+from stigg_sidecar.process import descriptors, gcpolicy
 from stigg_sidecar.process.access import grpc_access
 from stigg_sidecar.process.logs import make_observer
+from stigg_sidecar.process.native_output import route_native_output
 from stigg_sidecar.process.service import SidecarService
 from stigg_sidecar.process.startup import exit_with, starting_line, version_text
 from stigg_sidecar.process.stopping import StopBudget
@@ -149,6 +150,7 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
         keepalive_timeout_secs=settings.grpc_keepalive_timeout_secs,
         max_connection_idle_secs=settings.grpc_max_connection_idle_secs,
         max_concurrent_streams=settings.grpc_max_concurrent_streams,
+        max_connections=descriptors.grpc_connection_cap(settings.grpc_max_connections, descriptors.open_files_limit()),
     )
 
 
@@ -365,6 +367,21 @@ def makeService(options: Options) -> SidecarService:
     log_stream = _log_stream(options)
     # Logged before twistd starts logging: the log replays it first, ahead of twistd's own lines.
     log.info("{line}", line=starting_line(settings))
+    from twisted.internet import reactor
+
+    parent = getattr(options, "parent", None)
+    if parent is None or parent.get("nodaemon"):
+        # grpc-core's lines in this log, in LOG_FORMAT. A daemon's descriptor 2 is /dev/null (and
+        # must not keep its starter's stderr open), so there they are silenced instead.
+        route_native_output(reactor)
+    before, limit = descriptors.raise_open_files_limit()
+    cap = descriptors.grpc_connection_cap(settings.grpc_max_connections, limit)
+    log.debug("Open files: limit {limit} (was {before}); at most {cap} gRPC connections at once",
+             limit=limit, before=before, cap=cap)
+    if cap > limit - descriptors.RESERVED_DESCRIPTORS:
+        log.warn("GRPC_MAX_CONNECTIONS {cap} leaves fewer than {reserved} of the {limit} open files for Stigg,"
+                 " Redis, the spool and HTTP: many clients could starve them", cap=cap,
+                 reserved=descriptors.RESERVED_DESCRIPTORS, limit=limit)
     try:
         tracing = tracing_setup.install()
     except tracing_setup.TracingConfigError as e:

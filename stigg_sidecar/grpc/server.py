@@ -57,6 +57,7 @@ class ConnectionLimits:
     keepalive_timeout_secs: float
     max_connection_idle_secs: float
     max_concurrent_streams: int
+    max_connections: int = 0  # connections at once (0: no cap); grpc-core closes more as they come
 
     def options(self) -> list[tuple[str, int]]:
         """grpc-core channel arguments (milliseconds, at least 1)."""
@@ -79,7 +80,7 @@ class ConnectionLimits:
             # GOAWAY to a connection without calls for this long; clients reconnect on their next call.
             ("grpc.max_connection_idle_ms", ms(self.max_connection_idle_secs)),
             ("grpc.max_concurrent_streams", self.max_concurrent_streams),
-        ]
+        ] + ([("grpc.max_allowed_incoming_connections", self.max_connections)] if self.max_connections > 0 else [])
 
 
 def server_options(max_message_bytes: int, limits: ConnectionLimits) -> list[tuple[str, int]]:

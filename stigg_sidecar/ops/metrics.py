@@ -152,7 +152,7 @@ class Metrics:
 
     def upstream_attempt(self, endpoint: str, outcome: str, seconds: float) -> None:
         self.upstream_latency.labels(endpoint, outcome).observe(seconds)
-        if outcome != "ok":
+        if outcome not in ("ok", "local"):  # "local": never left the process (no file descriptor)
             self.network_request_errors.inc()
             if outcome in ("401", "403"):
                 self.invalid_api_key_errors.inc()

@@ -9,6 +9,7 @@ the cache. Runs on the reactor only. Never puts the API key into an error or a l
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -58,8 +59,9 @@ class UpstreamError(RemoteError):
     GraphQL error code when Stigg answered with one (the request reached Stigg and was refused)."""
 
     def __init__(self, failure: WriteFailure, message: str, retryable: bool = False, retry_after: float | None = None,
-                 code: str | None = None, fast_failed: bool = False):
+                 code: str | None = None, fast_failed: bool = False, local: bool = False):
         super().__init__(message)
+        self.local = local  # the sidecar could not even send it (no file descriptor): says nothing of Stigg
         self.failure = failure
         self.message = message
         self.retryable = retryable
@@ -74,6 +76,18 @@ _MIN_TIMEOUT_COUNTED = 1.0
 
 
 DEFAULT_BREAKER = BreakerPolicy()
+
+
+# A socket that could not even be made: the process is out of descriptors (or buffers), not Stigg.
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def _is_local(e: BaseException) -> bool:
+    """Whether an attempt failed inside this process, before anything reached the network."""
+    if isinstance(e, error.ConnectBindError):  # Twisted's name for "socket() or bind() failed"
+        return True
+    os_error = getattr(e, "osError", None)
+    return (isinstance(e, OSError) and e.errno in _LOCAL_ERRNOS) or os_error in _LOCAL_ERRNOS
 
 
 def _means_down(error: UpstreamError, attempt_timeout: float) -> bool:
@@ -389,6 +403,10 @@ class StiggApi:
             if expired:
                 outcome = "timeout"
                 raise UpstreamError(WriteFailure.DEADLINE_EXCEEDED, f"Stigg did not answer within {timeout:.3g}s") from None
+            if _is_local(e):
+                outcome = "local"
+                raise UpstreamError(WriteFailure.UNAVAILABLE, "not sent: the sidecar is out of file descriptors "
+                                    "(too many open connections)", True, local=True) from None
             if isinstance(e, _CONNECTION_ERRORS):
                 outcome = "unreachable"
                 raise UpstreamError(WriteFailure.UNAVAILABLE, f"Stigg is unreachable ({type(e).__name__})", True) from None
@@ -425,7 +443,9 @@ class StiggApi:
             try:
                 result = yield self._once(endpoint, send, remaining, target, attempt)
             except UpstreamError as e:
-                if _means_down(e, remaining):
+                if e.local:
+                    breaker.abandoned(ticket)  # nothing reached Stigg: neither up nor down
+                elif _means_down(e, remaining):
                     breaker.failed(ticket, e.message)
                 else:
                     breaker.succeeded(ticket)  # Stigg answered, if only to refuse
