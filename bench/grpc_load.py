@@ -3,7 +3,7 @@ against Stigg's Node SDK behind grpc-js.
 
     python -m bench.grpc_load [--duration 10] [--warm-up 2] [--connections 1,4,8] [--streams 1,10]
                               [--rpc boolean,metered] [--customers 4] [--no-node]
-                              [--variant NAME:ENV=VALUE,...]...
+                              [--variant NAME:ENV=VALUE,...]... [--tls] [--token]
 
 `--variant` adds another sidecar with extra environment to the same run (the tracing overhead:
 `--variant 'nopar:OTEL_EXPORTER_OTLP_ENDPOINT={otlp},OTEL_TRACES_SAMPLER=parentbased_always_off'
@@ -26,6 +26,13 @@ Prints, per setting: req/s, p50/p99 latency (from h2load's per-request log), the
 the sidecar/bare and sidecar/Node ratios (of req/s, of requests per CPU-second, and of p99); then
 the headline (the setting where the bare server is fastest) beside Stigg's published figure for
 its own sidecar, and the RSS of each server. Benchmarks are run by hand, never in CI.
+
+`--tls` and `--token` add sidecars locked down as a standalone service (README "Running as a
+standalone service"), started like the first one and measured in the same run, alternating with
+it: `--tls` one serving TLS (a trustme CA's certificate; h2load over https), `--token` one
+checking caller tokens (h2load sends `authorization: Bearer`), over TLS when `--tls` is given too.
+Their rows give the plaintext sidecar's ratio to them; a closing section gives each one's
+throughput as a fraction of the plaintext sidecar's, per setting.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +199,64 @@ class Sampler(threading.Thread):
         self.join(CALL_TIMEOUT + 2)
 
 
+# -- the servers measured ----------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """A server h2load is pointed at, and a stub to check its answers with."""
+
+    pid: int
+    port: int
+    stub: SidecarServiceStub
+    scheme: str = "http"
+    headers: tuple[str, ...] = field(default_factory=tuple)  # extra h2load -H values
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call (the sampler's, the checks')."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        details = client_call_details._replace(metadata=(*(client_call_details.metadata or ()), *self._metadata))
+        return continuation(details, request)
+
+
+@dataclass
+class Lockdown:
+    """Files a locked-down sidecar reads: a TLS pair from a test CA, a caller tokens file."""
+
+    tls_env: dict[str, str]
+    ca_pem: bytes
+    token: str
+    tokens_env: dict[str, str]
+
+    @classmethod
+    def make(cls, children: Children) -> Lockdown:
+        import secrets
+
+        import trustme  # a test dependency (requirements-dev.lock): benchmarks run from the dev environment
+
+        ca = trustme.CA()
+        leaf = ca.issue_cert("127.0.0.1", "localhost")
+        cert, key, tokens = children.path("tls.crt"), children.path("tls.key"), children.path("tokens")
+        cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        key.write_bytes(leaf.private_key_pem.bytes())
+        token = secrets.token_urlsafe(32)
+        tokens.write_text(f"bench read {token}\n")
+        return cls({"TLS_CERT_FILE": str(cert), "TLS_KEY_FILE": str(key)}, ca.cert_pem.bytes(), token,
+                   {"CALLER_TOKENS_FILE": str(tokens)})
+
+    def channel(self, target: str, tls: bool, token: bool) -> grpc.Channel:
+        if tls:
+            channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=self.ca_pem))
+        else:
+            channel = grpc.insecure_channel(target)
+        return grpc.intercept_channel(channel, _Bearer(self.token)) if token else channel
+
+
 # -- h2load -----------------------------------------------------------------------------------
 
 
@@ -243,6 +308,8 @@ def run_h2load(
     duration: int,
     warm_up: int,
     sampler: Sampler,
+    scheme: str = "http",
+    headers: tuple[str, ...] = (),
 ) -> Run:
     argv = [
         "taskset",
@@ -255,6 +322,7 @@ def run_h2load(
         "content-type: application/grpc",
         "-H",
         "te: trailers",
+        *(arg for header in headers for arg in ("-H", header)),
         "-c",
         str(connections),
         "-m",
@@ -267,7 +335,7 @@ def run_h2load(
         str(warm_up),
         "--log-file",
         str(log),
-        f"http://127.0.0.1:{port}{SERVICE}/{call.method}",
+        f"{scheme}://127.0.0.1:{port}{SERVICE}/{call.method}",
     ]
     log.unlink(missing_ok=True)  # h2load appends to an existing log
     h2load_cpu_before, h2load_started = children_cpu_seconds(), time.monotonic()
@@ -412,6 +480,10 @@ def main() -> int:
     parser.add_argument(
         "--no-node", action="store_true", help="leave out the Node reference (Stigg's Node SDK behind grpc-js)"
     )
+    parser.add_argument("--tls", action="store_true", help="add a sidecar serving TLS (TLS_CERT_FILE, TLS_KEY_FILE)")
+    parser.add_argument(
+        "--token", action="store_true", help="add a sidecar checking caller tokens (CALLER_TOKENS_FILE); over TLS with --tls"
+    )
     args = parser.parse_args()
     calls = [LOAD_CALLS[name] for name in args.rpc.split(",")]
     if len(os.sched_getaffinity(0)) < 2:
@@ -456,7 +528,32 @@ def bench(children: Children, args: argparse.Namespace, calls: list[LoadCall]) -
     print(f"bare server pid {bare.pid} on core {SERVER_CPU}, gRPC 127.0.0.1:{bare_port}, same answers")
     rss_warm = rss_kib(sidecar.child.pid)
 
-    servers = {"sidecar": (sidecar.child.pid, sidecar.grpc_port, stub), "bare": (bare.pid, bare_port, bare_stub)}
+    servers = {"sidecar": Target(sidecar.child.pid, sidecar.grpc_port, stub), "bare": Target(bare.pid, bare_port, bare_stub)}
+    lockdown_channels = []
+    if args.tls or args.token:
+        lockdown = Lockdown.make(children)
+        variants = [("tls", True, False)] if args.tls else []
+        if args.token:
+            variants.append(("tls+token", True, True) if args.tls else ("token", False, True))
+        for name, tls, token in variants:
+            env = {"SHUTDOWN_GRACE_SECS": "1", **extra, **(lockdown.tls_env if tls else {}),
+                   **(lockdown.tokens_env if token else {})}
+            locked = start_sidecar(children, SERVER_CPU, api_url, env)
+            locked_channel = lockdown.channel(locked.target, tls, token)
+            lockdown_channels.append(locked_channel)
+            locked_stub = SidecarServiceStub(locked_channel)
+            for i in range(args.customers):
+                locked_stub.GetEntitlementsStateV2(pb.GetEntitlementsStateV2Request(customer_id=customer_id(i)), timeout=15)
+            for i in range(args.customers):
+                check_customer(locked_stub, i)
+            for call in calls:
+                if call.call(locked_stub) != references[call.name]:
+                    raise BenchError(f"the {name} sidecar's {call.method} answer differs from the plaintext one's")
+            servers[name] = Target(
+                locked.child.pid, locked.grpc_port, locked_stub, "https" if tls else "http",
+                (f"authorization: Bearer {lockdown.token}",) if token else (),
+            )
+            print(f"{name} sidecar pid {locked.child.pid} on core {SERVER_CPU}, gRPC {locked.target}, same answers")
     variant_channels = []
     sink = OtlpSink() if any("{otlp}" in v for v in args.variant) else None
     for spec in args.variant:
@@ -476,7 +573,7 @@ def bench(children: Children, args: argparse.Namespace, calls: list[LoadCall]) -
                 raise BenchError(f"the {name} sidecar's {call.method} answer differs from the sidecar's")
         print(f"{name} sidecar pid {variant.child.pid} on core {SERVER_CPU}, gRPC {variant.target}, env {env}:"
               " same answers")
-        servers[name] = (variant.child.pid, variant.grpc_port, variant_stub)
+        servers[name] = Target(variant.child.pid, variant.grpc_port, variant_stub)
     node_channel = None
     if not args.no_node:
         node = start_node_reference(children, SERVER_CPU, api_url)
@@ -501,7 +598,7 @@ def bench(children: Children, args: argparse.Namespace, calls: list[LoadCall]) -
             f"(@stigg/node-server-sdk 3.95.0, grpc-js): {args.customers} customers x 6 checks OK, "
             "same answers as the sidecar"
         )
-        servers["node"] = (node.child.pid, node.grpc_port, node_stub)
+        servers["node"] = Target(node.child.pid, node.grpc_port, node_stub)
 
     settings = list(itertools.product(args.connections, args.streams))
     per_run = args.duration + args.warm_up
@@ -523,20 +620,20 @@ def bench(children: Children, args: argparse.Namespace, calls: list[LoadCall]) -
             + (f", median of {args.repeat}" if args.repeat > 1 else "")
         )
         print(
-            f"{'-c':>3} {'-m':>3}  {'server':<8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'cpu%':>5} "
+            f"{'-c':>3} {'-m':>3}  {'server':<9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'cpu%':>5} "
             f"{'other%':>6} {'req/cpu-s':>9}  {'ratio':>5} {'per-cpu':>7} {'p99':>5}"
         )
         rows = results[call.name] = []
         for connections, streams in settings:
             runs: dict[str, list[Run]] = {name: [] for name in servers}
             for attempt in range(args.repeat):
-                for name, (pid, port, server_stub) in servers.items():
+                for name, target in servers.items():
                     log = children.path(f"h2load-{call.name}-{name}-c{connections}-m{streams}-{attempt}.log")
                     runs[name].append(
                         run_h2load(
                             name,
-                            pid,
-                            port,
+                            target.pid,
+                            target.port,
                             call,
                             body,
                             log,
@@ -544,7 +641,9 @@ def bench(children: Children, args: argparse.Namespace, calls: list[LoadCall]) -
                             streams,
                             args.duration,
                             args.warm_up,
-                            Sampler(server_stub, call, references[call.name]),
+                            Sampler(target.stub, call, references[call.name]),
+                            target.scheme,
+                            target.headers,
                         )
                     )
                     log.unlink()
@@ -558,7 +657,7 @@ def bench(children: Children, args: argparse.Namespace, calls: list[LoadCall]) -
                         f"{side.p99_ms / run.p99_ms:5.2f}"
                     )
                 print(
-                    f"{connections:>3} {streams:>3}  {run.server:<8} {run.rps:>8.0f} {run.p50_ms:>7.2f} "
+                    f"{connections:>3} {streams:>3}  {run.server:<9} {run.rps:>8.0f} {run.p50_ms:>7.2f} "
                     f"{run.p99_ms:>7.2f} {run.cpu_percent:>5.0f} {run.other_percent:>6.0f} "
                     f"{run.per_cpu_second:>9.0f}  {ratios}",
                     flush=True,
@@ -568,9 +667,12 @@ def bench(children: Children, args: argparse.Namespace, calls: list[LoadCall]) -
 
     rss_after = rss_kib(sidecar.child.pid)
     for i in range(args.customers):  # still right after everything
-        for _, _, server_stub in (servers["sidecar"], *([servers["node"]] if "node" in servers else [])):
-            check_customer(server_stub, i)
+        for name, target in servers.items():
+            if name != "bare":
+                check_customer(target.stub, i)
     channel.close()
+    for locked_channel in lockdown_channels:
+        locked_channel.close()
     bare_channel.close()
     for variant_channel in variant_channels:
         variant_channel.close()
@@ -579,6 +681,21 @@ def bench(children: Children, args: argparse.Namespace, calls: list[LoadCall]) -
         sink.stop()
     if node_channel is not None:
         node_channel.close()
+
+    locked_names = [name for name in ("tls", "token", "tls+token") if name in servers]
+    if locked_names:
+        print("== the standalone service's cost on cached reads (same run, alternating; fraction of plaintext)")
+        for call in calls:
+            for row in results[call.name]:
+                plain = row["sidecar"]
+                parts = [
+                    f"{name} {row[name].rps / plain.rps:.2f} req/s, {row[name].per_cpu_second / plain.per_cpu_second:.2f}"
+                    f" per CPU-s, p99 x{row[name].p99_ms / plain.p99_ms:.2f}"
+                    for name in locked_names
+                ]
+                print(f"  {call.method} -c {plain.connections} -m {plain.streams}: plaintext {plain.rps:.0f} req/s; "
+                      + "; ".join(parts))
+        print()
 
     print("== headline (the setting where the bare server is fastest)")
     for call in calls:
@@ -623,7 +740,7 @@ def bench(children: Children, args: argparse.Namespace, calls: list[LoadCall]) -
     print(
         f"sidecar RSS: {rss_started / 1024:.1f} MiB started, {rss_warm / 1024:.1f} MiB warm, "
         f"{rss_after / 1024:.1f} MiB after the load; bare server {rss_kib(bare.pid) / 1024:.1f} MiB"
-        + (f"; Node reference {rss_kib(servers['node'][0]) / 1024:.1f} MiB" if "node" in servers else "")
+        + (f"; Node reference {rss_kib(servers['node'].pid) / 1024:.1f} MiB" if "node" in servers else "")
     )
     return 0
 

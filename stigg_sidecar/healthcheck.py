@@ -1,7 +1,7 @@
 """`python -m stigg_sidecar.healthcheck`: the container's HEALTHCHECK, from the sidecar's own settings.
 
-Asks the liveness path (HEALTH_ENDPOINT_URL) on HTTP_PORT at the address the sidecar listens on
-(BIND_ADDRESS; a wildcard means loopback), so moving the port or the path needs no change to the
+Asks the liveness path (HEALTH_ENDPOINT_URL) on HTTP_PORT at the address the HTTP server listens on
+(HTTP_BIND_ADDRESS, else BIND_ADDRESS; a wildcard means loopback), so moving the port or the path needs no change to the
 image. Exit 0 when it answers 200; otherwise 1 with one line on stderr.
 """
 
@@ -22,9 +22,12 @@ _WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 def liveness_url(environ: Mapping[str, str]) -> str:
     def setting(name: str) -> Any:
         spec = _SPECS[name]
-        return spec.parse(environ.get(name) or spec.default or "")
+        try:
+            return spec.parse(environ.get(name) or spec.default or "")
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
 
-    address = str(setting("BIND_ADDRESS"))
+    address = str(setting("HTTP_BIND_ADDRESS")) or str(setting("BIND_ADDRESS"))
     host = _WILDCARDS.get(address, address)
     if ":" in host:
         host = f"[{host}]"

@@ -195,6 +195,9 @@ def _endpoint(reactor: IReactor, ws_url: str) -> tuple[IStreamClientEndpoint, st
     return endpoint, parts.geturl()
 
 
+_NEVER = 365 * 24 * 3600.0  # seconds: a retry that the stop of the client service cancels first
+
+
 class RealtimeService(MultiService):
     name = "realtime"
 
@@ -239,6 +242,10 @@ class RealtimeService(MultiService):
         """ClientService counts failed attempts from the last TCP connect, but an upgrade Stigg
         refuses (a 404, a 503 from a proxy) connects TCP first: counted that way every retry
         would be the first, forever. The socket is up only once Stigg acknowledged it."""
+        if self.gave_up:
+            # Stigg rejected the key: the client service is being stopped (ClientService asks for
+            # a delay on the way), so there is no retry to announce and none is made.
+            return _NEVER
         self.attempts_since_ack += 1
         delay = self._backoff(self.attempts_since_ack)
         log.info("Real-time socket: retry {n} in {delay:.1f}s", n=self.attempts_since_ack, delay=delay)

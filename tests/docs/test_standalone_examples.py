@@ -18,6 +18,8 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from stigg_sidecar.grpc.callers import parse_callers
+from tests.fixtures.kustomize import workload
 from tests.fixtures.lockdown import (
     READ_TOKEN,
     TOKENS_TEXT,
@@ -51,7 +53,7 @@ class StandaloneExamplesTests(TestCase):
 
     def start(self, **env: str) -> int:
         sidecar = start_offline_sidecar(self, reactor, CALLER_TOKENS_FILE=str(self.dir / "tokens"), **env)
-        return sidecar.getServiceNamed("grpc").port
+        return sidecar.parts.grpc.port
 
     async def check(self, code: str, port: int, **env: str) -> None:
         base = {"STIGG_SIDECAR_HOST": "127.0.0.1", "STIGG_SIDECAR_PORT": str(port), **env}
@@ -75,3 +77,24 @@ class StandaloneExamplesTests(TestCase):
         ca.cert_pem.write_to_path(str(ca_file))
         for code in examples()[1:]:
             await self.check(code, port, STIGG_SIDECAR_CA=str(ca_file))
+
+
+class StandaloneOverlayTests(TestCase):
+    """deploy/kubernetes/overlays/standalone wires the files as this code reads them: the TLS pair
+    from the cert-manager Certificate's Secret, the callers Secret's `tokens` in the format
+    `grpc.callers` parses."""
+
+    def test_tls_and_tokens_come_from_the_secrets_the_readme_names(self):
+        pod = workload("standalone")
+        env = {name: entry.get("value") for name, entry in pod.env.items()}
+        self.assertEqual(env["TLS_CERT_FILE"], "/etc/stigg-sidecar/tls/tls.crt")
+        self.assertEqual(env["TLS_KEY_FILE"], "/etc/stigg-sidecar/tls/tls.key")
+        self.assertEqual(env["CALLER_TOKENS_FILE"], "/etc/stigg-sidecar/callers/tokens")
+        (certificate,) = pod.of_kind("Certificate")
+        for setting, key in (("TLS_CERT_FILE", "tls.crt"), ("TLS_KEY_FILE", "tls.key")):
+            volume, path = pod.mounted_file(env[setting])
+            self.assertEqual((volume["secret"]["secretName"], path), (certificate["spec"]["secretName"], key))
+        volume, path = pod.mounted_file(env["CALLER_TOKENS_FILE"])
+        secret = pod.named("Secret", volume["secret"]["secretName"])
+        table = parse_callers(secret["stringData"][path], "the overlay's callers Secret")
+        self.assertTrue(table.names)
