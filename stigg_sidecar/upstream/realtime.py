@@ -11,7 +11,6 @@ are logged, counted and ignored.
 
 from __future__ import annotations
 
-import json
 import random
 import uuid
 from typing import Any, Callable, Mapping, Protocol
@@ -28,6 +27,7 @@ from twisted.logger import Logger
 from stigg_sidecar import spans
 from stigg_sidecar.process.reactor import IReactor
 from stigg_sidecar.quoting import clipped
+from stigg_sidecar.upstream import wire
 from stigg_sidecar.upstream.operations import SUBSCRIPTIONS
 
 log = Logger()
@@ -89,16 +89,16 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
 
     # Not `_send`: autobahn's WebSocketProtocol._send flushes its own send queue.
     def _send_json(self, message: Mapping[str, Any]) -> None:
-        self.sendMessage(json.dumps(message).encode())
+        self.sendMessage(wire.socket_frame(message))
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         service = self.factory.service
         try:
-            message = json.loads(payload)
-            kind = message["type"]
-        except (ValueError, KeyError, TypeError):
-            service.malformed_frame("not a graphql-transport-ws message")
+            message = wire.socket_message(payload)
+        except ValueError as e:
+            service.malformed_frame(str(e))
             return
+        kind = message["type"]
         if kind == "connection_ack":
             if self._ack_deadline is not None and self._ack_deadline.active():
                 self._ack_deadline.cancel()
@@ -120,24 +120,23 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
             self._pong_deadline = None
             self._schedule_ping()
         elif kind == "next":
-            field = self._subscriptions.get(message.get("id"))
-            data = (message.get("payload") or {}).get("data") if isinstance(message.get("payload"), dict) else None
-            if field is None or not isinstance(data, dict) or not isinstance(data.get(field), dict):
-                errors = message.get("payload", {}).get("errors") if isinstance(message.get("payload"), dict) else None
+            field = self._subscriptions.get(str(message.get("id")))
+            update, errors = wire.pushed_data(message, field)
+            if field is None or update is None:
                 service.malformed_frame(f"unusable {field or 'unknown'} update{f': {errors}' if errors else ''}")
                 return
-            service.dispatch(field, data[field])
+            service.dispatch(field, update)
         elif kind == "error":
             # A refused or failed subscription would leave its updates silently missing while the
             # socket looks healthy: start over (with backoff), as Stigg's client resubscribes.
             log.warn(
                 "Stigg ended subscription {field} with an error: {payload}; reconnecting",
-                field=self._subscriptions.get(message.get("id")),
+                field=self._subscriptions.get(str(message.get("id"))),
                 payload=message.get("payload"),
             )
             self.dropConnection(abort=True)
         elif kind == "complete":
-            field = self._subscriptions.pop(message.get("id"), None)
+            field = self._subscriptions.pop(str(message.get("id")), None)
             log.warn("Stigg completed subscription {field}; reconnecting to resubscribe", field=field)
             self.dropConnection(abort=True)
         else:
