@@ -22,6 +22,7 @@ from stigg_sidecar.ops import tracing as tracing_setup
 from stigg_sidecar.process import descriptors, gcpolicy
 from stigg_sidecar.process.assembly import assemble
 from stigg_sidecar.process.native_output import route_native_output
+from stigg_sidecar.process.reactor import default_reactor
 from stigg_sidecar.process.service import SidecarService
 from stigg_sidecar.process.startup import exit_with, starting_line, version_text
 from stigg_sidecar.settings import SPECS, SettingsError, load_settings, parse_bool
@@ -115,13 +116,11 @@ def makeService(options: Options) -> SidecarService:
     log_stream = _log_stream(options)
     # Logged before twistd starts logging: the log replays it first, ahead of twistd's own lines.
     log.info("{line}", line=starting_line(settings))
-    from twisted.internet import reactor
-
     parent = getattr(options, "parent", None)
     if parent is None or parent.get("nodaemon"):
         # grpc-core's lines in this log, in LOG_FORMAT. A daemon's descriptor 2 is /dev/null (and
         # must not keep its starter's stderr open), so there they are silenced instead.
-        route_native_output(reactor)
+        route_native_output(default_reactor())
     before, limit = descriptors.raise_open_files_limit()
     cap = descriptors.grpc_connection_cap(settings.grpc_max_connections, limit)
     log.debug("Open files: limit {limit} (was {before}); at most {cap} gRPC connections at once",

@@ -161,6 +161,7 @@ class SpooledDelivery(Service):
         self.dead_lettered = 0
         self.unacknowledged = 0  # records synced after their caller's deadline or cancellation, removed
         self._refusals = RefusalLog()
+        self._uncounted: dict[int, UsageReport] = {}  # loaded at start, not yet in the pending usage
 
     # -- gauges -----------------------------------------------------------------------------------
 
@@ -215,7 +216,8 @@ class SpooledDelivery(Service):
             raise WriteError(WriteFailure.UNAVAILABLE, "the write spool is not open yet; try again shortly")
         size = sum(len(body) for body, _ in rows)
         # What the files take on disk (as of the last commit), or the bodies when that is more.
-        used = max(self._bytes, self.spool.disk_bytes)
+        # With nothing waiting, what is on disk is delivered records about to be freed: room.
+        used = max(self._bytes, self.spool.disk_bytes) if self._bytes else 0
         if used + self._reserved + size > self._max_bytes:
             self._refusals.count(f"write spool full: {used} of {self._max_bytes} bytes (SPOOL_MAX_BYTES) used")
             raise WriteError(
@@ -301,7 +303,9 @@ class SpooledDelivery(Service):
                     spooled = bodies.read_usage(row.body)
                     record = _Record(row.seq, row.kind, len(row.body), row.created_ms, spooled.key, usage=spooled.usage,
                                      trace=row.trace)
-                    self._store.pending_added(row.seq, spooled.usage)
+                    # Perhaps delivered already (its delete failed, or the process died first):
+                    # counted only once its first delivery fails, i.e. when Stigg may lack it.
+                    self._uncounted[row.seq] = spooled.usage
                 elif row.kind == bodies.EVENT:
                     event = bodies.read_event(row.body)
                     record = _Record(row.seq, row.kind, len(row.body), row.created_ms, event.idempotency_key, event=event,
@@ -427,9 +431,16 @@ class SpooledDelivery(Service):
                                 attributes=attributes, context=otel_context.Context())
         sent.addCallbacks(self._delivered, self._failed, callbackArgs=(kind, records), errbackArgs=(kind, records))
 
+    def _count_uncounted(self) -> None:
+        """Usage loaded at start that Stigg may not have (a delivery failed): shown from now on."""
+        uncounted, self._uncounted = self._uncounted, {}
+        for seq in sorted(uncounted):
+            self._store.pending_added(seq, uncounted[seq])
+
     def _delivered(self, _: Any, kind: str, records: list[_Record]) -> None:
         queue = self._queues[kind]
         for r in records:
+            self._uncounted.pop(r.seq, None)
             if queue.pop(r.seq, None) is not None:
                 self._bytes -= r.size
             if r.usage is not None:
@@ -470,6 +481,8 @@ class SpooledDelivery(Service):
             return
         self._inflight[kind] = None
         self._retries[kind].appendleft(batch)  # the same batch again: same keys, counted once
+        if kind == bodies.USAGE:
+            self._count_uncounted()
         self._failures[kind] += 1
         why = error.message if isinstance(error, UpstreamError) else repr(error)
         if not isinstance(error, UpstreamError):
@@ -490,6 +503,7 @@ class SpooledDelivery(Service):
 
     def _dead_letter(self, kind: str, record: _Record, why: str) -> None:
         def moved(_: Any) -> None:
+            self._uncounted.pop(record.seq, None)
             if self._queues[kind].pop(record.seq, None) is not None:
                 self._bytes -= record.size
             if record.usage is not None:

@@ -31,6 +31,7 @@ import grpc
 from google.protobuf.message_factory import GetMessageClass
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -45,14 +46,17 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 from opentelemetry.sdk.trace.sampling import _get_from_env_or_default as sampler_from_env
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import TraceState
+from opentelemetry.util.types import Attributes
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from stigg_sidecar import spans
 from stigg_sidecar._proto import sidecar_pb2
+from stigg_sidecar.process.reactor import IReactor
 
 log = Logger()
 
@@ -141,8 +145,16 @@ class LinkAwareSampler(Sampler):
     def __init__(self, inner: Sampler) -> None:
         self.inner = inner
 
-    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
-                      trace_state=None) -> SamplingResult:
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
         parent = trace.get_current_span(parent_context).get_span_context()
         if links and not parent.is_valid and any(link.context.trace_flags.sampled for link in links):
             return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
@@ -221,7 +233,7 @@ class Tracing:
     def interceptor(self) -> grpc.ServerInterceptor:
         return ServerSpans(unparented_dropped=drops_every_root(self.provider.sampler))
 
-    def service(self, reactor) -> Service:
+    def service(self, reactor: IReactor) -> Service:
         return _FlushOnStop(self.provider, reactor)
 
 
@@ -286,7 +298,7 @@ class _FlushOnStop(Service):
 
     name = "tracing"
 
-    def __init__(self, provider: TracerProvider, reactor) -> None:
+    def __init__(self, provider: TracerProvider, reactor: IReactor) -> None:
         self._provider = provider
         self._reactor = reactor
 
@@ -340,7 +352,11 @@ class ServerSpans(grpc.ServerInterceptor):
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._unparented_dropped = unparented_dropped
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
         wrapped = self._handlers.get(method)
         if wrapped is not None:
@@ -373,10 +389,10 @@ def _traced(behaviour: Callable, method: str, unparented_dropped: bool = False) 
     tracer = spans.tracer
     request_type = _request_type(method)
 
-    def traced(request, context):
-        carrier = {}
+    def traced(request: Any, context: grpc.ServicerContext) -> Any:
+        carrier: dict[str, str] = {}
         for key, value in context.invocation_metadata() or ():
-            if key in ("traceparent", "tracestate"):
+            if key in ("traceparent", "tracestate") and isinstance(value, str):
                 carrier[key] = value
         if not carrier and unparented_dropped:
             return behaviour(request, context)

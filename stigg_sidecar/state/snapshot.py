@@ -300,7 +300,9 @@ class SnapshotService(Service):
 
     def write(self, on_own_thread: bool = False) -> Deferred:
         """Write the cache as it is now; fires with the file's size. One write at a time.
-        `on_own_thread`: a daemon thread, not the reactor's pool (which the process waits for)."""
+        `on_own_thread`: a daemon thread, not the reactor's pool, which the process waits for at
+        exit; always so under a stop budget, so that a periodic write running when the stop
+        begins (seconds at 100,000 customers) cannot hold the exit past the deadline either."""
         if self._writing is not None:
             return self._writing.addCallback(lambda _: self.write(on_own_thread))
         changes = self._store.changes
@@ -324,7 +326,7 @@ class SnapshotService(Service):
 
         # One span, from the capture to the file synced on its thread.
         attributes = {"stigg.snapshot.customers": len(entries)}
-        if on_own_thread:
+        if on_own_thread or self._budget is not None:
             self._writing = spans.span_until("snapshot write", _on_daemon_thread, self._reactor, write_snapshot,
                                              self.path, entries, self._wall_ms(), attributes=attributes)
         else:
