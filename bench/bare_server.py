@@ -24,8 +24,8 @@ import grpc
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceServicer, add_SidecarServiceServicer_to_server
 from stigg_sidecar.grpc.server import server_options
+from stigg_sidecar.process.assembly import connection_limits
 from stigg_sidecar.settings import SPECS, Settings
-from stigg_sidecar.tap import connection_limits
 
 _DEFAULTS = {spec.env: spec.default for spec in SPECS}
 MAX_WORKERS = int(_DEFAULTS["GRPC_MAX_WORKERS"] or 16)

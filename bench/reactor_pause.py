@@ -30,8 +30,10 @@ from itertools import islice
 
 from bench.seed import customer_id, entitlements
 from stigg_sidecar.cache.memory import EntitlementCache
-from stigg_sidecar.entitlements.records import apply_usage, cache_key, entry_from_state
+from stigg_sidecar.entitlements.changes import apply_usage
+from stigg_sidecar.entitlements.records import cache_key
 from stigg_sidecar.process import gcpolicy
+from stigg_sidecar.upstream.wire import entry_from_state
 
 NOW_MS = 1_795_000_000_000
 PROBE_INTERVAL = 0.001

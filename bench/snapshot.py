@@ -27,11 +27,11 @@ from bench import seed
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.emulator.data import parse_data
 from stigg_sidecar.emulator.state import EmulatorState
-from stigg_sidecar.entitlements.records import entry_from_state
-from stigg_sidecar.online.sidecar import OnlineSidecar
+from stigg_sidecar.online.store import EntitlementStore
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.process import gcpolicy
 from stigg_sidecar.state.snapshot import FILE_NAME, SnapshotService
+from stigg_sidecar.upstream.wire import entry_from_state
 
 
 class PauseMeter:
@@ -68,12 +68,12 @@ class PauseMeter:
         return self.longest
 
 
-def fill(customers: int) -> OnlineSidecar:
+def fill(customers: int) -> EntitlementStore:
     template = {"apiKeys": ["k"], "customers": {"c": {"accessDeniedReason": None, "entitlements": seed.entitlements(0)}}}
     state = EmulatorState(parse_data(template), clock=task.Clock())
     raw = state.entitlements_state("c")
     cache = EntitlementCache(64 << 30)
-    backend = OnlineSidecar(reactor, None, cache, fetch_timeout=1.0)
+    backend = EntitlementStore(cache)
     for i in range(customers):
         cache.put(entry_from_state(seed.customer_id(i), None, raw, 1_000))
     return backend
@@ -82,7 +82,7 @@ def fill(customers: int) -> OnlineSidecar:
 async def run(customers: int, directory: str) -> None:
     started = time.perf_counter()
     backend = fill(customers)
-    print(f"filled {len(backend.cache):,} customers in {time.perf_counter() - started:.1f}s", flush=True)
+    print(f"filled {len(backend):,} customers in {time.perf_counter() - started:.1f}s", flush=True)
     path = os.path.join(directory, FILE_NAME)
     # What the machine alone costs the reactor (other processes, the OS): the floor of a pause.
     meter = PauseMeter()
@@ -100,7 +100,7 @@ async def run(customers: int, directory: str) -> None:
           f"({size / customers:.0f} B/customer); longest reactor pause {write_pause * 1000:.1f} ms"
           f" (longest GC {meter.longest_gc * 1000:.1f} ms)", flush=True)
 
-    fresh = OnlineSidecar(reactor, None, EntitlementCache(64 << 30), fetch_timeout=1.0)
+    fresh = EntitlementStore(EntitlementCache(64 << 30))
     readiness = Readiness()
     loader = SnapshotService(reactor, path, fresh, interval=3600, readiness=readiness)
     meter.start()
@@ -111,8 +111,8 @@ async def run(customers: int, directory: str) -> None:
     load_s = time.perf_counter() - started
     load_pause = meter.stop()
     await loader.stopService()
-    assert len(fresh.cache) == customers, (len(fresh.cache), customers)
-    print(f"load:   {load_s:.2f}s to readiness with {len(fresh.cache):,} customers; "
+    assert len(fresh) == customers, (len(fresh), customers)
+    print(f"load:   {load_s:.2f}s to readiness with {len(fresh):,} customers; "
           f"longest reactor pause {load_pause * 1000:.1f} ms (longest GC {meter.longest_gc * 1000:.1f} ms)")
 
 

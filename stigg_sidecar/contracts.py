@@ -1,7 +1,9 @@
-"""Writes as plain records: usage reports, raw events and their acknowledgements.
+"""The seams between the parts: plain records and the protocols they meet through.
 
-Owns the shapes that cross from the gRPC handlers to whoever carries a write out (offline
-acknowledger or the upstream API), and `WriteError`, the one way a write says it failed.
+Owns the shapes that cross from the gRPC handlers to whoever answers a read or carries a write
+out (`EntitlementSource`, `Writer`; usage reports, events, acknowledgements, `WriteError`), what
+Stigg's answers change in the cache (`UsageChange`), how delivery reaches the store
+(`UsageStore`), and the one flag several parts read (`ApiKeyState`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol, Sequence
 
-from stigg_sidecar.entitlements.records import CustomerEntry
+from stigg_sidecar.entitlements.records import CustomerEntry, Usage, cache_key
 
 DimensionValue = str | float | bool
 
@@ -48,6 +50,45 @@ class EventReport:
     timestamp: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class UsageChange:
+    """One entitlement's usage as Stigg now counts it: `kind` "FEATURE" (ref_id a feature refId)
+    or "CREDIT" (a currency id)."""
+
+    customer_id: str
+    resource_id: str | None
+    kind: str
+    ref_id: str
+    usage: Usage
+
+    @property
+    def key(self) -> str:
+        return cache_key(self.customer_id, self.resource_id)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageResult:
+    """Stigg's answer to one usage report: the acknowledgement and the usage changes it carries."""
+
+    ack: UsageAck
+    changes: tuple[UsageChange, ...]
+
+
+class ApiKeyState:
+    """Whether Stigg rejected the API key. The key check (on the reactor) rejects it; reads and
+    writes (on any thread) read `rejected`: a bool set once, so no lock."""
+
+    def __init__(self) -> None:
+        self._rejected = False
+
+    @property
+    def rejected(self) -> bool:
+        return self._rejected
+
+    def reject(self) -> None:
+        self._rejected = True
+
+
 class WriteFailure(enum.Enum):
     """Why a write failed, in the terms of the gRPC status it becomes."""
 
@@ -69,18 +110,38 @@ class WriteError(Exception):
         self.message = message
 
 
-class RemoteError(Exception):
-    """A call to Stigg that failed, as the layers above the upstream client see it: the gRPC status
-    a write turns it into (`failure`) and a message safe to show the caller. `upstream.api`'s
-    `UpstreamError` is one; the write gate turns any into a `WriteError` without knowing the client."""
+class Problem(enum.Enum):
+    """What went wrong with a call to a remote service (Stigg), in its own terms; what that
+    means for a caller (a write's gRPC status, a read's fallback) is the caller's side's to say."""
 
-    failure: WriteFailure
+    KEY_REJECTED = "key rejected"  # HTTP 401 or GraphQL Unauthenticated
+    REFUSED = "refused"  # the request's input was refused (or could not be sent as it is)
+    NOT_FOUND = "not found"  # a GraphQL *NotFound code
+    RATE_LIMITED = "rate limited"  # HTTP 429 or GraphQL RateLimitExceeded
+    TIMED_OUT = "timed out"  # no answer within the call's budget
+    UNAVAILABLE = "unavailable"  # unreachable, 5xx, a malformed answer, an open breaker...
+
+
+class RemoteError(Exception):
+    """A call to Stigg that failed, as the layers above the upstream client see it: what went
+    wrong (`problem`) and a message safe to show the caller. `upstream.errors.UpstreamError` is
+    one; the write gate turns any into a `WriteError` without knowing the client."""
+
+    problem: Problem
     message: str
 
 
 def measurement_id() -> str:
     """A random id in the style of Stigg's offline acknowledgements (21 URL-safe characters)."""
     return secrets.token_urlsafe(16)[:21]
+
+
+class ReloadFailed(Exception):
+    """A reload that could not reach Stigg's answer; `message` is safe to log."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class EntitlementSource(Protocol):
@@ -96,6 +157,9 @@ class EntitlementSource(Protocol):
         """A reader memoized `nbytes` more on `entry`: count them against the cache's budget."""
 
     def now_ms(self) -> int: ...
+
+    def reload(self, customer_id: str, resource_id: str | None, timeout: float) -> bool:
+        """Refetch from Stigg: true unless the customer is gone; raises ReloadFailed."""
 
 
 class Writer(Protocol):
@@ -113,4 +177,18 @@ class Writer(Protocol):
         self, events: Sequence[EventReport], timeout: float, still_wanted: Callable[[], bool] | None = None
     ) -> None: ...
 
-    def reload(self, customer_id: str, resource_id: str | None, timeout: float) -> bool: ...
+
+class UsageStore(Protocol):
+    """What delivery changes in the cached state, through the store (reactor only): Stigg's
+    answers, and usage acknowledged but not yet delivered (the spool's pending overlay)."""
+
+    def usage_changed(self, change: UsageChange) -> None: ...
+
+    def pending_added(self, seq: int, usage: UsageReport) -> Usage | None:
+        """Count an acknowledged record; the usage the cache shows now (None: not cached)."""
+
+    def pending_settled(self, seq: int, usage: UsageReport) -> None:
+        """The record was delivered or refused: it no longer counts (shown once `pending_shown`)."""
+
+    def pending_shown(self, usage: UsageReport) -> None:
+        """Show the base plus what is still pending for the record's entitlement."""

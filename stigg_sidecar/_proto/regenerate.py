@@ -1,7 +1,8 @@
 """Regenerate the protobuf and gRPC modules in this package from protos/.
 
-Run `python -m stigg_sidecar._proto.regenerate` after changing the .proto file; a test fails
-while the checked-in modules are stale. Needs grpcio-tools (a test dependency only).
+Run `.venv/bin/python -m stigg_sidecar._proto.regenerate` after changing the .proto file, in the
+development environment (`scripts/venv dev`): it needs grpcio-tools, a development dependency
+that the runtime lock and the image leave out. A test fails while the checked-in modules are stale.
 
 protoc names the import of the message module after the .proto path (`stigg.sidecar.v1`), which
 would collide with Stigg's own `stigg` package; the import is rewritten to point here.
@@ -49,6 +50,12 @@ def generate() -> dict[str, str]:
 
 
 def main() -> int:
+    try:
+        import grpc_tools  # noqa: F401
+    except ImportError:
+        print("stigg_sidecar._proto.regenerate: needs grpcio-tools, a development dependency: run scripts/venv dev,"
+              " then .venv/bin/python -m stigg_sidecar._proto.regenerate", file=sys.stderr)
+        return 1
     for name, text in generate().items():
         (PACKAGE_DIR / name).write_text(text)
         print(f"wrote {PACKAGE_DIR / name}")

@@ -23,7 +23,8 @@ from collections import OrderedDict, deque
 from itertools import islice
 from typing import Callable, Iterator
 
-from stigg_sidecar.entitlements.records import CustomerEntry, keep_newer_usage, newer_or_equal
+from stigg_sidecar.entitlements.changes import keep_newer_usage, newer_or_equal
+from stigg_sidecar.entitlements.records import CustomerEntry
 from stigg_sidecar.entitlements.tracking import untrack
 
 # Reads remembered for the reactor to replay: bounds both the memory and one replay's work

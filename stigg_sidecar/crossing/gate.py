@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
-from stigg_sidecar.contracts import RemoteError, WriteError, WriteFailure
+from stigg_sidecar.contracts import ApiKeyState, Problem, RemoteError, WriteError, WriteFailure
 from stigg_sidecar.crossing.wait import BudgetExhausted, Handoff, WaitBudget, wait_on_reactor
-from stigg_sidecar.entitlements.records import MalformedState
 
 log = Logger()
 
@@ -26,21 +26,30 @@ _HANDOFF_MAX = 0.25
 # A write with less time than this left is refused before anything is sent: it could not be
 # answered in time, and sending it anyway could record usage the caller believes failed.
 MIN_WRITE_BUDGET = 0.05
+# What each way a call to Stigg can fail means for a write's caller.
+WRITE_FAILURES = {
+    Problem.KEY_REJECTED: WriteFailure.UNAUTHENTICATED,
+    Problem.REFUSED: WriteFailure.INVALID_ARGUMENT,
+    Problem.NOT_FOUND: WriteFailure.NOT_FOUND,
+    Problem.RATE_LIMITED: WriteFailure.RESOURCE_EXHAUSTED,
+    Problem.TIMED_OUT: WriteFailure.DEADLINE_EXCEEDED,
+    Problem.UNAVAILABLE: WriteFailure.UNAVAILABLE,
+}
 
 
 class WriteGate:
     """Runs `fn(*args, budget)` on the reactor for a handler thread and waits for its result.
 
     `slots` bounds how many handler threads wait on the reactor at once (MAX_WAITING_WRITES);
-    `key_rejected` says whether Stigg refused the API key (then nothing is sent).
+    `key` says whether Stigg refused the API key (then nothing is sent).
     """
 
-    def __init__(self, reactor, slots: WaitBudget, key_rejected: Callable[[], bool],
+    def __init__(self, reactor: IReactorThreads, slots: WaitBudget, key: ApiKeyState,
                  waiting_for: str = "Stigg") -> None:
         self._reactor = reactor
         self._waiting_for = waiting_for  # what a timeout message says did not answer
         self._slots = slots
-        self._key_rejected = key_rejected
+        self._key = key
 
     def run(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
         return self._run(fn, args, timeout, None)
@@ -55,7 +64,7 @@ class WriteGate:
         return self._run(fn, args, timeout, still_wanted or (lambda: True))
 
     def _run(self, fn: Callable[..., Any], args: tuple, timeout: float, still_wanted: Callable[[], bool] | None) -> Any:
-        if self._key_rejected():
+        if self._key.rejected:
             raise WriteError(WriteFailure.UNAUTHENTICATED, "Stigg rejected the API key")
         if timeout < MIN_WRITE_BUDGET:
             raise WriteError(
@@ -77,8 +86,8 @@ class WriteGate:
         except TimeoutError:
             raise WriteError(WriteFailure.DEADLINE_EXCEEDED, f"{self._waiting_for} did not answer within {timeout:.3g}s") from None
         except RemoteError as e:
-            raise WriteError(e.failure, e.message) from None
-        except (WriteError, MalformedState):
+            raise WriteError(WRITE_FAILURES[e.problem], e.message) from None
+        except WriteError:
             raise
         except Exception as e:
             log.failure("A write to Stigg failed unexpectedly")

@@ -4,9 +4,11 @@ One path for every write, whether it goes to Stigg while the caller waits (direc
 durable on disk first and delivered in the background (spooled, SPOOL_WRITES):
 
 - `crossing.WriteGate`  the handler-thread side: one crossing to the reactor under the deadline.
-- `upstream.UpstreamWrites`  the reactor side every write ends in: send a batch to Stigg, apply
-  Stigg's authoritative answer to the cache, build the acknowledgements.
+- `upstream.UpstreamWrites`  the reactor side every write ends in: send a batch to Stigg, hand
+  Stigg's authoritative answer to the store.
 - `direct.DirectDelivery`  the Writer when the spool is off.
+- `spooled.SpooledDelivery`  the Writer when SPOOL_WRITES is on.
 
-Reads and cache updates stay in `stigg_sidecar.online.sidecar`; this package only asks it to apply usage.
+Reads, reloads and every cache change stay in `stigg_sidecar.online`; this package reaches the
+store only through `contracts.UsageStore`.
 """

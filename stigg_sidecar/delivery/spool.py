@@ -23,6 +23,7 @@ where its transaction is a span ("spool commit") under it: spans follow a write 
 
 from __future__ import annotations
 
+import os
 import queue
 import sqlite3
 import threading
@@ -33,6 +34,7 @@ from typing import Any, Callable, Sequence
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -41,6 +43,12 @@ from stigg_sidecar import spans
 log = Logger()
 
 FORMAT_VERSION = 1
+# The write-ahead log is checkpointed into the database every this many pages (SQLite's default
+# is 1000), and cut back to _WAL_KEEP_BYTES after: it never holds more than a few MB on disk.
+_WAL_CHECKPOINT_PAGES = 256
+_WAL_KEEP_BYTES = 1024 * 1024
+# After a delivery the log is folded in and truncated when it holds more than this.
+_WAL_SHRINK_BYTES = 64 * 1024
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS spool ("
@@ -81,12 +89,16 @@ _STOP = object()
 
 
 class SpoolFile:
-    def __init__(self, reactor, path: str) -> None:
+    def __init__(self, reactor: IReactorFromThreads, path: str) -> None:
         self._reactor = reactor
         self.path = path
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.commits = 0  # transactions synced so far (the writer thread counts, tests read)
+        # Bytes the spool takes on disk after the last commit: live database pages plus the
+        # write-ahead log's file (the writer thread measures, the reactor reads).
+        self.disk_bytes = 0
+        self._deleted = False
 
     # -- reactor ----------------------------------------------------------------------------------
 
@@ -101,7 +113,11 @@ class SpoolFile:
         return self._submit(lambda db: [_insert(db, row) for row in rows])
 
     def delete(self, seqs: Sequence[int]) -> Deferred:
-        return self._submit(lambda db: db.executemany("DELETE FROM spool WHERE seq = ?", [(s,) for s in seqs]))
+        def delete(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM spool WHERE seq = ?", [(s,) for s in seqs])
+            self._deleted = True  # (writer thread) the log may be checkpointed after this commit
+
+        return self._submit(delete)
 
     def dead_letter(self, seqs: Sequence[int], error: str, failed_ms: int) -> Deferred:
         """Move records from the spool to the dead-letter table, in one transaction."""
@@ -194,6 +210,10 @@ class SpoolFile:
                     self._reactor.callFromThread(job.done.errback, Failure(e))
                     job.done = None  # type: ignore[assignment]
         self.commits += 1
+        if self._deleted:
+            self._deleted = False
+            _shrink_log(db, self.path)
+        self.disk_bytes = _disk_bytes(db, self.path)
         ended = time.time_ns()
         for job in jobs:
             if job.trace is not None:  # one span per traced job, over the transaction it shared
@@ -214,6 +234,8 @@ def _connect(path: str) -> sqlite3.Connection:
         if mode != "wal":
             raise SpoolFileError(f"cannot use write-ahead logging (journal_mode is {mode})")
         db.execute("PRAGMA synchronous=FULL")  # the WAL is synced before a commit returns
+        db.execute(f"PRAGMA wal_autocheckpoint={_WAL_CHECKPOINT_PAGES}")
+        db.execute(f"PRAGMA journal_size_limit={_WAL_KEEP_BYTES}")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > FORMAT_VERSION:
             raise SpoolFileError(f"written by a newer sidecar (format {version}, this one reads {FORMAT_VERSION})")
@@ -228,6 +250,32 @@ def _connect(path: str) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _disk_bytes(db: sqlite3.Connection, path: str) -> int:
+    """Live database pages (freed ones are reused, so they do not count) plus the WAL file."""
+    try:
+        pages = db.execute("PRAGMA page_count").fetchone()[0] - db.execute("PRAGMA freelist_count").fetchone()[0]
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        wal = os.stat(path + "-wal").st_blocks * 512
+    except (sqlite3.Error, OSError):
+        return 0
+    return pages * page_size + wal
+
+
+def _shrink_log(db: sqlite3.Connection, path: str) -> None:
+    """After deliveries: fold the write-ahead log into the database and cut it to nothing when it
+    holds more than _WAL_SHRINK_BYTES, so delivered records stop counting against SPOOL_MAX_BYTES."""
+    try:
+        if os.stat(path + "-wal").st_size > _WAL_SHRINK_BYTES:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except (sqlite3.Error, OSError):
+        pass  # the next automatic checkpoint does it
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether SQLite failed for want of disk space (SQLITE_FULL)."""
+    return isinstance(error, sqlite3.Error) and getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 def _load(db: sqlite3.Connection) -> list[StoredRecord]:

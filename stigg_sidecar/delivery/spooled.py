@@ -2,8 +2,8 @@
 
 A write is validated by the servicer, crosses to the reactor once (`WriteGate`), gets its
 idempotency key, and is appended to the `SpoolFile`; once that append is synced to disk the
-write is acknowledged and its usage is counted in the cache at once (`PendingUsage`). Everything
-after that runs on the reactor:
+write is acknowledged and its usage is counted in the cache at once (the store's pending usage).
+Everything after that runs on the reactor:
 
 - Delivery in batches (ReportUsageBulk, one ReportEvent with many events) through the same
   `UpstreamWrites` as direct writes: a batch goes when `batch_size` records wait, or
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -39,16 +40,24 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from stigg_sidecar import spans
-from stigg_sidecar.contracts import EventReport, UsageAck, UsageReport, WriteError, WriteFailure, measurement_id
+from stigg_sidecar.contracts import (
+    EventReport,
+    UsageAck,
+    UsageReport,
+    UsageStore,
+    WriteError,
+    WriteFailure,
+    measurement_id,
+)
 from stigg_sidecar.crossing.gate import WriteGate
 from stigg_sidecar.crossing.wait import Handoff
 from stigg_sidecar.delivery import bodies as bodies
-from stigg_sidecar.delivery.pending import PendingUsage
-from stigg_sidecar.delivery.spool import SpoolFile, StoredRecord
+from stigg_sidecar.delivery.spool import SpoolFile, StoredRecord, is_disk_full
 from stigg_sidecar.delivery.upstream import UpstreamWrites
 from stigg_sidecar.process.stopping import StopBudget
 from stigg_sidecar.quoting import quoted
-from stigg_sidecar.upstream.api import RetryPolicy, UpstreamError
+from stigg_sidecar.upstream.api import RetryPolicy
+from stigg_sidecar.upstream.errors import UpstreamError
 
 log = Logger()
 
@@ -76,6 +85,31 @@ class _Record:
     trace: str | None = None  # the spooling write's traceparent: its delivery links to it
 
 
+# One line about refused writes per this many seconds, with how many were refused since.
+REFUSAL_LOG_INTERVAL = 10.0
+
+
+class RefusalLog:
+    """Refused writes, logged once per interval with a count: a full spool or disk refuses every
+    write, and a line each would flood the log. Reactor only; time is monotonic."""
+
+    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._next = 0.0
+        self._since = 0  # refused since the last line
+
+    def count(self, why: str) -> None:
+        self._since += 1
+        now = self._clock()
+        if now < self._next:
+            return
+        n, self._since = self._since, 0
+        self._next = now + self._interval
+        log.error("Writes refused: {why} ({n} refused since the last such line; at most one line per {interval:.0f}s)",
+                  why=why, n=n, interval=self._interval)
+
+
 class SpooledDelivery(Service):
     name = "delivery"
 
@@ -85,8 +119,7 @@ class SpooledDelivery(Service):
         gate: WriteGate,
         writes: UpstreamWrites,
         spool: SpoolFile,
-        pending: PendingUsage,
-        reloads,
+        store: UsageStore,
         *,
         max_bytes: int,
         batch_size: int = 100,
@@ -103,8 +136,7 @@ class SpooledDelivery(Service):
         self._gate = gate
         self._writes = writes
         self.spool = spool
-        self._pending = pending
-        self._reloads = reloads  # a DirectDelivery: reloads are reads, never spooled
+        self._store = store
         self._max_bytes = max_bytes
         self._batch_size = batch_size
         self._flush_interval = flush_interval
@@ -128,6 +160,8 @@ class SpooledDelivery(Service):
         self.delivered = 0
         self.dead_lettered = 0
         self.unacknowledged = 0  # records synced after their caller's deadline or cancellation, removed
+        self._refusals = RefusalLog()
+        self._uncounted: dict[int, UsageReport] = {}  # loaded at start, not yet in the pending usage
 
     # -- gauges -----------------------------------------------------------------------------------
 
@@ -156,9 +190,6 @@ class SpooledDelivery(Service):
     ) -> None:
         self._gate.run_acknowledged(self._accept_events, events, timeout=timeout, still_wanted=still_wanted)
 
-    def reload(self, customer_id: str, resource_id: str | None, timeout: float) -> bool:
-        return self._reloads.reload(customer_id, resource_id, timeout)
-
     # -- reactor: accepting -----------------------------------------------------------------------
 
     def _accept_usage(self, usages: Sequence[UsageReport], budget: float, handoff: Handoff | None = None) -> Deferred:
@@ -184,10 +215,14 @@ class SpooledDelivery(Service):
         if not self._loaded:
             raise WriteError(WriteFailure.UNAVAILABLE, "the write spool is not open yet; try again shortly")
         size = sum(len(body) for body, _ in rows)
-        if self._bytes + self._reserved + size > self._max_bytes:
+        # What the files take on disk (as of the last commit), or the bodies when that is more.
+        # With nothing waiting, what is on disk is delivered records about to be freed: room.
+        used = max(self._bytes, self.spool.disk_bytes) if self._bytes else 0
+        if used + self._reserved + size > self._max_bytes:
+            self._refusals.count(f"write spool full: {used} of {self._max_bytes} bytes (SPOOL_MAX_BYTES) used")
             raise WriteError(
                 WriteFailure.RESOURCE_EXHAUSTED,
-                f"write spool full: {self._bytes} of {self._max_bytes} bytes (SPOOL_MAX_BYTES) wait for delivery to Stigg",
+                f"write spool full: {used} of {self._max_bytes} bytes (SPOOL_MAX_BYTES) wait for delivery to Stigg",
             )
         self._reserved += size
         now_ms = int(self._clock.seconds() * 1000)
@@ -213,7 +248,10 @@ class SpooledDelivery(Service):
 
         def failed(failure: Failure) -> None:
             self._reserved -= size
-            log.error("Appending to the write spool failed: {why}", why=failure.getErrorMessage())
+            if is_disk_full(failure.value):
+                self._refusals.count(f"the disk of the write spool {self.spool.path} is full")
+                raise WriteError(WriteFailure.RESOURCE_EXHAUSTED, "write spool full: its disk is full; write not accepted")
+            self._refusals.count(f"appending to the write spool failed: {failure.getErrorMessage()}")
             raise WriteError(WriteFailure.UNAVAILABLE, "the write spool could not be written; write not accepted")
 
         return self.spool.append([(kind, body, now_ms, traced) for body, _ in rows]).addCallbacks(synced, failed)
@@ -235,7 +273,7 @@ class SpooledDelivery(Service):
         for record in added:
             usage = record.usage
             assert usage is not None
-            shown = self._pending.add(record.seq, usage)
+            shown = self._store.pending_added(record.seq, usage)
             acks.append(
                 UsageAck(
                     measurement_id=record.key,
@@ -265,7 +303,9 @@ class SpooledDelivery(Service):
                     spooled = bodies.read_usage(row.body)
                     record = _Record(row.seq, row.kind, len(row.body), row.created_ms, spooled.key, usage=spooled.usage,
                                      trace=row.trace)
-                    self._pending.add(row.seq, spooled.usage)
+                    # Perhaps delivered already (its delete failed, or the process died first):
+                    # counted only once its first delivery fails, i.e. when Stigg may lack it.
+                    self._uncounted[row.seq] = spooled.usage
                 elif row.kind == bodies.EVENT:
                     event = bodies.read_event(row.body)
                     record = _Record(row.seq, row.kind, len(row.body), row.created_ms, event.idempotency_key, event=event,
@@ -319,8 +359,8 @@ class SpooledDelivery(Service):
                 timer.cancel()
         self._stopping = False  # stopped: nothing more is sent (see _pump)
         if self.records:
-            log.info("{n} spooled {records} stay on disk for the next start", n=self.records,
-                     records="record" if self.records == 1 else "records")
+            log.info("{n} spooled {records} on disk for the next start", n=self.records,
+                     records="record stays" if self.records == 1 else "records stay")
         yield self.spool.close()
 
     def _can_deliver_before(self, deadline: float) -> bool:
@@ -375,7 +415,7 @@ class SpooledDelivery(Service):
             def settled() -> None:
                 for r in records:
                     if r.usage is not None:
-                        self._pending.remove(r.seq, r.usage)
+                        self._store.pending_settled(r.seq, r.usage)
 
             def send() -> Deferred:
                 return self._writes.usage(usages, [r.key for r in records], self._send_timeout, settled)
@@ -391,13 +431,20 @@ class SpooledDelivery(Service):
                                 attributes=attributes, context=otel_context.Context())
         sent.addCallbacks(self._delivered, self._failed, callbackArgs=(kind, records), errbackArgs=(kind, records))
 
+    def _count_uncounted(self) -> None:
+        """Usage loaded at start that Stigg may not have (a delivery failed): shown from now on."""
+        uncounted, self._uncounted = self._uncounted, {}
+        for seq in sorted(uncounted):
+            self._store.pending_added(seq, uncounted[seq])
+
     def _delivered(self, _: Any, kind: str, records: list[_Record]) -> None:
         queue = self._queues[kind]
         for r in records:
+            self._uncounted.pop(r.seq, None)
             if queue.pop(r.seq, None) is not None:
                 self._bytes -= r.size
             if r.usage is not None:
-                self._pending.refresh(r.usage)
+                self._store.pending_shown(r.usage)
         self.spool.delete([r.seq for r in records]).addErrback(
             lambda f: log.warn("Could not delete delivered records from the spool: {why}", why=f.getErrorMessage())
         )
@@ -434,6 +481,8 @@ class SpooledDelivery(Service):
             return
         self._inflight[kind] = None
         self._retries[kind].appendleft(batch)  # the same batch again: same keys, counted once
+        if kind == bodies.USAGE:
+            self._count_uncounted()
         self._failures[kind] += 1
         why = error.message if isinstance(error, UpstreamError) else repr(error)
         if not isinstance(error, UpstreamError):
@@ -454,11 +503,12 @@ class SpooledDelivery(Service):
 
     def _dead_letter(self, kind: str, record: _Record, why: str) -> None:
         def moved(_: Any) -> None:
+            self._uncounted.pop(record.seq, None)
             if self._queues[kind].pop(record.seq, None) is not None:
                 self._bytes -= record.size
             if record.usage is not None:
-                self._pending.remove(record.seq, record.usage)
-                self._pending.refresh(record.usage)
+                self._store.pending_settled(record.seq, record.usage)
+                self._store.pending_shown(record.usage)
             self.dead_lettered += 1
             if self._metrics is not None:
                 self._metrics.spool_dead_letters.inc()

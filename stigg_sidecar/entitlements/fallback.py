@@ -96,16 +96,20 @@ def parse_fallback_values(where: str, raw: Any) -> FallbackValues:
 
 
 def parse_entitlements_fallback(text: str) -> Mapping[str, FallbackValues]:
-    """Parse ENTITLEMENTS_FALLBACK. An empty string means no fallbacks."""
+    """Parse ENTITLEMENTS_FALLBACK. An empty string means no fallbacks. Errors name the place
+    inside the value (`sso.value: ...`), not the setting."""
     if not text.strip():
         return {}
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise FallbackError(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    _expect(isinstance(raw, dict), "ENTITLEMENTS_FALLBACK", "must be a JSON object of featureId -> values")
+    # The setting's name is the caller's to add (settings prefixes every message with it).
+    if not isinstance(raw, dict):
+        raise FallbackError("must be a JSON object of featureId -> values")
     parsed = {}
     for feature_id, values in raw.items():
-        _expect(bool(feature_id), "ENTITLEMENTS_FALLBACK", "a feature id is empty")
+        if not feature_id:
+            raise FallbackError("a feature id is empty")
         parsed[feature_id] = parse_fallback_values(feature_id, values)
     return parsed

@@ -15,7 +15,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.entitlements.decide import Decision
 from stigg_sidecar.entitlements.fallback import FallbackValues
-from stigg_sidecar.entitlements.records import Currency, Feature, thaw_json
+from stigg_sidecar.entitlements.fields import thaw_json
+from stigg_sidecar.entitlements.records import Currency, Feature
 
 REASONS: Mapping[str, pb.AccessDeniedReason] = {
     "Unknown": pb.ACCESS_DENIED_REASON_UNKNOWN,

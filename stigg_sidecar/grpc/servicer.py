@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceServicer
-from stigg_sidecar.contracts import EntitlementSource, EventReport, UsageReport, WriteError, Writer
+from stigg_sidecar.contracts import EntitlementSource, EventReport, ReloadFailed, UsageReport, WriteError, Writer
 from stigg_sidecar.entitlements.decide import (
     Decision,
     decide_credit,
@@ -417,8 +417,8 @@ class SidecarServicer(SidecarServiceServicer):
             customer_id = _required(request.customer_id, "customer_id")
             resource_id = _optional_id(request, "resource_id")
             try:
-                exists = self._writer.reload(customer_id, resource_id, self._budget(context, self._read_timeout))
-            except WriteError as e:
+                exists = self._source.reload(customer_id, resource_id, self._budget(context, self._read_timeout))
+            except ReloadFailed as e:
                 # Stigg's contract: a reload that fails reports false rather than an error.
                 log.warn("Reload of {customer} failed: {why}", customer=quoted(customer_id), why=e.message)
                 exists = False

@@ -1,15 +1,17 @@
-"""SidecarService: the top of the process, a MultiService holding every part.
+"""SidecarService: the top of the process, a MultiService of phases holding every part.
 
-Owns the order of start and stop: readiness turns DOWN the moment stopping begins, the HTTP
-service stops last so probes keep getting answers while gRPC drains, and the log observer is
-handed to twistd's application so LOG_LEVEL and LOG_FORMAT apply from the first line. The stop's
-`StopBudget` (SHUTDOWN_GRACE_SECS) begins with the stop: every part that takes time to stop
-shares that one deadline, and the last line says how long the whole stop took.
+Owns the order of start and stop: phases start in order and stop in reverse, one at a time, each
+after the previous finished (so the assembly's phase order is the stop order: serving stops first,
+the edge last, so probes keep getting answers while gRPC drains); readiness turns DOWN the moment
+stopping begins; the log observer is handed to twistd's application so LOG_LEVEL and LOG_FORMAT
+apply from the first line. The stop's `StopBudget` (SHUTDOWN_GRACE_SECS) begins with the stop:
+every part that takes time to stop shares that one deadline, and the last line says how long the
+whole stop took.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
@@ -20,12 +22,30 @@ from stigg_sidecar.process.listening import ListenError
 from stigg_sidecar.process.startup import exit_with
 from stigg_sidecar.process.stopping import StopBudget
 
-if TYPE_CHECKING:
-    from stigg_sidecar.offline import OfflineSidecar
-    from stigg_sidecar.online.sidecar import OnlineSidecar
-    from stigg_sidecar.ops.metrics import Metrics
-
 log = Logger()
+
+
+@inlineCallbacks
+def _stop_in_reverse(parent: MultiService) -> Any:
+    """Stop `parent`'s children one at a time, last added first, each after the previous finished."""
+    for child in reversed(list(parent)):
+        try:
+            yield maybeDeferred(child.stopService)
+        except Exception:
+            log.failure("Stopping {name} failed", name=child.name)
+
+
+class Phase(MultiService):
+    """A named stage of the process (edge, sources, delivery, serving): its parts start in the
+    order they were added and stop in reverse, one at a time."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.setName(name)
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        return _stop_in_reverse(self)
 
 
 class SidecarService(MultiService):
@@ -36,8 +56,6 @@ class SidecarService(MultiService):
         self.readiness = readiness
         self.budget = budget
         self._observer = observer
-        self.backend: OfflineSidecar | OnlineSidecar | None = None  # what the gRPC handlers use (set by tap)
-        self.metrics: Metrics | None = None  # when enabled (set by tap)
         self._was_ready = readiness.ready
         readiness.subscribe(self._log_readiness)
 
@@ -74,18 +92,14 @@ class SidecarService(MultiService):
         reactor.callWhenRunning(log.info, "stigg-sidecar running")
 
     @inlineCallbacks
-    def stopService(self):
-        """Stop children one at a time, last added first, each after the previous finished."""
+    def stopService(self) -> Any:
+        """Stop the phases one at a time, last added first, each after the previous finished."""
         if self.budget is not None:
             self.budget.begin()
         self.readiness.block("shutdown", "shutting down")
         log.info("Stopping")
         Service.stopService(self)
-        for child in reversed(list(self)):
-            try:
-                yield maybeDeferred(child.stopService)
-            except Exception:
-                log.failure("Stopping {name} failed", name=child.name)
+        yield _stop_in_reverse(self)
         if self.budget is not None:
             log.info("stigg-sidecar stopped in {took:.2f}s (SHUTDOWN_GRACE_SECS {grace:g}s)",
                      took=self.budget.elapsed(), grace=self.budget.seconds)

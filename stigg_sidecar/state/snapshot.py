@@ -29,7 +29,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet import threads
@@ -49,8 +49,7 @@ from stigg_sidecar.cache.redis.format import (
     encode_entry,
     timestamp_key,
 )
-from stigg_sidecar.entitlements.records import CustomerEntry, apply_usage
-from stigg_sidecar.entitlements.tracking import untrack
+from stigg_sidecar.entitlements.records import CustomerEntry
 from stigg_sidecar.process.stopping import StopBudget
 
 log = Logger()
@@ -202,17 +201,31 @@ def read_snapshot(path: str) -> Snapshot:
         raise SnapshotError(f"malformed ({type(e).__name__}: {e})") from None
 
 
+class SnapshotStore(Protocol):
+    """What the snapshot uses of the store (`online.store.EntitlementStore`), on the reactor."""
+
+    @property
+    def changes(self) -> int:
+        """Bumped by every change of the cached state."""
+
+    def snapshot_entries(self) -> list[CustomerEntry]:
+        """The entries as a snapshot holds them."""
+
+    def put(self, entry: CustomerEntry, force: bool = False) -> CustomerEntry:
+        """Store a loaded entry (newer wins)."""
+
+
 class SnapshotService(Service):
     name = "snapshot"
 
     def __init__(
         self,
-        reactor,
+        reactor: Any,
         path: str,
-        backend,
+        store: SnapshotStore,
         interval: float,
         refresh: Callable[[], Any] | None = None,
-        readiness=None,
+        readiness: Any = None,
         on_loaded_age: Callable[[float], None] = lambda age: None,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         budget: StopBudget | None = None,
@@ -222,7 +235,7 @@ class SnapshotService(Service):
         if budget is not None:  # until a write says how long one takes
             budget.reserve_last_step(min(1.0, budget.seconds / 4))
         self.path = path
-        self._backend = backend  # OnlineSidecar: its cache, `store` and pending usage
+        self._store = store
         self._interval = interval
         self._refresh = refresh  # revalidates the cache in the background (Refresher.refresh)
         self._readiness = readiness
@@ -257,7 +270,7 @@ class SnapshotService(Service):
         while index < len(entries):  # in slices of a few ms: the reactor keeps serving meanwhile
             slice_ends = time.perf_counter() + _SLICE_SECONDS
             while index < len(entries) and time.perf_counter() < slice_ends:
-                self._backend.store(entries[index])
+                self._store.put(entries[index])
                 index += 1
             yield deferLater(self._reactor, 0, lambda: None)
         age = max(0.0, (self._wall_ms() - snapshot.written_ms) / 1000)
@@ -266,7 +279,7 @@ class SnapshotService(Service):
         log.info("Loaded {n} cached customers from the snapshot ({age:.0f}s old); revalidating in the background",
                  n=len(entries), age=age)
         # What was loaded is what the cache holds now: no need to write it again until it changes.
-        self._written_changes = self._backend.cache.changes
+        self._written_changes = self._store.changes
         if self._refresh is not None:
             self._refresh()
 
@@ -281,17 +294,19 @@ class SnapshotService(Service):
     # -- writing ----------------------------------------------------------------------------------
 
     def write_if_changed(self) -> Deferred | None:
-        if self._writing is not None or self._backend.cache.changes == self._written_changes:
+        if self._writing is not None or self._store.changes == self._written_changes:
             return None
         return self.write()
 
     def write(self, on_own_thread: bool = False) -> Deferred:
         """Write the cache as it is now; fires with the file's size. One write at a time.
-        `on_own_thread`: a daemon thread, not the reactor's pool (which the process waits for)."""
+        `on_own_thread`: a daemon thread, not the reactor's pool, which the process waits for at
+        exit; always so under a stop budget, so that a periodic write running when the stop
+        begins (seconds at 100,000 customers) cannot hold the exit past the deadline either."""
         if self._writing is not None:
             return self._writing.addCallback(lambda _: self.write(on_own_thread))
-        changes = self._backend.cache.changes
-        entries = self._capture()
+        changes = self._store.changes
+        entries = self._store.snapshot_entries()
         started = self._reactor.seconds()
 
         def written(size: int) -> int:
@@ -311,7 +326,7 @@ class SnapshotService(Service):
 
         # One span, from the capture to the file synced on its thread.
         attributes = {"stigg.snapshot.customers": len(entries)}
-        if on_own_thread:
+        if on_own_thread or self._budget is not None:
             self._writing = spans.span_until("snapshot write", _on_daemon_thread, self._reactor, write_snapshot,
                                              self.path, entries, self._wall_ms(), attributes=attributes)
         else:
@@ -319,20 +334,6 @@ class SnapshotService(Service):
                                              entries, self._wall_ms(), attributes=attributes)
         self._writing.addCallbacks(written, failed)
         return self._writing
-
-    def _capture(self) -> list[CustomerEntry]:
-        """The entries to write, with Stigg's own usage where spooled usage is not yet delivered
-        (the spool re-applies it at the next start; writing it here would count it twice)."""
-        cache = self._backend.cache
-        entries = list(cache.entries())
-        pending = getattr(self._backend, "pending", None)
-        if pending is not None and pending.tracked_keys():
-            tracked = pending.tracked_keys()
-            entries = [_with_bases(entry, pending) if entry.key in tracked else entry for entry in entries]
-        # Held while the file is written (seconds at 100,000 entries): a list of records only,
-        # which a full collection need not walk (see gcpolicy.untrack).
-        untrack(entries)
-        return entries
 
     @inlineCallbacks
     def stopService(self):
@@ -342,11 +343,11 @@ class SnapshotService(Service):
         if self._budget is None:
             if self._writing is not None:
                 yield self._writing
-            if self._backend.cache.changes != self._written_changes:
+            if self._store.changes != self._written_changes:
                 yield self.write()
             return
         self._budget.begin()
-        if self._backend.cache.changes != self._written_changes or self._writing is not None:
+        if self._store.changes != self._written_changes or self._writing is not None:
             left = self._budget.remaining_for_last_step()
             final = self.write(on_own_thread=True)
             finished = yield _within(self._reactor, final, left)
@@ -390,12 +391,3 @@ def _within(reactor, d: Deferred, seconds: float) -> Deferred:
 
     d.addBoth(fired)
     return outcome
-
-
-def _with_bases(entry: CustomerEntry, pending) -> CustomerEntry:
-    for feature_id in list(entry.features):
-        base = pending.base(entry.key, feature_id)
-        if base is not None:
-            entry = apply_usage(entry, "FEATURE", feature_id, base.current_usage, base.usage_period_start,
-                                base.usage_period_end, base.updated_at) or entry
-    return entry

@@ -3,15 +3,14 @@
 Owns the identification headers, one persistent connection pool per upstream host, the time
 budget of each call and its retries (jittered, capped exponential backoff for connection errors,
 429 and 5xx; Retry-After honoured; mutations only when they carry an idempotency key), and the
-classification of every failure into an `UpstreamError`. Returns plain JSON; knows nothing of
-the cache. Runs on the reactor only. Never puts the API key into an error or a log line.
+classification of every failure into an `UpstreamError`. What the requests and answers look
+like is `wire`'s; this module knows nothing of the cache. Runs on the reactor only. Never puts the API key into an error or a log line.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import random
 import socket
@@ -30,10 +29,10 @@ from twisted.web.http_headers import Headers
 
 import stigg_sidecar
 from stigg_sidecar import spans
-from stigg_sidecar.contracts import EventReport, RemoteError, UsageReport, WriteFailure, measurement_id
-from stigg_sidecar.quoting import clipped
-from stigg_sidecar.upstream import operations
+from stigg_sidecar.contracts import EventReport, UsageReport, measurement_id
+from stigg_sidecar.upstream import operations, wire
 from stigg_sidecar.upstream.breaker import BreakerOpen, BreakerPolicy, CircuitBreaker
+from stigg_sidecar.upstream.errors import Problem, UpstreamError
 
 log = Logger()
 
@@ -51,23 +50,6 @@ _CONNECTION_ERRORS = (
     ResponseFailed,
     ResponseNeverReceived,
 )
-
-
-class UpstreamError(RemoteError):
-    """A call to Stigg failed. `message` is safe to return to a caller; `retryable` says whether
-    trying again might help; `failure` is the gRPC status a write turns it into; `code` is the
-    GraphQL error code when Stigg answered with one (the request reached Stigg and was refused)."""
-
-    def __init__(self, failure: WriteFailure, message: str, retryable: bool = False, retry_after: float | None = None,
-                 code: str | None = None, fast_failed: bool = False, local: bool = False):
-        super().__init__(message)
-        self.local = local  # the sidecar could not even send it (no file descriptor): says nothing of Stigg
-        self.failure = failure
-        self.message = message
-        self.retryable = retryable
-        self.retry_after = retry_after
-        self.code = code
-        self.fast_failed = fast_failed  # refused without trying: that upstream's breaker is open
 
 
 # A timeout counts towards opening a breaker only when the attempt had at least this long: a
@@ -92,7 +74,7 @@ def _is_local(e: BaseException) -> bool:
 
 def _means_down(error: UpstreamError, attempt_timeout: float) -> bool:
     """Whether a failed attempt says the upstream is down (rather than that it answered "no")."""
-    if error.failure is WriteFailure.DEADLINE_EXCEEDED:
+    if error.problem is Problem.TIMED_OUT:
         return attempt_timeout >= _MIN_TIMEOUT_COUNTED
     return error.retryable
 
@@ -134,49 +116,18 @@ def _treq_headers(*parts: Mapping[str, str]) -> dict[bytes | str, bytes | str]:
     return merged
 
 
-def _graphql_failure(errors: Sequence[Any]) -> UpstreamError:
-    error = _graphql_error(errors)
-    error.code = _graphql_code(errors)
-    return error
-
-
-def _graphql_code(errors: Sequence[Any]) -> str:
-    first = errors[0] if errors and isinstance(errors[0], dict) else {}
-    extensions = first.get("extensions")
-    return str(extensions.get("code") or "") if isinstance(extensions, dict) else ""
-
-
-def _graphql_error(errors: Sequence[Any]) -> UpstreamError:
-    first = errors[0] if errors and isinstance(errors[0], dict) else {}
-    # Stigg's messages can echo the request (ids), so they are clipped before they go anywhere.
-    message = clipped(str(first.get("message") or "GraphQL error"))
-    extensions = first.get("extensions")
-    if not isinstance(extensions, dict):
-        extensions = {}
-    code = str(extensions.get("code") or "")
-    if code == "Unauthenticated":
-        return UpstreamError(WriteFailure.UNAUTHENTICATED, "Stigg rejected the API key")
-    if code in ("BadUserInput", "GRAPHQL_VALIDATION_FAILED", "GRAPHQL_PARSE_FAILED"):
-        return UpstreamError(WriteFailure.INVALID_ARGUMENT, f"Stigg rejected the request: {message}")
-    if code.endswith("NotFound"):
-        return UpstreamError(WriteFailure.NOT_FOUND, f"Stigg: {message}")
-    if code == "RateLimitExceeded":
-        return UpstreamError(WriteFailure.RESOURCE_EXHAUSTED, f"Stigg rate limit: {message}")
-    return UpstreamError(WriteFailure.UNAVAILABLE, f"Stigg error{f' {code}' if code else ''}: {message}")
-
-
 def _http_failure(status: int, retry_after: float | None) -> UpstreamError:
     """Only 401 means the key is wrong (Stigg's own rule): a 403 can come from a proxy or CDN."""
     if status == 401:
-        return UpstreamError(WriteFailure.UNAUTHENTICATED, "Stigg rejected the API key")
+        return UpstreamError(Problem.KEY_REJECTED, "Stigg rejected the API key")
     if status == 429:
-        return UpstreamError(WriteFailure.RESOURCE_EXHAUSTED, "Stigg rate limit (HTTP 429)", True, retry_after)
+        return UpstreamError(Problem.RATE_LIMITED, "Stigg rate limit (HTTP 429)", True, retry_after)
     if status >= 500 or status == 403:
-        return UpstreamError(WriteFailure.UNAVAILABLE, f"Stigg answered HTTP {status}", True, retry_after)
+        return UpstreamError(Problem.UNAVAILABLE, f"Stigg answered HTTP {status}", True, retry_after)
     if 300 <= status < 400:
         # Never followed: the API key header would go wherever the redirect points.
-        return UpstreamError(WriteFailure.UNAVAILABLE, f"Stigg answered a redirect (HTTP {status}); check the API URLs")
-    return UpstreamError(WriteFailure.UNAVAILABLE, f"Stigg answered HTTP {status}; check the API URLs")
+        return UpstreamError(Problem.UNAVAILABLE, f"Stigg answered a redirect (HTTP {status}); check the API URLs")
+    return UpstreamError(Problem.UNAVAILABLE, f"Stigg answered HTTP {status}; check the API URLs")
 
 
 def _retry_after(headers: Headers) -> float | None:
@@ -187,12 +138,6 @@ def _retry_after(headers: Headers) -> float | None:
         return max(0.0, float(values[0]))
     except ValueError:
         return None
-
-
-def _iso(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
 
 
 def traced_url(url: str) -> str:
@@ -209,39 +154,6 @@ def traced_url(url: str) -> str:
 
 def _with_resource(path: str, resource_id: str | None) -> str:
     return f"{path}?{urlencode({'resourceId': resource_id})}" if resource_id else path
-
-
-def usage_input(usage: UsageReport, idempotency_key: str) -> dict[str, Any]:
-    item: dict[str, Any] = {
-        "customerId": usage.customer_id,
-        "featureId": usage.feature_id,
-        "value": usage.value,
-        "idempotencyKey": idempotency_key,
-    }
-    if usage.resource_id:
-        item["resourceId"] = usage.resource_id
-    if usage.update_behavior:
-        item["updateBehavior"] = usage.update_behavior
-    if usage.dimensions:
-        item["dimensions"] = dict(usage.dimensions)
-    if usage.timestamp is not None:
-        item["createdAt"] = _iso(usage.timestamp)
-    return item
-
-
-def event_input(event: EventReport) -> dict[str, Any]:
-    item: dict[str, Any] = {
-        "eventName": event.event_name,
-        "customerId": event.customer_id,
-        "idempotencyKey": event.idempotency_key,
-    }
-    if event.resource_id:
-        item["resourceId"] = event.resource_id
-    if event.dimensions:
-        item["dimensions"] = dict(event.dimensions)
-    if event.timestamp is not None:
-        item["timestamp"] = _iso(event.timestamp)
-    return item
 
 
 class _ClosablePool(HTTPConnectionPool):
@@ -274,6 +186,7 @@ class StiggApi:
         retry: RetryPolicy = RetryPolicy(),
         rng: Callable[[], float] = random.random,
         breaker: BreakerPolicy = DEFAULT_BREAKER,
+        on_attempt: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self._reactor = reactor
         self._api_url = api_url.rstrip("/")
@@ -294,7 +207,7 @@ class StiggApi:
             "edge": CircuitBreaker("Edge API", reactor, breaker, rng),
             "graphql": CircuitBreaker("GraphQL API", reactor, breaker, rng),
         }
-        self.on_attempt: Callable[[str, str, float], None] | None = None  # endpoint, outcome, seconds
+        self._on_attempt = on_attempt  # endpoint, outcome, seconds
 
     def _client(self) -> HTTPClient:
         pool = _ClosablePool(self._reactor, persistent=True)
@@ -378,21 +291,10 @@ class StiggApi:
                 outcome = str(response.code)
                 raise _http_failure(response.code, _retry_after(response.headers))
             try:
-                document = json.loads(body)
-            except ValueError:
-                outcome = "malformed"
-                raise UpstreamError(WriteFailure.UNAVAILABLE, "Stigg answered a body that is not JSON", True) from None
-            if not isinstance(document, dict):
-                outcome = "malformed"
-                raise UpstreamError(WriteFailure.UNAVAILABLE, "Stigg answered an unexpected body", True)
-            errors = document.get("errors")
-            if errors:
-                outcome = "graphql-error"
-                raise _graphql_failure(errors if isinstance(errors, list) else [errors])
-            data = document.get("data")
-            if not isinstance(data, dict):
-                outcome = "malformed"
-                raise UpstreamError(WriteFailure.UNAVAILABLE, "Stigg answered no data", True)
+                data = wire.answer_data(body)
+            except wire.BadAnswer as e:
+                outcome = e.outcome
+                raise e.error from None
             outcome = "ok"
             return data
         except UpstreamError as e:
@@ -402,14 +304,14 @@ class StiggApi:
             spans.failed(span, e)
             if expired:
                 outcome = "timeout"
-                raise UpstreamError(WriteFailure.DEADLINE_EXCEEDED, f"Stigg did not answer within {timeout:.3g}s") from None
+                raise UpstreamError(Problem.TIMED_OUT, f"Stigg did not answer within {timeout:.3g}s") from None
             if _is_local(e):
                 outcome = "local"
-                raise UpstreamError(WriteFailure.UNAVAILABLE, "not sent: the sidecar is out of file descriptors "
+                raise UpstreamError(Problem.UNAVAILABLE, "not sent: the sidecar is out of file descriptors "
                                     "(too many open connections)", True, local=True) from None
             if isinstance(e, _CONNECTION_ERRORS):
                 outcome = "unreachable"
-                raise UpstreamError(WriteFailure.UNAVAILABLE, f"Stigg is unreachable ({type(e).__name__})", True) from None
+                raise UpstreamError(Problem.UNAVAILABLE, f"Stigg is unreachable ({type(e).__name__})", True) from None
             raise
         finally:
             span.set_attribute("stigg.outcome", outcome)
@@ -418,8 +320,8 @@ class StiggApi:
                 timer.cancel()
             self._attempts.pop(settled, None)
             settled.callback(None)
-            if self.on_attempt is not None:
-                self.on_attempt(endpoint, outcome, self._reactor.seconds() - started)
+            if self._on_attempt is not None:
+                self._on_attempt(endpoint, outcome, self._reactor.seconds() - started)
 
     @inlineCallbacks
     def _call(
@@ -435,11 +337,11 @@ class StiggApi:
             attempt += 1
             remaining = deadline - self._reactor.seconds()
             if remaining <= 0:
-                raise UpstreamError(WriteFailure.DEADLINE_EXCEEDED, f"Stigg did not answer within {timeout:.3g}s")
+                raise UpstreamError(Problem.TIMED_OUT, f"Stigg did not answer within {timeout:.3g}s")
             try:
                 ticket = breaker.admit()
             except BreakerOpen as e:
-                raise UpstreamError(e.failure, e.message, fast_failed=True) from None
+                raise UpstreamError(Problem.UNAVAILABLE, e.message, fast_failed=True) from None
             try:
                 result = yield self._once(endpoint, send, remaining, target, attempt)
             except UpstreamError as e:
@@ -474,7 +376,7 @@ class StiggApi:
         url = f"{self._edge_url}{path}"
         if len(url) > MAX_URL_LENGTH:
             return defer.fail(UpstreamError(
-                WriteFailure.INVALID_ARGUMENT, f"the Edge API URL would be {len(url)} characters (at most {MAX_URL_LENGTH})"
+                Problem.REFUSED, f"the Edge API URL would be {len(url)} characters (at most {MAX_URL_LENGTH})"
             ))
         headers = _treq_headers(self._headers, {"X-API-VERSION": "1", "accept": "application/json"})
 
@@ -486,7 +388,7 @@ class StiggApi:
     def _graphql_post(
         self, operation: str, query: str, variables: Mapping[str, Any], timeout: float, retryable: bool = True
     ) -> Deferred:
-        body = json.dumps({"operationName": operation, "variables": variables, "query": query}).encode()
+        body = wire.graphql_request(operation, query, variables)
         headers = _treq_headers(
             self._headers,
             {
@@ -517,10 +419,7 @@ class StiggApi:
             data = yield self._graphql_post(
                 "GetEntitlementsState", operations.GET_ENTITLEMENTS_STATE, {"query": query}, timeout
             )
-        state = data.get("entitlementsState")
-        if not isinstance(state, dict):
-            raise UpstreamError(WriteFailure.UNAVAILABLE, "Stigg answered no entitlementsState", True)
-        return state
+        return wire.entitlements_state(data)
 
     def validate_key(self, timeout: float) -> Deferred:
         """Succeeds when Stigg accepts the key (the SDK-configuration endpoint, as Stigg's SDK does)."""
@@ -532,27 +431,26 @@ class StiggApi:
 
     @inlineCallbacks
     def report_usage(self, usages: Sequence[UsageReport], timeout: float, keys: Sequence[str] | None = None):
-        """The API's UsageMeasurementWithCurrentUsage results, one per usage, in order.
+        """Stigg's results (`UsageResult`: the acknowledgement and the usage changes), one per
+        usage, in order.
 
         Each usage carries an idempotency key (from `keys`, else a fresh one) so a retry after a
         lost answer cannot count twice.
         """
         if keys is None:
             keys = [measurement_id() for _ in usages]
-        inputs = [usage_input(u, key) for u, key in zip(usages, keys, strict=True)]
+        inputs = [wire.usage_input(u, key) for u, key in zip(usages, keys, strict=True)]
         if len(inputs) == 1:
-            data = yield self._graphql_post("ReportUsage", operations.REPORT_USAGE, {"input": inputs[0]}, timeout)
-            results = [data.get("reportUsage")]
+            operation = "ReportUsage"
+            data = yield self._graphql_post(operation, operations.REPORT_USAGE, {"input": inputs[0]}, timeout)
         else:
-            data = yield self._graphql_post(
-                "ReportUsageBulk", operations.REPORT_USAGE_BULK, {"input": {"usages": inputs}}, timeout
-            )
-            results = data.get("reportUsageBulk")
-        if not isinstance(results, list) or len(results) != len(usages) or not all(isinstance(r, dict) for r in results):
-            raise UpstreamError(WriteFailure.UNAVAILABLE, "Stigg answered an unexpected usage result")
-        return results
+            operation = "ReportUsageBulk"
+            data = yield self._graphql_post(operation, operations.REPORT_USAGE_BULK, {"input": {"usages": inputs}}, timeout)
+        now_ms = int(time.time() * 1000)
+        results = wire.usage_results(data, operation, len(usages))
+        return [wire.usage_result(u, r, now_ms) for u, r in zip(usages, results, strict=True)]
 
     @inlineCallbacks
     def report_events(self, events: Sequence[EventReport], timeout: float):
-        variables = {"input": {"usageEvents": [event_input(e) for e in events]}}
+        variables = {"input": {"usageEvents": [wire.event_input(e) for e in events]}}
         yield self._graphql_post("ReportEvent", operations.REPORT_EVENT, variables, timeout)

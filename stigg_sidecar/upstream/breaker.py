@@ -19,7 +19,6 @@ from typing import Callable
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from stigg_sidecar.contracts import WriteFailure
 from stigg_sidecar.quoting import clipped
 
 log = Logger()
@@ -48,10 +47,8 @@ class Ticket:
 
 
 class BreakerOpen(Exception):
-    """Refused without trying: the upstream failed `failures` times in a row. `failure` and
-    `message` mirror UpstreamError's (api.py turns this into one)."""
-
-    failure = WriteFailure.UNAVAILABLE
+    """Refused without trying: the upstream failed `failures` times in a row. `message` is
+    UpstreamError's (api.py turns this into one)."""
 
     def __init__(self, name: str, failures: int, last_error: str, retry_in: float) -> None:
         self.message = (

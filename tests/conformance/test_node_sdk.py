@@ -191,7 +191,7 @@ class NodeSdkTests(TestCase):
             ENTITLEMENTS_TIMEOUT_MS="5000",
             REDIS_TIMEOUT_MS="2000",  # a Redis read past it misses, and with Stigg down answers a fallback
         )
-        mirror = h.sidecar.backend.mirror
+        mirror = h.parts.online.mirror
 
         async def connected():
             return mirror.connected
@@ -232,7 +232,7 @@ class NodeSdkTests(TestCase):
         self.assertEqual(fallbacks, [])
         mismatches = [(c, s, a) for c, s, a in zip(CHECKS, by_sdk, answers, strict=True) if s != a]
         self.assertEqual(mismatches, [])
-        self.assertEqual(h.sidecar.backend.mirror.errors, 0)  # every entry read, none unreadable
+        self.assertEqual(h.parts.online.mirror.errors, 0)  # every entry read, none unreadable
         print(f"\nNode SDK 3.95.0 -> sidecar: {len(CHECKS) - len(mismatches)} of {len(CHECKS)} answers match, "
               f"{len(fallbacks)} fallbacks")
 

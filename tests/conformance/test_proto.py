@@ -101,3 +101,22 @@ class WireCompatibilityTests(SynchronousTestCase):
 
 def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower().replace("v2", "_v2").replace("__v2", "_v2")
+
+
+class RegenerateWithoutToolsTests(SynchronousTestCase):
+    def test_without_grpc_tools_one_line_says_how_to_get_them(self):
+        import subprocess
+        import sys
+
+        from tests.fixtures.paths import ROOT
+
+        # grpc_tools made unimportable, as in the runtime environment (the image, scripts/venv).
+        code = ("import sys, runpy; sys.modules['grpc_tools'] = None; "
+                "runpy.run_module('stigg_sidecar._proto.regenerate', run_name='__main__')")
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(result.stderr.splitlines(), [
+            "stigg_sidecar._proto.regenerate: needs grpcio-tools, a development dependency: run scripts/venv dev,"
+            " then .venv/bin/python -m stigg_sidecar._proto.regenerate"
+        ])

@@ -53,7 +53,7 @@ class StandaloneExamplesTests(TestCase):
 
     def start(self, **env: str) -> int:
         sidecar = start_offline_sidecar(self, reactor, CALLER_TOKENS_FILE=str(self.dir / "tokens"), **env)
-        return sidecar.getServiceNamed("grpc").port
+        return sidecar.parts.grpc.port
 
     async def check(self, code: str, port: int, **env: str) -> None:
         base = {"STIGG_SIDECAR_HOST": "127.0.0.1", "STIGG_SIDECAR_PORT": str(port), **env}

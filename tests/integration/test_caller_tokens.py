@@ -86,8 +86,8 @@ class CallerTokenTests(TestCase):
 
     def start(self, **env: str) -> None:
         self.sidecar = start_offline_sidecar(self, reactor, CALLER_TOKENS_FILE=str(self.tokens), **env)
-        self.port = self.sidecar.getServiceNamed("grpc").port
-        self.http_port = self.sidecar.getServiceNamed("http").port
+        self.port = self.sidecar.parts.grpc.port
+        self.http_port = self.sidecar.parts.http.port
         self.ch = channel(self.port)
         self.addCleanup(self.ch.close)
 
@@ -267,7 +267,7 @@ class CallerTokenTests(TestCase):
         access = grpc_access(load_settings({"OFFLINE": "1"}), reactor)
         self.assertEqual((access.credentials, access.interceptors, access.watchers), (None, [], []))
         sidecar = start_offline_sidecar(self, reactor)
-        ch = channel(sidecar.getServiceNamed("grpc").port)
+        ch = channel(sidecar.parts.grpc.port)
         self.addCleanup(ch.close)
         self.assertFalse((await in_thread(check, ch)).has_access)
 

@@ -24,12 +24,12 @@ class BackgroundFetchTests(TestCase):
         seed = {"apiKeys": ["test-key"], "customers": {f"c{i}": data.ACME for i in range(12)}}
         h = await OnlineHarness(self, reactor).start(seed, MAX_WAITING_READS="2", ENTITLEMENTS_TIMEOUT_MS="5000")
         await h.faults(latency_ms=1500)
-        backend = h.sidecar.backend
+        fetcher = h.parts.online.fetcher
         most = [0]
         watching = [True]
 
         def watch() -> None:
-            most[0] = max(most[0], len(backend._inflight))
+            most[0] = max(most[0], fetcher.in_flight)
             if watching[0]:
                 reactor.callLater(0.01, watch)
 

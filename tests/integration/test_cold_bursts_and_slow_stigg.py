@@ -47,7 +47,7 @@ class SlowStiggStormTests(TestCase):
         await h.call("GetBooleanEntitlement", sso("c64"))  # cached before Stigg slows down
         await h.faults(latency_ms=3000)
         storm = [h.call("GetBooleanEntitlement", sso(f"c{i}"), timeout=10) for i in range(64)]
-        waiting = h.sidecar.backend.waiting_reads
+        waiting = h.parts.online.waiting_reads
 
         async def storm_waiting():
             return waiting.in_use == 64
@@ -71,7 +71,7 @@ class SlowStiggStormTests(TestCase):
 
 
 def metric(h: OnlineHarness, name: str, **labels: str) -> float | None:
-    return h.sidecar.metrics.registry.get_sample_value(name, labels)
+    return h.parts.metrics.registry.get_sample_value(name, labels)
 
 
 class OutageMemoryTests(TestCase):
@@ -87,7 +87,7 @@ class OutageMemoryTests(TestCase):
         self.assertEqual((first.is_fallback, first.has_access), (True, True))
         self.assertEqual(metric(h, "sidecar_upstream_breaker_open", upstream="edge"), 1)
         self.assertEqual(metric(h, "sidecar_upstream_breaker_open", upstream="graphql"), 0)
-        edge = h.sidecar.getServiceNamed("upstream")._api.breakers["edge"]
+        edge = h.parts.online.api.breakers["edge"]
         probes_before = edge.probes
         await h.admin("POST", "requests/reset")
 
@@ -110,7 +110,7 @@ class OutageMemoryTests(TestCase):
             await h.call("ReportUsage", usage, timeout=8)
         self.assertEqual(caught.exception.code(), grpc.StatusCode.UNAVAILABLE)
         self.assertRegex(caught.exception.details(), r"^not sent: Stigg's GraphQL API failed \d+ times in a row \(last: ")
-        graphql = h.sidecar.getServiceNamed("upstream")._api.breakers["graphql"]
+        graphql = h.parts.online.api.breakers["graphql"]
         self.assertLessEqual((await h.requests()).get("ReportUsage", 0) - sent, graphql.probes)
 
         await h.faults(down=False)

@@ -26,8 +26,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
+from stigg_sidecar.process.assembly import assemble
 from stigg_sidecar.settings import Settings, SettingsError, load_settings
-from stigg_sidecar.tap import build_sidecar
 from tests.fixtures.clients import run_async
 
 BOUND = 10.0  # seconds any one wait may take before the test fails
@@ -41,7 +41,7 @@ SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
 
 def _sidecar(**env: str):
     settings = load_settings({"OFFLINE": "1", "BIND_ADDRESS": "127.0.0.1", "PORT": "0", "HTTP_PORT": "0", **env})
-    return build_sidecar(settings, reactor)
+    return assemble(settings, reactor).parts
 
 
 class _Peer(Protocol):
@@ -75,7 +75,7 @@ class HttpTimeoutTests(TestCase):
     timeout = 60
 
     def start(self, **env: str) -> int:
-        http = _sidecar(**env).getServiceNamed("http")
+        http = _sidecar(**env).http
         http.privilegedStartService()
         self.addCleanup(http.stopService)
         return http.port
@@ -204,7 +204,7 @@ class GrpcConnectionTests(TestCase):
     timeout = 60
 
     def start(self, **env: str) -> int:
-        grpc_service = _sidecar(**env).getServiceNamed("grpc")
+        grpc_service = _sidecar(**env).grpc
         grpc_service.privilegedStartService()
         grpc_service.startService()
         self.addCleanup(grpc_service.stopService)

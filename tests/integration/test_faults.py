@@ -110,7 +110,7 @@ class FaultTests(TestCase):
         # The Edge breaker opened during the outage: the first read after its backoff probes, and
         # that success closes it. The backoff doubles with each probe that failed during the
         # outage (more of them when the machine is slow), so the wait covers what is left of it.
-        edge = self.h.sidecar.getServiceNamed("upstream")._api.breakers["edge"]
+        edge = self.h.parts.online.api.breakers["edge"]
         backoff_left = max(0.0, edge._retry_at - reactor.seconds())
 
         async def recovered():
@@ -181,7 +181,7 @@ class WriteBudgetTests(TestCase):
         # The writes wait for Stigg far longer than a loaded machine needs to answer a cached read.
         await h.faults(latency_ms=5000)
         slow = [h.call("ReportUsage", usage(), timeout=30) for _ in range(2)]
-        waiting = h.sidecar.backend.waiting_writes
+        waiting = h.parts.online.waiting_writes
 
         async def both_waiting():
             return waiting.in_use == 2

@@ -24,7 +24,7 @@ class FleetFetchLockTests(TestCase):
             data.SEED, emulator=emulator, REDIS_ENVIRONMENT_PREFIX="lock-test", REDIS_HOST="127.0.0.1",
             REDIS_PORT=str(self.redis.port), REDIS_TIMEOUT_MS="2000", ENTITLEMENTS_TIMEOUT_MS="5000",
         )
-        mirror = h.sidecar.backend.mirror
+        mirror = h.parts.online.mirror
 
         async def connected():
             return mirror.connected and mirror.subscribed
@@ -38,7 +38,7 @@ class FleetFetchLockTests(TestCase):
         a = await self.sidecar()
         b = await self.sidecar(emulator=a.emulator)
         request = pb.GetBooleanEntitlementRequest(customer_id="acme", feature_id="sso")
-        mirror = b.sidecar.backend.mirror
+        mirror = b.parts.online.mirror
         acquire = mirror.acquire_fetch_lock
         peer_answers = []
 

@@ -14,8 +14,8 @@ from stigg_sidecar.grpc.intake import add_sidecar_service
 from stigg_sidecar.grpc.server import GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
 from stigg_sidecar.offline import OfflineSidecar
+from stigg_sidecar.process.assembly import connection_limits
 from stigg_sidecar.settings import Settings
-from stigg_sidecar.tap import connection_limits
 
 MAX_MESSAGE = 64 * 1024
 

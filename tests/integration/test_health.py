@@ -9,8 +9,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
+from stigg_sidecar.process.assembly import assemble
 from stigg_sidecar.settings import load_settings
-from stigg_sidecar.tap import build_sidecar
 from tests.fixtures.clients import http_client
 
 
@@ -22,8 +22,9 @@ class HealthTests(TestCase):
             {"OFFLINE": "1", "BIND_ADDRESS": "127.0.0.1", "PORT": "0", "HTTP_PORT": "0",
              "HEALTH_ENDPOINT_URL": "healthy", "READY_ENDPOINT_URL": "/ready/"}
         )
-        self.sidecar = build_sidecar(settings, reactor)
-        self.http = self.sidecar.getServiceNamed("http")
+        assembled = assemble(settings, reactor)
+        self.sidecar = assembled.service
+        self.http = assembled.parts.http
         self.http.privilegedStartService()
         self.client = http_client(self, reactor)
 

@@ -9,8 +9,8 @@ import socket
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
+from stigg_sidecar.process.assembly import assemble
 from stigg_sidecar.settings import load_settings
-from stigg_sidecar.tap import build_sidecar
 from tests.fixtures.clients import http_client
 
 
@@ -27,11 +27,11 @@ class HttpBindAddressTests(TestCase):
 
     def start(self, **env: str):
         settings = load_settings({"OFFLINE": "1", "PORT": "0", "HTTP_PORT": "0", "SHUTDOWN_GRACE_SECS": "0.5", **env})
-        sidecar = build_sidecar(settings, reactor)
-        sidecar.privilegedStartService()
-        sidecar.startService()
-        self.addCleanup(sidecar.stopService)
-        return sidecar.getServiceNamed("http").port, sidecar.getServiceNamed("grpc").port
+        sidecar = assemble(settings, reactor)
+        sidecar.service.privilegedStartService()
+        sidecar.service.startService()
+        self.addCleanup(sidecar.service.stopService)
+        return sidecar.parts.http.port, sidecar.parts.grpc.port
 
     async def test_probes_on_their_own_interface(self):
         http_port, grpc_port = self.start(BIND_ADDRESS="127.0.0.1", HTTP_BIND_ADDRESS="127.0.0.2")

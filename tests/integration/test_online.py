@@ -248,7 +248,7 @@ class CacheBoundOverGrpcTests(TestCase):
     async def test_byte_budget_holds_while_many_customers_churn(self):
         seed = {"apiKeys": ["test-key"], "customers": {f"c{i}": data.ACME for i in range(40)}}
         h = await OnlineHarness(self, reactor).start(seed, CACHE_MAX_SIZE_BYTES="60000")
-        cache = h.sidecar.backend.cache
+        cache = h.parts.online.cache
         for _round in range(2):
             for i in range(40):
                 r = await h.call("GetMeteredEntitlement", metered(f"c{i}", "api-calls", 10))
@@ -271,7 +271,7 @@ class SlowUpstreamTests(TestCase):
         await h.call("GetBooleanEntitlement", boolean("c0", "sso"))
         await h.faults(latency_ms=1500)
         slow = [h.call("GetBooleanEntitlement", boolean(c, "sso")) for c in ("c1", "c2")]
-        waiting = h.sidecar.backend.waiting_reads
+        waiting = h.parts.online.waiting_reads
 
         async def both_waiting():
             return waiting.in_use == 2
@@ -283,7 +283,7 @@ class SlowUpstreamTests(TestCase):
         self.assertEqual((cached.has_access, cached.is_fallback), (True, False))
         self.assertEqual(waiting.in_use, 2)  # both still waiting: the answers above did not queue behind them
         self.assertEqual([r.is_fallback for r in await gatherResults(slow)], [False, False])
-        registry = h.sidecar.metrics.registry
+        registry = h.parts.metrics.registry
         self.assertEqual(registry.get_sample_value("sidecar_fast_failed_reads_total", {"reason": "overloaded"}), 1)
         # the fallback's customer was fetched in the background all the same
         async def fetched():

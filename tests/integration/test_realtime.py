@@ -4,10 +4,12 @@ through the poller when the socket is disabled or down."""
 from __future__ import annotations
 
 from twisted.internet import reactor
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from tests.fixtures import data
+from tests.fixtures.logs import log_events
 from tests.fixtures.online import OnlineHarness
 
 
@@ -58,7 +60,7 @@ class SocketTests(TestCase):
         await h.wait_until(ready, timeout=15)
 
     def realtime(self, h):
-        return h.sidecar.getServiceNamed("realtime")
+        return h.parts.online.realtime
 
     async def test_admin_change_reaches_a_grpc_answer(self):
         h = await self.start()
@@ -110,6 +112,7 @@ class SocketTests(TestCase):
         await h.wait_until(changed, timeout=5)
 
     async def test_wrong_key_is_not_retried(self):
+        events = log_events(self)
         h = await OnlineHarness(self, reactor).start(data.SEED, api_key="wrong-key", realtime=True)
 
         async def gave_up():
@@ -122,6 +125,11 @@ class SocketTests(TestCase):
         await deferLater(reactor, 2.5, lambda: None)  # longer than the first backoff steps
         self.assertEqual((await h.requests()).get("/graphql (websocket)"), attempts)
         self.assertEqual(attempts, 1)
+        # The log says so once, and claims no retry after it.
+        socket_lines = [formatEvent(e) for e in events if "real-time socket" in formatEvent(e).lower()]
+        self.assertEqual(len(socket_lines), 1, socket_lines)
+        self.assertIn("for good", socket_lines[0])
+        self.assertIn("not retrying", socket_lines[0])
 
     async def test_malformed_frames_are_ignored_and_the_socket_stays_up(self):
         h = await self.start()
@@ -144,16 +152,16 @@ class SocketTests(TestCase):
         h = await self.start(ENTITLEMENTS_TIMEOUT_MS="15000")
         await h.faults(latency_ms=5000)
         reading = h.call("GetBooleanEntitlement", sso(), timeout=20)  # cold: a fetch is now in flight
-        await h.wait_until(lambda: _true(h.sidecar.backend.fetching("c_acme")), timeout=5)
+        await h.wait_until(lambda: _true(h.parts.online.fetcher.fetching("c_acme")), timeout=5)
         await h.admin("PUT", "customers/acme", data.customer(data.feature("other")))
-        cache = h.sidecar.backend.cache
+        cache = h.parts.online.cache
 
         async def pushed():
             entry = cache.get_entry("c_acme")
             return entry is not None and "other" in entry.features
 
         await h.wait_until(pushed, timeout=10)
-        self.assertTrue(h.sidecar.backend.fetching("c_acme"))
+        self.assertTrue(h.parts.online.fetcher.fetching("c_acme"))
         await reading
 
     async def test_a_subscription_error_replaces_the_socket(self):
@@ -171,7 +179,7 @@ class SocketTests(TestCase):
     async def test_package_published_for_all_customers_drops_the_cache(self):
         h = await self.start()
         await h.call("GetBooleanEntitlement", sso())
-        cache = h.sidecar.backend.cache
+        cache = h.parts.online.cache
         self.assertEqual(len(cache), 1)
         await h.admin("POST", "publish", {"migrationType": "NEW_CUSTOMERS"})
         await h.admin("POST", "publish", {"migrationType": "ALL_CUSTOMERS"})
@@ -183,7 +191,7 @@ class SocketTests(TestCase):
 
     async def test_poller_stands_down_while_the_socket_is_up(self):
         h = await self.start(POLL_INTERVAL_SECS="0.2")
-        poller = h.sidecar.getServiceNamed("poller")
+        poller = h.parts.online.poller
         self.assertFalse(poller.active)
         await h.admin("POST", "faults", {"down": True})
 

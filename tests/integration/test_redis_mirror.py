@@ -19,8 +19,10 @@ from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.cache.redis import RedisMirror
 from stigg_sidecar.cache.redis import errors as redis_errors
-from stigg_sidecar.entitlements.records import CustomerEntry, Usage, apply_usage, entry_from_state
+from stigg_sidecar.entitlements.changes import apply_usage
+from stigg_sidecar.entitlements.records import CustomerEntry, Usage
 from stigg_sidecar.settings import load_settings
+from stigg_sidecar.upstream.wire import entry_from_state
 from tests.fixtures.edge import boolean_item, credit_item, metered_item, state
 from tests.fixtures.logs import log_events
 from tests.fixtures.polling import until

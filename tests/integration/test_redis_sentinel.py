@@ -17,8 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.cache.redis import RedisMirror
-from stigg_sidecar.entitlements.records import entry_from_state
 from stigg_sidecar.settings import SettingsError, load_settings
+from stigg_sidecar.upstream.wire import entry_from_state
 from tests.fixtures import data
 from tests.fixtures import sentinel as redis_sentinel
 from tests.fixtures.edge import boolean_item, metered_item, state
@@ -93,7 +93,7 @@ class SentinelFailoverTests(TestCase):
             REDIS_HOST="127.0.0.1",
             REDIS_PORT="1",  # ignored with Sentinels: nothing listens there
         )
-        mirror = h.sidecar.backend.mirror
+        mirror = h.parts.online.mirror
 
         async def connected():
             return mirror.connected and mirror.subscribed

@@ -49,7 +49,7 @@ class RedisSidecarTests(TestCase):
 
     async def sidecar(self, emulator=None, seed=data.SEED, **extra):
         h = await OnlineHarness(self, reactor).start(seed, emulator=emulator, **redis_settings(self.redis, **extra))
-        mirror = h.sidecar.backend.mirror
+        mirror = h.parts.online.mirror
 
         async def connected():
             return mirror.connected and mirror.subscribed
@@ -116,7 +116,7 @@ class RedisSidecarTests(TestCase):
     async def test_redis_killed_mid_load_then_restarted(self):
         seed = {"apiKeys": ["test-key"], "customers": {f"c{i}": data.ACME for i in range(30)}}
         h = await self.sidecar(seed=seed)
-        mirror = h.sidecar.backend.mirror
+        mirror = h.parts.online.mirror
         failures = 0
         answered = 0
 

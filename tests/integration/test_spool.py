@@ -16,20 +16,22 @@ from typing import Any
 import grpc
 from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.contracts import UsageReport, WriteError, WriteFailure
-from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.delivery.spool import SpoolFile
 from stigg_sidecar.delivery.spooled import SpooledDelivery
 from stigg_sidecar.delivery.upstream import UpstreamWrites
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
-from stigg_sidecar.online.sidecar import OnlineSidecar
+from stigg_sidecar.online.pending import PendingUsage
+from stigg_sidecar.online.store import EntitlementStore
 from stigg_sidecar.upstream.api import RetryPolicy, StiggApi
 from stigg_sidecar.upstream.breaker import BreakerPolicy
 from tests.fixtures import data
+from tests.fixtures.logs import log_events
 from tests.fixtures.online import OnlineHarness
 from tests.fixtures.polling import until
 from tests.fixtures.processes import base_env, run_twistd
@@ -56,12 +58,11 @@ class DeliveryTimingTests(TestCase):
         cache = EntitlementCache(10_000_000)
         # Budgets far above what a loaded machine needs over loopback: a send that timed out
         # would be retried on the Clock, which only the test advances, and never be delivered.
-        backend = OnlineSidecar(reactor, api, cache, fetch_timeout=10.0)
-        backend.pending = PendingUsage(cache)
+        store = EntitlementStore(cache, pending=PendingUsage())
         self.clock = Clock()
         self.delivery = SpooledDelivery(
-            self.clock, None, UpstreamWrites(api, backend), SpoolFile(reactor, f"{tempfile.mkdtemp()}/spool.sqlite3"),
-            backend.pending, reloads=None, max_bytes=1 << 20, batch_size=batch_size, flush_interval=flush,
+            self.clock, None, UpstreamWrites(api, store), SpoolFile(reactor, f"{tempfile.mkdtemp()}/spool.sqlite3"),
+            store, max_bytes=1 << 20, batch_size=batch_size, flush_interval=flush,
             send_timeout=10.0, grace=0.0, backoff=backoff or RetryPolicy(initial=1.0, max_delay=4.0), rng=rng,
         )
         self.delivery.startService()
@@ -112,6 +113,15 @@ class DeliveryTimingTests(TestCase):
         self.assertEqual(len(self.emulator.state.usage_log()), 1)
         self.assertEqual(self.delivery._failures["usage"], 0)
 
+    async def test_a_stop_with_no_time_left_keeps_the_record_and_says_so_in_the_singular(self):
+        await self.start(batch_size=10, flush=60.0)
+        events = log_events(self)
+        await self.delivery._accept_usage([usage()], 1.0)
+        await self.delivery.stopService()  # grace 0: nothing is sent
+        self.assertEqual(self.sent(), 0)
+        lines = [formatEvent(e) for e in events if "on disk for the next start" in formatEvent(e)]
+        self.assertEqual(lines, ["1 spooled record stays on disk for the next start"])
+
     def test_the_backoff_is_jittered_between_half_and_all_of_the_step(self):
         policy = RetryPolicy(initial=0.5, factor=2.0, max_delay=30.0)
         self.assertEqual(policy.delay(1, lambda: 0.0), 0.25)
@@ -121,7 +131,9 @@ class DeliveryTimingTests(TestCase):
 
     async def test_a_full_spool_refuses_with_resource_exhausted_and_keeps_what_it_has(self):
         await self.start(batch_size=1000, flush=60.0)
-        self.delivery._max_bytes = 1000
+        # SPOOL_MAX_BYTES counts what the files take on disk: room for a few commits past the empty spool's.
+        limit = self.delivery.spool.disk_bytes + 200_000
+        self.delivery._max_bytes = limit
         accepted = 0
         with self.assertRaises(WriteError) as refused:
             for _ in range(100):
@@ -129,7 +141,7 @@ class DeliveryTimingTests(TestCase):
                 accepted += 1
         self.assertEqual(refused.exception.failure, WriteFailure.RESOURCE_EXHAUSTED)
         self.assertIn("write spool full", refused.exception.message)
-        self.assertIn("1000", refused.exception.message)
+        self.assertIn(str(limit), refused.exception.message)
         self.assertGreater(accepted, 5)
         self.assertEqual(self.delivery.records, accepted)
         self.clock.advance(60.0)
@@ -147,7 +159,7 @@ class SpooledSidecarTests(TestCase):
         harness = await OnlineHarness(self, reactor).start(
             data.SEED, STATE_DIR=self.state_dir, SPOOL_WRITES="1", SPOOL_FLUSH_MS="20", **settings
         )
-        self.delivery = harness.sidecar.getServiceNamed("delivery")
+        self.delivery = harness.parts.writer
         await until(lambda: harness.sidecar.readiness.ready, what="ready")
         return harness
 

@@ -16,8 +16,8 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.grpc.tls import TlsError, TlsFiles, load_material
+from stigg_sidecar.process.assembly import assemble
 from stigg_sidecar.settings import load_settings
-from stigg_sidecar.tap import build_sidecar
 from tests.fixtures.lockdown import (
     LogLines,
     SecretVolume,
@@ -48,7 +48,7 @@ class TlsTests(TestCase):
 
     def start(self, **env: str) -> int:
         sidecar = start_offline_sidecar(self, reactor, **tls_env(self.volume), **env)
-        return sidecar.getServiceNamed("grpc").port
+        return sidecar.parts.grpc.port
 
     def channel(self, port: int, ca=None, client=None) -> grpc.Channel:
         made = channel(port, ca, client)
@@ -125,7 +125,7 @@ class TlsTests(TestCase):
         self.volume.write(tls_files(server_cert(self.ca), client_ca=client_ca))
         volume = SecretVolume(self.tmp("mtls"), tls_files(server_cert(self.ca), client_ca=client_ca))
         sidecar = start_offline_sidecar(self, reactor, **tls_env(volume, mutual=True))
-        port = sidecar.getServiceNamed("grpc").port
+        port = sidecar.parts.grpc.port
 
         self.assertEqual(await self.new_connection_status(port, self.ca), grpc.StatusCode.UNAVAILABLE)
         stranger = trustme.CA().issue_cert("client.example")
@@ -174,7 +174,7 @@ class TlsStartTests(TestCase):
 
     def build(self, **env: str):
         settings = load_settings({"OFFLINE": "1", "TLS_CERT_FILE": str(self.cert), "TLS_KEY_FILE": str(self.key), **env})
-        return build_sidecar(settings, reactor)
+        return assemble(settings, reactor)
 
     def error(self, **env: str) -> str:
         with self.assertRaises(TlsError) as raised:

@@ -32,7 +32,7 @@ class UnacknowledgedWriteTests(TestCase):
         self.h = await OnlineHarness(self, reactor).start(
             data.SEED, STATE_DIR=self.state_dir, SPOOL_WRITES="1", SPOOL_FLUSH_MS="20"
         )
-        self.delivery = self.h.sidecar.getServiceNamed("delivery")
+        self.delivery = self.h.parts.writer
         await until(lambda: self.delivery._loaded, what="spool loaded")
         self.released = threading.Event()
         self.addCleanup(self.released.set)
@@ -79,5 +79,6 @@ class UnacknowledgedWriteTests(TestCase):
         future = self.h.stub.ReportUsage.future(self.usage(3), timeout=10)
         await deferLater(reactor, 0.3, lambda: None)  # it waits on the held spool
         self.assertTrue(future.cancel())
+        await deferLater(reactor, 0.5, lambda: None)  # the cancellation has reached the sidecar
         await self.settle()
         self.assertEqual(self.h.emulator.state.usage_log(), [])

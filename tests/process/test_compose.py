@@ -50,9 +50,10 @@ class ComposeTests(SynchronousTestCase):
         return self.engine.podman("healthcheck", "run", self.container(service), check=False).returncode == 0
 
     def test_compose_file_runs_the_sidecar_on_redis_against_the_emulator(self):
+        # Cleanups run last first: the containers with their anonymous volumes, then what is left.
         self.addCleanup(self.engine.podman, "network", "rm", "--force", f"{self.project}_default", check=False)
-        self.addCleanup(self.engine.remove_containers, *map(self.container, SERVICES))
         self.addCleanup(self.compose, "down", check=False, timeout=120)
+        self.addCleanup(self.engine.remove_containers, *map(self.container, SERVICES))
         self.compose("up", "-d", "--no-build")
         try:
             wait_until(lambda: http_status(f"http://127.0.0.1:{self.http_port}/readyz") == 200, 90, "the sidecar's readiness")

@@ -17,8 +17,10 @@ from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
+from stigg_sidecar.crossing.gate import WRITE_FAILURES
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
-from stigg_sidecar.upstream.api import MAX_URL_LENGTH, StiggApi, UpstreamError
+from stigg_sidecar.upstream.api import MAX_URL_LENGTH, StiggApi
+from stigg_sidecar.upstream.errors import Problem, UpstreamError
 from tests.fixtures import data
 from tests.fixtures.processes import SidecarProcess, base_env
 
@@ -118,17 +120,18 @@ class UnsendableRequestTests(TestCase):
         """An emulator, a client of it, and the attempts the client reports."""
         emulator = await start_emulator(reactor, data.SEED)
         self.addCleanup(stop_emulator, emulator)
-        api = StiggApi(reactor, "test-key", emulator.url, emulator.url, edge_enabled=True)
-        self.addCleanup(api.close)
         attempts: list[tuple] = []
-        api.on_attempt = lambda *a: attempts.append(a)
+        api = StiggApi(reactor, "test-key", emulator.url, emulator.url, edge_enabled=True,
+                       on_attempt=lambda *a: attempts.append(a))
+        self.addCleanup(api.close)
         return emulator, api, attempts
 
     async def test_an_edge_url_too_long_fails_at_once_without_a_request(self):
         emulator, api, attempts = await self.upstream()
         with self.assertRaises(UpstreamError) as caught:
             await api.fetch_state("c" * MAX_URL_LENGTH, None, timeout=5)
-        self.assertEqual(caught.exception.failure.value, "INVALID_ARGUMENT")
+        self.assertIs(caught.exception.problem, Problem.REFUSED)
+        self.assertEqual(WRITE_FAILURES[caught.exception.problem].value, "INVALID_ARGUMENT")  # what a write says
         self.assertFalse(caught.exception.retryable)
         self.assertEqual(attempts, [])
         self.assertEqual(emulator.state.request_counts(), {})

@@ -144,6 +144,8 @@ class SidecarOverlayPodTests(SynchronousTestCase):
             self.addCleanup(self.engine.podman, "volume", "rm", "--force", name, check=False)
         self.addCleanup(self.engine.podman, "pod", "rm", "--force", self.pod, check=False, timeout=60)
         self.addCleanup(self.engine.podman, "kube", "down", str(self.kube), check=False, timeout=60)
+        # first (cleanups run last first): the containers with their anonymous volumes
+        self.addCleanup(self.engine.remove_containers, self.container("app"), self.container("stigg-sidecar"))
         self.engine.podman("kube", "play", str(self.kube), timeout=120)
 
     def container(self, name: str) -> str:

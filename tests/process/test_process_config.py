@@ -37,6 +37,16 @@ class StartupFailureTests(SynchronousTestCase):
             "ENTITLEMENTS_FALLBACK: f.value: must be a whole number that fits in 32 bits",
         )
 
+    def test_an_unknown_option_is_one_line_and_a_pointer_to_help(self):
+        for args, line in [
+            (("--bogus",), "option --bogus not recognized; see twistd stigg-sidecar --help"),
+            (("--port",), "option --port requires argument; see twistd stigg-sidecar --help"),
+            (("stray",), "Wrong number of arguments; see twistd stigg-sidecar --help"),
+        ]:
+            self.assertFailsWith(base_env(OFFLINE="1"), line, *args)
+            result = run_twistd("stigg-sidecar", base_env(OFFLINE="1"), *args)
+            self.assertEqual((result.stdout + result.stderr).splitlines(), [f"stigg-sidecar: {line}"])
+
     def test_bad_option_value_is_reported_like_a_variable(self):
         self.assertFailsWith(base_env(OFFLINE="1"), "PORT: must be a whole number, got 'x'", "--port=x")
 

@@ -20,21 +20,20 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.contracts import UsageReport
-from stigg_sidecar.delivery.pending import PendingUsage
 from stigg_sidecar.emulator.data import parse_data
 from stigg_sidecar.emulator.state import EmulatorState
 from stigg_sidecar.emulator.state import UsageReport as EmulatorUsage
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
-from stigg_sidecar.entitlements.records import entry_from_state
-from stigg_sidecar.online.sidecar import OnlineSidecar
+from stigg_sidecar.online.pending import PendingUsage
+from stigg_sidecar.online.store import EntitlementStore
 from stigg_sidecar.state.snapshot import (
     FILE_NAME,
     SnapshotError,
     SnapshotMissing,
-    SnapshotService,
     read_snapshot,
     write_snapshot,
 )
+from stigg_sidecar.upstream.wire import entry_from_state
 from tests.fixtures import data
 from tests.fixtures.clients import grpc_deferred
 from tests.fixtures.polling import until
@@ -108,15 +107,13 @@ class SnapshotFileTests(SynchronousTestCase):
 
     def test_undelivered_spooled_usage_is_written_as_stiggs_value(self):
         cache = EntitlementCache(10_000_000)
-        backend = OnlineSidecar(reactor=None, api=None, cache=cache, fetch_timeout=1.0)
-        backend.pending = PendingUsage(cache)
+        store = EntitlementStore(cache, pending=PendingUsage())
         entry = entries()[0]
-        backend.store(entry)
+        store.put(entry)
         before = entry.features["api-calls"].usage.current_usage
-        backend.pending.add(1, UsageReport(entry.customer_id, "api-calls", 7, update_behavior="DELTA"))
+        store.pending_added(1, UsageReport(entry.customer_id, "api-calls", 7, update_behavior="DELTA"))
         self.assertEqual(cache.get_entry(entry.key).features["api-calls"].usage.current_usage, before + 7)
-        service = SnapshotService(reactor, self.path, backend, interval=60)
-        (captured,) = service._capture()
+        (captured,) = store.snapshot_entries()  # what SnapshotService.write writes
         self.assertEqual(captured.features["api-calls"].usage.current_usage, before)
 
 

@@ -7,14 +7,8 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from stigg_sidecar.cache.memory import EntitlementCache
-from stigg_sidecar.entitlements.records import (
-    CustomerEntry,
-    Feature,
-    FeatureEntitlement,
-    Usage,
-    apply_usage,
-    cache_key,
-)
+from stigg_sidecar.entitlements.changes import apply_usage
+from stigg_sidecar.entitlements.records import CustomerEntry, Feature, FeatureEntitlement, Usage, cache_key
 
 API_CALLS = Feature("api-calls", "NUMBER", "Incremental")
 

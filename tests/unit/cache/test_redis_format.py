@@ -22,6 +22,7 @@ from stigg_sidecar.cache.redis.format import (
     fetch_succeeded,
     timestamp_key,
 )
+from stigg_sidecar.entitlements.fields import freeze_json
 from stigg_sidecar.entitlements.records import (
     CreditEntitlement,
     CreditRate,
@@ -30,9 +31,8 @@ from stigg_sidecar.entitlements.records import (
     Feature,
     FeatureEntitlement,
     Usage,
-    entry_from_state,
-    freeze_json,
 )
+from stigg_sidecar.upstream.wire import entry_from_state
 from tests.fixtures.edge import boolean_item, credit_item, metered_item, state
 from tests.fixtures.redis import as_store
 

@@ -12,21 +12,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from stigg_sidecar.entitlements.changes import apply_usage, newer_or_equal
+from stigg_sidecar.entitlements.fields import thaw_json
 from stigg_sidecar.entitlements.records import (
     CreditEntitlement,
     Currency,
     CustomerEntry,
     Feature,
     FeatureEntitlement,
-    MalformedState,
     Usage,
-    apply_usage,
     cache_key,
-    entry_bytes,
-    entry_from_state,
-    newer_or_equal,
-    thaw_json,
 )
+from stigg_sidecar.entitlements.sizing import entry_bytes
+from stigg_sidecar.upstream.wire import MalformedState, entry_from_state
 from tests.fixtures.edge import NOV_1, NOW, OCT_1, boolean_item, credit_item, metered_item, state
 
 

@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.cache.redis.format import decode_from
+from stigg_sidecar.entitlements.changes import apply_usage, keep_newer_usage
 from stigg_sidecar.entitlements.records import (
     CreditEntitlement,
     CreditRate,
@@ -21,12 +22,10 @@ from stigg_sidecar.entitlements.records import (
     FrozenMap,
     Malformed,
     Usage,
-    apply_usage,
-    entry_from_state,
-    keep_newer_usage,
 )
 from stigg_sidecar.process import gcpolicy
 from stigg_sidecar.state.snapshot import read_snapshot, write_snapshot
+from stigg_sidecar.upstream.wire import entry_from_state
 from tests.fixtures.edge import NOW, boolean_item, credit_item, metered_item, state
 from tests.fixtures.redis import as_store
 

@@ -121,6 +121,11 @@ class ValidationMessageTests(SynchronousTestCase):
 
     def test_fallback_that_is_not_an_object(self):
         self.assertIn("must be a JSON object", self.message({"OFFLINE": "1", "ENTITLEMENTS_FALLBACK": "[1]"}))
+        # The setting named once, not "ENTITLEMENTS_FALLBACK: ENTITLEMENTS_FALLBACK: ...".
+        self.assertEqual(self.message({"OFFLINE": "1", "ENTITLEMENTS_FALLBACK": "[1]"}),
+                         "ENTITLEMENTS_FALLBACK: must be a JSON object of featureId -> values")
+        self.assertEqual(self.message({"OFFLINE": "1", "ENTITLEMENTS_FALLBACK": '{"": {}}'}),
+                         "ENTITLEMENTS_FALLBACK: a feature id is empty")
 
     def test_bad_url(self):
         self.assertIn("API_URL: must be a http/https URL", self.message({"SERVER_API_KEY": KEY, "API_URL": "ftp://x"}))

@@ -20,6 +20,8 @@ from stigg_sidecar.cache.redis.format.names import (
     timestamp_key,
     usage_ref,
 )
+from stigg_sidecar.entitlements.fields import FieldReader, freeze_json, parse_time
+from stigg_sidecar.entitlements.interning import shared_feature
 from stigg_sidecar.entitlements.records import (
     CreditEntitlement,
     CreditRate,
@@ -27,11 +29,7 @@ from stigg_sidecar.entitlements.records import (
     CustomerEntry,
     Feature,
     FeatureEntitlement,
-    FieldReader,
     Usage,
-    freeze_json,
-    parse_time,
-    shared_feature,
 )
 
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from stigg_sidecar.cache.redis.format.names import CREDIT, FEATURE, EntryKeys
-from stigg_sidecar.entitlements.records import CreditEntitlement, CustomerEntry, FeatureEntitlement, thaw_json
+from stigg_sidecar.entitlements.fields import thaw_json
+from stigg_sidecar.entitlements.records import CreditEntitlement, CustomerEntry, FeatureEntitlement
 
 
 @dataclass(frozen=True, slots=True)

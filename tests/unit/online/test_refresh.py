@@ -9,17 +9,19 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.entitlements.records import CustomerEntry
-from stigg_sidecar.upstream.poller import Poller, Refresher
+from stigg_sidecar.online.refresh import Poller, Refresher
+from stigg_sidecar.online.store import EntitlementStore
 
 
 class RecordingBackend:
-    """The two things the refresher uses of OnlineSidecar: its cache, and fetch() whose
+    """The two things the refresher uses: the store over a real cache, and a fetch() whose
     Deferreds the test fires by hand."""
 
     def __init__(self, customers: int) -> None:
         self.cache = EntitlementCache(max_bytes=10**9)
         for i in range(customers):
             self.cache.put(CustomerEntry(f"c{i}", timestamp=1))
+        self.store = EntitlementStore(self.cache)
         self.pending: list[tuple[str, Deferred]] = []
 
     def fetch(self, customer_id, resource_id, mode="miss"):
@@ -45,7 +47,7 @@ class RefresherTests(SynchronousTestCase):
         backend = RecordingBackend(memory._HOT_KEYS + 3 * memory._WALK_SLICE)
         cache = backend.cache
         throughout = {key[2:] for key in cache._order}
-        refresher = Refresher(clock, backend, concurrency=4, rate=1000.0)
+        refresher = Refresher(clock, backend.store, backend.fetch, concurrency=4, rate=1000.0)
         finished = refresher.refresh()
         fetched: list[str] = []
         added = 0
@@ -71,7 +73,7 @@ class RefresherTests(SynchronousTestCase):
         backend = RecordingBackend(6)
         for i in (4, 1):  # c1 read last, so it goes first
             backend.cache.get(f"c_c{i}")
-        refresher = Refresher(clock, backend, concurrency=2, rate=4.0)
+        refresher = Refresher(clock, backend.store, backend.fetch, concurrency=2, rate=4.0)
         finished = refresher.refresh()
         self.assertEqual([c for c, _ in backend.pending], ["c1", "c4"])
         self.assertEqual(backend.finish_all(), ["c1", "c4"])
@@ -91,7 +93,7 @@ class RefresherTests(SynchronousTestCase):
     def test_failures_are_counted_and_do_not_stop_the_round(self):
         clock = Clock()
         backend = RecordingBackend(3)
-        refresher = Refresher(clock, backend, concurrency=1, rate=1000.0)
+        refresher = Refresher(clock, backend.store, backend.fetch, concurrency=1, rate=1000.0)
         finished = refresher.refresh()
         for _ in range(3):
             (_, d), = backend.pending
@@ -104,7 +106,7 @@ class RefresherTests(SynchronousTestCase):
     def test_stop_ends_a_round_after_the_fetches_in_flight(self):
         clock = Clock()
         backend = RecordingBackend(5)
-        refresher = Refresher(clock, backend, concurrency=1, rate=1.0)
+        refresher = Refresher(clock, backend.store, backend.fetch, concurrency=1, rate=1.0)
         refresher.refresh()
         backend.finish_all()
         stopped = refresher.stop()
@@ -117,7 +119,7 @@ class PollerTests(SynchronousTestCase):
     def test_polls_only_while_active(self):
         clock = Clock()
         backend = RecordingBackend(1)
-        poller = Poller(clock, Refresher(clock, backend, concurrency=1, rate=1000.0), interval=30, active=True)
+        poller = Poller(clock, Refresher(clock, backend.store, backend.fetch, concurrency=1, rate=1000.0), interval=30, active=True)
         poller.startService()
         clock.advance(29)
         self.assertEqual(backend.pending, [])

@@ -1,6 +1,7 @@
 """PendingUsage: what the cache shows for usage that is acknowledged but not yet delivered.
 
-Reactor only. For each (cache key, feature) with spooled usage not yet delivered, it keeps the
+Bookkeeping only: it never touches the cache; the store (`online.store`, the one writer of
+cached state) asks it what to show and shows it. Reactor only. For each (cache key, feature) with spooled usage not yet delivered, it keeps the
 last authoritative usage Stigg gave (`base`: value, period and timestamp) and the undelivered
 records in order. The cache always shows `base` with the records applied (DELTA adds, SET sets),
 stamped with the base's timestamp, so:
@@ -12,16 +13,18 @@ stamped with the base's timestamp, so:
   is applied: nothing is counted twice, nothing lost.
 
 A record sent but not yet answered still counts: until its result arrives the sidecar cannot know
-whether Stigg applied it. Redis and snapshots hold the base, never the overlay.
+whether Stigg applied it. Records loaded at start are the exception (`SpooledDelivery` adds them
+only once a delivery fails): they may have been delivered before the restart, and Stigg's usage
+would then hold them already. Redis and snapshots hold the base, never the overlay.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.contracts import UsageReport
-from stigg_sidecar.entitlements.records import CustomerEntry, Usage, apply_usage, cache_key
+from stigg_sidecar.entitlements.changes import apply_usage
+from stigg_sidecar.entitlements.records import CustomerEntry, Usage, cache_key
 
 
 @dataclass
@@ -31,7 +34,7 @@ class _Tracked:
 
     def value(self) -> float | None:
         current = self.base.current_usage if self.base is not None else None
-        for behavior, value in self.records.values():
+        for _, (behavior, value) in sorted(self.records.items()):  # spool order, whatever came first
             if behavior == "SET":
                 current = value
             elif current is not None:
@@ -40,46 +43,48 @@ class _Tracked:
 
 
 class PendingUsage:
-    def __init__(self, cache: EntitlementCache) -> None:
-        self._cache = cache
+    def __init__(self) -> None:
         self._tracked: dict[tuple[str, str], _Tracked] = {}
         self._features: dict[str, set[str]] = {}  # cache key -> tracked feature ids
 
     def __len__(self) -> int:
         return sum(len(t.records) for t in self._tracked.values())
 
-    def add(self, seq: int, usage: UsageReport) -> Usage | None:
-        """Count an acknowledged record; the usage the cache shows now (None: not cached)."""
+    def add(self, seq: int, usage: UsageReport, cached: Usage | None) -> Usage | None:
+        """Count an acknowledged record (`cached`: the usage the cache holds for its entitlement,
+        None when it holds none); the usage to show now (None: nothing to show)."""
         key = cache_key(usage.customer_id, usage.resource_id)
         pair = (key, usage.feature_id)
         tracked = self._tracked.get(pair)
         if tracked is None:
-            tracked = self._tracked[pair] = _Tracked(self._cached(key, usage.feature_id))
+            tracked = self._tracked[pair] = _Tracked(cached)
             self._features.setdefault(key, set()).add(usage.feature_id)
         tracked.records[seq] = (usage.update_behavior or "DELTA", usage.value)
-        return self._show(pair, tracked)
+        return self._shown(tracked)
 
     def remove(self, seq: int, usage: UsageReport) -> None:
-        """The record is settled (delivered or refused); the cache is updated by `refresh` or
-        by the authoritative usage that comes with the delivery."""
+        """The record is settled (delivered or refused); what the cache shows changes with
+        `refresh` or with the authoritative usage that comes with the delivery."""
         tracked = self._tracked.get((cache_key(usage.customer_id, usage.resource_id), usage.feature_id))
         if tracked is not None:
             tracked.records.pop(seq, None)
 
-    def refresh(self, usage: UsageReport) -> None:
-        """Show base plus what is still pending; stop tracking when nothing is."""
+    def refresh(self, usage: UsageReport) -> Usage | None:
+        """The usage to show for the record's entitlement (base plus what is still pending; None:
+        nothing to show); stop tracking when nothing is pending."""
         key = cache_key(usage.customer_id, usage.resource_id)
         pair = (key, usage.feature_id)
         tracked = self._tracked.get(pair)
         if tracked is None:
-            return
-        self._show(pair, tracked)
+            return None
+        shown = self._shown(tracked)
         if not tracked.records:
             del self._tracked[pair]
             features = self._features[key]
             features.discard(usage.feature_id)
             if not features:
                 del self._features[key]
+        return shown
 
     def base(self, key: str, feature_id: str) -> Usage | None:
         """The authoritative usage behind what the cache shows, if the pair is tracked."""
@@ -106,6 +111,18 @@ class PendingUsage:
                                     base.usage_period_end, base.updated_at) or entry
         return entry
 
+    def with_bases(self, entry: CustomerEntry) -> CustomerEntry:
+        """`entry` with Stigg's own usage where usage is pending (what a snapshot holds: the spool
+        re-applies the pending records at the next start; holding them too would count them twice)."""
+        if entry.key not in self._features:
+            return entry
+        for feature_id in list(entry.features):
+            base = self.base(entry.key, feature_id)
+            if base is not None:
+                entry = apply_usage(entry, "FEATURE", feature_id, base.current_usage, base.usage_period_start,
+                                    base.usage_period_end, base.updated_at) or entry
+        return entry
+
     def adjust_usage(self, key: str, kind: str, ref_id: str, usage: Usage) -> Usage:
         """One authoritative usage update, as the cache should show it."""
         tracked = self._tracked.get((key, ref_id)) if kind == "FEATURE" else None
@@ -125,16 +142,9 @@ class PendingUsage:
         if tracked.base is None or usage.updated_at >= tracked.base.updated_at:
             tracked.base = usage
 
-    def _cached(self, key: str, feature_id: str) -> Usage | None:
-        entry = self._cache.get_entry(key)
-        feature = entry.features.get(feature_id) if entry is not None else None
-        return feature.usage if feature is not None else None
-
-    def _show(self, pair: tuple[str, str], tracked: _Tracked) -> Usage | None:
+    @staticmethod
+    def _shown(tracked: _Tracked) -> Usage | None:
         value, base = tracked.value(), tracked.base
         if value is None or base is None:
             return None
-        shown = Usage(value, base.usage_period_start, base.usage_period_end, base.updated_at)
-        changed = self._cache.update(pair[0], lambda e: apply_usage(
-            e, "FEATURE", pair[1], value, base.usage_period_start, base.usage_period_end, base.updated_at))
-        return shown if changed is not None else None
+        return Usage(value, base.usage_period_start, base.usage_period_end, base.updated_at)

@@ -8,22 +8,38 @@ is back. Reactor only; time comes from the injected reactor, so tests drive it w
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from stigg_sidecar.online.sidecar import OnlineSidecar
+from stigg_sidecar.entitlements.records import CustomerEntry
 
 log = Logger()
 
+# fetch(customer_id, resource_id, mode): the Fetcher's, which stores what it gets.
+Fetch = Callable[[str, "str | None", str], Deferred]
+
+
+class CachedKeys(Protocol):
+    """What the refresher reads of the store: which customers are cached, most recent first."""
+
+    def __len__(self) -> int: ...
+
+    def keys_by_recency(self) -> Iterator[str]: ...
+
+    def entry(self, key: str) -> CustomerEntry | None: ...
+
 
 class Refresher:
-    def __init__(self, reactor, backend: OnlineSidecar, concurrency: int = 4, rate: float = 50.0) -> None:
+    def __init__(self, reactor: IReactorTime, cached: CachedKeys, fetch: Fetch, concurrency: int = 4,
+                 rate: float = 50.0) -> None:
         self._reactor = reactor
-        self._backend = backend
+        self._cached = cached
+        self._fetch = fetch
         self._concurrency = concurrency
         self._pause = concurrency / rate  # per worker, so all workers together stay under `rate`
         self._running: Deferred | None = None
@@ -41,11 +57,11 @@ class Refresher:
         if self._running is not None:
             return self._running
         self._stopped = False
-        cache = self._backend.cache
-        count = len(cache)
+        cached = self._cached
+        count = len(cached)
         # Entries are looked up as workers reach them: no Python pass over the whole cache here,
         # and a customer evicted meanwhile is skipped rather than refetched.
-        work = ((e.customer_id, e.resource_id) for e in map(cache.get_entry, cache.keys_by_recency()) if e is not None)
+        work = ((e.customer_id, e.resource_id) for e in map(cached.entry, cached.keys_by_recency()) if e is not None)
         done = gatherResults([self._worker(work) for _ in range(min(self._concurrency, count) or 1)])
 
         def finished(_):
@@ -69,7 +85,7 @@ class Refresher:
             if self._stopped:
                 return
             try:
-                yield self._backend.fetch(customer_id, resource_id, "refresh")
+                yield self._fetch(customer_id, resource_id, "refresh")
                 self.refreshed += 1
             except Exception:
                 self.failed += 1
@@ -88,7 +104,7 @@ class Refresher:
 class Poller(Service):
     name = "poller"
 
-    def __init__(self, reactor, refresher: Refresher, interval: float, active: bool) -> None:
+    def __init__(self, reactor: IReactorTime, refresher: Refresher, interval: float, active: bool) -> None:
         self._reactor = reactor
         self._refresher = refresher
         self._interval = interval

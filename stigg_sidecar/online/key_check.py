@@ -1,4 +1,4 @@
-"""UpstreamService: the lifecycle of the connection to Stigg.
+"""KeyCheck: the lifecycle of the connection to Stigg, starting with the API key.
 
 On start it validates the API key (Stigg's SDK-configuration call) with readiness blocked until
 that first attempt ends. A rejected key keeps readiness DOWN with the reason, is logged once, and
@@ -9,43 +9,61 @@ cancels the retry and closes the connection pools.
 
 from __future__ import annotations
 
+from typing import Any, Callable, Protocol
+
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from stigg_sidecar.contracts import WriteFailure
-from stigg_sidecar.online.sidecar import OnlineSidecar
-from stigg_sidecar.ops.readiness import Readiness
+from stigg_sidecar.contracts import ApiKeyState
 from stigg_sidecar.process.stopping import StopBudget
-from stigg_sidecar.upstream.api import StiggApi, UpstreamError
+from stigg_sidecar.upstream.errors import Problem, UpstreamError
 
 log = Logger()
 
 
-class UpstreamService(Service):
-    name = "upstream"
+class ReadinessGate(Protocol):
+    """What the key check does to readiness (`ops.readiness.Readiness`): hold it back, let it go."""
+
+    def block(self, name: str, reason: str) -> None: ...
+
+    def unblock(self, name: str) -> None: ...
+
+
+class KeyedApi(Protocol):
+    """What the key check uses of Stigg's client (`upstream.api.StiggApi`)."""
+
+    def validate_key(self, timeout: float) -> Deferred: ...
+
+    def close(self, within: float | None = None) -> Deferred: ...
+
+
+class KeyCheck(Service):
+    name = "key-check"
 
     def __init__(
         self,
-        reactor,
-        api: StiggApi,
-        backend: OnlineSidecar,
-        readiness: Readiness,
+        reactor: IReactorTime,
+        api: KeyedApi,
+        key: ApiKeyState,
+        readiness: ReadinessGate,
         timeout: float,
         max_retry_delay: float = 60.0,
-        on_init_error=lambda: None,
+        on_init_error: Callable[[], Any] = lambda: None,
         budget: StopBudget | None = None,
     ) -> None:
         self._on_init_error = on_init_error
         self._budget = budget  # the stop's deadline: requests to Stigg still in flight are cut there
         self._reactor = reactor
         self._api = api
-        self._backend = backend
+        self._key = key
         self._readiness = readiness
         self._timeout = timeout
         self._max_retry_delay = max_retry_delay
         self._retry_delay = 1.0
-        self._pending = None
+        self._pending: IDelayedCall | None = None
         self.key_state = "unchecked"  # unchecked | valid | rejected | unverified
 
     def startService(self) -> None:
@@ -57,7 +75,7 @@ class UpstreamService(Service):
         self._pending = None
         self._api.validate_key(self._timeout).addCallbacks(self._accepted, self._failed)
 
-    def _accepted(self, _) -> None:
+    def _accepted(self, _: object) -> None:
         if self.key_state != "valid":
             log.info("Stigg accepted the API key")
         self.key_state = "valid"
@@ -68,9 +86,9 @@ class UpstreamService(Service):
             return
         error = failure.value
         self._on_init_error()
-        if isinstance(error, UpstreamError) and error.failure is WriteFailure.UNAUTHENTICATED:
+        if isinstance(error, UpstreamError) and error.problem is Problem.KEY_REJECTED:
             self.key_state = "rejected"
-            self._backend.key_rejected = True
+            self._key.reject()
             self._readiness.block("api-key", "Stigg rejected the API key (SERVER_API_KEY)")
             log.error("Stigg rejected the API key: reads answer fallbacks and writes fail until it is fixed")
             return
@@ -85,7 +103,7 @@ class UpstreamService(Service):
         self._pending = self._reactor.callLater(self._retry_delay, self._check)
         self._retry_delay = min(self._max_retry_delay, self._retry_delay * 2)
 
-    def stopService(self):
+    def stopService(self) -> Deferred:
         super().stopService()
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
