@@ -138,7 +138,7 @@ class TlsTests(TestCase):
         old_clients, new_clients = trustme.CA(), trustme.CA()
         volume = SecretVolume(self.tmp("mtls"), tls_files(server_cert(self.ca), client_ca=old_clients))
         sidecar = start_offline_sidecar(self, reactor, **tls_env(volume, mutual=True))
-        port = sidecar.getServiceNamed("grpc").port
+        port = sidecar.parts.grpc.port
         old_member, new_member = old_clients.issue_cert("old.example"), new_clients.issue_cert("new.example")
         self.assertEqual(await self.new_connection_status(port, self.ca, old_member), grpc.StatusCode.OK)
         self.assertEqual(await self.new_connection_status(port, self.ca, new_member), grpc.StatusCode.UNAVAILABLE)
