@@ -134,7 +134,7 @@ def makeService(options: Options) -> SidecarService:
     except tracing_setup.TracingConfigError as e:
         exit_with(str(e))
     if tracing is not None:
-        log.info("OpenTelemetry {where}", where=tracing_setup.describe(tracing))
+        log.info("OpenTelemetry {where}", where=tracing_setup.describe())
     try:
         sidecar = assemble(settings, tracing=tracing, log_stream=log_stream).service
     except (StateDirectoryError, TlsError, CallerTokensError) as e:

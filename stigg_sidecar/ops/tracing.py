@@ -101,7 +101,11 @@ def check(environ: Mapping[str, str]) -> None:
         url = environ.get(name, "").strip()
         if url:
             parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            try:
+                port_ok = parts.port is None or parts.port > 0
+            except ValueError:
+                port_ok = False
+            if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
                 raise TracingConfigError(f"{name}: must be an http:// or https:// URL")
     sampler = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
     if sampler and sampler not in _KNOWN_SAMPLERS:
@@ -261,19 +265,28 @@ def install(environ: Mapping[str, str] | None = None) -> Tracing | None:
     sdk_log.addHandler(complaints)
     sdk_log.propagate = False  # not also on stderr through logging's last-resort handler
     # The SDK reads os.environ itself (sampler, resource, processor, exporter): that is the point.
-    provider = TracerProvider(sampler=LinkAwareSampler(sampler_from_env()), resource=Resource.create())
+    # No exit hook: its shutdown waits for the export thread (up to the exporter's timeout with a
+    # collector that does not answer); the stop's bounded flush is the last word instead.
+    provider = TracerProvider(sampler=LinkAwareSampler(sampler_from_env()), resource=Resource.create(),
+                              shutdown_on_exit=False)
     exporter = CountingExporter(OTLPSpanExporter())
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return Tracing(provider, exporter, complaints)
 
 
-def describe(tracing: Tracing | None) -> str:
-    """For the starting line: where spans go (the endpoint without credentials or query)."""
-    if tracing is None:
-        return "traces off"
-    endpoint = getattr(tracing.exporter._inner, "_endpoint", "")
-    parts = urlsplit(str(endpoint))
+def endpoint(environ: Mapping[str, str]) -> str:
+    """Where the exporter sends spans, resolved as the SDK resolves it."""
+    full = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if full:
+        return full
+    base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or "http://localhost:4318"
+    return f"{base.removesuffix('/')}/v1/traces"
+
+
+def describe(environ: Mapping[str, str] | None = None) -> str:
+    """For the log: where spans go (the endpoint without credentials or query)."""
+    parts = urlsplit(endpoint(os.environ if environ is None else environ))
     host = parts.hostname or "?"
     port = f":{parts.port}" if parts.port else ""
     return f"traces to {parts.scheme}://{host}{port}{parts.path}"
