@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import IO, Mapping, Sequence
+from typing import IO, Any, Mapping, Sequence
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -25,7 +25,7 @@ from stigg_sidecar.process.native_output import route_native_output
 from stigg_sidecar.process.reactor import default_reactor
 from stigg_sidecar.process.service import SidecarService
 from stigg_sidecar.process.startup import exit_with, starting_line, version_text
-from stigg_sidecar.settings import SPECS, SettingsError, load_settings, parse_bool
+from stigg_sidecar.settings import SPECS, SettingsError, Spec, load_settings, parse_bool
 from stigg_sidecar.state.directory import StateDirectoryError
 
 log = Logger()
@@ -38,7 +38,7 @@ _COMPUTED_DEFAULTS = {
 }
 
 
-def _help(spec) -> str:
+def _help(spec: Spec[Any]) -> str:
     default = _COMPUTED_DEFAULTS.get(spec.env, spec.default)
     shown = "none" if default in (None, "") else default
     flag = f"; a flag: --{spec.option} or --no-{spec.option}" if spec.parse is parse_bool else ""

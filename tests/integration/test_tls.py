@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import grpc
 import trustme
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.grpc.tls import TlsError, TlsFiles, load_material
@@ -30,6 +29,7 @@ from tests.fixtures.lockdown import (
     tls_files,
 )
 from tests.fixtures.polling import until
+from tests.fixtures.reactor import reactor
 
 BOUND = 10.0
 
