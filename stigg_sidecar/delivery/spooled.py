@@ -30,11 +30,12 @@ import random
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 from opentelemetry import context as otel_context
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -54,6 +55,8 @@ from stigg_sidecar.crossing.wait import Handoff
 from stigg_sidecar.delivery import bodies as bodies
 from stigg_sidecar.delivery.spool import SpoolFile, StoredRecord, is_disk_full
 from stigg_sidecar.delivery.upstream import UpstreamWrites
+from stigg_sidecar.ops.metrics import Metrics
+from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.process.stopping import StopBudget
 from stigg_sidecar.quoting import quoted
 from stigg_sidecar.upstream.api import RetryPolicy
@@ -115,7 +118,7 @@ class SpooledDelivery(Service):
 
     def __init__(
         self,
-        clock,
+        clock: IReactorTime,
         gate: WriteGate,
         writes: UpstreamWrites,
         spool: SpoolFile,
@@ -129,8 +132,8 @@ class SpooledDelivery(Service):
         budget: StopBudget | None = None,
         backoff: RetryPolicy = DELIVERY_BACKOFF,
         rng: Callable[[], float] = random.random,
-        readiness=None,
-        metrics=None,
+        readiness: Readiness | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._clock = clock
         self._gate = gate
@@ -334,7 +337,7 @@ class SpooledDelivery(Service):
             self._readiness.block("spool", f"the write spool cannot be opened: {failure.getErrorMessage()}")
 
     @inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
         """Deliver what can be delivered within the stop's budget; the rest stays on disk."""
         super().stopService()
         self._stopping = True

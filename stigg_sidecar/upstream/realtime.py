@@ -19,11 +19,13 @@ from urllib.parse import urlsplit
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
 from stigg_sidecar import spans
+from stigg_sidecar.process.reactor import IReactor
 from stigg_sidecar.quoting import clipped
 from stigg_sidecar.upstream import wire
 from stigg_sidecar.upstream.operations import SUBSCRIPTIONS
@@ -74,11 +76,11 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
     def onOpen(self) -> None:
         service = self.factory.service
         self._subscriptions: dict[str, str] = {}
-        self._ping_call = None
-        self._pong_deadline = None
+        self._ping_call: IDelayedCall | None = None
+        self._pong_deadline: IDelayedCall | None = None
         self._send_json({"type": "connection_init", "payload": {"headers": service.init_headers}})
         # Stigg's client waits for the ack forever; a socket that never gets one is replaced.
-        self._ack_deadline = service.reactor.callLater(service.ack_timeout, self._no_ack)
+        self._ack_deadline: IDelayedCall | None = service.reactor.callLater(service.ack_timeout, self._no_ack)
 
     def _no_ack(self) -> None:
         self._ack_deadline = None
@@ -178,7 +180,7 @@ class _Factory(WebSocketClientFactory):
         self.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=10, closeHandshakeTimeout=2)
 
 
-def _endpoint(reactor, ws_url: str):
+def _endpoint(reactor: IReactor, ws_url: str) -> tuple[IStreamClientEndpoint, str]:
     parts = urlsplit(f"{ws_url}/graphql")
     if not parts.hostname:
         raise ValueError(f"WS_URL has no host: {ws_url!r}")
@@ -200,7 +202,7 @@ class RealtimeService(MultiService):
 
     def __init__(
         self,
-        reactor,
+        reactor: IReactor,
         ws_url: str,
         init_headers: Mapping[str, Any],
         sink: UpdateSink,
@@ -298,7 +300,7 @@ class RealtimeService(MultiService):
         self.malformed += 1
         log.warn("Ignored a malformed real-time frame: {why}", why=clipped(why))
 
-    def stopService(self):
+    def stopService(self) -> Deferred[Any]:
         # ClientService closes the TCP connection. A WebSocket close frame first would be politer,
         # but autobahn's batched close-handshake timer then outlives the connection.
         self.is_connected = False
