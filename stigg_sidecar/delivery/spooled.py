@@ -30,11 +30,12 @@ import random
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 from opentelemetry import context as otel_context
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -54,6 +55,8 @@ from stigg_sidecar.crossing.wait import Handoff
 from stigg_sidecar.delivery import bodies as bodies
 from stigg_sidecar.delivery.spool import SpoolFile, StoredRecord, is_disk_full
 from stigg_sidecar.delivery.upstream import UpstreamWrites
+from stigg_sidecar.ops.metrics import Metrics
+from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.process.stopping import StopBudget
 from stigg_sidecar.quoting import quoted
 from stigg_sidecar.upstream.api import RetryPolicy
@@ -115,7 +118,7 @@ class SpooledDelivery(Service):
 
     def __init__(
         self,
-        clock,
+        clock: IReactorTime,
         gate: WriteGate,
         writes: UpstreamWrites,
         spool: SpoolFile,
@@ -129,8 +132,8 @@ class SpooledDelivery(Service):
         budget: StopBudget | None = None,
         backoff: RetryPolicy = DELIVERY_BACKOFF,
         rng: Callable[[], float] = random.random,
-        readiness=None,
-        metrics=None,
+        readiness: Readiness | None = None,
+        metrics: Metrics | None = None,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self._clock = clock  # timers and intervals (monotonic in the process)
@@ -164,6 +167,7 @@ class SpooledDelivery(Service):
         self.dead_lettered = 0
         self.unacknowledged = 0  # records synced after their caller's deadline or cancellation, removed
         self._refusals = RefusalLog()
+        self._uncounted: dict[int, UsageReport] = {}  # loaded at start, not yet in the pending usage
 
     # -- gauges -----------------------------------------------------------------------------------
 
@@ -218,7 +222,8 @@ class SpooledDelivery(Service):
             raise WriteError(WriteFailure.UNAVAILABLE, "the write spool is not open yet; try again shortly")
         size = sum(len(body) for body, _ in rows)
         # What the files take on disk (as of the last commit), or the bodies when that is more.
-        used = max(self._bytes, self.spool.disk_bytes)
+        # With nothing waiting, what is on disk is delivered records about to be freed: room.
+        used = max(self._bytes, self.spool.disk_bytes) if self._bytes else 0
         if used + self._reserved + size > self._max_bytes:
             self._refusals.count(f"write spool full: {used} of {self._max_bytes} bytes (SPOOL_MAX_BYTES) used")
             raise WriteError(
@@ -304,7 +309,9 @@ class SpooledDelivery(Service):
                     spooled = bodies.read_usage(row.body)
                     record = _Record(row.seq, row.kind, len(row.body), row.created_ms, spooled.key, usage=spooled.usage,
                                      trace=row.trace)
-                    self._store.pending_added(row.seq, spooled.usage)
+                    # Perhaps delivered already (its delete failed, or the process died first):
+                    # counted only once its first delivery fails, i.e. when Stigg may lack it.
+                    self._uncounted[row.seq] = spooled.usage
                 elif row.kind == bodies.EVENT:
                     event = bodies.read_event(row.body)
                     record = _Record(row.seq, row.kind, len(row.body), row.created_ms, event.idempotency_key, event=event,
@@ -333,7 +340,7 @@ class SpooledDelivery(Service):
             self._readiness.block("spool", f"the write spool cannot be opened: {failure.getErrorMessage()}")
 
     @inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
         """Deliver what can be delivered within the stop's budget; the rest stays on disk."""
         super().stopService()
         self._stopping = True
@@ -430,9 +437,16 @@ class SpooledDelivery(Service):
                                 attributes=attributes, context=otel_context.Context())
         sent.addCallbacks(self._delivered, self._failed, callbackArgs=(kind, records), errbackArgs=(kind, records))
 
+    def _count_uncounted(self) -> None:
+        """Usage loaded at start that Stigg may not have (a delivery failed): shown from now on."""
+        uncounted, self._uncounted = self._uncounted, {}
+        for seq in sorted(uncounted):
+            self._store.pending_added(seq, uncounted[seq])
+
     def _delivered(self, _: Any, kind: str, records: list[_Record]) -> None:
         queue = self._queues[kind]
         for r in records:
+            self._uncounted.pop(r.seq, None)
             if queue.pop(r.seq, None) is not None:
                 self._bytes -= r.size
             if r.usage is not None:
@@ -473,6 +487,8 @@ class SpooledDelivery(Service):
             return
         self._inflight[kind] = None
         self._retries[kind].appendleft(batch)  # the same batch again: same keys, counted once
+        if kind == bodies.USAGE:
+            self._count_uncounted()
         self._failures[kind] += 1
         why = error.message if isinstance(error, UpstreamError) else repr(error)
         if not isinstance(error, UpstreamError):
@@ -503,6 +519,7 @@ class SpooledDelivery(Service):
 
     def _dead_letter(self, kind: str, record: _Record, why: str) -> None:
         def moved(_: Any) -> None:
+            self._uncounted.pop(record.seq, None)
             if self._queues[kind].pop(record.seq, None) is not None:
                 self._bytes -= record.size
             if record.usage is not None:

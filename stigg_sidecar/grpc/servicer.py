@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Callable, Mapping, NoReturn, TypeVar
+from typing import Any, Callable, Mapping, NoReturn, Sequence, TypeVar
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
 from twisted.logger import Logger
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
@@ -29,12 +30,14 @@ from stigg_sidecar.entitlements.decide import (
     state_v2,
 )
 from stigg_sidecar.entitlements.fallback import FallbackValues
+from stigg_sidecar.entitlements.records import CustomerEntry
 from stigg_sidecar.grpc import convert
 from stigg_sidecar.grpc.intake import InvalidArgument as _InvalidArgument
 from stigg_sidecar.quoting import clipped, quoted
 
 log = Logger()
 R = TypeVar("R")
+M = TypeVar("M", bound=Message)
 
 # Distinct requests whose answers are memoized per cache entry (bounds the memo's memory).
 _MEMO_LIMIT = 16
@@ -144,7 +147,7 @@ class SidecarServicer(SidecarServiceServicer):
         context.abort(code, clipped(message, _MAX_DETAILS))
         raise AssertionError("context.abort returned")  # pragma: no cover
 
-    def _entry(self, context: grpc.ServicerContext, customer_id: str, resource_id: str | None):
+    def _entry(self, context: grpc.ServicerContext, customer_id: str, resource_id: str | None) -> CustomerEntry | None:
         # The fast path asks for nothing but the cache; the deadline is read only for a miss.
         entry = self._source.peek(customer_id, resource_id)
         if entry is not None:
@@ -171,7 +174,15 @@ class SidecarServicer(SidecarServiceServicer):
         now = self._source.now_ms()
         return self._counted(decide_feature(entry, feature_id, kind, requested_usage, requested_values, fb, now))
 
-    def _typed(self, context, request, kind, build, requested_usage=None, requested_values=()):
+    def _typed(
+        self,
+        context: grpc.ServicerContext,
+        request: Any,
+        kind: str,
+        build: Callable[[Decision], M],
+        requested_usage: float | None = None,
+        requested_values: tuple[str, ...] = (),
+    ) -> M | bytes:
         """A typed check. Its answer from a cached entry is memoized on that entry, serialized
         (the server's serializer passes bytes through), keyed by the request's bytes: entries are
         immutable and replaced whole, so a new entry starts with an empty memo. A metered answer
@@ -194,11 +205,11 @@ class SidecarServicer(SidecarServiceServicer):
                 if memoized is not None and (memoized[1] is None or memoized[1] <= self._source.now_ms() < memoized[2]):
                     return memoized[0]
 
-        def fallback():
+        def fallback() -> M | bytes:
             fb = self._fallback_for(request.feature_id, request.options if request.HasField("options") else None)
             return build(fallback_decision(kind, request.feature_id, fb, requested_usage, requested_values))
 
-        def answer():
+        def answer() -> M | bytes:
             customer_id = _required(request.customer_id, "customer_id")
             feature_id = _required(request.feature_id, "feature_id")
             options = request.options if request.HasField("options") else None
@@ -243,13 +254,13 @@ class SidecarServicer(SidecarServiceServicer):
 
     # -- typed checks ---------------------------------------------------------------------------
 
-    def GetBooleanEntitlement(self, request, context):
+    def GetBooleanEntitlement(self, request: pb.GetBooleanEntitlementRequest, context: grpc.ServicerContext) -> pb.GetBooleanEntitlementResponse | bytes:
         return self._typed(context, request, "boolean", convert.boolean_response)
 
-    def GetNumericEntitlement(self, request, context):
+    def GetNumericEntitlement(self, request: pb.GetNumericEntitlementRequest, context: grpc.ServicerContext) -> pb.GetNumericEntitlementResponse | bytes:
         return self._typed(context, request, "numeric", convert.numeric_response)
 
-    def GetMeteredEntitlement(self, request, context):
+    def GetMeteredEntitlement(self, request: pb.GetMeteredEntitlementRequest, context: grpc.ServicerContext) -> pb.GetMeteredEntitlementResponse | bytes:
         requested = None
         if request.HasField("options") and request.options.HasField("requested_usage"):
             try:
@@ -258,11 +269,11 @@ class SidecarServicer(SidecarServiceServicer):
                 self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return self._typed(context, request, "metered", convert.metered_response, requested_usage=requested)
 
-    def GetEnumEntitlement(self, request, context):
+    def GetEnumEntitlement(self, request: pb.GetEnumEntitlementRequest, context: grpc.ServicerContext) -> pb.GetEnumEntitlementResponse | bytes:
         values = tuple(request.options.requested_values) if request.HasField("options") else ()
         return self._typed(context, request, "enum", convert.enum_response, requested_values=values)
 
-    def GetEntitlement(self, request, context):
+    def GetEntitlement(self, request: pb.GetEntitlementRequest, context: grpc.ServicerContext) -> pb.GetEntitlementResponse:
         options = request.options if request.HasField("options") else None
         requested = None
         values: tuple[str, ...] = ()
@@ -274,7 +285,7 @@ class SidecarServicer(SidecarServiceServicer):
                     self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
             values = tuple(options.requested_values)
 
-        def fallback():
+        def fallback() -> pb.GetEntitlementResponse:
             fb = self._fallback_for(request.feature_id, options)
             kind = _generic_kind(requested, values, fb)
             return convert.generic_response(fallback_decision(kind, request.feature_id, fb, requested, values))
@@ -285,7 +296,7 @@ class SidecarServicer(SidecarServiceServicer):
             fallback,
         )
 
-    def GetEntitlementV2(self, request, context):
+    def GetEntitlementV2(self, request: pb.GetEntitlementV2Request, context: grpc.ServicerContext) -> pb.GetEntitlementV2Response:
         options = request.options if request.HasField("options") else None
         feature_id = _optional_id(request, "feature_id")
         currency_id = _optional_id(request, "currency_id")
@@ -336,11 +347,18 @@ class SidecarServicer(SidecarServiceServicer):
 
     # -- whole state ----------------------------------------------------------------------------
 
-    def _state(self, context, request, decide_all, item, response_type):
-        def fallback():
+    def _state(
+        self,
+        context: grpc.ServicerContext,
+        request: Any,
+        decide_all: Callable[[CustomerEntry, int], Sequence[Decision]],
+        item: Callable[[Decision], Any],
+        response_type: Callable[..., M],
+    ) -> M:
+        def fallback() -> M:
             return response_type(entitlements=[item(d) for d in fallback_state(self._fallbacks)])
 
-        def answer():
+        def answer() -> M:
             customer_id = _required(request.customer_id, "customer_id")
             entry = self._entry(context, customer_id, _optional_id(request, "resource_id"))
             if entry is None:
@@ -354,10 +372,10 @@ class SidecarServicer(SidecarServiceServicer):
 
         return self._read(context, answer, fallback)
 
-    def GetEntitlements(self, request, context):
+    def GetEntitlements(self, request: pb.GetEntitlementsRequest, context: grpc.ServicerContext) -> pb.GetEntitlementsResponse:
         return self._state(context, request, state_v1, convert.entitlement_v1, pb.GetEntitlementsResponse)
 
-    def GetEntitlementsStateV2(self, request, context):
+    def GetEntitlementsStateV2(self, request: pb.GetEntitlementsStateV2Request, context: grpc.ServicerContext) -> pb.GetEntitlementsStateV2Response:
         return self._state(context, request, state_v2, convert.entitlement_v2, pb.GetEntitlementsStateV2Response)
 
     # -- writes ---------------------------------------------------------------------------------
@@ -381,16 +399,16 @@ class SidecarServicer(SidecarServiceServicer):
             timestamp=_timestamp(request, f"{where}timestamp"),
         )
 
-    def ReportUsage(self, request, context):
-        def action():
+    def ReportUsage(self, request: pb.ReportUsageRequest, context: grpc.ServicerContext) -> pb.ReportUsageResponse:
+        def action() -> pb.ReportUsageResponse:
             usage = self._usage(request, "")
             (ack,) = self._writer.report_usage([usage], self._budget(context, self._write_timeout), context.is_active)
             return convert.usage_ack(ack)
 
         return self._write(context, action)
 
-    def ReportUsageBulk(self, request, context):
-        def action():
+    def ReportUsageBulk(self, request: pb.ReportUsageBulkRequest, context: grpc.ServicerContext) -> pb.ReportUsageBulkResponse:
+        def action() -> pb.ReportUsageBulkResponse:
             usages = [self._usage(u, f"usages[{i}].") for i, u in enumerate(request.usages)]
             if not usages:
                 return pb.ReportUsageBulkResponse()
@@ -399,9 +417,9 @@ class SidecarServicer(SidecarServiceServicer):
 
         return self._write(context, action)
 
-    def ReportEvents(self, request, context):
-        def action():
-            events = []
+    def ReportEvents(self, request: pb.ReportEventsRequest, context: grpc.ServicerContext) -> Empty:
+        def action() -> Empty:
+            events: list[EventReport] = []
             for i, e in enumerate(request.events):
                 where = f"events[{i}]."
                 events.append(
@@ -420,8 +438,8 @@ class SidecarServicer(SidecarServiceServicer):
 
         return self._write(context, action)
 
-    def ReloadEntitlements(self, request, context):
-        def action():
+    def ReloadEntitlements(self, request: pb.ReloadEntitlementsRequest, context: grpc.ServicerContext) -> pb.ReloadEntitlementsResponse:
+        def action() -> pb.ReloadEntitlementsResponse:
             customer_id = _required(request.customer_id, "customer_id")
             resource_id = _optional_id(request, "resource_id")
             try:

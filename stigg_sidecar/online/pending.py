@@ -13,7 +13,9 @@ stamped with the base's timestamp, so:
   is applied: nothing is counted twice, nothing lost.
 
 A record sent but not yet answered still counts: until its result arrives the sidecar cannot know
-whether Stigg applied it. Redis and snapshots hold the base, never the overlay.
+whether Stigg applied it. Records loaded at start are the exception (`SpooledDelivery` adds them
+only once a delivery fails): they may have been delivered before the restart, and Stigg's usage
+would then hold them already. Redis and snapshots hold the base, never the overlay.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class _Tracked:
 
     def value(self) -> float | None:
         current = self.base.current_usage if self.base is not None else None
-        for behavior, value in self.records.values():
+        for _, (behavior, value) in sorted(self.records.items()):  # spool order, whatever came first
             if behavior == "SET":
                 current = value
             elif current is not None:

@@ -8,7 +8,7 @@ is back. Reactor only; time comes from the injected reactor, so tests drive it w
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Generator, Iterator, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks, succeed
@@ -67,7 +67,7 @@ class Refresher:
         # come after this, or the refresh would stay "running" and every later poll join it.
         self._running = done
 
-        def finished(_):
+        def finished(_: object) -> None:
             self._running = None
             log.debug("Refreshed up to {n} cached customers ({failed} failed)", n=count, failed=self.failed)
 
@@ -82,7 +82,7 @@ class Refresher:
         return self._running if self._running is not None else succeed(None)
 
     @inlineCallbacks
-    def _worker(self, work: Iterator[tuple[str, str | None]]):
+    def _worker(self, work: Iterator[tuple[str, str | None]]) -> Generator[Deferred[Any], Any, None]:
         for customer_id, resource_id in work:
             if self._stopped:
                 return
@@ -118,7 +118,7 @@ class Poller(Service):
         if self.active:
             self._start_loop()
 
-    def stopService(self):
+    def stopService(self) -> Deferred[Any]:
         super().stopService()
         self._stop_loop()
         return self._refresher.stop()

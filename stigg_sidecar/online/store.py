@@ -16,7 +16,7 @@ Handler threads only read (`fresh`); every method that changes something runs on
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
@@ -47,12 +47,11 @@ class EntitlementStore:
         self._cache = cache
         self._mirror = mirror
         self._pending = pending
+        # fresh(key, now_ms): the entry unless missing or past an entitlement's validUntil, counted
+        # as a read. The cache's own method, not a wrapper: every cached read calls it.
+        self.fresh: Callable[[str, int], CustomerEntry | None] = cache.get_fresh
 
     # -- reads (handler threads too) --------------------------------------------------------------
-
-    def fresh(self, key: str, now_ms: int) -> CustomerEntry | None:
-        """The entry unless missing or past an entitlement's validUntil; counted as a read."""
-        return self._cache.get_fresh(key, now_ms)
 
     def entry(self, key: str) -> CustomerEntry | None:
         """The entry, not counted as a read (refreshes must not skew recency)."""

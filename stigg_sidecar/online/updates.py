@@ -66,6 +66,6 @@ class RealtimeUpdates:
         self._store.usage_changed(wire.pushed_usage(payload, self._now_ms()))
 
     def package_published(self, payload: Mapping[str, Any]) -> None:
-        if payload.get("migrationType") == "ALL_CUSTOMERS":
+        if wire.package_migration(payload) == "ALL_CUSTOMERS":
             log.info("A package was published for all customers; dropping the cache")
             self._store.clear()

@@ -11,11 +11,11 @@ import bisect
 import re
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from stigg_sidecar.process import gcpolicy
@@ -218,7 +218,7 @@ class HotPathTally:
         buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         tally.latency_sums[method] += seconds
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         with self._lock:
             tallies = list(self._tallies)
         hits = CounterMetricFamily("sidecar_cache_hits", "Reads answered from memory")
@@ -274,7 +274,7 @@ class _CountedElsewhere:
     def count_from(self, read: Callable[[], float]) -> None:
         self._read = read
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self._name, self._documentation)
         family.add_metric([], self._read())
         yield family
@@ -287,7 +287,11 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         self._metrics = metrics
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
         wrapped = self._handlers.get(method)
         if wrapped is not None:
@@ -303,11 +307,11 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         self._handlers[method] = wrapped
         return wrapped
 
-    def _timed(self, behaviour: Callable, name: str) -> Callable:
+    def _timed(self, behaviour: Callable[[Any, grpc.ServicerContext], Any], name: str) -> Callable[[Any, grpc.ServicerContext], Any]:
         observe = self._metrics.hot.observe_call
         clock = time.perf_counter
 
-        def timed(request, context):
+        def timed(request: Any, context: grpc.ServicerContext) -> Any:
             started = clock()
             try:
                 response = behaviour(request, context)

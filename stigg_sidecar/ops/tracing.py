@@ -31,6 +31,7 @@ import grpc
 from google.protobuf.message_factory import GetMessageClass
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -45,14 +46,17 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 from opentelemetry.sdk.trace.sampling import _get_from_env_or_default as sampler_from_env
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import TraceState
+from opentelemetry.util.types import Attributes
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from stigg_sidecar import spans
 from stigg_sidecar._proto import sidecar_pb2
+from stigg_sidecar.process.reactor import IReactor
 
 log = Logger()
 
@@ -97,7 +101,11 @@ def check(environ: Mapping[str, str]) -> None:
         url = environ.get(name, "").strip()
         if url:
             parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            try:
+                port_ok = parts.port is None or parts.port > 0
+            except ValueError:
+                port_ok = False
+            if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
                 raise TracingConfigError(f"{name}: must be an http:// or https:// URL")
     sampler = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
     if sampler and sampler not in _KNOWN_SAMPLERS:
@@ -137,8 +145,16 @@ class LinkAwareSampler(Sampler):
     def __init__(self, inner: Sampler) -> None:
         self.inner = inner
 
-    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
-                      trace_state=None) -> SamplingResult:
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
         parent = trace.get_current_span(parent_context).get_span_context()
         if links and not parent.is_valid and any(link.context.trace_flags.sampled for link in links):
             return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
@@ -217,7 +233,7 @@ class Tracing:
     def interceptor(self) -> grpc.ServerInterceptor:
         return ServerSpans(unparented_dropped=drops_every_root(self.provider.sampler))
 
-    def service(self, reactor) -> Service:
+    def service(self, reactor: IReactor) -> Service:
         return _FlushOnStop(self.provider, reactor)
 
 
@@ -249,19 +265,28 @@ def install(environ: Mapping[str, str] | None = None) -> Tracing | None:
     sdk_log.addHandler(complaints)
     sdk_log.propagate = False  # not also on stderr through logging's last-resort handler
     # The SDK reads os.environ itself (sampler, resource, processor, exporter): that is the point.
-    provider = TracerProvider(sampler=LinkAwareSampler(sampler_from_env()), resource=Resource.create())
+    # No exit hook: its shutdown waits for the export thread (up to the exporter's timeout with a
+    # collector that does not answer); the stop's bounded flush is the last word instead.
+    provider = TracerProvider(sampler=LinkAwareSampler(sampler_from_env()), resource=Resource.create(),
+                              shutdown_on_exit=False)
     exporter = CountingExporter(OTLPSpanExporter())
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return Tracing(provider, exporter, complaints)
 
 
-def describe(tracing: Tracing | None) -> str:
-    """For the starting line: where spans go (the endpoint without credentials or query)."""
-    if tracing is None:
-        return "traces off"
-    endpoint = getattr(tracing.exporter._inner, "_endpoint", "")
-    parts = urlsplit(str(endpoint))
+def endpoint(environ: Mapping[str, str]) -> str:
+    """Where the exporter sends spans, resolved as the SDK resolves it."""
+    full = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if full:
+        return full
+    base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or "http://localhost:4318"
+    return f"{base.removesuffix('/')}/v1/traces"
+
+
+def describe(environ: Mapping[str, str] | None = None) -> str:
+    """For the log: where spans go (the endpoint without credentials or query)."""
+    parts = urlsplit(endpoint(os.environ if environ is None else environ))
     host = parts.hostname or "?"
     port = f":{parts.port}" if parts.port else ""
     return f"traces to {parts.scheme}://{host}{port}{parts.path}"
@@ -273,7 +298,7 @@ class _FlushOnStop(Service):
 
     name = "tracing"
 
-    def __init__(self, provider: TracerProvider, reactor) -> None:
+    def __init__(self, provider: TracerProvider, reactor: IReactor) -> None:
         self._provider = provider
         self._reactor = reactor
 
@@ -327,7 +352,11 @@ class ServerSpans(grpc.ServerInterceptor):
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._unparented_dropped = unparented_dropped
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
         wrapped = self._handlers.get(method)
         if wrapped is not None:
@@ -360,10 +389,10 @@ def _traced(behaviour: Callable, method: str, unparented_dropped: bool = False) 
     tracer = spans.tracer
     request_type = _request_type(method)
 
-    def traced(request, context):
-        carrier = {}
+    def traced(request: Any, context: grpc.ServicerContext) -> Any:
+        carrier: dict[str, str] = {}
         for key, value in context.invocation_metadata() or ():
-            if key in ("traceparent", "tracestate"):
+            if key in ("traceparent", "tracestate") and isinstance(value, str):
                 carrier[key] = value
         if not carrier and unparented_dropped:
             return behaviour(request, context)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import IO, Any
+from typing import IO
 
 import stigg_sidecar
 from stigg_sidecar.cache.memory import EntitlementCache
@@ -50,6 +50,7 @@ from stigg_sidecar.ops.web import HttpService, health_app
 from stigg_sidecar.process import descriptors
 from stigg_sidecar.process.access import grpc_access
 from stigg_sidecar.process.logs import make_observer
+from stigg_sidecar.process.reactor import IReactor, default_reactor
 from stigg_sidecar.process.service import Phase, SidecarService
 from stigg_sidecar.process.stopping import StopBudget
 from stigg_sidecar.settings import Settings
@@ -101,13 +102,11 @@ class Sidecar:
     parts: Parts
 
 
-def assemble(settings: Settings, reactor: Any = None, tracing: tracing_setup.Tracing | None = None,
+def assemble(settings: Settings, reactor: IReactor | None = None, tracing: tracing_setup.Tracing | None = None,
              log_stream: IO[str] | None = None) -> Sidecar:
     """The service tree for `settings`; its log goes to `log_stream` (standard output if None)."""
     if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+        reactor = default_reactor()
     readiness = Readiness()
     readiness.block("grpc", "gRPC server is not serving yet")
     # One deadline for the whole stop: gRPC drain, spool delivery and the last snapshot share it.
@@ -148,7 +147,7 @@ def _metrics(settings: Settings, readiness: Readiness) -> Metrics | None:
     return metrics
 
 
-def _edge(settings: Settings, reactor: Any, readiness: Readiness, metrics: Metrics | None,
+def _edge(settings: Settings, reactor: IReactor, readiness: Readiness, metrics: Metrics | None,
           tracing: tracing_setup.Tracing | None) -> tuple[Phase, HttpService]:
     edge = Phase("edge")
     if tracing is not None:
@@ -167,7 +166,7 @@ def _edge(settings: Settings, reactor: Any, readiness: Readiness, metrics: Metri
     return edge, http
 
 
-def _online(settings: Settings, reactor: Any, metrics: Metrics | None) -> Online:
+def _online(settings: Settings, reactor: IReactor, metrics: Metrics | None) -> Online:
     """The cache, its one writer, and the parts that fill it; services are children of `sources`."""
     assert settings.server_api_key is not None
     api = StiggApi(reactor, api_key=settings.server_api_key, api_url=settings.api_url,
@@ -215,7 +214,7 @@ def _read_counters(metrics: Metrics | None) -> ReadCounters:
     return ReadCounters(metrics.cache_hit, metrics.cache_miss, lambda reason: fast_failed[reason].inc())
 
 
-def _sources(settings: Settings, reactor: Any, online: Online, state_dir: StateDirectory | None,
+def _sources(settings: Settings, reactor: IReactor, online: Online, state_dir: StateDirectory | None,
              readiness: Readiness, metrics: Metrics | None, budget: StopBudget, sources: Phase) -> None:
     """`sources`' children, in stop order from the bottom: the snapshot stops first (after the
     spool: the last snapshot has its results), the key check closes Stigg's connection pools after
@@ -240,7 +239,7 @@ def _sources(settings: Settings, reactor: Any, online: Online, state_dir: StateD
     ClockSkewCheck(online.api.stigg_clock, reactor).setServiceParent(sources)  # warns while the local clock is off
 
 
-def _delivery(settings: Settings, reactor: Any, online: Online, state_dir: StateDirectory | None,
+def _delivery(settings: Settings, reactor: IReactor, online: Online, state_dir: StateDirectory | None,
               readiness: Readiness, metrics: Metrics | None, budget: StopBudget, phase: Phase) -> Writer:
     """The one write path: direct (no service), or the spool as `phase`'s child."""
     writes = UpstreamWrites(online.api, online.store)
@@ -270,7 +269,7 @@ def _delivery(settings: Settings, reactor: Any, online: Online, state_dir: State
     return spooled
 
 
-def _serving(settings: Settings, reactor: Any, readiness: Readiness, metrics: Metrics | None, budget: StopBudget,
+def _serving(settings: Settings, reactor: IReactor, readiness: Readiness, metrics: Metrics | None, budget: StopBudget,
              tracing: tracing_setup.Tracing | None, source: EntitlementSource,
              writer: Writer) -> tuple[Phase, GrpcService]:
     timeout = settings.entitlements_timeout_ms / 1000
@@ -329,7 +328,7 @@ def _breaker_state(breaker: CircuitBreaker) -> int:
     return 1 if breaker.is_open else 0
 
 
-def _observe_online(metrics: Metrics, reactor: Any, online: Online) -> None:
+def _observe_online(metrics: Metrics, reactor: IReactor, online: Online) -> None:
     """Gauges read at scrape time from the parts they describe."""
     cache = online.cache
     metrics.clock_skew.set_function(online.api.stigg_clock.skew)

@@ -20,6 +20,8 @@ from typing import Callable
 
 from twisted.logger import Logger, LogLevel
 
+from stigg_sidecar.process.reactor import IReactor
+
 log = Logger(namespace="stigg_sidecar.grpc_core")
 
 _GLOG = re.compile(r"^([EWIF])\d{4} [\d:.]+\s+\d+ ([^\]]+)\] ?(.*)$")
@@ -56,7 +58,7 @@ class NativeLines:
         self._emit(level, "grpc-core: {message}{more}", message=message, where=where, more=more)
 
 
-def route_native_output(reactor) -> None:
+def route_native_output(reactor: IReactor) -> None:
     """Point descriptor 2 at a pipe read into the log; `sys.stderr` keeps the original stream."""
     original = os.dup(2)
     read_end, write_end = os.pipe()

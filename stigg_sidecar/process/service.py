@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.logger import ILogObserver, Logger
 
@@ -69,7 +69,7 @@ class SidecarService(MultiService):
         else:
             log.info("Not ready: {reasons}", reasons="; ".join(self.readiness.reasons))
 
-    def setServiceParent(self, parent) -> None:
+    def setServiceParent(self, parent: IServiceCollection) -> None:
         # twistd's Application is Componentized: its ILogObserver component replaces the
         # default observer when twistd starts logging, which happens after makeService.
         if self._observer is not None and hasattr(parent, "setComponent"):

@@ -29,13 +29,15 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Generator, Iterator, Protocol, Sequence, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from stigg_sidecar import spans
 from stigg_sidecar.cache.redis.format import (
@@ -50,6 +52,7 @@ from stigg_sidecar.cache.redis.format import (
     timestamp_key,
 )
 from stigg_sidecar.entitlements.records import CustomerEntry
+from stigg_sidecar.process.reactor import IReactor
 from stigg_sidecar.process.stopping import StopBudget
 
 log = Logger()
@@ -220,7 +223,7 @@ class SnapshotService(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         path: str,
         store: SnapshotStore,
         interval: float,
@@ -256,7 +259,7 @@ class SnapshotService(Service):
         self._load().addBoth(self._start_writing)
 
     @inlineCallbacks
-    def _load(self):
+    def _load(self) -> Generator[Deferred[Any], Any, None]:
         try:
             snapshot = yield threads.deferToThread(read_snapshot, self.path)
         except SnapshotMissing:
@@ -300,7 +303,9 @@ class SnapshotService(Service):
 
     def write(self, on_own_thread: bool = False) -> Deferred:
         """Write the cache as it is now; fires with the file's size. One write at a time.
-        `on_own_thread`: a daemon thread, not the reactor's pool (which the process waits for)."""
+        `on_own_thread`: a daemon thread, not the reactor's pool, which the process waits for at
+        exit; always so under a stop budget, so that a periodic write running when the stop
+        begins (seconds at 100,000 customers) cannot hold the exit past the deadline either."""
         if self._writing is not None:
             return self._writing.addCallback(lambda _: self.write(on_own_thread))
         changes = self._store.changes
@@ -317,14 +322,14 @@ class SnapshotService(Service):
                       s=self._reactor.seconds() - started)
             return size
 
-        def failed(failure):
+        def failed(failure: Failure) -> int:
             self._writing = None
             log.warn("Could not write the cache snapshot {path}: {why}", path=self.path, why=failure.getErrorMessage())
             return 0
 
         # One span, from the capture to the file synced on its thread.
         attributes = {"stigg.snapshot.customers": len(entries)}
-        if on_own_thread:
+        if on_own_thread or self._budget is not None:
             self._writing = spans.span_until("snapshot write", _on_daemon_thread, self._reactor, write_snapshot,
                                              self.path, entries, self._wall_ms(), attributes=attributes)
         else:
@@ -334,7 +339,7 @@ class SnapshotService(Service):
         return self._writing
 
     @inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
@@ -354,7 +359,7 @@ class SnapshotService(Service):
                          " the previous one stays", grace=self._budget.seconds)
 
 
-def _on_daemon_thread(reactor, f: Callable[..., Any], *args: Any) -> Deferred:
+def _on_daemon_thread(reactor: IReactorFromThreads, f: Callable[..., Any], *args: Any) -> Deferred:
     """`f(*args)` on a thread of its own that does not hold the process open."""
     d: Deferred = Deferred()
 
@@ -370,7 +375,7 @@ def _on_daemon_thread(reactor, f: Callable[..., Any], *args: Any) -> Deferred:
     return d
 
 
-def _within(reactor, d: Deferred, seconds: float) -> Deferred:
+def _within(reactor: IReactorTime, d: Deferred, seconds: float) -> Deferred:
     """Deferred[bool]: whether `d` fired within `seconds` (`d` itself is left to finish or not)."""
     outcome: Deferred = Deferred()
 

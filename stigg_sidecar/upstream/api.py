@@ -16,7 +16,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Generator, Mapping, Sequence
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from treq.client import HTTPClient
@@ -30,6 +30,7 @@ from twisted.web.http_headers import Headers
 import stigg_sidecar
 from stigg_sidecar import spans
 from stigg_sidecar.contracts import EventReport, UsageReport, measurement_id
+from stigg_sidecar.process.reactor import IReactor
 from stigg_sidecar.upstream import operations, wire
 from stigg_sidecar.upstream.breaker import BreakerOpen, BreakerPolicy, CircuitBreaker
 from stigg_sidecar.upstream.errors import Problem, UpstreamError
@@ -165,7 +166,7 @@ class _ClosablePool(HTTPConnectionPool):
 
     closed = False
 
-    def _putConnection(self, key, connection) -> None:
+    def _putConnection(self, key: Any, connection: Any) -> None:
         if self.closed:
             connection.abort()
             return
@@ -180,7 +181,7 @@ class _ClosablePool(HTTPConnectionPool):
 class StiggApi:
     def __init__(
         self,
-        reactor,
+        reactor: IReactor,
         api_key: str,
         api_url: str,
         edge_api_url: str,
@@ -239,7 +240,7 @@ class StiggApi:
         return headers
 
     @inlineCallbacks
-    def close(self, within: float | None = None):
+    def close(self, within: float | None = None) -> Generator[Deferred[Any], Any, None]:
         """Stop retrying (pending calls fail with their last error) and close the pools.
 
         Fires once every connection is closed: an attempt in flight keeps its connection until it
@@ -263,7 +264,7 @@ class StiggApi:
 
     @inlineCallbacks
     def _once(self, endpoint: str, send: Callable[[float], Deferred], timeout: float,
-              target: tuple[str, str] = ("POST", ""), attempt: int = 1):
+              target: tuple[str, str] = ("POST", ""), attempt: int = 1) -> Generator[Deferred[Any], Any, Any]:
         """One attempt: send, read the JSON body, classify. Bounded by `timeout` seconds.
 
         One timer covers the request and the body; when it fires it cancels whichever is
@@ -342,7 +343,7 @@ class StiggApi:
     def _call(
         self, endpoint: str, send: Callable[[float], Deferred], timeout: float, upstream: str,
         retryable: bool = True, target: tuple[str, str] = ("POST", ""),
-    ):
+    ) -> Generator[Deferred[Any], Any, Any]:
         """Attempts with backoff until success, a final failure, or the budget is spent; each
         attempt admitted by `breaker` (an open one refuses at once, or admits this as its probe,
         which is not retried: the breaker's backoff is the retry)."""
@@ -428,7 +429,9 @@ class StiggApi:
     # -- operations -------------------------------------------------------------------------------
 
     @inlineCallbacks
-    def fetch_state(self, customer_id: str, resource_id: str | None, timeout: float, use_edge: bool | None = None):
+    def fetch_state(
+        self, customer_id: str, resource_id: str | None, timeout: float, use_edge: bool | None = None
+    ) -> Generator[Deferred[Any], Any, dict[str, Any]]:
         """The customer's `entitlementsState` object, from Edge or GraphQL."""
         if self.edge_enabled if use_edge is None else use_edge:
             path = _with_resource(f"/v1/c/{quote(customer_id, safe='')}/entitlements-state.json", resource_id)
@@ -449,7 +452,9 @@ class StiggApi:
         return self._graphql_post("GetSdkConfiguration", operations.GET_SDK_CONFIGURATION, {}, timeout)
 
     @inlineCallbacks
-    def report_usage(self, usages: Sequence[UsageReport], timeout: float, keys: Sequence[str] | None = None):
+    def report_usage(
+        self, usages: Sequence[UsageReport], timeout: float, keys: Sequence[str] | None = None
+    ) -> Generator[Deferred[Any], Any, list[wire.UsageResult]]:
         """Stigg's results (`UsageResult`: the acknowledgement and the usage changes), one per
         usage, in order.
 
@@ -470,6 +475,6 @@ class StiggApi:
         return [wire.usage_result(u, r, now_ms) for u, r in zip(usages, results, strict=True)]
 
     @inlineCallbacks
-    def report_events(self, events: Sequence[EventReport], timeout: float):
+    def report_events(self, events: Sequence[EventReport], timeout: float) -> Generator[Deferred[Any], Any, None]:
         variables = {"input": {"usageEvents": [wire.event_input(e) for e in events]}}
         yield self._graphql_post("ReportEvent", operations.REPORT_EVENT, variables, timeout)

@@ -11,7 +11,6 @@ are logged, counted and ignored.
 
 from __future__ import annotations
 
-import json
 import random
 import uuid
 from typing import Any, Callable, Mapping, Protocol
@@ -20,12 +19,15 @@ from urllib.parse import urlsplit
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
 from stigg_sidecar import spans
+from stigg_sidecar.process.reactor import IReactor
 from stigg_sidecar.quoting import clipped
+from stigg_sidecar.upstream import wire
 from stigg_sidecar.upstream.operations import SUBSCRIPTIONS
 from stigg_sidecar.upstream.recovery import StiggRecovery
 
@@ -75,11 +77,11 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
     def onOpen(self) -> None:
         service = self.factory.service
         self._subscriptions: dict[str, str] = {}
-        self._ping_call = None
-        self._pong_deadline = None
+        self._ping_call: IDelayedCall | None = None
+        self._pong_deadline: IDelayedCall | None = None
         self._send_json({"type": "connection_init", "payload": {"headers": service.init_headers}})
         # Stigg's client waits for the ack forever; a socket that never gets one is replaced.
-        self._ack_deadline = service.reactor.callLater(service.ack_timeout, self._no_ack)
+        self._ack_deadline: IDelayedCall | None = service.reactor.callLater(service.ack_timeout, self._no_ack)
 
     def _no_ack(self) -> None:
         self._ack_deadline = None
@@ -88,16 +90,16 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
 
     # Not `_send`: autobahn's WebSocketProtocol._send flushes its own send queue.
     def _send_json(self, message: Mapping[str, Any]) -> None:
-        self.sendMessage(json.dumps(message).encode())
+        self.sendMessage(wire.socket_frame(message))
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         service = self.factory.service
         try:
-            message = json.loads(payload)
-            kind = message["type"]
-        except (ValueError, KeyError, TypeError):
-            service.malformed_frame("not a graphql-transport-ws message")
+            message = wire.socket_message(payload)
+        except ValueError as e:
+            service.malformed_frame(str(e))
             return
+        kind = message["type"]
         if kind == "connection_ack":
             if self._ack_deadline is not None and self._ack_deadline.active():
                 self._ack_deadline.cancel()
@@ -119,24 +121,23 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
             self._pong_deadline = None
             self._schedule_ping()
         elif kind == "next":
-            field = self._subscriptions.get(message.get("id"))
-            data = (message.get("payload") or {}).get("data") if isinstance(message.get("payload"), dict) else None
-            if field is None or not isinstance(data, dict) or not isinstance(data.get(field), dict):
-                errors = message.get("payload", {}).get("errors") if isinstance(message.get("payload"), dict) else None
+            field = self._subscriptions.get(str(message.get("id")))
+            update, errors = wire.pushed_data(message, field)
+            if field is None or update is None:
                 service.malformed_frame(f"unusable {field or 'unknown'} update{f': {errors}' if errors else ''}")
                 return
-            service.dispatch(field, data[field])
+            service.dispatch(field, update)
         elif kind == "error":
             # A refused or failed subscription would leave its updates silently missing while the
             # socket looks healthy: start over (with backoff), as Stigg's client resubscribes.
             log.warn(
                 "Stigg ended subscription {field} with an error: {payload}; reconnecting",
-                field=self._subscriptions.get(message.get("id")),
+                field=self._subscriptions.get(str(message.get("id"))),
                 payload=message.get("payload"),
             )
             self.dropConnection(abort=True)
         elif kind == "complete":
-            field = self._subscriptions.pop(message.get("id"), None)
+            field = self._subscriptions.pop(str(message.get("id")), None)
             log.warn("Stigg completed subscription {field}; reconnecting to resubscribe", field=field)
             self.dropConnection(abort=True)
         else:
@@ -180,7 +181,7 @@ class _Factory(WebSocketClientFactory):
         self.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=10, closeHandshakeTimeout=2)
 
 
-def _endpoint(reactor, ws_url: str):
+def _endpoint(reactor: IReactor, ws_url: str) -> tuple[IStreamClientEndpoint, str]:
     parts = urlsplit(f"{ws_url}/graphql")
     if not parts.hostname:
         raise ValueError(f"WS_URL has no host: {ws_url!r}")
@@ -202,7 +203,7 @@ class RealtimeService(MultiService):
 
     def __init__(
         self,
-        reactor,
+        reactor: IReactor,
         ws_url: str,
         init_headers: Mapping[str, Any],
         sink: UpdateSink,
@@ -304,7 +305,7 @@ class RealtimeService(MultiService):
         self.malformed += 1
         log.warn("Ignored a malformed real-time frame: {why}", why=clipped(why))
 
-    def stopService(self):
+    def stopService(self) -> Deferred[Any]:
         # ClientService closes the TCP connection. A WebSocket close frame first would be politer,
         # but autobahn's batched close-handshake timer then outlives the connection.
         self.is_connected = False

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.logger import Logger
-
-log = Logger()
+from twisted.internet.interfaces import IReactorTime
 
 
 class StiggRecovery:
-    def __init__(self, reactor) -> None:
+    def __init__(self, reactor: IReactorTime) -> None:
         self._reactor = reactor
         self._listeners: list[Callable[[str], None]] = []
         self._doubted = False  # a call failed as if Stigg were down since the last success

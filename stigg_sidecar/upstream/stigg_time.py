@@ -20,6 +20,7 @@ from email.utils import parsedate_to_datetime
 from typing import Callable
 
 from twisted.application.internet import TimerService
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 log = Logger()
@@ -124,6 +125,6 @@ class ClockSkewCheck(TimerService):
 
     name = "clock-skew"
 
-    def __init__(self, stigg_clock: StiggClock, clock) -> None:
+    def __init__(self, stigg_clock: StiggClock, clock: IReactorTime) -> None:
         super().__init__(CHECK_INTERVAL, stigg_clock.check)
         self.clock = clock

@@ -4,8 +4,9 @@
 - Answers: a GraphQL/Edge document's `data` or its error (`answer_data`), an `entitlementsState`
   object as a `CustomerEntry` (`entry_from_state`, STIGG_REFERENCE 2.4), a usage result as the
   acknowledgement and the usage changes it carries (`usage_result`).
-- Pushes: the WebSocket's entitlementsUpdatedV2 and usageUpdatedV2 payloads (`pushed_entry`,
-  `pushed_usage`).
+- The socket: graphql-transport-ws messages (`socket_frame`, `socket_message`, `pushed_data`) and
+  the pushes they carry: entitlementsUpdatedV2, usageUpdatedV2 and packagePublished payloads
+  (`pushed_entry`, `pushed_usage`, `package_migration`).
 
 Pure: no I/O, no clock reads (`now_ms` is passed in), no logging. Stigg's messages can echo the
 request, so every message taken from an answer is clipped.
@@ -122,17 +123,14 @@ def graphql_failure(errors: Sequence[Any]) -> UpstreamError:
         extensions = {}
     code = str(extensions.get("code") or "")
     if code == "Unauthenticated":
-        error = UpstreamError(Problem.KEY_REJECTED, "Stigg rejected the API key")
-    elif code in ("BadUserInput", "GRAPHQL_VALIDATION_FAILED", "GRAPHQL_PARSE_FAILED"):
-        error = UpstreamError(Problem.REFUSED, f"Stigg rejected the request: {message}")
-    elif code.endswith("NotFound"):
-        error = UpstreamError(Problem.NOT_FOUND, f"Stigg: {message}")
-    elif code == "RateLimitExceeded":
-        error = UpstreamError(Problem.RATE_LIMITED, f"Stigg rate limit: {message}")
-    else:
-        error = UpstreamError(Problem.UNAVAILABLE, f"Stigg error{f' {code}' if code else ''}: {message}")
-    error.code = code
-    return error
+        return UpstreamError(Problem.KEY_REJECTED, "Stigg rejected the API key", code=code)
+    if code in ("BadUserInput", "GRAPHQL_VALIDATION_FAILED", "GRAPHQL_PARSE_FAILED"):
+        return UpstreamError(Problem.REFUSED, f"Stigg rejected the request: {message}", code=code)
+    if code.endswith("NotFound"):
+        return UpstreamError(Problem.NOT_FOUND, f"Stigg: {message}", code=code)
+    if code == "RateLimitExceeded":
+        return UpstreamError(Problem.RATE_LIMITED, f"Stigg rate limit: {message}", code=code)
+    return UpstreamError(Problem.UNAVAILABLE, f"Stigg error{f' {code}' if code else ''}: {message}", code=code)
 
 
 def entitlements_state(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -183,6 +181,40 @@ def usage_result(usage: UsageReport, result: Mapping[str, Any], now_ms: int) -> 
                   parse_time(credit.get("timestamp")) or stamp),
         ))
     return UsageResult(ack, tuple(changes))
+
+
+# --------------------------------------------------------------------------- the socket
+
+
+def socket_frame(message: Mapping[str, Any]) -> bytes:
+    """A graphql-transport-ws message as the socket sends it."""
+    return json.dumps(message).encode()
+
+
+def socket_message(frame: bytes) -> dict[str, Any]:
+    """A graphql-transport-ws message received; its "type" is a string. Raises ValueError."""
+    try:
+        message = json.loads(frame)
+    except ValueError:
+        raise ValueError("not a graphql-transport-ws message") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ValueError("not a graphql-transport-ws message")
+    return message
+
+
+def pushed_data(message: Mapping[str, Any], field: str | None) -> tuple[Mapping[str, Any] | None, Any]:
+    """A `next` message's update for subscription `field`, or (None, its GraphQL errors if any)."""
+    payload = message.get("payload")
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if field is None or not isinstance(data, dict) or not isinstance(data.get(field), dict):
+        return None, payload.get("errors") if isinstance(payload, dict) else None
+    return data[field], None
+
+
+def package_migration(payload: Mapping[str, Any]) -> str | None:
+    """A packagePublished payload's migration type ("ALL_CUSTOMERS", ...)."""
+    migration = payload.get("migrationType")
+    return migration if isinstance(migration, str) else None
 
 
 # --------------------------------------------------------------------------- pushes

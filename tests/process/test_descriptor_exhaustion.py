@@ -10,18 +10,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import time
 import urllib.request
 from typing import Mapping
 
 import grpc
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 from tests.fixtures.processes import EXAMPLES, DrainedProcess, EmulatorProcess, base_env, twistd_command
+from tests.fixtures.tools import require_tool
 
 
 class LimitedSidecar(DrainedProcess):
@@ -58,8 +58,7 @@ class DescriptorTests(TestCase):
     timeout = 120
 
     def setUp(self):
-        if shutil.which("prlimit") is None:
-            raise SkipTest("prlimit (util-linux) is not installed")
+        require_tool("prlimit")
         self.emulator = EmulatorProcess(base_env(), "--port", "0", "--data", str(EXAMPLES / "emulator-data.json"))
         self.addCleanup(self.emulator.kill)
 

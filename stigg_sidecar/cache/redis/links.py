@@ -15,7 +15,7 @@ import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import protocol as net_protocol
 from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks, succeed
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import provider
@@ -128,7 +128,7 @@ class Link:
         endpoint: IStreamClientEndpoint,
         handshake: Handshake,
         events: LinkEvents,
-        reactor: Any,
+        reactor: IReactorTime,
         timeout: float,
         max_delay: float,
     ) -> None:

@@ -12,6 +12,7 @@ import secrets
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from stigg_sidecar.cache.redis.format import EntryKeys, encode_fetch_result
@@ -26,7 +27,7 @@ class FetchLocks:
     mirror's command link (bounded, `default` on failure); `link` is the pub/sub link;
     `ready()` says whether both links are up and the mirror running."""
 
-    def __init__(self, prefix: str, reactor: Any, timeout: float, call: Call, link: Link,
+    def __init__(self, prefix: str, reactor: IReactorTime, timeout: float, call: Call, link: Link,
                  ready: Callable[[], bool]) -> None:
         self.prefix = prefix
         self.reactor = reactor

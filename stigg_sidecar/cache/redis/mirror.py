@@ -50,6 +50,7 @@ from stigg_sidecar.cache.redis.reads import read_entry
 from stigg_sidecar.cache.redis.scripts import PURGE, WRITE
 from stigg_sidecar.cache.redis.sentinel import SentinelEndpoint, Sentinels
 from stigg_sidecar.entitlements.records import CustomerEntry
+from stigg_sidecar.process.reactor import IReactor
 
 log = Logger()
 
@@ -63,7 +64,7 @@ class RedisMirror(MultiService):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         prefix: str,
         host: str = "localhost",
         port: int = 6379,
@@ -136,7 +137,7 @@ class RedisMirror(MultiService):
 
     @classmethod
     def from_settings(
-        cls, reactor: Any, settings: Any, on_peer_change: Callable[[str, str], None] | None = None, **options: Any
+        cls, reactor: IReactor, settings: Any, on_peer_change: Callable[[str, str], None] | None = None, **options: Any
     ) -> RedisMirror:
         return cls(
             reactor,

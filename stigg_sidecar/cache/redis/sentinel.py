@@ -17,6 +17,8 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from stigg_sidecar.process.reactor import IReactor
+
 log = Logger()
 
 Address = tuple[str, int]
@@ -33,7 +35,7 @@ class Sentinels:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         sentinels: Sequence[Address],
         master: str,
         username: str,

@@ -59,6 +59,8 @@ class CheckTests(TestCase):
         for name, value in bad.items():
             with self.assertRaisesRegex(TracingConfigError, rf"^{name}: ", msg=name):
                 check({name: value})
+        with self.assertRaisesRegex(TracingConfigError, r"^OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: must be an http"):
+            check({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:port/v1/traces"})
         with self.assertRaisesRegex(TracingConfigError, r"^OTEL_TRACES_SAMPLER_ARG: '1.5' is not a ratio"):
             check({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1.5"})
 
@@ -156,3 +158,15 @@ class DropsEveryRootTests(TestCase):
             self.assertTrue(drops_every_root(LinkAwareSampler(sampler)), sampler.get_description())
         for sampler in (DEFAULT_ON, ALWAYS_ON, ParentBasedTraceIdRatio(0.01), TraceIdRatioBased(1.0)):
             self.assertFalse(drops_every_root(LinkAwareSampler(sampler)), sampler.get_description())
+
+
+class DescribeTests(TestCase):
+    def test_the_endpoint_as_the_sdk_resolves_it_without_credentials(self):
+        from stigg_sidecar.ops.tracing import describe
+
+        self.assertEqual(describe(ENDPOINT), "traces to http://otel-collector.observability:4318/v1/traces")
+        self.assertEqual(describe({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://u:secret@collector:4318/"}),
+                         "traces to https://collector:4318/v1/traces")
+        self.assertEqual(describe({**ENDPOINT, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://traces:9/x?token=secret"}),
+                         "traces to http://traces:9/x")
+        self.assertEqual(describe({"OTEL_TRACES_EXPORTER": "otlp"}), "traces to http://localhost:4318/v1/traces")
