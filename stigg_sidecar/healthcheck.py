@@ -11,7 +11,8 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from stigg_sidecar.settings import SPECS
 

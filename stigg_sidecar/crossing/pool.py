@@ -28,8 +28,9 @@ import contextlib
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
-from typing import Any, Callable, Iterator
+from typing import Any
 
 _current = threading.local()  # .pool (HandlerPool) and .role (bool) on the pool's own threads
 

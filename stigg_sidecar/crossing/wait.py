@@ -18,7 +18,8 @@ import concurrent.futures
 import contextvars
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import IReactorFromThreads
@@ -30,7 +31,7 @@ from stigg_sidecar.crossing.pool import blocking
 class BudgetExhausted(Exception):
     """Every place in a `WaitBudget` is taken; nothing was started."""
 
-    def __init__(self, budget: "WaitBudget") -> None:
+    def __init__(self, budget: WaitBudget) -> None:
         super().__init__(f"{budget.limit} {budget.what} already waiting on Stigg")
         self.budget = budget
 

@@ -29,8 +29,9 @@ import itertools
 import random
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Sequence
+from typing import Any
 
 from opentelemetry import context as otel_context
 from twisted.application.service import Service
@@ -396,7 +397,7 @@ class SpooledDelivery(Service):
         for kind in KINDS:
             self._pump(kind)
 
-    def _pump(self, kind: str) -> None:
+    def _pump(self, kind: str) -> None:  # noqa: C901 - one batch's send and every outcome of it, read in order
         """Send the next batch of `kind` unless one is in flight or waiting out a backoff."""
         if not self._loaded or self._inflight[kind] is not None or self._waiting[kind] is not None:
             return

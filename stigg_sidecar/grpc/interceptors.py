@@ -16,7 +16,8 @@ valid token), never with a token.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from twisted.logger import Logger

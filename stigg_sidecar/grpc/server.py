@@ -15,9 +15,10 @@ that arrived but were not yet handed to Python when the server shuts down.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Sequence, cast
+from typing import Any, cast
 
 import grpc
 from twisted.application.service import Service

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Callable, Mapping, NoReturn, Sequence, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.empty_pb2 import Empty

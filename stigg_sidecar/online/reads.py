@@ -10,8 +10,8 @@ writes'. Nothing here changes state: the fetcher and the store do, on the reacto
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger

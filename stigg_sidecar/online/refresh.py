@@ -8,7 +8,8 @@ is back. Reactor only; time comes from the injected reactor, so tests drive it w
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generator, Iterator, Protocol
+from collections.abc import Callable, Generator, Iterator
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks, succeed

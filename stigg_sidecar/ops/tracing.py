@@ -24,7 +24,8 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -97,6 +98,15 @@ def wanted(environ: Mapping[str, str]) -> bool:
 
 def check(environ: Mapping[str, str]) -> None:
     """Refuse, with one line, the values the SDK would replace by a default with a warning."""
+    _check_endpoints(environ)
+    _check_sampler(environ)
+    for name in _POSITIVE_INTS:
+        raw = environ.get(name, "").strip()
+        if raw and (not raw.isdigit() or int(raw) < 1):
+            raise TracingConfigError(f"{name}: {raw!r} is not a positive whole number")
+
+
+def _check_endpoints(environ: Mapping[str, str]) -> None:
     for name in ENDPOINTS:
         url = environ.get(name, "").strip()
         if url:
@@ -107,6 +117,9 @@ def check(environ: Mapping[str, str]) -> None:
                 port_ok = False
             if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
                 raise TracingConfigError(f"{name}: must be an http:// or https:// URL")
+
+
+def _check_sampler(environ: Mapping[str, str]) -> None:
     sampler = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
     if sampler and sampler not in _KNOWN_SAMPLERS:
         raise TracingConfigError(f"OTEL_TRACES_SAMPLER: {sampler!r} is not one of {', '.join(_KNOWN_SAMPLERS)}")
@@ -118,10 +131,6 @@ def check(environ: Mapping[str, str]) -> None:
             ratio = -1.0
         if not 0.0 <= ratio <= 1.0:
             raise TracingConfigError(f"OTEL_TRACES_SAMPLER_ARG: {raw!r} is not a ratio between 0 and 1")
-    for name in _POSITIVE_INTS:
-        raw = environ.get(name, "").strip()
-        if raw and (not raw.isdigit() or int(raw) < 1):
-            raise TracingConfigError(f"{name}: {raw!r} is not a positive whole number")
     for name in _POSITIVE_NUMBERS:
         raw = environ.get(name, "").strip()
         if raw:
@@ -258,7 +267,7 @@ def install(environ: Mapping[str, str] | None = None) -> Tracing | None:
     if not wanted(env):
         return None
     check(env)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: PLC0415 - its import costs ~0.2 s, paid only with tracing on
 
     complaints = ThrottledComplaints()
     sdk_log = logging.getLogger("opentelemetry")

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
+from werkzeug.exceptions import HTTPException
 
 from stigg_sidecar.ops.metrics import CONTENT_TYPE, CachedPage, Metrics
 from stigg_sidecar.ops.readiness import Readiness
@@ -65,8 +66,6 @@ def health_app(
 
     @app.handle_errors
     def errors(request: Any, failure: Any) -> bytes:
-        from werkzeug.exceptions import HTTPException
-
         if failure.check(HTTPException):
             code = failure.value.code
             return _json(request, code, {"error": failure.value.name})

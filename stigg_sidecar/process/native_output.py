@@ -16,7 +16,7 @@ import re
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.logger import Logger, LogLevel
 
@@ -65,7 +65,7 @@ def route_native_output(reactor: IReactor) -> None:
     os.dup2(write_end, 2)
     os.close(write_end)
     # Both: start-up errors go to sys.__stderr__ (twistd may point sys.stderr at the log).
-    stream = open(original, "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+    stream = open(original, "w", buffering=1, encoding="utf-8", errors="replace")
     sys.stderr = stream
     sys.__stderr__ = stream  # type: ignore[misc]
     lines = NativeLines(lambda level, fmt, **kw: reactor.callFromThread(log.emit, level, fmt, **kw))

@@ -19,6 +19,7 @@ from twisted.logger import ILogObserver, Logger
 
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.process.listening import ListenError
+from stigg_sidecar.process.reactor import default_reactor
 from stigg_sidecar.process.startup import exit_with
 from stigg_sidecar.process.stopping import StopBudget
 
@@ -85,8 +86,7 @@ class SidecarService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        from twisted.internet import reactor
-
+        reactor = default_reactor()
         # After startup: signal handlers are in place from here on, so this line is the cue
         # that the process can be stopped cleanly.
         reactor.callWhenRunning(log.info, "stigg-sidecar running")
@@ -107,7 +107,6 @@ class SidecarService(MultiService):
             log.info("stigg-sidecar stopped")
         # A drain that completed is a clean exit: twistd would otherwise re-raise SIGTERM/SIGINT
         # on itself after shutdown, and orchestrators would read that as a crash.
-        from twisted.internet import reactor
-
+        reactor = default_reactor()
         if getattr(reactor, "_exitSignal", None) is not None:
             reactor._exitSignal = None  # type: ignore[attr-defined]

@@ -28,8 +28,9 @@ import os
 import threading
 import time
 import zlib
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Iterator, Protocol, Sequence, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet import threads
@@ -366,7 +367,7 @@ def _on_daemon_thread(reactor: IReactorFromThreads, f: Callable[..., Any], *args
     def run() -> None:
         try:
             result = f(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to the Deferred
+        except BaseException as e:
             reactor.callFromThread(d.errback, e)
         else:
             reactor.callFromThread(d.callback, result)

@@ -15,8 +15,9 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Mapping, Sequence
+from typing import Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from treq.client import HTTPClient
@@ -263,8 +264,10 @@ class StiggApi:
     # -- transport --------------------------------------------------------------------------------
 
     @inlineCallbacks
-    def _once(self, endpoint: str, send: Callable[[float], Deferred], timeout: float,
-              target: tuple[str, str] = ("POST", ""), attempt: int = 1) -> Generator[Deferred[Any], Any, Any]:
+    def _once(  # noqa: C901 - one attempt's whole life: send, body, timer, and each way it can end
+        self, endpoint: str, send: Callable[[float], Deferred], timeout: float,
+        target: tuple[str, str] = ("POST", ""), attempt: int = 1,
+    ) -> Generator[Deferred[Any], Any, Any]:
         """One attempt: send, read the JSON body, classify. Bounded by `timeout` seconds.
 
         One timer covers the request and the body; when it fires it cancels whichever is

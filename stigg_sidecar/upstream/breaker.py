@@ -13,8 +13,8 @@ comes from an injected clock (`seconds()`), so tests drive it with `task.Clock`.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import random
 import uuid
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -22,6 +23,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 
 from stigg_sidecar import spans
@@ -56,7 +58,7 @@ class UpdateSink(Protocol):
 class GraphqlWsProtocol(WebSocketClientProtocol):
     """One socket's life: init, ack, subscribe, keep alive, dispatch."""
 
-    factory: "_Factory"
+    factory: _Factory
     _connect_span: Any = None
 
     def connectionMade(self) -> None:
@@ -92,6 +94,19 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
     def _send_json(self, message: Mapping[str, Any]) -> None:
         self.sendMessage(wire.socket_frame(message))
 
+    def _acknowledged(self) -> None:
+        """Stigg accepted the connection: subscribe, start pinging, and tell the service."""
+        if self._ack_deadline is not None and self._ack_deadline.active():
+            self._ack_deadline.cancel()
+        self._ack_deadline = None
+        for name, (operation, query) in SUBSCRIPTIONS.items():
+            sub_id = str(uuid.uuid4())
+            self._subscriptions[sub_id] = name
+            self._send_json({"id": sub_id, "type": "subscribe", "payload": {"operationName": operation, "query": query}})
+        self._schedule_ping()
+        self._connect_ended()
+        self.factory.service.connected(self)
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         service = self.factory.service
         try:
@@ -101,16 +116,7 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
             return
         kind = message["type"]
         if kind == "connection_ack":
-            if self._ack_deadline is not None and self._ack_deadline.active():
-                self._ack_deadline.cancel()
-            self._ack_deadline = None
-            for name, (operation, query) in SUBSCRIPTIONS.items():
-                sub_id = str(uuid.uuid4())
-                self._subscriptions[sub_id] = name
-                self._send_json({"id": sub_id, "type": "subscribe", "payload": {"operationName": operation, "query": query}})
-            self._schedule_ping()
-            self._connect_ended()
-            service.connected(self)
+            self._acknowledged()
         elif kind == "ping":
             self._send_json({"type": "pong"})
         elif kind == "pong":
@@ -175,7 +181,7 @@ class _Factory(WebSocketClientFactory):
     protocol = GraphqlWsProtocol  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, service: "RealtimeService", url: str) -> None:
+    def __init__(self, service: RealtimeService, url: str) -> None:
         super().__init__(url, protocols=[SUBPROTOCOL])
         self.service = service
         self.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=10, closeHandshakeTimeout=2)
@@ -189,8 +195,6 @@ def _endpoint(reactor: IReactor, ws_url: str) -> tuple[IStreamClientEndpoint, st
     port = parts.port or (443 if secure else 80)
     endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, parts.hostname, port, timeout=10)
     if secure:
-        from twisted.internet.ssl import optionsForClientTLS
-
         endpoint = wrapClientTLS(optionsForClientTLS(parts.hostname), endpoint)
     return endpoint, parts.geturl()
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Generator
 from dataclasses import replace
-from typing import Any, Generator
+from typing import Any
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks

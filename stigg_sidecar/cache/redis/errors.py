@@ -6,7 +6,8 @@ the passwords (ARCHITECTURE 7).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import txredisapi
 from twisted.internet import error as net_error

@@ -8,8 +8,9 @@ sent here, and no reply text is logged here).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Protocol
+from typing import Any, Protocol
 
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy

@@ -9,7 +9,8 @@ within the mirror's bounds: when Redis cannot be asked, the caller fetches itsel
 from __future__ import annotations
 
 import secrets
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime

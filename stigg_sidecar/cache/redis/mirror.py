@@ -21,7 +21,8 @@ error text is never logged, and logged texts are scrubbed.
 from __future__ import annotations
 
 import secrets
-from typing import Any, Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed

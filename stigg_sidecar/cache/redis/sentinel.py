@@ -7,7 +7,8 @@ password is sent here and no reply text is ever logged (it may quote what was se
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
 
 import txredisapi
 from twisted.internet import error as net_error

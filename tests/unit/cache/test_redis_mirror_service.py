@@ -3,7 +3,8 @@ stopped with it (no Redis needed: nothing listens on the port, so the links keep
 
 from __future__ import annotations
 
-from typing import Any, Generator
+from collections.abc import Generator
+from typing import Any
 
 from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred, inlineCallbacks
