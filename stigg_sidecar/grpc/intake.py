@@ -5,8 +5,10 @@ with no deserializer: each handler receives the raw bytes, parses them itself an
 INVALID_ARGUMENT naming the problem (the field whose string is not UTF-8, the truncated varint).
 A parsed request is then held to the documented limits (README, "Input limits"): ids non-empty
 where required and at most MAX_ID_BYTES, bounded repeated fields and maps, finite numbers, known
-enum values, timestamps in a plausible range. Only then does the servicer see it, so a hostile
-request costs a parse and a few length checks, never a lookup, an upstream call or a log line.
+enum values, timestamps in a plausible range, exactly one of GetEntitlementV2's feature and
+currency ids. Only then does the servicer see it, so a hostile request costs a parse and a few
+length checks, never a lookup, an upstream call or a log line. This is the only validator: the
+servicer relies on it and checks nothing again.
 
 Owns the limits and `InvalidArgument`; never touches the cache or the upstream.
 """
@@ -147,6 +149,11 @@ def _v2_read(request: pb.GetEntitlementV2Request) -> None:
     check_optional_id(request, "currency_id")
     check_optional_id(request, "resource_id")
     _check_options(request)
+    # Set means set and non-empty (an empty optional id means absent).
+    if bool(request.HasField("feature_id") and request.feature_id) == bool(
+        request.HasField("currency_id") and request.currency_id
+    ):
+        raise InvalidArgument("exactly one of feature_id and currency_id must be set")
 
 
 def _customer_read(request: Any) -> None:
@@ -301,9 +308,18 @@ def _abort(context: grpc.ServicerContext, message: str) -> None:
     context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-def _intake(name: str, request_type: Any, behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable:
+# The typed checks memoize their answers keyed by the request's bytes: their handlers are given
+# the bytes as they arrived too (`behaviour(request, context, data)`), so nothing serializes the
+# parsed request again to key the memo.
+KEYED_BY_BYTES = frozenset(
+    ("GetBooleanEntitlement", "GetNumericEntitlement", "GetMeteredEntitlement", "GetEnumEntitlement")
+)
+
+
+def _intake(name: str, request_type: Any, behaviour: Callable[..., Any]) -> Callable:
     parse = request_type.FromString
     check = CHECKS[name]
+    with_bytes = name in KEYED_BY_BYTES
 
     def handle(data: bytes, context: grpc.ServicerContext) -> Any:
         try:
@@ -314,6 +330,8 @@ def _intake(name: str, request_type: Any, behaviour: Callable[[Any, grpc.Service
             check(request)
         except InvalidArgument as e:
             _abort(context, str(e))
+        if with_bytes:
+            return behaviour(request, context, data)
         return behaviour(request, context)
 
     handle.__name__ = name

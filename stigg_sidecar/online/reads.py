@@ -106,10 +106,8 @@ class Reads:
         self._reactor.callFromThread(self._store.charge, entry, nbytes)
 
     def lookup(self, customer_id: str, resource_id: str | None, timeout: float) -> CustomerEntry | None:
-        """Memory, else (crossing to the reactor under `timeout`) Redis and the API; None: fallback."""
-        entry = self.peek(customer_id, resource_id)
-        if entry is not None:
-            return entry
+        """After `peek` missed: (crossing to the reactor under `timeout`) Redis and the API; None:
+        fallback. Memory is not looked at again (the reader just did: one peek per read)."""
         self._counters.miss()
         if self._key.rejected:
             return None

@@ -44,7 +44,7 @@ from stigg_sidecar.online.refresh import Poller, Refresher
 from stigg_sidecar.online.store import EntitlementStore
 from stigg_sidecar.online.updates import RealtimeUpdates
 from stigg_sidecar.ops import tracing as tracing_setup
-from stigg_sidecar.ops.metrics import Metrics, MetricsInterceptor
+from stigg_sidecar.ops.metrics import Metrics
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.ops.web import HttpService, health_app
 from stigg_sidecar.process import descriptors
@@ -294,12 +294,13 @@ def _serving(settings: Settings, reactor: Any, readiness: Readiness, metrics: Me
         reactor=reactor,
         on_serving=lambda port: readiness.unblock("grpc"),
         # Tracing outermost (off, no interceptor at all), so a refused token is a span too; then the
-        # token check: MetricsInterceptor answers cached handlers without asking further in.
+        # token check. Metrics are no interceptor: the handlers are counted and timed where they
+        # are registered, so by default a call runs no interceptor pipeline at all.
         interceptors=[
             *([tracing.interceptor()] if tracing is not None else []),
             *access.interceptors,
-            *([MetricsInterceptor(metrics)] if metrics else []),
         ],
+        timed=metrics.hot.timed if metrics is not None else None,
         limits=connection_limits(settings),
         credentials=access.credentials,
     )
