@@ -91,15 +91,18 @@ class Reads:
         # threads that serve.
         self.waiting = waiting
         self._counters = counters
+        self._fresh = store.fresh
+        self._hit = counters.hit
         self._fallback_log = _ThrottledWarning(interval=10.0)
 
     def now_ms(self) -> int:
         return int(time.time() * 1000)
 
     def peek(self, customer_id: str, resource_id: str | None) -> CustomerEntry | None:
-        entry = self._store.fresh(cache_key(customer_id, resource_id), self.now_ms())
+        # Every cached read: the cache's own method and the counter, with no call in between.
+        entry = self._fresh(cache_key(customer_id, resource_id), int(time.time() * 1000))
         if entry is not None:
-            self._counters.hit()
+            self._hit()
         return entry
 
     def memo_grew(self, entry: CustomerEntry, nbytes: int) -> None:

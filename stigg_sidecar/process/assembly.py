@@ -207,7 +207,7 @@ def _read_counters(metrics: Metrics | None) -> ReadCounters:
     if metrics is None:
         return ReadCounters()
     fast_failed = {reason: metrics.fast_failed_reads.labels(reason) for reason in ("overloaded", "upstream_down")}
-    return ReadCounters(metrics.cache_hit, metrics.cache_miss, lambda reason: fast_failed[reason].inc())
+    return ReadCounters(metrics.hot.count_hit, metrics.cache_miss, lambda reason: fast_failed[reason].inc())
 
 
 def _sources(settings: Settings, reactor: Any, online: Online, state_dir: StateDirectory | None,
