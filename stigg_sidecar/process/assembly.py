@@ -112,7 +112,7 @@ def assemble(settings: Settings, reactor: IReactor | None = None, tracing: traci
     budget = StopBudget(settings.shutdown_grace_secs, reactor)
     top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format, log_stream), budget)
     metrics = _metrics(settings, readiness)
-    edge, http = _edge(settings, reactor, readiness, metrics, tracing)
+    edge, http = _edge(settings, reactor, readiness, metrics, tracing, budget)
     state_dir = StateDirectory(settings.state_dir).lock() if settings.state_dir else None
     sources, delivery = Phase("sources"), Phase("delivery")
     online: Online | None = None
@@ -147,10 +147,11 @@ def _metrics(settings: Settings, readiness: Readiness) -> Metrics | None:
 
 
 def _edge(settings: Settings, reactor: IReactor, readiness: Readiness, metrics: Metrics | None,
-          tracing: tracing_setup.Tracing | None) -> tuple[Phase, HttpService]:
+          tracing: tracing_setup.Tracing | None, budget: StopBudget) -> tuple[Phase, HttpService]:
     edge = Phase("edge")
     if tracing is not None:
-        tracing.service(reactor).setServiceParent(edge)  # first in, stops last: flushes the last spans
+        # First in, so it stops last and flushes the last spans, within what the stop has left.
+        tracing.service(reactor, budget.remaining_for_last_step).setServiceParent(edge)
     http = HttpService(
         health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics,
                    settings.metrics_max_age_ms / 1000),
