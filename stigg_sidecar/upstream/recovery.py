@@ -13,7 +13,7 @@ GraphQL answers, and it probes on its own every 1-2 s.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorTime
 

@@ -16,8 +16,8 @@ whole on the reactor by `observe`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
-from typing import Callable
 
 from twisted.application.internet import TimerService
 from twisted.internet.interfaces import IReactorTime

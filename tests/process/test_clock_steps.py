@@ -136,7 +136,7 @@ class ClockStepTests(TestCase):
         await until(real_answer, 10, "a cold read answering Stigg's data after the step back", interval=0.2)
 
     async def test_forty_days_ahead_answers_stiggs_usage_before_and_after_the_correction(self):
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         # A monthly period that started ten days ago: 100 of 150 used, by Stigg's clock.
         item = metered_with_period(150, 100, now - datetime.timedelta(days=10), "MONTH", datetime.timedelta(days=28))
         self.step("+40d")
@@ -159,7 +159,7 @@ class ClockStepTests(TestCase):
         await self.start({"behind": data.ACME}, POLL_INTERVAL_SECS="3600")
         # An hourly period that ends four seconds from now by Stigg's clock, its limit used up
         # (set once the sidecar is up, however long its start took).
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         item = metered_with_period(10, 10, now + datetime.timedelta(seconds=4) - datetime.timedelta(hours=1), "HOUR",
                                    datetime.timedelta(hours=1))
         self.emulator.state.replace("behind", None, parse_customer(data.customer(item)).state)
