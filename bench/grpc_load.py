@@ -418,7 +418,7 @@ class OtlpSink:
         self.bytes = 0
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 sink.requests += 1
                 sink.bytes += len(body)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import enum
 import secrets
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Protocol
 
 from stigg_sidecar.entitlements.records import CustomerEntry, Usage, cache_key
 

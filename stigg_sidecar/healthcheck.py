@@ -11,7 +11,8 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from typing import Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from stigg_sidecar.settings import SPECS
 
@@ -20,7 +21,7 @@ _WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 def liveness_url(environ: Mapping[str, str]) -> str:
-    def setting(name: str):
+    def setting(name: str) -> Any:
         spec = _SPECS[name]
         try:
             return spec.parse(environ.get(name) or spec.default or "")

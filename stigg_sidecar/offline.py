@@ -7,7 +7,7 @@ events are accepted and dropped, and reloads report that the entity exists. Hold
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from stigg_sidecar.contracts import EventReport, UsageAck, UsageReport, measurement_id
 from stigg_sidecar.entitlements.records import CustomerEntry

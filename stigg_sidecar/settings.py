@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Mapping, TypeVar, cast
+from typing import Generic, TypeVar, cast
 from urllib.parse import urlsplit
 
 from stigg_sidecar.entitlements.fallback import FallbackError, FallbackValues, parse_entitlements_fallback
@@ -328,7 +329,14 @@ def read_secret_file(setting: str, path: str) -> str:
 
 def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str | None] | None = None) -> Settings:
     """Build Settings from environment variables, with option values (by env name) taking precedence."""
-    overrides = overrides or {}
+    values = _parse_each(environ, overrides or {})
+    _compute_defaults(values)
+    _check_together(values)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def _parse_each(environ: Mapping[str, str], overrides: Mapping[str, str | None]) -> dict[str, object]:
+    """Every setting given (or with a default text) parsed on its own, by attribute name."""
     values: dict[str, object] = {}
 
     def given(name: str) -> str | None:
@@ -352,12 +360,23 @@ def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str | None
             if spec.secret:
                 raise SettingsError(f"{spec.env}: is invalid") from None
             raise SettingsError(f"{spec.env}: {e}") from None
+    return values
+
+
+def _compute_defaults(values: dict[str, object]) -> None:
+    """The defaults that depend on the machine or on other settings."""
     if "cache_max_size_bytes" not in values:
         values["cache_max_size_bytes"] = default_cache_max_size_bytes()
-    if not values.get("offline") and not values.get("server_api_key"):
-        raise SettingsError("SERVER_API_KEY (or SERVER_API_KEY_FILE) is required unless OFFLINE is set")
     if not values.get("http_bind_address"):  # unset or empty: the gRPC server's interface
         values["http_bind_address"] = values.get("bind_address", "0.0.0.0")
+    capacity = sum(cast(int, values[name]) for name in ("max_waiting_reads", "max_waiting_writes", "grpc_max_workers"))
+    values.setdefault("grpc_max_concurrent_streams", capacity)
+
+
+def _check_together(values: dict[str, object]) -> None:
+    """The rules between settings; the first broken one is the error."""
+    if not values.get("offline") and not values.get("server_api_key"):
+        raise SettingsError("SERVER_API_KEY (or SERVER_API_KEY_FILE) is required unless OFFLINE is set")
     if bool(values.get("tls_cert_file")) != bool(values.get("tls_key_file")):
         raise SettingsError("TLS_CERT_FILE and TLS_KEY_FILE go together: set both (gRPC over TLS) or neither")
     if values.get("tls_client_ca_file") and not values.get("tls_cert_file"):
@@ -365,7 +384,7 @@ def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str | None
     if values.get("http_port") == values.get("port") and values.get("port") != 0:
         raise SettingsError(f"HTTP_PORT must differ from PORT (both are {values['port']})")
     capacity = sum(cast(int, values[name]) for name in ("max_waiting_reads", "max_waiting_writes", "grpc_max_workers"))
-    streams = cast(int, values.setdefault("grpc_max_concurrent_streams", capacity))
+    streams = cast(int, values["grpc_max_concurrent_streams"])
     if streams < capacity:
         # Fewer streams would queue one client's calls in its own channel while the sidecar has room.
         raise SettingsError(
@@ -381,4 +400,3 @@ def load_settings(environ: Mapping[str, str], overrides: Mapping[str, str | None
             raise SettingsError("SPOOL_WRITES cannot be used with OFFLINE: nothing is delivered offline")
     if values.get("snapshot_interval_secs") == 0:
         raise SettingsError("SNAPSHOT_INTERVAL_SECS must be more than 0")
-    return Settings(**values)  # type: ignore[arg-type]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import IO, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import IO, Any
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -21,10 +22,12 @@ from stigg_sidecar.grpc.tls import TlsError
 from stigg_sidecar.ops import tracing as tracing_setup
 from stigg_sidecar.process import descriptors, gcpolicy
 from stigg_sidecar.process.assembly import assemble
+from stigg_sidecar.process.clock import use_monotonic_time
 from stigg_sidecar.process.native_output import route_native_output
+from stigg_sidecar.process.reactor import default_reactor
 from stigg_sidecar.process.service import SidecarService
 from stigg_sidecar.process.startup import exit_with, starting_line, version_text
-from stigg_sidecar.settings import SPECS, SettingsError, load_settings, parse_bool
+from stigg_sidecar.settings import SPECS, SettingsError, Spec, load_settings, parse_bool
 from stigg_sidecar.state.directory import StateDirectoryError
 
 log = Logger()
@@ -37,7 +40,7 @@ _COMPUTED_DEFAULTS = {
 }
 
 
-def _help(spec) -> str:
+def _help(spec: Spec[Any]) -> str:
     default = _COMPUTED_DEFAULTS.get(spec.env, spec.default)
     shown = "none" if default in (None, "") else default
     flag = f"; a flag: --{spec.option} or --no-{spec.option}" if spec.parse is parse_bool else ""
@@ -115,13 +118,11 @@ def makeService(options: Options) -> SidecarService:
     log_stream = _log_stream(options)
     # Logged before twistd starts logging: the log replays it first, ahead of twistd's own lines.
     log.info("{line}", line=starting_line(settings))
-    from twisted.internet import reactor
-
     parent = getattr(options, "parent", None)
     if parent is None or parent.get("nodaemon"):
         # grpc-core's lines in this log, in LOG_FORMAT. A daemon's descriptor 2 is /dev/null (and
         # must not keep its starter's stderr open), so there they are silenced instead.
-        route_native_output(reactor)
+        route_native_output(default_reactor())
     before, limit = descriptors.raise_open_files_limit()
     cap = descriptors.grpc_connection_cap(settings.grpc_max_connections, limit)
     log.debug("Open files: limit {limit} (was {before}); at most {cap} gRPC connections at once",
@@ -135,9 +136,12 @@ def makeService(options: Options) -> SidecarService:
     except tracing_setup.TracingConfigError as e:
         exit_with(str(e))
     if tracing is not None:
-        log.info("OpenTelemetry {where}", where=tracing_setup.describe(tracing))
+        log.info("OpenTelemetry {where}", where=tracing_setup.describe())
+    # Every timer on elapsed time: a wall clock stepped back must not freeze them (issue 20, 12).
+    reactor = default_reactor()
+    use_monotonic_time(reactor)
     try:
-        sidecar = assemble(settings, tracing=tracing, log_stream=log_stream).service
+        sidecar = assemble(settings, reactor, tracing=tracing, log_stream=log_stream).service
     except (StateDirectoryError, TlsError, CallerTokensError) as e:
         exit_with(str(e))
     except Exception as e:

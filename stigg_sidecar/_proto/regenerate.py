@@ -26,7 +26,7 @@ _OUR_IMPORT = "from stigg_sidecar._proto import sidecar_pb2 as"
 
 def generate() -> dict[str, str]:
     """Run protoc on the .proto and return {file name: text} of what it generates."""
-    from grpc_tools import protoc
+    from grpc_tools import protoc  # noqa: PLC0415 - a development dependency, checked for in main()
 
     well_known = str(resources.files("grpc_tools") / "_proto")
     with tempfile.TemporaryDirectory() as out:
@@ -51,7 +51,7 @@ def generate() -> dict[str, str]:
 
 def main() -> int:
     try:
-        import grpc_tools  # noqa: F401
+        import grpc_tools  # noqa: F401, PLC0415 - whether the development dependency is there
     except ImportError:
         print("stigg_sidecar._proto.regenerate: needs grpcio-tools, a development dependency: run scripts/venv dev,"
               " then .venv/bin/python -m stigg_sidecar._proto.regenerate", file=sys.stderr)

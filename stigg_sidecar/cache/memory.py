@@ -20,8 +20,8 @@ every key cached throughout it exactly once while keys come and go.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from itertools import islice
-from typing import Callable, Iterator
 
 from stigg_sidecar.entitlements.changes import keep_newer_usage, newer_or_equal
 from stigg_sidecar.entitlements.records import CustomerEntry

@@ -9,7 +9,8 @@ gate refuses at once what could not be answered in time and turns every failure 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger

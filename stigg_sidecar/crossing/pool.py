@@ -30,8 +30,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Executor
-from typing import Any, Callable, Iterator
+from typing import Any
 
 _log = logging.getLogger("concurrent.futures")  # where a Future logs a failing callback
 _current = threading.local()  # .pool (HandlerPool) and .role (bool) on the pool's own threads

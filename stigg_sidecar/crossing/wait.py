@@ -18,9 +18,11 @@ import concurrent.futures
 import contextvars
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import maybeDeferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 
 from stigg_sidecar.crossing.pool import blocking
@@ -29,7 +31,7 @@ from stigg_sidecar.crossing.pool import blocking
 class BudgetExhausted(Exception):
     """Every place in a `WaitBudget` is taken; nothing was started."""
 
-    def __init__(self, budget: "WaitBudget") -> None:
+    def __init__(self, budget: WaitBudget) -> None:
         super().__init__(f"{budget.limit} {budget.what} already waiting on Stigg")
         self.budget = budget
 
@@ -99,7 +101,7 @@ class Handoff:
 _CLAIMED_ANSWER_WAIT = 5.0
 
 
-def call_on_reactor(reactor, fn: Callable[..., Any], *args: Any, timeout: float, handoff: Handoff | None = None) -> Any:
+def call_on_reactor(reactor: IReactorFromThreads, fn: Callable[..., Any], *args: Any, timeout: float, handoff: Handoff | None = None) -> Any:
     """Run `fn(*args)` on the reactor thread and wait up to `timeout` seconds for its result
     (a Deferred is waited for), in a copy of this thread's context. Raises TimeoutError past the
     deadline, or what `fn` raised. With a `handoff`, the deadline abandons it, unless the reactor
@@ -123,7 +125,12 @@ def call_on_reactor(reactor, fn: Callable[..., Any], *args: Any, timeout: float,
 
 
 def wait_on_reactor(
-    reactor, budget: WaitBudget, fn: Callable[..., Any], *args: Any, timeout: float, handoff: Handoff | None = None
+    reactor: IReactorFromThreads,
+    budget: WaitBudget,
+    fn: Callable[..., Any],
+    *args: Any,
+    timeout: float,
+    handoff: Handoff | None = None,
 ) -> Any:
     """From a handler thread: run `fn(*args)` on the reactor and wait for its result, holding one
     place of `budget` (BudgetExhausted at once when there is none) and no runner role (the

@@ -6,7 +6,8 @@ a failure is the precise gRPC status of what went wrong. Reloads are reads: `onl
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from twisted.internet.defer import inlineCallbacks
 

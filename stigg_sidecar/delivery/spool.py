@@ -28,12 +28,14 @@ import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -88,7 +90,7 @@ _STOP = object()
 
 
 class SpoolFile:
-    def __init__(self, reactor, path: str) -> None:
+    def __init__(self, reactor: IReactorFromThreads, path: str) -> None:
         self._reactor = reactor
         self.path = path
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()

@@ -7,7 +7,8 @@ carry (authoritative usage) to the store, through the `UsageStore` protocol.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 

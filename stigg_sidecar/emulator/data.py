@@ -24,8 +24,9 @@ Format::
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from stigg_sidecar.emulator.fields import (
     DataError,

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from stigg_sidecar.emulator.fields import parse_timestamp
 from stigg_sidecar.emulator.model import (

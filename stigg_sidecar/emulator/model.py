@@ -6,10 +6,11 @@ listeners, and the fault settings (`Faults`). Plain data; `state.EmulatorState` 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
 from random import Random
-from typing import Any, Callable, Mapping, Union
+from typing import Any
 
 
 class StiggError(Exception):
@@ -92,7 +93,7 @@ class FaultsChanged:
     faults: dict[str, Any]
 
 
-StateChange = Union[EntitlementsChanged, UsageChanged, PackagePublished, FaultsChanged]
+StateChange = EntitlementsChanged | UsageChanged | PackagePublished | FaultsChanged
 Listener = Callable[[StateChange], None]
 
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 import copy
 import uuid
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from random import Random
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 

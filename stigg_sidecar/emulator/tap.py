@@ -20,6 +20,7 @@ from twisted.python import usage
 from stigg_sidecar.emulator.data import DataError, load_data_file
 from stigg_sidecar.emulator.state import EmulatorState
 from stigg_sidecar.emulator.web import EmulatorSite
+from stigg_sidecar.process.reactor import default_reactor
 
 DEFAULT_PORT = 8090
 
@@ -70,8 +71,7 @@ class EmulatorService(service.Service):
         )
 
     def _failed(self, failure: Any) -> None:
-        from twisted.internet import reactor
-
+        reactor = default_reactor()
         self.log.critical("stigg-emulator cannot listen: {error}", error=failure.getErrorMessage())
         reactor.callWhenRunning(reactor.stop)
 
@@ -85,8 +85,7 @@ class EmulatorService(service.Service):
 
 def makeService(options: Options) -> service.IService:
     """Build the emulator; raises SystemExit with a one-line message if the data is bad."""
-    from twisted.internet import reactor
-
+    reactor = default_reactor()
     try:
         data = load_data_file(options["data"])
     except DataError as error:

@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from collections.abc import Mapping, Sequence
 from random import Random
-from typing import Any, Mapping, NamedTuple, Sequence, cast
+from typing import Any, NamedTuple, cast
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol

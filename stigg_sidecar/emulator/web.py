@@ -31,7 +31,8 @@ Admin endpoints (no key, never faulted):
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, cast
+from collections.abc import Callable
+from typing import Any
 
 from klein import Klein
 from twisted.internet.defer import Deferred, succeed
@@ -44,6 +45,7 @@ from stigg_sidecar.emulator import graphql
 from stigg_sidecar.emulator.data import DataError, parse_customer, parse_entity_state
 from stigg_sidecar.emulator.state import EmulatorState
 from stigg_sidecar.emulator.websocket import SocketHub
+from stigg_sidecar.process.reactor import default_reactor
 
 EDGE_ENTITLEMENTS_STATE = "/v1/c/{customerId}/entitlements-state.json"
 EDGE_ENTITLEMENTS = "/v1/c/{customerId}/entitlements.json"
@@ -281,9 +283,7 @@ class EmulatorSite(Site):
 
     def __init__(self, state: EmulatorState, reactor: IReactorTime | None = None) -> None:
         if reactor is None:
-            from twisted.internet import reactor as global_reactor
-
-            reactor = cast(IReactorTime, global_reactor)
+            reactor = default_reactor()
         self.state = state
         self.sockets = SocketHub(state, reactor, track=self._track)
         super().__init__(EmulatorApp(state, reactor, self.sockets).app.resource(), reactor=reactor)

@@ -35,7 +35,8 @@ all of its API keys share. Closes (code, reason), as graphql-ws's server closes:
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping, cast
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol

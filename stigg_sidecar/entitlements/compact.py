@@ -9,9 +9,9 @@ values and a key index shared by every map with the same keys. Pure: no I/O, no 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import FrozenInstanceError, dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from stigg_sidecar.entitlements.interning import is_shared_index, shared_index, shared_terms
 from stigg_sidecar.entitlements.tracking import untrack as _untrack

@@ -6,13 +6,13 @@ collector policy as a whole (what is frozen at start, and why) is `process/gcpol
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 def _gc_untracker() -> Callable[[object], None]:
     """CPython's `PyObject_GC_UnTrack`, or nothing elsewhere than CPython."""
     try:
-        import ctypes
+        import ctypes  # noqa: PLC0415 - inside the try: a Python without it untracks nothing
 
         untrack = ctypes.pythonapi.PyObject_GC_UnTrack
     except (ImportError, AttributeError):  # pragma: no cover - not CPython

@@ -16,7 +16,8 @@ Owns the limits and `InvalidArgument`; never touches the cache or the upstream.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -247,7 +248,9 @@ class _Budget:
         self.left = steps
 
 
-def _walk(data: bytes, descriptor: Descriptor, prefix: str, base: int, depth: int, budget: _Budget) -> None:
+def _walk(  # noqa: C901 - one branch per wire type, as the format defines them
+    data: bytes, descriptor: Descriptor, prefix: str, base: int, depth: int, budget: _Budget
+) -> None:
     """Walk the wire format of `data` as a `descriptor` message; raise _Malformed at the first
     thing a parser refuses. Only runs after a parse failed, to say why."""
     if depth > 32:

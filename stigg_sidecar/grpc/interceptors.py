@@ -16,7 +16,8 @@ valid token), never with a token.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from twisted.logger import Logger
@@ -44,7 +45,7 @@ def _method_name(method: str) -> str:
     return method.rsplit("/", 1)[-1] or method
 
 
-def _bearer(metadata) -> str | None:
+def _bearer(metadata: Any) -> str | None:
     """The token of the `authorization` metadata: None when absent, "" when not `Bearer <token>`."""
     for key, value in metadata or ():
         if key == "authorization":
@@ -56,10 +57,12 @@ def _bearer(metadata) -> str | None:
     return None
 
 
-def _refusal(code: grpc.StatusCode, details: str, request_streaming: bool, response_streaming: bool):
+def _refusal(
+    code: grpc.StatusCode, details: str, request_streaming: bool, response_streaming: bool
+) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of the refused method's kind that ends the call with `code` and `details`."""
 
-    def refuse(request_or_iterator, context):
+    def refuse(request_or_iterator: Any, context: grpc.ServicerContext) -> None:
         context.abort(code, details)
 
     if request_streaming and response_streaming:
@@ -84,7 +87,11 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._refusals: dict[tuple, grpc.RpcMethodHandler] = {}
         self._last_logged: dict[str, float] = {}
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
         if method.startswith(HEALTH_PREFIX):
             return continuation(handler_call_details)
@@ -104,7 +111,13 @@ class TokenInterceptor(grpc.ServerInterceptor):
         self._on_call(caller.name, OK)
         return continuation(handler_call_details)
 
-    def _refuse(self, continuation, details, code: grpc.StatusCode, text: str):
+    def _refuse(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        details: grpc.HandlerCallDetails,
+        code: grpc.StatusCode,
+        text: str,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = continuation(details)  # only to learn the method's kind; it is not called
         request_streaming = bool(handler and handler.request_streaming)
         response_streaming = bool(handler and handler.response_streaming)

@@ -15,9 +15,10 @@ that arrived but were not yet handed to Python when the server shuts down.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Callable, Sequence, cast
+from typing import Any, cast
 
 import grpc
 from twisted.application.service import Service
@@ -29,6 +30,7 @@ from twisted.logger import Logger
 from stigg_sidecar.crossing.pool import HandlerPool
 from stigg_sidecar.grpc.timing import Timed, TimedServer
 from stigg_sidecar.process.listening import ListenError, probe_bind
+from stigg_sidecar.process.reactor import IReactor, default_reactor
 from stigg_sidecar.process.stopping import StopBudget
 
 log = Logger()
@@ -111,7 +113,7 @@ class GrpcService(Service):
         max_message_bytes: int,
         grace: float,
         limits: ConnectionLimits,
-        reactor=None,
+        reactor: IReactor | None = None,
         on_serving: Callable[[int], None] | None = None,
         interceptors: Sequence[grpc.ServerInterceptor] = (),
         budget: StopBudget | None = None,
@@ -121,17 +123,13 @@ class GrpcService(Service):
         """`budget`: the stop's deadline shared with the other parts (else `grace` seconds of its own).
         `timed(method, behaviour)`: wraps every unary handler registered, to count and time its calls
         (`timing.TimedServer`; no interceptor)."""
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self._reactor = reactor
+        self._reactor = reactor if reactor is not None else default_reactor()
         self._registrations = registrations
         self._address = address
         self._requested_port = port
         self._max_workers = max_workers
         self._max_message_bytes = max_message_bytes
-        self._budget = budget if budget is not None else StopBudget(grace, reactor)
+        self._budget = budget if budget is not None else StopBudget(grace, self._reactor)
         self._on_serving = on_serving
         self._interceptors = list(interceptors)
         self._limits = limits
@@ -196,7 +194,7 @@ class GrpcService(Service):
         return self._drain(server)
 
     @inlineCallbacks
-    def _drain(self, server: grpc.Server):
+    def _drain(self, server: grpc.Server) -> Generator[Deferred[Any], Any, None]:
         pool, self.pool = self.pool, None
         yield self._until_quiet(pool, min(DRAIN_MAX_SECS, self._budget.remaining() / 4))
         grace = self._budget.remaining()
@@ -210,7 +208,7 @@ class GrpcService(Service):
         log.info("gRPC stopped")
 
     @inlineCallbacks
-    def _until_quiet(self, pool: HandlerPool | None, at_most: float):
+    def _until_quiet(self, pool: HandlerPool | None, at_most: float) -> Generator[Deferred[Any], Any, None]:
         """Serve on until no call arrived for QUIET_SECS, or for `at_most` seconds."""
         if pool is None:
             return

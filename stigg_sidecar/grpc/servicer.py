@@ -11,10 +11,12 @@ is the reactor's job, behind the source/writer.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Mapping, NoReturn, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
 from twisted.logger import Logger
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
@@ -30,11 +32,13 @@ from stigg_sidecar.entitlements.decide import (
     state_v2,
 )
 from stigg_sidecar.entitlements.fallback import FallbackValues
+from stigg_sidecar.entitlements.records import CustomerEntry
 from stigg_sidecar.grpc import convert
 from stigg_sidecar.quoting import clipped, quoted
 
 log = Logger()
 R = TypeVar("R")
+M = TypeVar("M", bound=Message)
 
 # Distinct requests whose answers are memoized per cache entry (bounds the memo's memory).
 _MEMO_LIMIT = 16
@@ -76,6 +80,21 @@ def _generic_kind(requested_usage: float | None, requested_values: tuple[str, ..
     if requested_usage is not None:
         return "metered"
     return fb.kind() if fb is not None else "boolean"
+
+
+def _memo_window(kind: str | None, decision: Decision, now: int) -> tuple[int | None, int | None]:
+    """When a memoized answer holds, `[since, until)` in epoch ms, or (None, None): always. A metered
+    answer holds within its usage period: not past its end (roll-over), and not before its start
+    or the moment it was computed (a clock corrected backwards)."""
+    if kind != "metered" or decision.usage_period_end is None:
+        return None, None
+    start = decision.usage_period_start
+    return (now if start is None else min(now, start)), decision.usage_period_end
+
+
+def _memo_holds(memoized: tuple[bytes, int | None, int | None], now: int) -> bool:
+    since, until = memoized[1], memoized[2]
+    return since is None or until is None or since <= now < until
 
 
 class SidecarServicer(SidecarServiceServicer):
@@ -132,11 +151,11 @@ class SidecarServicer(SidecarServiceServicer):
         context.abort(code, clipped(message, _MAX_DETAILS))
         raise AssertionError("context.abort returned")  # pragma: no cover
 
-    def _lookup(self, context: grpc.ServicerContext, customer_id: str, resource_id: str | None):
+    def _lookup(self, context: grpc.ServicerContext, customer_id: str, resource_id: str | None) -> CustomerEntry | None:
         """After a peek missed: wait (within the caller's deadline) for the fetch; None: fallback."""
         return self._source.lookup(customer_id, resource_id, self._budget(context, self._read_timeout))
 
-    def _entry(self, context: grpc.ServicerContext, customer_id: str, resource_id: str | None):
+    def _entry(self, context: grpc.ServicerContext, customer_id: str, resource_id: str | None) -> CustomerEntry | None:
         # One peek; the deadline is read only for a miss.
         entry = self._source.peek(customer_id, resource_id)
         if entry is not None:
@@ -161,13 +180,23 @@ class SidecarServicer(SidecarServiceServicer):
         now = self._source.now_ms()
         return self._counted(decide_feature(entry, feature_id, kind, requested_usage, requested_values, fb, now))
 
-    def _typed(self, context, request, raw, kind, build, requested_usage=None, requested_values=()):
+    def _typed(
+        self,
+        context: grpc.ServicerContext,
+        request: Any,
+        raw: bytes | None,
+        kind: str,
+        build: Callable[[Decision], M],
+        requested_usage: float | None = None,
+        requested_values: tuple[str, ...] = (),
+    ) -> M | bytes:
         """A typed check. Its answer from a cached entry is memoized on that entry, serialized
         (the server's serializer passes bytes through), keyed by the request's bytes as they came
         off the wire (`raw`, from intake; a request passed without them is serialized for the
         key): entries are immutable and replaced whole, so a new entry starts with an empty memo.
-        A metered answer is reused only until its usage period ends (roll-over). A memoized
-        answer costs ~150 bytes where the message object cost ~900, and is never serialized again."""
+        A metered answer is reused only within its usage period (not past a roll-over, nor after
+        the clock went back before it). A memoized answer costs ~150 bytes where the message
+        object cost ~900, and is never serialized again."""
         memo_key = (kind, request.SerializeToString() if raw is None else raw)
         source = self._source
         try:
@@ -182,18 +211,27 @@ class SidecarServicer(SidecarServiceServicer):
                 memo = entry.memo
                 if memo is not None:
                     memoized = memo.get(memo_key)
-                    if memoized is not None and (memoized[1] is None or source.now_ms() < memoized[1]):
+                    if memoized is not None and _memo_holds(memoized, source.now_ms()):
                         return memoized[0]
             return self._answer_typed(entry, request, memo_key, kind, build, requested_usage, requested_values)
         except Exception:
-            def fallback():
+            def fallback() -> M:
                 feature_id = request.feature_id
                 fb = self._fallback_for(feature_id, request.options if request.HasField("options") else None)
                 return build(fallback_decision(kind, feature_id, fb, requested_usage, requested_values))
 
             return self._failed(fallback)
 
-    def _answer_typed(self, entry, request, memo_key, kind, build, requested_usage, requested_values):
+    def _answer_typed(
+        self,
+        entry: CustomerEntry | None,
+        request: Any,
+        memo_key: tuple[str, bytes],
+        kind: str,
+        build: Callable[[Decision], M],
+        requested_usage: float | None,
+        requested_values: tuple[str, ...],
+    ) -> M | bytes:
         """Decide a typed check (a fallback when `entry` is None), memoizing a cached answer."""
         feature_id = request.feature_id
         fb = self._fallback_for(feature_id, request.options if request.HasField("options") else None)
@@ -203,14 +241,14 @@ class SidecarServicer(SidecarServiceServicer):
         memo = entry.memo
         if memo is not None:
             memoized = memo.get(memo_key)
-            if memoized is not None and (memoized[1] is None or now < memoized[1]):
+            if memoized is not None and _memo_holds(memoized, now):
                 return memoized[0]
         decision = self._counted(decide_feature(entry, feature_id, kind, requested_usage, requested_values, fb, now))
         response = build(decision)
         if decision.is_fallback or (memo is not None and len(memo) >= _MEMO_LIMIT):
             return response
         wire = response.SerializeToString()
-        value = (wire, decision.usage_period_end if kind == "metered" else None)
+        value = (wire, *_memo_window(kind, decision, now))
         charge = sum(map(sys.getsizeof, (memo_key, memo_key[1], value, wire)))
         if memo is None:
             # The entry's first memoized answer: the memo itself is charged with it. Two
@@ -226,26 +264,30 @@ class SidecarServicer(SidecarServiceServicer):
 
     # -- typed checks: `raw` is the request's bytes as they arrived (intake passes them) ----------
 
-    def GetBooleanEntitlement(self, request, context, raw=None):
+    def GetBooleanEntitlement(self, request: pb.GetBooleanEntitlementRequest, context: grpc.ServicerContext,
+                              raw: bytes | None = None) -> pb.GetBooleanEntitlementResponse | bytes:
         return self._typed(context, request, raw, "boolean", convert.boolean_response)
 
-    def GetNumericEntitlement(self, request, context, raw=None):
+    def GetNumericEntitlement(self, request: pb.GetNumericEntitlementRequest, context: grpc.ServicerContext,
+                              raw: bytes | None = None) -> pb.GetNumericEntitlementResponse | bytes:
         return self._typed(context, request, raw, "numeric", convert.numeric_response)
 
-    def GetMeteredEntitlement(self, request, context, raw=None):
+    def GetMeteredEntitlement(self, request: pb.GetMeteredEntitlementRequest, context: grpc.ServicerContext,
+                              raw: bytes | None = None) -> pb.GetMeteredEntitlementResponse | bytes:
         requested = _requested_usage(request.options if request.HasField("options") else None)
         return self._typed(context, request, raw, "metered", convert.metered_response, requested_usage=requested)
 
-    def GetEnumEntitlement(self, request, context, raw=None):
+    def GetEnumEntitlement(self, request: pb.GetEnumEntitlementRequest, context: grpc.ServicerContext,
+                           raw: bytes | None = None) -> pb.GetEnumEntitlementResponse | bytes:
         values = tuple(request.options.requested_values) if request.HasField("options") else ()
         return self._typed(context, request, raw, "enum", convert.enum_response, requested_values=values)
 
-    def GetEntitlement(self, request, context):
+    def GetEntitlement(self, request: pb.GetEntitlementRequest, context: grpc.ServicerContext) -> pb.GetEntitlementResponse:
         options = request.options if request.HasField("options") else None
         requested = _requested_usage(options)
         values: tuple[str, ...] = tuple(options.requested_values) if options is not None else ()
 
-        def fallback():
+        def fallback() -> pb.GetEntitlementResponse:
             fb = self._fallback_for(request.feature_id, options)
             kind = _generic_kind(requested, values, fb)
             return convert.generic_response(fallback_decision(kind, request.feature_id, fb, requested, values))
@@ -255,7 +297,7 @@ class SidecarServicer(SidecarServiceServicer):
             fallback,
         )
 
-    def GetEntitlementV2(self, request, context):
+    def GetEntitlementV2(self, request: pb.GetEntitlementV2Request, context: grpc.ServicerContext) -> pb.GetEntitlementV2Response:
         options = request.options if request.HasField("options") else None
         # Exactly one of the two ids is set (intake): `feature_id` whenever `currency_id` is None.
         feature_id = _optional_id(request, "feature_id")
@@ -295,11 +337,18 @@ class SidecarServicer(SidecarServiceServicer):
 
     # -- whole state ----------------------------------------------------------------------------
 
-    def _state(self, context, request, decide_all, item, response_type):
-        def fallback():
+    def _state(
+        self,
+        context: grpc.ServicerContext,
+        request: Any,
+        decide_all: Callable[[CustomerEntry, int], Sequence[Decision]],
+        item: Callable[[Decision], Any],
+        response_type: Callable[..., M],
+    ) -> M:
+        def fallback() -> M:
             return response_type(entitlements=[item(d) for d in fallback_state(self._fallbacks)])
 
-        def answer():
+        def answer() -> M:
             entry = self._entry(context, request.customer_id, _optional_id(request, "resource_id"))
             if entry is None:
                 self._on_fallback("Unknown")
@@ -312,10 +361,10 @@ class SidecarServicer(SidecarServiceServicer):
 
         return self._read(answer, fallback)
 
-    def GetEntitlements(self, request, context):
+    def GetEntitlements(self, request: pb.GetEntitlementsRequest, context: grpc.ServicerContext) -> pb.GetEntitlementsResponse:
         return self._state(context, request, state_v1, convert.entitlement_v1, pb.GetEntitlementsResponse)
 
-    def GetEntitlementsStateV2(self, request, context):
+    def GetEntitlementsStateV2(self, request: pb.GetEntitlementsStateV2Request, context: grpc.ServicerContext) -> pb.GetEntitlementsStateV2Response:
         return self._state(context, request, state_v2, convert.entitlement_v2, pb.GetEntitlementsStateV2Response)
 
     # -- writes ---------------------------------------------------------------------------------
@@ -338,8 +387,8 @@ class SidecarServicer(SidecarServiceServicer):
             timestamp=convert.request_timestamp(request),
         )
 
-    def ReportUsage(self, request, context):
-        def action():
+    def ReportUsage(self, request: pb.ReportUsageRequest, context: grpc.ServicerContext) -> pb.ReportUsageResponse:
+        def action() -> pb.ReportUsageResponse:
             (ack,) = self._writer.report_usage(
                 [self._usage(request)], self._budget(context, self._write_timeout), context.is_active
             )
@@ -347,8 +396,8 @@ class SidecarServicer(SidecarServiceServicer):
 
         return self._write(context, action)
 
-    def ReportUsageBulk(self, request, context):
-        def action():
+    def ReportUsageBulk(self, request: pb.ReportUsageBulkRequest, context: grpc.ServicerContext) -> pb.ReportUsageBulkResponse:
+        def action() -> pb.ReportUsageBulkResponse:
             usages = [self._usage(u) for u in request.usages]
             if not usages:
                 return pb.ReportUsageBulkResponse()
@@ -357,8 +406,8 @@ class SidecarServicer(SidecarServiceServicer):
 
         return self._write(context, action)
 
-    def ReportEvents(self, request, context):
-        def action():
+    def ReportEvents(self, request: pb.ReportEventsRequest, context: grpc.ServicerContext) -> Empty:
+        def action() -> Empty:
             events = [
                 EventReport(
                     event_name=e.event_name,
@@ -376,8 +425,8 @@ class SidecarServicer(SidecarServiceServicer):
 
         return self._write(context, action)
 
-    def ReloadEntitlements(self, request, context):
-        def action():
+    def ReloadEntitlements(self, request: pb.ReloadEntitlementsRequest, context: grpc.ServicerContext) -> pb.ReloadEntitlementsResponse:
+        def action() -> pb.ReloadEntitlementsResponse:
             customer_id = request.customer_id
             try:
                 exists = self._source.reload(customer_id, _optional_id(request, "resource_id"),

@@ -12,7 +12,8 @@ handlers pass through as they are. Knows nothing of what is counted (ops/metrics
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import grpc
 

@@ -187,7 +187,7 @@ class ServerTls:
         return True
 
     def _warn_if_expired(self, now: datetime.datetime | None) -> None:
-        now = now or datetime.datetime.now(datetime.timezone.utc)
+        now = now or datetime.datetime.now(datetime.UTC)
         if self._current.not_after is not None and self._current.not_after < now:
             log.warn("TLS_CERT_FILE: the certificate expired at {at}; clients will refuse it",
                      at=self._current.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"))

@@ -9,7 +9,8 @@ through the `EntitlementStore`, never written to the cache here.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.python.failure import Failure

@@ -9,7 +9,8 @@ cancels the retry and closes the connection pools.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -18,11 +19,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from stigg_sidecar.contracts import ApiKeyState
-from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.process.stopping import StopBudget
 from stigg_sidecar.upstream.errors import Problem, UpstreamError
 
 log = Logger()
+
+
+class ReadinessGate(Protocol):
+    """What the key check does to readiness (`ops.readiness.Readiness`): hold it back, let it go."""
+
+    def block(self, name: str, reason: str) -> None: ...
+
+    def unblock(self, name: str) -> None: ...
 
 
 class KeyedApi(Protocol):
@@ -41,7 +49,7 @@ class KeyCheck(Service):
         reactor: IReactorTime,
         api: KeyedApi,
         key: ApiKeyState,
-        readiness: Readiness,
+        readiness: ReadinessGate,
         timeout: float,
         max_retry_delay: float = 60.0,
         on_init_error: Callable[[], Any] = lambda: None,

@@ -10,8 +10,8 @@ writes'. Nothing here changes state: the fetcher and the store do, on the reacto
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
@@ -20,7 +20,7 @@ from stigg_sidecar import spans
 from stigg_sidecar.contracts import ApiKeyState, ReloadFailed
 from stigg_sidecar.crossing.wait import BudgetExhausted, WaitBudget, wait_on_reactor
 from stigg_sidecar.entitlements.records import CustomerEntry, cache_key
-from stigg_sidecar.online.fetcher import Fetcher
+from stigg_sidecar.online.fetcher import Fetcher, wall_ms
 from stigg_sidecar.online.store import EntitlementStore
 from stigg_sidecar.quoting import clipped, quoted
 from stigg_sidecar.upstream.errors import UpstreamError
@@ -80,8 +80,11 @@ class Reads:
         key: ApiKeyState,
         waiting: WaitBudget,
         counters: ReadCounters = ReadCounters(),
+        now_ms: Callable[[], int] = wall_ms,
     ) -> None:
         self._reactor = reactor
+        # The time of decisions and expiries: the local clock, or Stigg's when the local one is off.
+        self._now_ms = now_ms
         self._store = store
         self._fetcher = fetcher
         self._key = key
@@ -96,7 +99,7 @@ class Reads:
         self._fallback_log = _ThrottledWarning(interval=10.0)
 
     def now_ms(self) -> int:
-        return int(time.time() * 1000)
+        return self._now_ms()
 
     def peek(self, customer_id: str, resource_id: str | None) -> CustomerEntry | None:
         # Every cached read: the cache's own method and the counter, with no call in between.

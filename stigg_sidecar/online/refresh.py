@@ -8,7 +8,8 @@ is back. Reactor only; time comes from the injected reactor, so tests drive it w
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Protocol
+from collections.abc import Callable, Generator, Iterator
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks, succeed
@@ -63,13 +64,15 @@ class Refresher:
         # and a customer evicted meanwhile is skipped rather than refetched.
         work = ((e.customer_id, e.resource_id) for e in map(cached.entry, cached.keys_by_recency()) if e is not None)
         done = gatherResults([self._worker(work) for _ in range(min(self._concurrency, count) or 1)])
+        # Running from here: with nothing to fetch `done` has fired already, and `finished` must
+        # come after this, or the refresh would stay "running" and every later poll join it.
+        self._running = done
 
-        def finished(_):
+        def finished(_: object) -> None:
             self._running = None
             log.debug("Refreshed up to {n} cached customers ({failed} failed)", n=count, failed=self.failed)
 
         done.addBoth(finished)
-        self._running = done
         return done
 
     def stop(self) -> Deferred:
@@ -80,7 +83,7 @@ class Refresher:
         return self._running if self._running is not None else succeed(None)
 
     @inlineCallbacks
-    def _worker(self, work: Iterator[tuple[str, str | None]]):
+    def _worker(self, work: Iterator[tuple[str, str | None]]) -> Generator[Deferred[Any], Any, None]:
         for customer_id, resource_id in work:
             if self._stopped:
                 return
@@ -116,7 +119,7 @@ class Poller(Service):
         if self.active:
             self._start_loop()
 
-    def stopService(self):
+    def stopService(self) -> Deferred[Any]:
         super().stopService()
         self._stop_loop()
         return self._refresher.stop()

@@ -16,7 +16,8 @@ Handler threads only read (`fresh`); every method that changes something runs on
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 

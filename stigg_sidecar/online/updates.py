@@ -10,7 +10,8 @@ the background instead of wiping it, so reads never go cold on a blip.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from twisted.logger import Logger
 

@@ -11,11 +11,12 @@ import bisect
 import re
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from stigg_sidecar.process import gcpolicy
@@ -104,6 +105,11 @@ class Metrics:
             registry=r,
         )
         self.gc_frozen_objects.set_function(gcpolicy.frozen_objects)
+        self.clock_skew = Gauge(
+            "sidecar_clock_skew_seconds",
+            "The local wall clock minus Stigg's (from its responses' Date); past 5 s decisions use Stigg's time",
+            registry=r,
+        )
         self.realtime_connected = Gauge("sidecar_realtime_connected", "1 while the real-time socket is up", registry=r)
         self.realtime_update_age = Gauge(
             "sidecar_realtime_last_update_age_seconds", "Seconds since the last real-time update (-1: none yet)", registry=r
@@ -262,7 +268,7 @@ class HotPathTally:
         timed.__name__ = getattr(behaviour, "__name__", method)
         return timed
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         with self._lock:
             tallies = list(self._tallies)
         hits = CounterMetricFamily("sidecar_cache_hits", "Reads answered from memory")
@@ -321,7 +327,7 @@ class _CountedElsewhere:
     def count_from(self, read: Callable[[], float]) -> None:
         self._read = read
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self._name, self._documentation)
         family.add_metric([], self._read())
         yield family

@@ -6,7 +6,7 @@ person can act on, and unblocks it when done. Ready means nothing blocks.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 class Readiness:

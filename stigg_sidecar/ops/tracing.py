@@ -24,13 +24,15 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
 from google.protobuf.message_factory import GetMessageClass
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -45,14 +47,17 @@ from opentelemetry.sdk.trace.sampling import (
     TraceIdRatioBased,
 )
 from opentelemetry.sdk.trace.sampling import _get_from_env_or_default as sampler_from_env
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import TraceState
+from opentelemetry.util.types import Attributes
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from stigg_sidecar import spans
 from stigg_sidecar._proto import sidecar_pb2
+from stigg_sidecar.process.reactor import IReactor
 
 log = Logger()
 
@@ -93,12 +98,28 @@ def wanted(environ: Mapping[str, str]) -> bool:
 
 def check(environ: Mapping[str, str]) -> None:
     """Refuse, with one line, the values the SDK would replace by a default with a warning."""
+    _check_endpoints(environ)
+    _check_sampler(environ)
+    for name in _POSITIVE_INTS:
+        raw = environ.get(name, "").strip()
+        if raw and (not raw.isdigit() or int(raw) < 1):
+            raise TracingConfigError(f"{name}: {raw!r} is not a positive whole number")
+
+
+def _check_endpoints(environ: Mapping[str, str]) -> None:
     for name in ENDPOINTS:
         url = environ.get(name, "").strip()
         if url:
             parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            try:
+                port_ok = parts.port is None or parts.port > 0
+            except ValueError:
+                port_ok = False
+            if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
                 raise TracingConfigError(f"{name}: must be an http:// or https:// URL")
+
+
+def _check_sampler(environ: Mapping[str, str]) -> None:
     sampler = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
     if sampler and sampler not in _KNOWN_SAMPLERS:
         raise TracingConfigError(f"OTEL_TRACES_SAMPLER: {sampler!r} is not one of {', '.join(_KNOWN_SAMPLERS)}")
@@ -110,10 +131,6 @@ def check(environ: Mapping[str, str]) -> None:
             ratio = -1.0
         if not 0.0 <= ratio <= 1.0:
             raise TracingConfigError(f"OTEL_TRACES_SAMPLER_ARG: {raw!r} is not a ratio between 0 and 1")
-    for name in _POSITIVE_INTS:
-        raw = environ.get(name, "").strip()
-        if raw and (not raw.isdigit() or int(raw) < 1):
-            raise TracingConfigError(f"{name}: {raw!r} is not a positive whole number")
     for name in _POSITIVE_NUMBERS:
         raw = environ.get(name, "").strip()
         if raw:
@@ -137,8 +154,16 @@ class LinkAwareSampler(Sampler):
     def __init__(self, inner: Sampler) -> None:
         self.inner = inner
 
-    def should_sample(self, parent_context, trace_id, name, kind=None, attributes=None, links=None,
-                      trace_state=None) -> SamplingResult:
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
         parent = trace.get_current_span(parent_context).get_span_context()
         if links and not parent.is_valid and any(link.context.trace_flags.sampled for link in links):
             return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
@@ -217,8 +242,10 @@ class Tracing:
     def interceptor(self) -> grpc.ServerInterceptor:
         return ServerSpans(unparented_dropped=drops_every_root(self.provider.sampler))
 
-    def service(self, reactor) -> Service:
-        return _FlushOnStop(self.provider, reactor)
+    def service(self, reactor: IReactor, seconds_left: Callable[[], float] = lambda: FLUSH_ON_STOP_SECS) -> Service:
+        """Flushes the queued spans at stop, within FLUSH_ON_STOP_SECS and what `seconds_left()`
+        says remains of the stop's budget then."""
+        return _FlushOnStop(self.provider, reactor, seconds_left)
 
 
 def drops_every_root(sampler: Sampler) -> bool:
@@ -242,57 +269,74 @@ def install(environ: Mapping[str, str] | None = None) -> Tracing | None:
     if not wanted(env):
         return None
     check(env)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: PLC0415 - its import costs ~0.2 s, paid only with tracing on
 
     complaints = ThrottledComplaints()
     sdk_log = logging.getLogger("opentelemetry")
     sdk_log.addHandler(complaints)
     sdk_log.propagate = False  # not also on stderr through logging's last-resort handler
     # The SDK reads os.environ itself (sampler, resource, processor, exporter): that is the point.
-    provider = TracerProvider(sampler=LinkAwareSampler(sampler_from_env()), resource=Resource.create())
+    # No exit hook: its shutdown waits for the export thread (up to the exporter's timeout with a
+    # collector that does not answer); the stop's bounded flush is the last word instead.
+    provider = TracerProvider(sampler=LinkAwareSampler(sampler_from_env()), resource=Resource.create(),
+                              shutdown_on_exit=False)
     exporter = CountingExporter(OTLPSpanExporter())
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return Tracing(provider, exporter, complaints)
 
 
-def describe(tracing: Tracing | None) -> str:
-    """For the starting line: where spans go (the endpoint without credentials or query)."""
-    if tracing is None:
-        return "traces off"
-    endpoint = getattr(tracing.exporter._inner, "_endpoint", "")
-    parts = urlsplit(str(endpoint))
+def endpoint(environ: Mapping[str, str]) -> str:
+    """Where the exporter sends spans, resolved as the SDK resolves it."""
+    full = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if full:
+        return full
+    base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip() or "http://localhost:4318"
+    return f"{base.removesuffix('/')}/v1/traces"
+
+
+def describe(environ: Mapping[str, str] | None = None) -> str:
+    """For the log: where spans go (the endpoint without credentials or query)."""
+    parts = urlsplit(endpoint(os.environ if environ is None else environ))
     host = parts.hostname or "?"
     port = f":{parts.port}" if parts.port else ""
     return f"traces to {parts.scheme}://{host}{port}{parts.path}"
 
 
 class _FlushOnStop(Service):
-    """At stop, the spans still queued go to the collector, for at most FLUSH_ON_STOP_SECS: a
+    """At stop, the spans still queued go to the collector, for at most FLUSH_ON_STOP_SECS and
+    never past the stop's budget (it stops last, so what the budget has left is its own): a
     collector that is down must not hold the process up."""
 
     name = "tracing"
 
-    def __init__(self, provider: TracerProvider, reactor) -> None:
+    def __init__(self, provider: TracerProvider, reactor: IReactor, seconds_left: Callable[[], float]) -> None:
         self._provider = provider
         self._reactor = reactor
+        self._seconds_left = seconds_left
 
     def stopService(self) -> Deferred:
         super().stopService()
         done: Deferred = Deferred()
+        allowed = max(0.0, min(FLUSH_ON_STOP_SECS, self._seconds_left()))
+        if allowed <= 0:
+            done.callback(None)
+            return done
 
         def flush() -> None:
             try:
-                self._provider.force_flush(int(FLUSH_ON_STOP_SECS * 1000))
+                self._provider.force_flush(int(allowed * 1000))
             finally:
                 self._reactor.callFromThread(fire)
 
         def fire() -> None:
+            if timer.active():
+                timer.cancel()
             if not done.called:
                 done.callback(None)
 
+        timer = self._reactor.callLater(allowed, fire)
         threading.Thread(target=flush, name="tracing-flush", daemon=True).start()
-        self._reactor.callLater(FLUSH_ON_STOP_SECS + 0.5, fire)
         return done
 
 
@@ -327,7 +371,11 @@ class ServerSpans(grpc.ServerInterceptor):
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._unparented_dropped = unparented_dropped
 
-    def intercept_service(self, continuation, handler_call_details):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
         wrapped = self._handlers.get(method)
         if wrapped is not None:
@@ -360,10 +408,10 @@ def _traced(behaviour: Callable, method: str, unparented_dropped: bool = False) 
     tracer = spans.tracer
     request_type = _request_type(method)
 
-    def traced(request, context):
-        carrier = {}
+    def traced(request: Any, context: grpc.ServicerContext) -> Any:
+        carrier: dict[str, str] = {}
         for key, value in context.invocation_metadata() or ():
-            if key in ("traceparent", "tracestate"):
+            if key in ("traceparent", "tracestate") and isinstance(value, str):
                 carrier[key] = value
         if not carrier and unparented_dropped:
             return behaviour(request, context)

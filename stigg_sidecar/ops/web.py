@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import json
 from io import BytesIO
-from typing import cast
+from typing import Any, cast
 
 from klein import Klein
 from twisted.application.service import Service
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, ITCPTransport
-from twisted.internet.protocol import connectionDone
+from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IReactorTCP, ITCPTransport
+from twisted.internet.protocol import ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
+from werkzeug.exceptions import HTTPException
 
 from stigg_sidecar.ops.metrics import CONTENT_TYPE, CachedPage, Metrics
 from stigg_sidecar.ops.readiness import Readiness
@@ -31,7 +33,7 @@ from stigg_sidecar.process.listening import listen_error
 log = Logger()
 
 
-def _json(request, status: int, body: dict) -> bytes:
+def _json(request: Request, status: int, body: dict[str, Any]) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
@@ -48,24 +50,22 @@ def health_app(
         cached = CachedPage(metrics.exposition, metrics_max_age)
 
         @app.route("/metrics", methods=["GET"])
-        def metrics_page(request):
+        def metrics_page(request: Request) -> bytes:
             request.setHeader(b"content-type", CONTENT_TYPE.encode())
             return cached.page()
 
     @app.route(f"/{health_path}", methods=["GET", "HEAD"])
-    def livez(request):
+    def livez(request: Request) -> bytes:
         return _json(request, 200, {"status": "UP"})
 
     @app.route(f"/{ready_path}", methods=["GET", "HEAD"])
-    def readyz(request):
+    def readyz(request: Request) -> bytes:
         if readiness.ready:
             return _json(request, 200, {"status": "UP"})
         return _json(request, 503, {"status": "DOWN", "reasons": readiness.reasons})
 
     @app.handle_errors
-    def errors(request, failure):
-        from werkzeug.exceptions import HTTPException
-
+    def errors(request: Any, failure: Any) -> bytes:
         if failure.check(HTTPException):
             code = failure.value.code
             return _json(request, code, {"error": failure.value.name})
@@ -86,7 +86,7 @@ class _DecodableOnly(Resource):
         super().__init__()
         self._app = app
 
-    def render(self, request):
+    def render(self, request: Any) -> bytes:
         try:
             request.getRequestHostname().decode("utf-8")
             b"/".join(request.prepath + request.postpath).decode("utf-8")
@@ -195,12 +195,12 @@ class _QuietSite(Site):
         super().__init__(resource, timeout=idle_timeout)
         self._header_timeout = header_timeout
 
-    def buildProtocol(self, addr):
+    def buildProtocol(self, addr: IAddress | None) -> Any:
         channel = super().buildProtocol(addr)
         channel.header_timeout = self._header_timeout
         return channel
 
-    def log(self, request) -> None:
+    def log(self, request: Any) -> None:
         pass
 
 
@@ -213,7 +213,7 @@ class HttpService(Service):
     name = "http"
 
     def __init__(
-        self, app: Klein, address: str, port: int, reactor, idle_timeout: float = 60.0, header_timeout: float = 10.0,
+        self, app: Klein, address: str, port: int, reactor: IReactorTCP, idle_timeout: float = 60.0, header_timeout: float = 10.0,
         address_setting: str = "BIND_ADDRESS",
     ) -> None:
         self._site = _QuietSite(_DecodableOnly(app.resource()), idle_timeout, header_timeout)
@@ -227,10 +227,12 @@ class HttpService(Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         try:
-            self._listening = self._reactor.listenTCP(self._requested_port, self._site, interface=self._address)
+            # Site is a ServerFactory; Twisted's annotations want one with a type argument.
+            site = cast(ServerFactory, self._site)
+            self._listening = self._reactor.listenTCP(self._requested_port, site, interface=self._address)
         except CannotListenError as e:
             raise listen_error("HTTP_PORT", self._address, self._requested_port, e, self._address_setting) from None
-        self.port = self._listening.getHost().port  # type: ignore[union-attr]  # an IPv4/6 address
+        self.port = cast(IPv4Address, self._listening.getHost()).port  # IPv4Address or IPv6Address: both have it
         log.info("HTTP listening on {address}:{port}", address=self._address, port=self.port)
 
     def startService(self) -> None:

@@ -8,8 +8,8 @@ interceptor, no watcher, so a call costs what it always did.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import grpc
 from twisted.internet.interfaces import IReactorTime

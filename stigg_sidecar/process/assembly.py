@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import IO, Any
+from typing import IO
 
 import stigg_sidecar
 from stigg_sidecar.cache.memory import EntitlementCache
@@ -50,6 +50,7 @@ from stigg_sidecar.ops.web import HttpService, health_app
 from stigg_sidecar.process import descriptors
 from stigg_sidecar.process.access import grpc_access
 from stigg_sidecar.process.logs import make_observer
+from stigg_sidecar.process.reactor import IReactor, default_reactor
 from stigg_sidecar.process.service import Phase, SidecarService
 from stigg_sidecar.process.stopping import StopBudget
 from stigg_sidecar.settings import Settings
@@ -59,6 +60,7 @@ from stigg_sidecar.state.snapshot import SnapshotService
 from stigg_sidecar.upstream.api import StiggApi
 from stigg_sidecar.upstream.breaker import CircuitBreaker
 from stigg_sidecar.upstream.realtime import RealtimeService
+from stigg_sidecar.upstream.stigg_time import ClockSkewCheck
 
 PHASES = ("edge", "sources", "delivery", "serving")
 
@@ -100,20 +102,18 @@ class Sidecar:
     parts: Parts
 
 
-def assemble(settings: Settings, reactor: Any = None, tracing: tracing_setup.Tracing | None = None,
+def assemble(settings: Settings, reactor: IReactor | None = None, tracing: tracing_setup.Tracing | None = None,
              log_stream: IO[str] | None = None) -> Sidecar:
     """The service tree for `settings`; its log goes to `log_stream` (standard output if None)."""
     if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+        reactor = default_reactor()
     readiness = Readiness()
     readiness.block("grpc", "gRPC server is not serving yet")
     # One deadline for the whole stop: gRPC drain, spool delivery and the last snapshot share it.
     budget = StopBudget(settings.shutdown_grace_secs, reactor)
     top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format, log_stream), budget)
     metrics = _metrics(settings, readiness)
-    edge, http = _edge(settings, reactor, readiness, metrics, tracing)
+    edge, http = _edge(settings, reactor, readiness, metrics, tracing, budget)
     state_dir = StateDirectory(settings.state_dir).lock() if settings.state_dir else None
     sources, delivery = Phase("sources"), Phase("delivery")
     online: Online | None = None
@@ -147,11 +147,12 @@ def _metrics(settings: Settings, readiness: Readiness) -> Metrics | None:
     return metrics
 
 
-def _edge(settings: Settings, reactor: Any, readiness: Readiness, metrics: Metrics | None,
-          tracing: tracing_setup.Tracing | None) -> tuple[Phase, HttpService]:
+def _edge(settings: Settings, reactor: IReactor, readiness: Readiness, metrics: Metrics | None,
+          tracing: tracing_setup.Tracing | None, budget: StopBudget) -> tuple[Phase, HttpService]:
     edge = Phase("edge")
     if tracing is not None:
-        tracing.service(reactor).setServiceParent(edge)  # first in, stops last: flushes the last spans
+        # First in, so it stops last and flushes the last spans, within what the stop has left.
+        tracing.service(reactor, budget.remaining_for_last_step).setServiceParent(edge)
     http = HttpService(
         health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics,
                    settings.metrics_max_age_ms / 1000),
@@ -166,7 +167,7 @@ def _edge(settings: Settings, reactor: Any, readiness: Readiness, metrics: Metri
     return edge, http
 
 
-def _online(settings: Settings, reactor: Any, metrics: Metrics | None) -> Online:
+def _online(settings: Settings, reactor: IReactor, metrics: Metrics | None) -> Online:
     """The cache, its one writer, and the parts that fill it; services are children of `sources`."""
     assert settings.server_api_key is not None
     api = StiggApi(reactor, api_key=settings.server_api_key, api_url=settings.api_url,
@@ -187,15 +188,19 @@ def _online(settings: Settings, reactor: Any, metrics: Metrics | None) -> Online
     malformed = MalformedEntitlements(reactor)
     waiting_reads = WaitBudget(settings.max_waiting_reads, "reads")
     fetch_timeout = settings.entitlements_timeout_ms / 1000
-    fetcher = Fetcher(api, store, malformed, fetch_timeout, fleet=mirror, background_limit=waiting_reads.limit)
+    # Decisions and expiries on Stigg's time when the local clock is off (each response's Date).
+    now_ms = api.stigg_clock.now_ms
+    fetcher = Fetcher(api, store, malformed, fetch_timeout, fleet=mirror, background_limit=waiting_reads.limit,
+                      now_ms=now_ms)
     key = ApiKeyState()
-    reads = Reads(reactor, store, fetcher, key, waiting_reads, _read_counters(metrics))
+    reads = Reads(reactor, store, fetcher, key, waiting_reads, _read_counters(metrics), now_ms=now_ms)
     refresher = Refresher(reactor, store, fetcher.fetch)
     poller = Poller(reactor, refresher, settings.poll_interval_secs, active=True)
     realtime = None
     if settings.ws_enabled:
-        updates = RealtimeUpdates(store, fetcher, malformed, poller, refresher)
-        realtime = RealtimeService(reactor, settings.ws_url, api.socket_headers(), updates)
+        updates = RealtimeUpdates(store, fetcher, malformed, poller, refresher, now_ms=now_ms)
+        # Stigg acknowledging the socket closes the breakers (StiggRecovery).
+        realtime = RealtimeService(reactor, settings.ws_url, api.socket_headers(), updates, recovery=api.recovery)
     online = Online(api, key, cache, store, fetcher, reads, malformed, mirror, refresher, poller, realtime,
                     waiting_reads, WaitBudget(settings.max_waiting_writes, "writes"))
     if metrics is not None:
@@ -210,7 +215,7 @@ def _read_counters(metrics: Metrics | None) -> ReadCounters:
     return ReadCounters(metrics.hot.count_hit, metrics.cache_miss, lambda reason: fast_failed[reason].inc())
 
 
-def _sources(settings: Settings, reactor: Any, online: Online, state_dir: StateDirectory | None,
+def _sources(settings: Settings, reactor: IReactor, online: Online, state_dir: StateDirectory | None,
              readiness: Readiness, metrics: Metrics | None, budget: StopBudget, sources: Phase) -> None:
     """`sources`' children, in stop order from the bottom: the snapshot stops first (after the
     spool: the last snapshot has its results), the key check closes Stigg's connection pools after
@@ -232,9 +237,10 @@ def _sources(settings: Settings, reactor: Any, online: Online, state_dir: StateD
             on_loaded_age=metrics.snapshot_loaded_age.set if metrics is not None else (lambda age: None),
             budget=budget,
         ).setServiceParent(sources)
+    ClockSkewCheck(online.api.stigg_clock, reactor).setServiceParent(sources)  # warns while the local clock is off
 
 
-def _delivery(settings: Settings, reactor: Any, online: Online, state_dir: StateDirectory | None,
+def _delivery(settings: Settings, reactor: IReactor, online: Online, state_dir: StateDirectory | None,
               readiness: Readiness, metrics: Metrics | None, budget: StopBudget, phase: Phase) -> Writer:
     """The one write path: direct (no service), or the spool as `phase`'s child."""
     writes = UpstreamWrites(online.api, online.store)
@@ -255,6 +261,7 @@ def _delivery(settings: Settings, reactor: Any, online: Online, state_dir: State
         readiness=readiness,
         metrics=metrics,
     )
+    online.api.recovery.subscribe(spooled.resume)  # Stigg answers again: spooled records go at once
     spooled.setServiceParent(phase)
     if metrics is not None:
         metrics.spool_records.set_function(lambda: spooled.records)
@@ -263,7 +270,7 @@ def _delivery(settings: Settings, reactor: Any, online: Online, state_dir: State
     return spooled
 
 
-def _serving(settings: Settings, reactor: Any, readiness: Readiness, metrics: Metrics | None, budget: StopBudget,
+def _serving(settings: Settings, reactor: IReactor, readiness: Readiness, metrics: Metrics | None, budget: StopBudget,
              tracing: tracing_setup.Tracing | None, source: EntitlementSource,
              writer: Writer) -> tuple[Phase, GrpcService]:
     timeout = settings.entitlements_timeout_ms / 1000
@@ -323,9 +330,10 @@ def _breaker_state(breaker: CircuitBreaker) -> int:
     return 1 if breaker.is_open else 0
 
 
-def _observe_online(metrics: Metrics, reactor: Any, online: Online) -> None:
+def _observe_online(metrics: Metrics, reactor: IReactor, online: Online) -> None:
     """Gauges read at scrape time from the parts they describe."""
     cache = online.cache
+    metrics.clock_skew.set_function(online.api.stigg_clock.skew)
     for upstream, breaker in online.api.breakers.items():
         metrics.upstream_breaker_open.labels(upstream).set_function(partial(_breaker_state, breaker))
     metrics.cache_entries.set_function(lambda: len(cache))

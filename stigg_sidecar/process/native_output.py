@@ -16,9 +16,11 @@ import re
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.logger import Logger, LogLevel
+
+from stigg_sidecar.process.reactor import IReactor
 
 log = Logger(namespace="stigg_sidecar.grpc_core")
 
@@ -56,14 +58,14 @@ class NativeLines:
         self._emit(level, "grpc-core: {message}{more}", message=message, where=where, more=more)
 
 
-def route_native_output(reactor) -> None:
+def route_native_output(reactor: IReactor) -> None:
     """Point descriptor 2 at a pipe read into the log; `sys.stderr` keeps the original stream."""
     original = os.dup(2)
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
     os.close(write_end)
     # Both: start-up errors go to sys.__stderr__ (twistd may point sys.stderr at the log).
-    stream = open(original, "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
+    stream = open(original, "w", buffering=1, encoding="utf-8", errors="replace")
     sys.stderr = stream
     sys.__stderr__ = stream  # type: ignore[misc]
     lines = NativeLines(lambda level, fmt, **kw: reactor.callFromThread(log.emit, level, fmt, **kw))

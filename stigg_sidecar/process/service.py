@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.logger import ILogObserver, Logger
 
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.process.listening import ListenError
+from stigg_sidecar.process.reactor import default_reactor
 from stigg_sidecar.process.startup import exit_with
 from stigg_sidecar.process.stopping import StopBudget
 
@@ -69,7 +70,7 @@ class SidecarService(MultiService):
         else:
             log.info("Not ready: {reasons}", reasons="; ".join(self.readiness.reasons))
 
-    def setServiceParent(self, parent) -> None:
+    def setServiceParent(self, parent: IServiceCollection) -> None:
         # twistd's Application is Componentized: its ILogObserver component replaces the
         # default observer when twistd starts logging, which happens after makeService.
         if self._observer is not None and hasattr(parent, "setComponent"):
@@ -85,8 +86,7 @@ class SidecarService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        from twisted.internet import reactor
-
+        reactor = default_reactor()
         # After startup: signal handlers are in place from here on, so this line is the cue
         # that the process can be stopped cleanly.
         reactor.callWhenRunning(log.info, "stigg-sidecar running")
@@ -107,7 +107,6 @@ class SidecarService(MultiService):
             log.info("stigg-sidecar stopped")
         # A drain that completed is a clean exit: twistd would otherwise re-raise SIGTERM/SIGINT
         # on itself after shutdown, and orchestrators would read that as a crash.
-        from twisted.internet import reactor
-
+        reactor = default_reactor()
         if getattr(reactor, "_exitSignal", None) is not None:
             reactor._exitSignal = None  # type: ignore[attr-defined]

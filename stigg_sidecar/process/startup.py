@@ -12,6 +12,9 @@ import platform
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
+import grpc
+from twisted.copyright import version as twisted_version
+
 import stigg_sidecar
 
 if TYPE_CHECKING:
@@ -20,9 +23,6 @@ if TYPE_CHECKING:
 
 def version_text() -> str:
     """`stigg-sidecar X.Y.Z (grpcio A, Twisted B, Python C)`: what `--version` prints."""
-    import grpc
-    from twisted.copyright import version as twisted_version
-
     return (
         f"stigg-sidecar {stigg_sidecar.__version__} "
         f"(grpcio {grpc.__version__}, Twisted {twisted_version}, Python {platform.python_version()})"

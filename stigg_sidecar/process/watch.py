@@ -13,7 +13,7 @@ costs a few stat calls a second, and a test drives it with `twisted.internet.tas
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime

@@ -23,7 +23,7 @@ class StateDirectory:
         self.path = os.path.abspath(path)
         self._lock_fd: int | None = None
 
-    def lock(self) -> "StateDirectory":
+    def lock(self) -> StateDirectory:
         """Create the directory if missing and take its lock; raises StateDirectoryError."""
         try:
             os.makedirs(self.path, mode=0o700, exist_ok=True)

@@ -28,14 +28,17 @@ import os
 import threading
 import time
 import zlib
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from stigg_sidecar import spans
 from stigg_sidecar.cache.redis.format import (
@@ -50,6 +53,7 @@ from stigg_sidecar.cache.redis.format import (
     timestamp_key,
 )
 from stigg_sidecar.entitlements.records import CustomerEntry
+from stigg_sidecar.process.reactor import IReactor
 from stigg_sidecar.process.stopping import StopBudget
 
 log = Logger()
@@ -220,7 +224,7 @@ class SnapshotService(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         path: str,
         store: SnapshotStore,
         interval: float,
@@ -256,7 +260,7 @@ class SnapshotService(Service):
         self._load().addBoth(self._start_writing)
 
     @inlineCallbacks
-    def _load(self):
+    def _load(self) -> Generator[Deferred[Any], Any, None]:
         try:
             snapshot = yield threads.deferToThread(read_snapshot, self.path)
         except SnapshotMissing:
@@ -319,7 +323,7 @@ class SnapshotService(Service):
                       s=self._reactor.seconds() - started)
             return size
 
-        def failed(failure):
+        def failed(failure: Failure) -> int:
             self._writing = None
             log.warn("Could not write the cache snapshot {path}: {why}", path=self.path, why=failure.getErrorMessage())
             return 0
@@ -336,7 +340,7 @@ class SnapshotService(Service):
         return self._writing
 
     @inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
@@ -356,14 +360,14 @@ class SnapshotService(Service):
                          " the previous one stays", grace=self._budget.seconds)
 
 
-def _on_daemon_thread(reactor, f: Callable[..., Any], *args: Any) -> Deferred:
+def _on_daemon_thread(reactor: IReactorFromThreads, f: Callable[..., Any], *args: Any) -> Deferred:
     """`f(*args)` on a thread of its own that does not hold the process open."""
     d: Deferred = Deferred()
 
     def run() -> None:
         try:
             result = f(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to the Deferred
+        except BaseException as e:
             reactor.callFromThread(d.errback, e)
         else:
             reactor.callFromThread(d.callback, result)
@@ -372,7 +376,7 @@ def _on_daemon_thread(reactor, f: Callable[..., Any], *args: Any) -> Deferred:
     return d
 
 
-def _within(reactor, d: Deferred, seconds: float) -> Deferred:
+def _within(reactor: IReactorTime, d: Deferred, seconds: float) -> Deferred:
     """Deferred[bool]: whether `d` fired within `seconds` (`d` itself is left to finish or not)."""
     outcome: Deferred = Deferred()
 

@@ -15,8 +15,9 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from treq.client import HTTPClient
@@ -30,9 +31,12 @@ from twisted.web.http_headers import Headers
 import stigg_sidecar
 from stigg_sidecar import spans
 from stigg_sidecar.contracts import EventReport, UsageReport, measurement_id
+from stigg_sidecar.process.reactor import IReactor
 from stigg_sidecar.upstream import operations, wire
 from stigg_sidecar.upstream.breaker import BreakerOpen, BreakerPolicy, CircuitBreaker
 from stigg_sidecar.upstream.errors import Problem, UpstreamError
+from stigg_sidecar.upstream.recovery import StiggRecovery
+from stigg_sidecar.upstream.stigg_time import StiggClock
 
 log = Logger()
 
@@ -163,7 +167,7 @@ class _ClosablePool(HTTPConnectionPool):
 
     closed = False
 
-    def _putConnection(self, key, connection) -> None:
+    def _putConnection(self, key: Any, connection: Any) -> None:
         if self.closed:
             connection.abort()
             return
@@ -178,7 +182,7 @@ class _ClosablePool(HTTPConnectionPool):
 class StiggApi:
     def __init__(
         self,
-        reactor,
+        reactor: IReactor,
         api_key: str,
         api_url: str,
         edge_api_url: str,
@@ -187,6 +191,8 @@ class StiggApi:
         rng: Callable[[], float] = random.random,
         breaker: BreakerPolicy = DEFAULT_BREAKER,
         on_attempt: Callable[[str, str, float], None] | None = None,
+        recovery: StiggRecovery | None = None,
+        stigg_clock: StiggClock | None = None,
     ) -> None:
         self._reactor = reactor
         self._api_url = api_url.rstrip("/")
@@ -208,6 +214,11 @@ class StiggApi:
             "graphql": CircuitBreaker("GraphQL API", reactor, breaker, rng),
         }
         self._on_attempt = on_attempt  # endpoint, outcome, seconds
+        # Stigg acknowledging the real-time socket closes every breaker at once.
+        self.recovery = recovery if recovery is not None else StiggRecovery(reactor)
+        self.recovery.subscribe(self._close_breakers)
+        # Every response's Date: how far the local clock is from Stigg's.
+        self.stigg_clock = stigg_clock if stigg_clock is not None else StiggClock()
 
     def _client(self) -> HTTPClient:
         pool = _ClosablePool(self._reactor, persistent=True)
@@ -215,6 +226,11 @@ class StiggApi:
         pool.retryAutomatically = False  # retries are ours, within the budget
         self._pools.append(pool)
         return HTTPClient(Agent(self._reactor, pool=pool, connectTimeout=10))
+
+    def _close_breakers(self, source: str) -> None:
+        if source == "socket":
+            for breaker in self.breakers.values():
+                breaker.close("the real-time socket is connected")
 
     def socket_headers(self) -> dict[str, Any]:
         """The identification headers as the WebSocket's connection_init carries them (pid and
@@ -225,7 +241,7 @@ class StiggApi:
         return headers
 
     @inlineCallbacks
-    def close(self, within: float | None = None):
+    def close(self, within: float | None = None) -> Generator[Deferred[Any], Any, None]:
         """Stop retrying (pending calls fail with their last error) and close the pools.
 
         Fires once every connection is closed: an attempt in flight keeps its connection until it
@@ -248,8 +264,10 @@ class StiggApi:
     # -- transport --------------------------------------------------------------------------------
 
     @inlineCallbacks
-    def _once(self, endpoint: str, send: Callable[[float], Deferred], timeout: float,
-              target: tuple[str, str] = ("POST", ""), attempt: int = 1):
+    def _once(  # noqa: C901 - one attempt's whole life: send, body, timer, and each way it can end
+        self, endpoint: str, send: Callable[[float], Deferred], timeout: float,
+        target: tuple[str, str] = ("POST", ""), attempt: int = 1,
+    ) -> Generator[Deferred[Any], Any, Any]:
         """One attempt: send, read the JSON body, classify. Bounded by `timeout` seconds.
 
         One timer covers the request and the body; when it fires it cancels whichever is
@@ -284,6 +302,7 @@ class StiggApi:
         try:
             pending[:] = [send(timeout)]
             response = yield pending[0]
+            self.stigg_clock.observe((response.headers.getRawHeaders(b"date") or [None])[0])
             span.set_attribute("http.response.status_code", response.code)
             pending[:] = [response.content()]
             body = yield pending[0]
@@ -325,12 +344,13 @@ class StiggApi:
 
     @inlineCallbacks
     def _call(
-        self, endpoint: str, send: Callable[[float], Deferred], timeout: float, breaker: CircuitBreaker,
+        self, endpoint: str, send: Callable[[float], Deferred], timeout: float, upstream: str,
         retryable: bool = True, target: tuple[str, str] = ("POST", ""),
-    ):
+    ) -> Generator[Deferred[Any], Any, Any]:
         """Attempts with backoff until success, a final failure, or the budget is spent; each
         attempt admitted by `breaker` (an open one refuses at once, or admits this as its probe,
         which is not retried: the breaker's backoff is the retry)."""
+        breaker = self.breakers[upstream]
         deadline = self._reactor.seconds() + timeout
         attempt = 0
         while True:
@@ -349,8 +369,10 @@ class StiggApi:
                     breaker.abandoned(ticket)  # nothing reached Stigg: neither up nor down
                 elif _means_down(e, remaining):
                     breaker.failed(ticket, e.message)
+                    self.recovery.failed()
                 else:
                     breaker.succeeded(ticket)  # Stigg answered, if only to refuse
+                    self.recovery.answered(upstream)
                 if ticket.probe or not (retryable and e.retryable) or attempt >= self._retry.max_attempts or self._closed:
                     raise
                 delay = max(self._retry.delay(attempt, self._rng), e.retry_after or 0.0)
@@ -370,6 +392,7 @@ class StiggApi:
                 raise
             else:
                 breaker.succeeded(ticket)
+                self.recovery.answered(upstream)
                 return result
 
     def _edge_get(self, endpoint: str, path: str, timeout: float) -> Deferred:
@@ -383,7 +406,7 @@ class StiggApi:
         def send(t: float) -> Deferred:
             return self._edge.get(url, headers=headers, allow_redirects=False)
 
-        return self._call(endpoint, send, timeout, self.breakers["edge"], target=("GET", url))
+        return self._call(endpoint, send, timeout, "edge", target=("GET", url))
 
     def _graphql_post(
         self, operation: str, query: str, variables: Mapping[str, Any], timeout: float, retryable: bool = True
@@ -404,12 +427,14 @@ class StiggApi:
         def send(t: float) -> Deferred:
             return self._graphql.post(url, data=body, headers=headers, allow_redirects=False)
 
-        return self._call(operation, send, timeout, self.breakers["graphql"], retryable, target=("POST", url))
+        return self._call(operation, send, timeout, "graphql", retryable, target=("POST", url))
 
     # -- operations -------------------------------------------------------------------------------
 
     @inlineCallbacks
-    def fetch_state(self, customer_id: str, resource_id: str | None, timeout: float, use_edge: bool | None = None):
+    def fetch_state(
+        self, customer_id: str, resource_id: str | None, timeout: float, use_edge: bool | None = None
+    ) -> Generator[Deferred[Any], Any, dict[str, Any]]:
         """The customer's `entitlementsState` object, from Edge or GraphQL."""
         if self.edge_enabled if use_edge is None else use_edge:
             path = _with_resource(f"/v1/c/{quote(customer_id, safe='')}/entitlements-state.json", resource_id)
@@ -430,7 +455,9 @@ class StiggApi:
         return self._graphql_post("GetSdkConfiguration", operations.GET_SDK_CONFIGURATION, {}, timeout)
 
     @inlineCallbacks
-    def report_usage(self, usages: Sequence[UsageReport], timeout: float, keys: Sequence[str] | None = None):
+    def report_usage(
+        self, usages: Sequence[UsageReport], timeout: float, keys: Sequence[str] | None = None
+    ) -> Generator[Deferred[Any], Any, list[wire.UsageResult]]:
         """Stigg's results (`UsageResult`: the acknowledgement and the usage changes), one per
         usage, in order.
 
@@ -451,6 +478,6 @@ class StiggApi:
         return [wire.usage_result(u, r, now_ms) for u, r in zip(usages, results, strict=True)]
 
     @inlineCallbacks
-    def report_events(self, events: Sequence[EventReport], timeout: float):
+    def report_events(self, events: Sequence[EventReport], timeout: float) -> Generator[Deferred[Any], Any, None]:
         variables = {"input": {"usageEvents": [wire.event_input(e) for e in events]}}
         yield self._graphql_post("ReportEvent", operations.REPORT_EVENT, variables, timeout)

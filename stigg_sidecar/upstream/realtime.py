@@ -13,20 +13,25 @@ from __future__ import annotations
 
 import random
 import uuid
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 
 from stigg_sidecar import spans
+from stigg_sidecar.process.reactor import IReactor
 from stigg_sidecar.quoting import clipped
 from stigg_sidecar.upstream import wire
 from stigg_sidecar.upstream.operations import SUBSCRIPTIONS
+from stigg_sidecar.upstream.recovery import StiggRecovery
 
 log = Logger()
 
@@ -53,7 +58,7 @@ class UpdateSink(Protocol):
 class GraphqlWsProtocol(WebSocketClientProtocol):
     """One socket's life: init, ack, subscribe, keep alive, dispatch."""
 
-    factory: "_Factory"
+    factory: _Factory
     _connect_span: Any = None
 
     def connectionMade(self) -> None:
@@ -74,11 +79,11 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
     def onOpen(self) -> None:
         service = self.factory.service
         self._subscriptions: dict[str, str] = {}
-        self._ping_call = None
-        self._pong_deadline = None
+        self._ping_call: IDelayedCall | None = None
+        self._pong_deadline: IDelayedCall | None = None
         self._send_json({"type": "connection_init", "payload": {"headers": service.init_headers}})
         # Stigg's client waits for the ack forever; a socket that never gets one is replaced.
-        self._ack_deadline = service.reactor.callLater(service.ack_timeout, self._no_ack)
+        self._ack_deadline: IDelayedCall | None = service.reactor.callLater(service.ack_timeout, self._no_ack)
 
     def _no_ack(self) -> None:
         self._ack_deadline = None
@@ -89,6 +94,19 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
     def _send_json(self, message: Mapping[str, Any]) -> None:
         self.sendMessage(wire.socket_frame(message))
 
+    def _acknowledged(self) -> None:
+        """Stigg accepted the connection: subscribe, start pinging, and tell the service."""
+        if self._ack_deadline is not None and self._ack_deadline.active():
+            self._ack_deadline.cancel()
+        self._ack_deadline = None
+        for name, (operation, query) in SUBSCRIPTIONS.items():
+            sub_id = str(uuid.uuid4())
+            self._subscriptions[sub_id] = name
+            self._send_json({"id": sub_id, "type": "subscribe", "payload": {"operationName": operation, "query": query}})
+        self._schedule_ping()
+        self._connect_ended()
+        self.factory.service.connected(self)
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         service = self.factory.service
         try:
@@ -98,16 +116,7 @@ class GraphqlWsProtocol(WebSocketClientProtocol):
             return
         kind = message["type"]
         if kind == "connection_ack":
-            if self._ack_deadline is not None and self._ack_deadline.active():
-                self._ack_deadline.cancel()
-            self._ack_deadline = None
-            for name, (operation, query) in SUBSCRIPTIONS.items():
-                sub_id = str(uuid.uuid4())
-                self._subscriptions[sub_id] = name
-                self._send_json({"id": sub_id, "type": "subscribe", "payload": {"operationName": operation, "query": query}})
-            self._schedule_ping()
-            self._connect_ended()
-            service.connected(self)
+            self._acknowledged()
         elif kind == "ping":
             self._send_json({"type": "pong"})
         elif kind == "pong":
@@ -172,13 +181,13 @@ class _Factory(WebSocketClientFactory):
     protocol = GraphqlWsProtocol  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, service: "RealtimeService", url: str) -> None:
+    def __init__(self, service: RealtimeService, url: str) -> None:
         super().__init__(url, protocols=[SUBPROTOCOL])
         self.service = service
         self.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=10, closeHandshakeTimeout=2)
 
 
-def _endpoint(reactor, ws_url: str):
+def _endpoint(reactor: IReactor, ws_url: str) -> tuple[IStreamClientEndpoint, str]:
     parts = urlsplit(f"{ws_url}/graphql")
     if not parts.hostname:
         raise ValueError(f"WS_URL has no host: {ws_url!r}")
@@ -186,8 +195,6 @@ def _endpoint(reactor, ws_url: str):
     port = parts.port or (443 if secure else 80)
     endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, parts.hostname, port, timeout=10)
     if secure:
-        from twisted.internet.ssl import optionsForClientTLS
-
         endpoint = wrapClientTLS(optionsForClientTLS(parts.hostname), endpoint)
     return endpoint, parts.geturl()
 
@@ -200,7 +207,7 @@ class RealtimeService(MultiService):
 
     def __init__(
         self,
-        reactor,
+        reactor: IReactor,
         ws_url: str,
         init_headers: Mapping[str, Any],
         sink: UpdateSink,
@@ -210,8 +217,10 @@ class RealtimeService(MultiService):
         max_delay: float = 30.0,
         jitter: Callable[[], float] = random.random,
         clock: IReactorTime | None = None,
+        recovery: StiggRecovery | None = None,
     ) -> None:
         super().__init__()
+        self._recovery = recovery  # told when Stigg acknowledges the socket: the breakers close
         self.reactor = reactor
         self.init_headers = dict(init_headers)
         self.sink = sink
@@ -256,6 +265,8 @@ class RealtimeService(MultiService):
         self.is_connected = True
         self.connections += 1
         log.info("Real-time updates connected (connection {n})", n=self.connections)
+        if self._recovery is not None:
+            self._recovery.reconnected()
         self.sink.socket_up()
 
     def disconnected(self, protocol: GraphqlWsProtocol, code: int | None, reason: str | None) -> None:
@@ -298,7 +309,7 @@ class RealtimeService(MultiService):
         self.malformed += 1
         log.warn("Ignored a malformed real-time frame: {why}", why=clipped(why))
 
-    def stopService(self):
+    def stopService(self) -> Deferred[Any]:
         # ClientService closes the TCP connection. A WebSocket close frame first would be politer,
         # but autobahn's batched close-handshake timer then outlives the connection.
         self.is_connected = False

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -35,7 +35,7 @@ KEY = "test-key"
 def _this_month() -> tuple[str, str]:
     """The current calendar month as ISO-8601 bounds: a usage period that contains now, so
     neither the emulator nor the SDK rolls it over during the test."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     end = (start + timedelta(days=32)).replace(day=1)
     return start.strftime("%Y-%m-%dT%H:%M:%S.000Z"), end.strftime("%Y-%m-%dT%H:%M:%S.000Z")

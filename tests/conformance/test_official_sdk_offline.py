@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import stigg_sidecar_sdk as sdk
 from twisted.trial.unittest import SynchronousTestCase
@@ -172,7 +172,7 @@ class OfficialClientOfflineTests(SynchronousTestCase):
             value=2,
             update_behavior=sdk.UsageUpdateBehavior.USAGE_UPDATE_BEHAVIOR_SET,
             dimensions={"region": sdk.EventDimensionValue(string_value="eu")},
-            timestamp=datetime(2026, 11, 1, tzinfo=timezone.utc),
+            timestamp=datetime(2026, 11, 1, tzinfo=UTC),
         )
         first = self.call("report_usage", request)
         second = self.call("report_usage", request)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
-from stigg_sidecar.grpc.callers import parse_callers
+from stigg_sidecar.grpc.callers import CallerTokensError, parse_callers
 from stigg_sidecar.ops import tracing
 from stigg_sidecar.settings import SPECS, Settings
 from tests.docs.test_deploy import DOCKERFILE, SETTING_NAMES, dockerfile_instructions, sidecar_settings
@@ -313,9 +313,13 @@ class _Standalone(_ShapeChecks):
         callers, key = self.w.mounted_file(files["CALLER_TOKENS_FILE"])
         (item,) = callers["secret"]["items"]
         self.assertEqual(key, item["path"])
-        # the placeholder is a table the sidecar reads (replace it before applying)
-        table = parse_callers(secret_value(self.w.docs, callers["secret"]["secretName"], item["key"]), "the Secret")
-        self.assertEqual(len(table.entries), 1)
+        # As shipped the Secret lists no caller: a sidecar started from it unchanged refuses to
+        # start rather than accept a token published here. Its example line, filled in, parses.
+        shipped = secret_value(self.w.docs, callers["secret"]["secretName"], item["key"])
+        with self.assertRaisesRegex(CallerTokensError, "has no callers"):
+            parse_callers(shipped, "the Secret")
+        filled = shipped.replace("# ", "", 1).replace("<a random token of at least 16 characters>", "0" * 64)
+        self.assertEqual(len(parse_callers(filled, "the Secret").entries), 1)
         settings = self.settings()
         self.assertEqual((settings.tls_cert_file, settings.caller_tokens_file), (files["TLS_CERT_FILE"], files["CALLER_TOKENS_FILE"]))
 

@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from stigg_sidecar.grpc.callers import parse_callers
+from stigg_sidecar.grpc.callers import CallerTokensError, parse_callers
 from tests.fixtures.kustomize import workload
 from tests.fixtures.lockdown import (
     READ_TOKEN,
@@ -96,5 +96,9 @@ class StandaloneOverlayTests(TestCase):
             self.assertEqual((volume["secret"]["secretName"], path), (certificate["spec"]["secretName"], key))
         volume, path = pod.mounted_file(env["CALLER_TOKENS_FILE"])
         secret = pod.named("Secret", volume["secret"]["secretName"])
-        table = parse_callers(secret["stringData"][path], "the overlay's callers Secret")
-        self.assertTrue(table.names)
+        shipped = secret["stringData"][path]
+        # No caller as shipped (a published token would be everyone's); the example line parses.
+        with self.assertRaisesRegex(CallerTokensError, "has no callers"):
+            parse_callers(shipped, "the overlay's callers Secret")
+        example = shipped.strip().removeprefix("# ").replace("<a random token of at least 16 characters>", "1" * 64)
+        self.assertTrue(parse_callers(example, "the overlay's callers Secret").names)

@@ -16,7 +16,7 @@ from typing import cast
 
 import grpc
 import stigg_sidecar_sdk as sdk
-from twisted.internet import reactor, tcp
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
@@ -29,6 +29,7 @@ from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 from stigg_sidecar.process.assembly import assemble
 from stigg_sidecar.settings import Settings, SettingsError, load_settings
 from tests.fixtures.clients import run_async
+from tests.fixtures.reactor import reactor
 
 BOUND = 10.0  # seconds any one wait may take before the test fails
 REQUEST = b"GET /livez HTTP/1.1\r\nHost: sidecar\r\n\r\n"

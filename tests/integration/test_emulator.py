@@ -10,7 +10,7 @@ import asyncio
 import copy
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from random import Random
 from typing import Any
 
@@ -170,8 +170,8 @@ class DataFileTests(SynchronousTestCase):
 
 class StateTests(SynchronousTestCase):
     def test_month_periods_clamp_to_the_month_end(self) -> None:
-        anchor = datetime(2025, 1, 31, tzinfo=timezone.utc)
-        now = datetime(2025, 3, 5, tzinfo=timezone.utc)
+        anchor = datetime(2025, 1, 31, tzinfo=UTC)
+        now = datetime(2025, 3, 5, tzinfo=UTC)
         start, end = current_period(anchor, "MONTH", now)
         self.assertEqual((start.month, start.day, end.month, end.day), (2, 28, 3, 31))
         start, end = current_period(anchor, "DAY", now)
@@ -179,7 +179,7 @@ class StateTests(SynchronousTestCase):
 
     def test_ended_period_rolls_over_keeping_seeded_usage_then_resets(self) -> None:
         clock = Clock()
-        clock.advance(datetime(2025, 3, 20, 12, tzinfo=timezone.utc).timestamp())
+        clock.advance(datetime(2025, 3, 20, 12, tzinfo=UTC).timestamp())
         entity = parse_entity_state(
             {
                 "entitlements": [

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.process.assembly import assemble
 from stigg_sidecar.settings import load_settings
 from tests.fixtures.clients import http_client
+from tests.fixtures.reactor import reactor
 
 
 class HealthTests(TestCase):

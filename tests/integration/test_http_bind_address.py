@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import socket
 
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.process.assembly import assemble
 from stigg_sidecar.settings import load_settings
 from tests.fixtures.clients import http_client
+from tests.fixtures.reactor import reactor
 
 
 def refused(address: str, port: int) -> bool:

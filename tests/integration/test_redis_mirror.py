@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Generator
 from dataclasses import replace
-from typing import Any, Generator
+from typing import Any
 
-from twisted.internet import reactor, task
+from twisted.internet import task
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.ssl import Certificate
 from twisted.logger import formatEvent
@@ -26,6 +27,7 @@ from stigg_sidecar.upstream.wire import entry_from_state
 from tests.fixtures.edge import boolean_item, credit_item, metered_item, state
 from tests.fixtures.logs import log_events
 from tests.fixtures.polling import until
+from tests.fixtures.reactor import reactor
 from tests.fixtures.redis import RedisServer, free_port
 
 PREFIX = "test-env"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -25,6 +24,7 @@ from tests.fixtures.edge import boolean_item, metered_item, state
 from tests.fixtures.logs import log_events
 from tests.fixtures.online import OnlineHarness
 from tests.fixtures.polling import until
+from tests.fixtures.reactor import reactor
 from tests.fixtures.sentinel import MASTER_NAME, SentinelGroup
 
 PREFIX = "sentinel-env"

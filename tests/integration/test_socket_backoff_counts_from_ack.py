@@ -7,7 +7,6 @@ each delay is read exactly and nothing sleeps."""
 
 from __future__ import annotations
 
-from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -15,6 +14,7 @@ from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from stigg_sidecar.upstream.realtime import RealtimeService
 from tests.fixtures import data
 from tests.fixtures.polling import until
+from tests.fixtures.reactor import reactor
 from tests.fixtures.realtime import RecordingSink
 
 

@@ -14,7 +14,6 @@ import tempfile
 from typing import Any
 
 import grpc
-from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
@@ -35,6 +34,7 @@ from tests.fixtures.logs import log_events
 from tests.fixtures.online import OnlineHarness
 from tests.fixtures.polling import until
 from tests.fixtures.processes import base_env, run_twistd
+from tests.fixtures.reactor import reactor
 
 
 def usage(value: float = 1, feature: str = "api-calls", customer: str = "acme") -> UsageReport:

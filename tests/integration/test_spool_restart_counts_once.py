@@ -36,6 +36,7 @@ class RestartCountsOnceTests(TestCase):
         first_dir = self.directory()
         a = await OnlineHarness(self, reactor).start(
             data.SEED, STATE_DIR=first_dir, SPOOL_WRITES="1", SPOOL_FLUSH_MS="60000", SPOOL_BATCH_SIZE="1000")
+        await until(lambda: a.parts.writer._loaded, what="the spool loaded")
         before = (await a.call("GetMeteredEntitlement", METERED)).entitlement.current_usage
         for _ in range(3):
             await a.call("ReportUsage", pb.ReportUsageRequest(customer_id="acme", feature_id="api-calls", value=1))

@@ -7,7 +7,6 @@ Real parts: a redis-server on loopback, RedisMirror, EntitlementCache, PendingUs
 
 from __future__ import annotations
 
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.cache.memory import EntitlementCache
@@ -19,6 +18,7 @@ from stigg_sidecar.online.store import EntitlementStore
 from stigg_sidecar.upstream.wire import entry_from_state
 from tests.fixtures.edge import metered_item, state
 from tests.fixtures.polling import until
+from tests.fixtures.reactor import reactor
 from tests.fixtures.redis import RedisServer
 
 METERED = "feature-api-calls"  # metered_item: limit 1000, 42 used

@@ -2,7 +2,7 @@
 answered and a plaintext one refused; a certificate rotated on disk (as Kubernetes swaps a Secret
 volume) reaches new connections without a restart while an open connection keeps working; a bad
 pair at rotation keeps the last good one and is logged once; TLS_CLIENT_CA_FILE requires client
-certificates from that CA.
+certificates from that CA, and a rotated client CA is required of new connections.
 
 Test CAs from trustme; an offline sidecar in this reactor on 127.0.0.1:0; grpcio clients on threads.
 Every wait is bounded by `BOUND` seconds; the files are polled every second.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import grpc
 import trustme
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.grpc.tls import TlsError, TlsFiles, load_material
@@ -30,6 +29,7 @@ from tests.fixtures.lockdown import (
     tls_files,
 )
 from tests.fixtures.polling import until
+from tests.fixtures.reactor import reactor
 
 BOUND = 10.0
 
@@ -133,6 +133,23 @@ class TlsTests(TestCase):
         member = client_ca.issue_cert("client.example")
         self.assertEqual(await self.new_connection_status(port, self.ca, member), grpc.StatusCode.OK)
         self.assertEqual(await self.new_connection_status(port, None), grpc.StatusCode.UNAVAILABLE)
+
+    async def test_a_rotated_client_ca_is_required_of_new_connections(self):
+        old_clients, new_clients = trustme.CA(), trustme.CA()
+        volume = SecretVolume(self.tmp("mtls"), tls_files(server_cert(self.ca), client_ca=old_clients))
+        sidecar = start_offline_sidecar(self, reactor, **tls_env(volume, mutual=True))
+        port = sidecar.parts.grpc.port
+        old_member, new_member = old_clients.issue_cert("old.example"), new_clients.issue_cert("new.example")
+        self.assertEqual(await self.new_connection_status(port, self.ca, old_member), grpc.StatusCode.OK)
+        self.assertEqual(await self.new_connection_status(port, self.ca, new_member), grpc.StatusCode.UNAVAILABLE)
+
+        volume.write(tls_files(server_cert(self.ca), client_ca=new_clients))
+
+        async def new_ca_required() -> bool:
+            return await self.new_connection_status(port, self.ca, new_member) == grpc.StatusCode.OK
+
+        await until(new_ca_required, BOUND, "a client of the new CA answered", interval=0.2)
+        self.assertEqual(await self.new_connection_status(port, self.ca, old_member), grpc.StatusCode.UNAVAILABLE)
 
     async def sleep(self, seconds: float) -> None:
         from twisted.internet.task import deferLater

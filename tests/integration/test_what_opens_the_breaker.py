@@ -4,13 +4,13 @@ the caller cut short."""
 
 from __future__ import annotations
 
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.emulator.testing import start_emulator, stop_emulator
 from stigg_sidecar.upstream.api import RetryPolicy, StiggApi, UpstreamError
 from stigg_sidecar.upstream.breaker import BreakerPolicy
 from tests.fixtures import data
+from tests.fixtures.reactor import reactor
 
 POLICY = BreakerPolicy(threshold=3, initial=1.0, factor=2.0, max_delay=5.0)
 

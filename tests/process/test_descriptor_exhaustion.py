@@ -13,7 +13,7 @@ import re
 import socket
 import time
 import urllib.request
-from typing import Mapping
+from collections.abc import Mapping
 
 import grpc
 from twisted.trial.unittest import TestCase

@@ -24,7 +24,7 @@ def _response_head(sock: socket.socket, timeout: float) -> bytes:
     while b"\r\n\r\n" not in received and time.monotonic() < deadline:
         try:
             chunk = sock.recv(4096)
-        except socket.timeout:
+        except TimeoutError:
             break
         if not chunk:
             break

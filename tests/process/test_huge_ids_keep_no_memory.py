@@ -11,7 +11,6 @@ import threading
 from typing import Any
 
 import grpc
-from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -23,6 +22,7 @@ from stigg_sidecar.upstream.api import MAX_URL_LENGTH, StiggApi
 from stigg_sidecar.upstream.errors import Problem, UpstreamError
 from tests.fixtures import data
 from tests.fixtures.processes import SidecarProcess, base_env
+from tests.fixtures.reactor import reactor
 
 MIB = 1 << 20
 # Generous: once grpc's buffers and the allocator's per-thread arenas exist (the warm-up round),

@@ -20,6 +20,7 @@ from tests.fixtures.tools import require_tool
 SCRAPERS = 400
 PROBES = 16
 PROBE_TIMEOUT = 1.0  # Kubernetes' default timeoutSeconds
+FAILURE_THRESHOLD = 3  # and failureThreshold
 
 
 class ScrapeStormTests(TestCase):
@@ -41,8 +42,10 @@ class ScrapeStormTests(TestCase):
 
         self.addCleanup(stop_storm)
         time.sleep(2)  # every scraper connected and scraping
-        failed = []
+        failed: list[str] = []
+        streak = longest = 0  # consecutive failed probes
         for i in range(PROBES):
+            before = len(failed)
             started = time.monotonic()
             try:
                 with urllib.request.urlopen(f"{base}/livez", timeout=PROBE_TIMEOUT) as response:
@@ -51,10 +54,15 @@ class ScrapeStormTests(TestCase):
                         failed.append(f"probe {i}: {response.status}")
             except OSError as e:
                 failed.append(f"probe {i}: {e} after {time.monotonic() - started:.2f}s")
+            streak = streak + 1 if len(failed) > before else 0
+            longest = max(longest, streak)
             time.sleep(max(0.0, 0.5 - (time.monotonic() - started)))
         out, _ = storm.communicate(timeout=60)
         done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", out)
         self.assertIsNotNone(done, out)
         assert done is not None
         self.assertGreater(int(done.group(2)), SCRAPERS, out)  # the storm did scrape
-        self.assertEqual(failed, [], out)
+        # Kubernetes restarts a pod after 3 failed probes in a row (failureThreshold); one late
+        # probe on a machine loaded by other tests is tolerated, a streak is not (unfixed: 11 of 16).
+        self.assertLess(longest, FAILURE_THRESHOLD, failed)
+        self.assertLessEqual(len(failed), 1, failed)

@@ -302,9 +302,10 @@ class TracingTests(TestCase):
     async def test_with_the_collector_not_answering_reads_and_writes_answer_in_time(self):
         silent = SilentCollector()
         self.addCleanup(silent.stop)
-        # The exporter would wait 30 s for each batch; every call's deadline is 3 s.
+        # The exporter would wait 60 s for each batch; every call's deadline is 3 s, and the stop
+        # below is given 30 s.
         process = sidecar_with_stub(self, self.env(
-            OTEL_EXPORTER_OTLP_ENDPOINT=silent.endpoint, OTEL_EXPORTER_OTLP_TIMEOUT="30",
+            OTEL_EXPORTER_OTLP_ENDPOINT=silent.endpoint, OTEL_EXPORTER_OTLP_TIMEOUT="60",
             OTEL_BSP_MAX_EXPORT_BATCH_SIZE="2", OTEL_BSP_MAX_QUEUE_SIZE="16",
         ))
         for i in range(30):
@@ -322,6 +323,8 @@ class TracingTests(TestCase):
                                   traceparent()[0], timeout=3)
             self.assertEqual(ack.current_usage, 1)
         self.assertEqual(process.process.poll(), None)
+        # Nor does the stop wait on the collector: SIGTERM, and the process exits (stop() fails past 30 s).
+        self.assertEqual(process.stop(timeout=30), 0, process.text)
 
     async def test_a_collector_that_is_down_is_logged_once_per_interval(self):
         process = sidecar_with_stub(self, self.env(

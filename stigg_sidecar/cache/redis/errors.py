@@ -6,11 +6,13 @@ the passwords (ARCHITECTURE 7).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import txredisapi
 from twisted.internet import error as net_error
 from twisted.internet.defer import TimeoutError
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -25,7 +27,7 @@ _FORMAT_LOG_KEYS = 1000  # unreadable keys remembered for that, at most
 class RedisErrors:
     """Counts and logs the mirror's failures; `secrets` never reach a line."""
 
-    def __init__(self, reactor: Any, secrets: Sequence[str], timeout: float) -> None:
+    def __init__(self, reactor: IReactorTime, secrets: Sequence[str], timeout: float) -> None:
         self.reactor = reactor
         self.timeout = timeout
         self.count = 0

@@ -8,14 +8,15 @@ sent here, and no reply text is logged here).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Protocol
+from typing import Any, Protocol
 
 import txredisapi
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import protocol as net_protocol
 from twisted.internet.defer import Deferred, TimeoutError, inlineCallbacks, succeed
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import provider
@@ -128,7 +129,7 @@ class Link:
         endpoint: IStreamClientEndpoint,
         handshake: Handshake,
         events: LinkEvents,
-        reactor: Any,
+        reactor: IReactorTime,
         timeout: float,
         max_delay: float,
     ) -> None:

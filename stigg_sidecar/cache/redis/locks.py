@@ -9,9 +9,11 @@ within the mirror's bounds: when Redis cannot be asked, the caller fetches itsel
 from __future__ import annotations
 
 import secrets
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from stigg_sidecar.cache.redis.format import EntryKeys, encode_fetch_result
@@ -26,7 +28,7 @@ class FetchLocks:
     mirror's command link (bounded, `default` on failure); `link` is the pub/sub link;
     `ready()` says whether both links are up and the mirror running."""
 
-    def __init__(self, prefix: str, reactor: Any, timeout: float, call: Call, link: Link,
+    def __init__(self, prefix: str, reactor: IReactorTime, timeout: float, call: Call, link: Link,
                  ready: Callable[[], bool]) -> None:
         self.prefix = prefix
         self.reactor = reactor

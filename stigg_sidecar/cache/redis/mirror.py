@@ -21,7 +21,8 @@ error text is never logged, and logged texts are scrubbed.
 from __future__ import annotations
 
 import secrets
-from typing import Any, Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
@@ -50,6 +51,7 @@ from stigg_sidecar.cache.redis.reads import read_entry
 from stigg_sidecar.cache.redis.scripts import PURGE, WRITE
 from stigg_sidecar.cache.redis.sentinel import SentinelEndpoint, Sentinels
 from stigg_sidecar.entitlements.records import CustomerEntry
+from stigg_sidecar.process.reactor import IReactor
 
 log = Logger()
 
@@ -63,7 +65,7 @@ class RedisMirror(MultiService):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         prefix: str,
         host: str = "localhost",
         port: int = 6379,
@@ -136,7 +138,7 @@ class RedisMirror(MultiService):
 
     @classmethod
     def from_settings(
-        cls, reactor: Any, settings: Any, on_peer_change: Callable[[str, str], None] | None = None, **options: Any
+        cls, reactor: IReactor, settings: Any, on_peer_change: Callable[[str, str], None] | None = None, **options: Any
     ) -> RedisMirror:
         return cls(
             reactor,

@@ -7,7 +7,8 @@ name in a second; `format` decodes what comes back.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generator
+from collections.abc import Callable, Generator
+from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 

@@ -7,7 +7,8 @@ password is sent here and no reply text is ever logged (it may quote what was se
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
 
 import txredisapi
 from twisted.internet import error as net_error
@@ -16,6 +17,8 @@ from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from stigg_sidecar.process.reactor import IReactor
 
 log = Logger()
 
@@ -33,7 +36,7 @@ class Sentinels:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactor,
         sentinels: Sequence[Address],
         master: str,
         username: str,

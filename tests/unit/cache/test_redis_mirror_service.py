@@ -3,14 +3,15 @@ stopped with it (no Redis needed: nothing listens on the port, so the links keep
 
 from __future__ import annotations
 
-from typing import Any, Generator
+from collections.abc import Generator
+from typing import Any
 
 from twisted.application.internet import ClientService
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.cache.redis import RedisMirror
+from tests.fixtures.reactor import reactor
 from tests.fixtures.redis import free_port
 
 Steps = Generator[Deferred[Any], Any, None]  # an inlineCallbacks test

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import contextvars
 
-from twisted.internet import reactor, threads
+from twisted.internet import threads
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.crossing.wait import call_on_reactor
+from tests.fixtures.reactor import reactor
 
 caller: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="none")
 

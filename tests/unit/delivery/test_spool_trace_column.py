@@ -9,10 +9,10 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.delivery.spool import FORMAT_VERSION, SpoolFile
+from tests.fixtures.reactor import reactor
 
 FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "spool" / "v1.sqlite3"
 TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from typing import cast
 
-from twisted.internet import protocol, reactor
+from twisted.internet import protocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.upstream.api import StiggApi, UpstreamError
+from tests.fixtures.reactor import reactor
 
 
 class _Holding(protocol.Protocol):

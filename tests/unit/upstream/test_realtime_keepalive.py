@@ -8,13 +8,13 @@ import json
 from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.upstream.realtime import SUBPROTOCOL, RealtimeService
 from tests.fixtures.polling import until
+from tests.fixtures.reactor import reactor
 from tests.fixtures.realtime import RecordingSink
 
 
