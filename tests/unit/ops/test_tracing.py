@@ -13,11 +13,11 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import DEFAULT_OFF, Decision, ParentBasedTraceIdRatio
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar import spans
 from stigg_sidecar.ops.tracing import LinkAwareSampler, ThrottledComplaints, TracingConfigError, check, wanted
+from tests.fixtures.logs import log_events
 
 ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4318"}
 
@@ -99,9 +99,7 @@ class ThrottledComplaintsTests(TestCase):
     def test_one_line_per_interval_saying_how_many_were_held_back(self):
         now = [100.0]
         complaints = ThrottledComplaints(interval=60, clock=lambda: now[0])
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = log_events(self)
         sdk = logging.getLogger("opentelemetry.test-complaints")
         sdk.addHandler(complaints)
         sdk.propagate = False
