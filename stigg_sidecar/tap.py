@@ -22,6 +22,7 @@ from stigg_sidecar.grpc.tls import TlsError
 from stigg_sidecar.ops import tracing as tracing_setup
 from stigg_sidecar.process import descriptors, gcpolicy
 from stigg_sidecar.process.assembly import assemble
+from stigg_sidecar.process.clock import use_monotonic_time
 from stigg_sidecar.process.native_output import route_native_output
 from stigg_sidecar.process.reactor import default_reactor
 from stigg_sidecar.process.service import SidecarService
@@ -136,8 +137,11 @@ def makeService(options: Options) -> SidecarService:
         exit_with(str(e))
     if tracing is not None:
         log.info("OpenTelemetry {where}", where=tracing_setup.describe())
+    # Every timer on elapsed time: a wall clock stepped back must not freeze them (issue 20, 12).
+    reactor = default_reactor()
+    use_monotonic_time(reactor)
     try:
-        sidecar = assemble(settings, tracing=tracing, log_stream=log_stream).service
+        sidecar = assemble(settings, reactor, tracing=tracing, log_stream=log_stream).service
     except (StateDirectoryError, TlsError, CallerTokensError) as e:
         exit_with(str(e))
     except Exception as e:

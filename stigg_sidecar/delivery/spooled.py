@@ -135,8 +135,10 @@ class SpooledDelivery(Service):
         rng: Callable[[], float] = random.random,
         readiness: Readiness | None = None,
         metrics: Metrics | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
-        self._clock = clock
+        self._clock = clock  # timers and intervals (monotonic in the process)
+        self._wall = wall  # the date: records' creation times, kept on disk across restarts
         self._gate = gate
         self._writes = writes
         self.spool = spool
@@ -156,6 +158,7 @@ class SpooledDelivery(Service):
         self._inflight: dict[str, list[int] | None] = {kind: None for kind in KINDS}
         self._failures: dict[str, int] = {kind: 0 for kind in KINDS}  # consecutive, for the backoff
         self._waiting: dict[str, Any] = {kind: None for kind in KINDS}  # backoff timers
+        self._told_to_wait: dict[str, bool] = {kind: False for kind in KINDS}  # Stigg's Retry-After
         self._flush_timer: Any = None
         self._bytes = 0
         self._reserved = 0  # bytes of appends not yet synced
@@ -180,7 +183,7 @@ class SpooledDelivery(Service):
     def oldest_age(self) -> float:
         """Seconds since the oldest undelivered record was acknowledged (0 when none waits)."""
         oldest = [next(iter(q.values())).created_ms for q in self._queues.values() if q]
-        return max(0.0, self._clock.seconds() - min(oldest) / 1000) if oldest else 0.0
+        return max(0.0, self._wall() - min(oldest) / 1000) if oldest else 0.0
 
     # -- handler threads --------------------------------------------------------------------------
 
@@ -229,7 +232,7 @@ class SpooledDelivery(Service):
                 f"write spool full: {used} of {self._max_bytes} bytes (SPOOL_MAX_BYTES) wait for delivery to Stigg",
             )
         self._reserved += size
-        now_ms = int(self._clock.seconds() * 1000)
+        now_ms = int(self._wall() * 1000)
         traced = spans.traceparent_of_current()
 
         def synced(seqs: list[int]) -> list[_Record]:
@@ -322,7 +325,7 @@ class SpooledDelivery(Service):
             self._register(record)
         for seq, why in unreadable:
             log.warn("Spooled record {seq} is unreadable ({why}); moved to the dead letters", seq=seq, why=why)
-            self.spool.dead_letter([seq], f"unreadable: {why}", int(self._clock.seconds() * 1000))
+            self.spool.dead_letter([seq], f"unreadable: {why}", int(self._wall() * 1000))
         if self.records:
             log.info("Write spool {path}: {n} records from before the restart, delivering", path=self.spool.path,
                      n=self.records)
@@ -492,6 +495,7 @@ class SpooledDelivery(Service):
         if not isinstance(error, UpstreamError):
             log.failure("Delivering spooled {kind} records failed unexpectedly", failure, kind=kind)
         delay = self._backoff.delay(min(self._failures[kind], 64), self._rng)
+        self._told_to_wait[kind] = isinstance(error, UpstreamError) and bool(error.retry_after)
         if isinstance(error, UpstreamError) and error.retry_after:
             delay = max(delay, error.retry_after)
         if self._failures[kind] == 1:
@@ -504,6 +508,15 @@ class SpooledDelivery(Service):
     def _retry(self, kind: str) -> None:
         self._waiting[kind] = None
         self._pump(kind)
+
+    def resume(self, source: str = "") -> None:
+        """Stigg answers again (`StiggRecovery`): a batch waiting out its backoff goes now, not up
+        to 30 s later. A wait Stigg asked for (Retry-After) is kept."""
+        for kind in KINDS:
+            timer = self._waiting[kind]
+            if timer is not None and timer.active() and not self._told_to_wait[kind]:
+                timer.cancel()
+                self._retry(kind)
 
     def _dead_letter(self, kind: str, record: _Record, why: str) -> None:
         def moved(_: Any) -> None:
@@ -535,4 +548,4 @@ class SpooledDelivery(Service):
             self._waiting[kind] = self._clock.callLater(self._backoff.delay(self._failures[kind], self._rng),
                                                         self._retry, kind)
 
-        self.spool.dead_letter([record.seq], why, int(self._clock.seconds() * 1000)).addCallbacks(moved, not_moved)
+        self.spool.dead_letter([record.seq], why, int(self._wall() * 1000)).addCallbacks(moved, not_moved)

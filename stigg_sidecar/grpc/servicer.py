@@ -95,6 +95,21 @@ def _generic_kind(requested_usage: float | None, requested_values: tuple[str, ..
     return fb.kind() if fb is not None else "boolean"
 
 
+def _memo_window(kind: str | None, decision: Decision, now: int) -> tuple[int | None, int | None]:
+    """When a memoized answer holds, `[since, until)` in epoch ms, or (None, None): always. A metered
+    answer holds within its usage period: not past its end (roll-over), and not before its start
+    or the moment it was computed (a clock corrected backwards)."""
+    if kind != "metered" or decision.usage_period_end is None:
+        return None, None
+    start = decision.usage_period_start
+    return (now if start is None else min(now, start)), decision.usage_period_end
+
+
+def _memo_holds(memoized: tuple[bytes, int | None, int | None], now: int) -> bool:
+    since, until = memoized[1], memoized[2]
+    return since is None or until is None or since <= now < until
+
+
 class SidecarServicer(SidecarServiceServicer):
     def __init__(
         self,
@@ -187,8 +202,9 @@ class SidecarServicer(SidecarServiceServicer):
         """A typed check. Its answer from a cached entry is memoized on that entry, serialized
         (the server's serializer passes bytes through), keyed by the request's bytes: entries are
         immutable and replaced whole, so a new entry starts with an empty memo. A metered answer
-        is reused only until its usage period ends (roll-over). A memoized answer costs ~150
-        bytes where the message object cost ~900, and is never serialized again."""
+        is reused only within its usage period (not past a roll-over, nor after the clock went back
+        before it). A memoized answer costs ~150 bytes where the message object cost ~900, and is
+        never serialized again."""
 
         # The fast path, most calls: the customer is cached and this request's answer memoized.
         # Nothing is built for it (no closures, no decision); anything else takes the full path.
@@ -202,7 +218,7 @@ class SidecarServicer(SidecarServiceServicer):
             memo = cached.memo
             if memo is not None:
                 memoized = memo.get(memo_key)
-                if memoized is not None and (memoized[1] is None or self._source.now_ms() < memoized[1]):
+                if memoized is not None and _memo_holds(memoized, self._source.now_ms()):
                     return memoized[0]
 
         def fallback() -> M | bytes:
@@ -222,14 +238,14 @@ class SidecarServicer(SidecarServiceServicer):
             memo = entry.memo
             if memo is not None:
                 memoized = memo.get(memo_key)
-                if memoized is not None and (memoized[1] is None or now < memoized[1]):
+                if memoized is not None and _memo_holds(memoized, now):
                     return memoized[0]
             decision = self._counted(decide_feature(entry, feature_id, kind, requested_usage, requested_values, fb, now))
             response = build(decision)
             if decision.is_fallback or (memo is not None and len(memo) >= _MEMO_LIMIT):
                 return response
             wire = response.SerializeToString()
-            value = (wire, decision.usage_period_end if kind == "metered" else None)
+            value = (wire, *_memo_window(kind, decision, now))
             charge = sum(map(sys.getsizeof, (memo_key, memo_key[1], value, wire)))
             if memo is None:
                 # The entry's first memoized answer: the memo itself is charged with it. Two

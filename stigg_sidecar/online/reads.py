@@ -20,7 +20,7 @@ from stigg_sidecar import spans
 from stigg_sidecar.contracts import ApiKeyState, ReloadFailed
 from stigg_sidecar.crossing.wait import BudgetExhausted, WaitBudget, wait_on_reactor
 from stigg_sidecar.entitlements.records import CustomerEntry, cache_key
-from stigg_sidecar.online.fetcher import Fetcher
+from stigg_sidecar.online.fetcher import Fetcher, wall_ms
 from stigg_sidecar.online.store import EntitlementStore
 from stigg_sidecar.quoting import clipped, quoted
 from stigg_sidecar.upstream.errors import UpstreamError
@@ -80,8 +80,11 @@ class Reads:
         key: ApiKeyState,
         waiting: WaitBudget,
         counters: ReadCounters = ReadCounters(),
+        now_ms: Callable[[], int] = wall_ms,
     ) -> None:
         self._reactor = reactor
+        # The time of decisions and expiries: the local clock, or Stigg's when the local one is off.
+        self._now_ms = now_ms
         self._store = store
         self._fetcher = fetcher
         self._key = key
@@ -94,7 +97,7 @@ class Reads:
         self._fallback_log = _ThrottledWarning(interval=10.0)
 
     def now_ms(self) -> int:
-        return int(time.time() * 1000)
+        return self._now_ms()
 
     def peek(self, customer_id: str, resource_id: str | None) -> CustomerEntry | None:
         entry = self._store.fresh(cache_key(customer_id, resource_id), self.now_ms())

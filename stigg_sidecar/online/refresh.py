@@ -64,13 +64,15 @@ class Refresher:
         # and a customer evicted meanwhile is skipped rather than refetched.
         work = ((e.customer_id, e.resource_id) for e in map(cached.entry, cached.keys_by_recency()) if e is not None)
         done = gatherResults([self._worker(work) for _ in range(min(self._concurrency, count) or 1)])
+        # Running from here: with nothing to fetch `done` has fired already, and `finished` must
+        # come after this, or the refresh would stay "running" and every later poll join it.
+        self._running = done
 
         def finished(_: object) -> None:
             self._running = None
             log.debug("Refreshed up to {n} cached customers ({failed} failed)", n=count, failed=self.failed)
 
         done.addBoth(finished)
-        self._running = done
         return done
 
     def stop(self) -> Deferred:

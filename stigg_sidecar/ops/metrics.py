@@ -105,6 +105,11 @@ class Metrics:
             registry=r,
         )
         self.gc_frozen_objects.set_function(gcpolicy.frozen_objects)
+        self.clock_skew = Gauge(
+            "sidecar_clock_skew_seconds",
+            "The local wall clock minus Stigg's (from its responses' Date); past 5 s decisions use Stigg's time",
+            registry=r,
+        )
         self.realtime_connected = Gauge("sidecar_realtime_connected", "1 while the real-time socket is up", registry=r)
         self.realtime_update_age = Gauge(
             "sidecar_realtime_last_update_age_seconds", "Seconds since the last real-time update (-1: none yet)", registry=r

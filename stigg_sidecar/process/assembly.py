@@ -60,6 +60,7 @@ from stigg_sidecar.state.snapshot import SnapshotService
 from stigg_sidecar.upstream.api import StiggApi
 from stigg_sidecar.upstream.breaker import CircuitBreaker
 from stigg_sidecar.upstream.realtime import RealtimeService
+from stigg_sidecar.upstream.stigg_time import ClockSkewCheck
 
 PHASES = ("edge", "sources", "delivery", "serving")
 
@@ -112,7 +113,7 @@ def assemble(settings: Settings, reactor: IReactor | None = None, tracing: traci
     budget = StopBudget(settings.shutdown_grace_secs, reactor)
     top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format, log_stream), budget)
     metrics = _metrics(settings, readiness)
-    edge, http = _edge(settings, reactor, readiness, metrics, tracing)
+    edge, http = _edge(settings, reactor, readiness, metrics, tracing, budget)
     state_dir = StateDirectory(settings.state_dir).lock() if settings.state_dir else None
     sources, delivery = Phase("sources"), Phase("delivery")
     online: Online | None = None
@@ -147,10 +148,11 @@ def _metrics(settings: Settings, readiness: Readiness) -> Metrics | None:
 
 
 def _edge(settings: Settings, reactor: IReactor, readiness: Readiness, metrics: Metrics | None,
-          tracing: tracing_setup.Tracing | None) -> tuple[Phase, HttpService]:
+          tracing: tracing_setup.Tracing | None, budget: StopBudget) -> tuple[Phase, HttpService]:
     edge = Phase("edge")
     if tracing is not None:
-        tracing.service(reactor).setServiceParent(edge)  # first in, stops last: flushes the last spans
+        # First in, so it stops last and flushes the last spans, within what the stop has left.
+        tracing.service(reactor, budget.remaining_for_last_step).setServiceParent(edge)
     http = HttpService(
         health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics,
                    settings.metrics_max_age_ms / 1000),
@@ -186,15 +188,19 @@ def _online(settings: Settings, reactor: IReactor, metrics: Metrics | None) -> O
     malformed = MalformedEntitlements(reactor)
     waiting_reads = WaitBudget(settings.max_waiting_reads, "reads")
     fetch_timeout = settings.entitlements_timeout_ms / 1000
-    fetcher = Fetcher(api, store, malformed, fetch_timeout, fleet=mirror, background_limit=waiting_reads.limit)
+    # Decisions and expiries on Stigg's time when the local clock is off (each response's Date).
+    now_ms = api.stigg_clock.now_ms
+    fetcher = Fetcher(api, store, malformed, fetch_timeout, fleet=mirror, background_limit=waiting_reads.limit,
+                      now_ms=now_ms)
     key = ApiKeyState()
-    reads = Reads(reactor, store, fetcher, key, waiting_reads, _read_counters(metrics))
+    reads = Reads(reactor, store, fetcher, key, waiting_reads, _read_counters(metrics), now_ms=now_ms)
     refresher = Refresher(reactor, store, fetcher.fetch)
     poller = Poller(reactor, refresher, settings.poll_interval_secs, active=True)
     realtime = None
     if settings.ws_enabled:
-        updates = RealtimeUpdates(store, fetcher, malformed, poller, refresher)
-        realtime = RealtimeService(reactor, settings.ws_url, api.socket_headers(), updates)
+        updates = RealtimeUpdates(store, fetcher, malformed, poller, refresher, now_ms=now_ms)
+        # Stigg acknowledging the socket closes the breakers (StiggRecovery).
+        realtime = RealtimeService(reactor, settings.ws_url, api.socket_headers(), updates, recovery=api.recovery)
     online = Online(api, key, cache, store, fetcher, reads, malformed, mirror, refresher, poller, realtime,
                     waiting_reads, WaitBudget(settings.max_waiting_writes, "writes"))
     if metrics is not None:
@@ -231,6 +237,7 @@ def _sources(settings: Settings, reactor: IReactor, online: Online, state_dir: S
             on_loaded_age=metrics.snapshot_loaded_age.set if metrics is not None else (lambda age: None),
             budget=budget,
         ).setServiceParent(sources)
+    ClockSkewCheck(online.api.stigg_clock, reactor).setServiceParent(sources)  # warns while the local clock is off
 
 
 def _delivery(settings: Settings, reactor: IReactor, online: Online, state_dir: StateDirectory | None,
@@ -254,6 +261,7 @@ def _delivery(settings: Settings, reactor: IReactor, online: Online, state_dir: 
         readiness=readiness,
         metrics=metrics,
     )
+    online.api.recovery.subscribe(spooled.resume)  # Stigg answers again: spooled records go at once
     spooled.setServiceParent(phase)
     if metrics is not None:
         metrics.spool_records.set_function(lambda: spooled.records)
@@ -324,6 +332,7 @@ def _breaker_state(breaker: CircuitBreaker) -> int:
 def _observe_online(metrics: Metrics, reactor: IReactor, online: Online) -> None:
     """Gauges read at scrape time from the parts they describe."""
     cache = online.cache
+    metrics.clock_skew.set_function(online.api.stigg_clock.skew)
     for upstream, breaker in online.api.breakers.items():
         metrics.upstream_breaker_open.labels(upstream).set_function(partial(_breaker_state, breaker))
     metrics.cache_entries.set_function(lambda: len(cache))

@@ -35,6 +35,8 @@ from stigg_sidecar.process.reactor import IReactor
 from stigg_sidecar.upstream import operations, wire
 from stigg_sidecar.upstream.breaker import BreakerOpen, BreakerPolicy, CircuitBreaker
 from stigg_sidecar.upstream.errors import Problem, UpstreamError
+from stigg_sidecar.upstream.recovery import StiggRecovery
+from stigg_sidecar.upstream.stigg_time import StiggClock
 
 log = Logger()
 
@@ -189,6 +191,8 @@ class StiggApi:
         rng: Callable[[], float] = random.random,
         breaker: BreakerPolicy = DEFAULT_BREAKER,
         on_attempt: Callable[[str, str, float], None] | None = None,
+        recovery: StiggRecovery | None = None,
+        stigg_clock: StiggClock | None = None,
     ) -> None:
         self._reactor = reactor
         self._api_url = api_url.rstrip("/")
@@ -210,6 +214,11 @@ class StiggApi:
             "graphql": CircuitBreaker("GraphQL API", reactor, breaker, rng),
         }
         self._on_attempt = on_attempt  # endpoint, outcome, seconds
+        # Stigg acknowledging the real-time socket closes every breaker at once.
+        self.recovery = recovery if recovery is not None else StiggRecovery(reactor)
+        self.recovery.subscribe(self._close_breakers)
+        # Every response's Date: how far the local clock is from Stigg's.
+        self.stigg_clock = stigg_clock if stigg_clock is not None else StiggClock()
 
     def _client(self) -> HTTPClient:
         pool = _ClosablePool(self._reactor, persistent=True)
@@ -217,6 +226,11 @@ class StiggApi:
         pool.retryAutomatically = False  # retries are ours, within the budget
         self._pools.append(pool)
         return HTTPClient(Agent(self._reactor, pool=pool, connectTimeout=10))
+
+    def _close_breakers(self, source: str) -> None:
+        if source == "socket":
+            for breaker in self.breakers.values():
+                breaker.close("the real-time socket is connected")
 
     def socket_headers(self) -> dict[str, Any]:
         """The identification headers as the WebSocket's connection_init carries them (pid and
@@ -288,6 +302,7 @@ class StiggApi:
         try:
             pending[:] = [send(timeout)]
             response = yield pending[0]
+            self.stigg_clock.observe((response.headers.getRawHeaders(b"date") or [None])[0])
             span.set_attribute("http.response.status_code", response.code)
             pending[:] = [response.content()]
             body = yield pending[0]
@@ -329,12 +344,13 @@ class StiggApi:
 
     @inlineCallbacks
     def _call(
-        self, endpoint: str, send: Callable[[float], Deferred], timeout: float, breaker: CircuitBreaker,
+        self, endpoint: str, send: Callable[[float], Deferred], timeout: float, upstream: str,
         retryable: bool = True, target: tuple[str, str] = ("POST", ""),
     ) -> Generator[Deferred[Any], Any, Any]:
         """Attempts with backoff until success, a final failure, or the budget is spent; each
         attempt admitted by `breaker` (an open one refuses at once, or admits this as its probe,
         which is not retried: the breaker's backoff is the retry)."""
+        breaker = self.breakers[upstream]
         deadline = self._reactor.seconds() + timeout
         attempt = 0
         while True:
@@ -353,8 +369,10 @@ class StiggApi:
                     breaker.abandoned(ticket)  # nothing reached Stigg: neither up nor down
                 elif _means_down(e, remaining):
                     breaker.failed(ticket, e.message)
+                    self.recovery.failed()
                 else:
                     breaker.succeeded(ticket)  # Stigg answered, if only to refuse
+                    self.recovery.answered(upstream)
                 if ticket.probe or not (retryable and e.retryable) or attempt >= self._retry.max_attempts or self._closed:
                     raise
                 delay = max(self._retry.delay(attempt, self._rng), e.retry_after or 0.0)
@@ -374,6 +392,7 @@ class StiggApi:
                 raise
             else:
                 breaker.succeeded(ticket)
+                self.recovery.answered(upstream)
                 return result
 
     def _edge_get(self, endpoint: str, path: str, timeout: float) -> Deferred:
@@ -387,7 +406,7 @@ class StiggApi:
         def send(t: float) -> Deferred:
             return self._edge.get(url, headers=headers, allow_redirects=False)
 
-        return self._call(endpoint, send, timeout, self.breakers["edge"], target=("GET", url))
+        return self._call(endpoint, send, timeout, "edge", target=("GET", url))
 
     def _graphql_post(
         self, operation: str, query: str, variables: Mapping[str, Any], timeout: float, retryable: bool = True
@@ -408,7 +427,7 @@ class StiggApi:
         def send(t: float) -> Deferred:
             return self._graphql.post(url, data=body, headers=headers, allow_redirects=False)
 
-        return self._call(operation, send, timeout, self.breakers["graphql"], retryable, target=("POST", url))
+        return self._call(operation, send, timeout, "graphql", retryable, target=("POST", url))
 
     # -- operations -------------------------------------------------------------------------------
 

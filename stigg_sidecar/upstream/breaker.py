@@ -29,7 +29,9 @@ class BreakerPolicy:
     threshold: int = 5  # consecutive failed attempts that open the breaker
     initial: float = 1.0  # backoff before the first probe (s)
     factor: float = 2.0
-    max_delay: float = 30.0  # cap on the backoff between probes (s)
+    # Cap on the backoff between probes (s): one probe per 1-2 s at most, so a read finds Stigg
+    # back within about 2 s of its return (issue 20, finding 9); only calls that come probe.
+    max_delay: float = 2.0
 
     def delay(self, failed_probes: int, rng: Callable[[], float]) -> float:
         """Before probe n+1 after n failed probes: random(0.5..1) * min(max, initial * factor**n)."""
@@ -116,7 +118,7 @@ class CircuitBreaker:
             return
         ticket.settled = True
         self.last_error = why
-        if ticket.probe:
+        if ticket.probe and self.is_open:
             self._probing = False
             self.failures += 1
             self._failed_probes += 1
@@ -138,6 +140,23 @@ class CircuitBreaker:
                 cap=self._policy.max_delay,
             )
             self._on_change(True)
+
+    def close(self, why: str) -> None:
+        """Stigg answered elsewhere (another upstream, the real-time socket): close at once rather
+        than wait for this breaker's next probe."""
+        if not self.is_open:
+            return
+        log.info(
+            "Stigg's {name} is taken as answering again after {seconds:.1f}s ({why}); the circuit is closed",
+            name=self.name,
+            seconds=self._clock.seconds() - self._opened_at,
+            why=why,
+        )
+        self.is_open = False
+        self.failures = 0
+        self._failed_probes = 0
+        self._probing = False
+        self._on_change(False)
 
     def abandoned(self, ticket: Ticket) -> None:
         """The attempt ended without an answer either way (cancelled): a probe's turn passes on."""

@@ -31,6 +31,7 @@ from stigg_sidecar.process.reactor import IReactor
 from stigg_sidecar.quoting import clipped
 from stigg_sidecar.upstream import wire
 from stigg_sidecar.upstream.operations import SUBSCRIPTIONS
+from stigg_sidecar.upstream.recovery import StiggRecovery
 
 log = Logger()
 
@@ -216,8 +217,10 @@ class RealtimeService(MultiService):
         max_delay: float = 30.0,
         jitter: Callable[[], float] = random.random,
         clock: IReactorTime | None = None,
+        recovery: StiggRecovery | None = None,
     ) -> None:
         super().__init__()
+        self._recovery = recovery  # told when Stigg acknowledges the socket: the breakers close
         self.reactor = reactor
         self.init_headers = dict(init_headers)
         self.sink = sink
@@ -262,6 +265,8 @@ class RealtimeService(MultiService):
         self.is_connected = True
         self.connections += 1
         log.info("Real-time updates connected (connection {n})", n=self.connections)
+        if self._recovery is not None:
+            self._recovery.reconnected()
         self.sink.socket_up()
 
     def disconnected(self, protocol: GraphqlWsProtocol, code: int | None, reason: str | None) -> None:

@@ -1,5 +1,5 @@
 """Answers memoized on immutable cache entries: reused while valid, gone with the entry, a metered
-answer dropped when its usage period rolls over, and their bytes charged to the cache budget."""
+answer dropped when its usage period rolls over or the clock goes back before it, and their bytes charged to the cache budget."""
 
 from __future__ import annotations
 
@@ -96,6 +96,16 @@ class MemoTests(SynchronousTestCase):
         self.source.now = START + DAY + 1
         answer = self.check()
         self.assertEqual((answer.has_access, answer.entitlement.current_usage), (True, 0))
+
+    def test_an_answer_memoized_while_the_clock_was_ahead_is_dropped_when_it_is_corrected(self):
+        self.cache.put(entry(8))
+        self.source.now = START + 40 * DAY  # the clock 40 days ahead: a later period, usage reset
+        ahead = self.check()
+        self.assertEqual((ahead.has_access, ahead.entitlement.current_usage), (True, 0))
+        self.assertIsInstance(self.raw(), bytes)  # memoized
+        self.source.now = START + 1000  # corrected
+        answer = self.check()
+        self.assertEqual((answer.has_access, answer.entitlement.current_usage), (False, 8))
 
     def test_memoized_answers_count_against_the_budget_and_leave_with_the_entry(self):
         self.cache.put(entry(3))

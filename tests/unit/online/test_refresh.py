@@ -38,6 +38,18 @@ class RecordingBackend:
 
 
 class RefresherTests(SynchronousTestCase):
+    def test_a_refresh_of_an_empty_cache_ends_and_the_next_one_runs(self):
+        """A refresh with nothing to fetch finishes at once; it used to stay "running" for good,
+        so every later poll joined it and none ever fetched again."""
+        clock = Clock()
+        backend = RecordingBackend(0)
+        refresher = Refresher(clock, backend.store, backend.fetch)
+        self.assertTrue(refresher.refresh().called)
+        self.assertFalse(refresher.busy)
+        backend.cache.put(CustomerEntry("late", timestamp=1))
+        refresher.refresh()
+        self.assertEqual(backend.finish_all(), ["late"])
+
     def test_every_customer_cached_throughout_is_refreshed_once_while_the_cache_changes(self):
         from collections import Counter
 

@@ -50,7 +50,7 @@ class AssembledTreeTests(SynchronousTestCase):
             ("edge", ["HttpService"]),
             # Stopped bottom up: the last snapshot after the spool delivered, Stigg's pools
             # closed after the socket and the poller, the mirror last.
-            ("sources", ["RedisMirror", "KeyCheck", "Poller", "RealtimeService", "SnapshotService"]),
+            ("sources", ["RedisMirror", "KeyCheck", "Poller", "RealtimeService", "SnapshotService", "ClockSkewCheck"]),
             ("delivery", ["SpooledDelivery"]),
             ("serving", ["GrpcService"]),
         ])
@@ -67,7 +67,7 @@ class AssembledTreeTests(SynchronousTestCase):
 
     def test_direct_writes_need_no_service(self):
         sidecar = assemble(_settings(WS_ENABLED="0"), _clock())
-        self.assertEqual(_tree(sidecar.service)[1:3], [("sources", ["KeyCheck", "Poller"]), ("delivery", [])])
+        self.assertEqual(_tree(sidecar.service)[1:3], [("sources", ["KeyCheck", "Poller", "ClockSkewCheck"]), ("delivery", [])])
 
 
 class _Noting(Service):

@@ -6,6 +6,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar.upstream.breaker import BreakerOpen, BreakerPolicy, CircuitBreaker
+from stigg_sidecar.upstream.recovery import StiggRecovery
 
 POLICY = BreakerPolicy(threshold=3, initial=1.0, factor=2.0, max_delay=5.0)
 
@@ -114,3 +115,39 @@ class CircuitBreakerTests(TestCase):
         self.breaker.failed(ticket, "x")
         self.breaker.failed(ticket, "x")
         self.assertEqual(self.breaker.failures, 1)
+
+    def test_closed_from_outside_at_once_and_a_late_probe_answer_counts_as_an_ordinary_call(self):
+        self.fail_times(3)
+        self.clock.advance(1.0)
+        probe = self.breaker.admit()
+        self.breaker.close("the real-time socket is connected")
+        self.assertFalse(self.breaker.is_open)
+        self.assertEqual(self.changes, [True, False])
+        self.assertFalse(self.breaker.admit().probe)
+        self.breaker.failed(probe, "late")  # one failure, not a failed probe of a closed breaker
+        self.assertFalse(self.breaker.is_open)
+        self.breaker.close("again")  # closed already: nothing changes
+        self.assertEqual(self.changes, [True, False])
+
+    def test_the_default_policy_probes_at_most_two_seconds_apart(self):
+        policy = BreakerPolicy()
+        self.assertEqual(max(policy.delay(n, lambda: 1.0) for n in range(64)), 2.0)
+
+
+class StiggRecoveryTests(TestCase):
+    def test_listeners_hear_of_an_answer_after_a_failure_once_and_of_every_reconnect(self):
+        clock = Clock()
+        recovery = StiggRecovery(clock)
+        heard: list[str] = []
+        recovery.subscribe(heard.append)
+        recovery.answered("edge")  # nothing was in doubt
+        clock.advance(0)
+        self.assertEqual(heard, [])
+        recovery.failed()
+        recovery.answered("graphql")
+        self.assertEqual(heard, [])  # told on the next reactor turn, not inside the call
+        clock.advance(0)
+        recovery.answered("graphql")
+        recovery.reconnected()
+        clock.advance(0)
+        self.assertEqual(heard, ["graphql", "socket"])
