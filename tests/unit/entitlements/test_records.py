@@ -411,7 +411,7 @@ class CompactRecordTests(SynchronousTestCase):
         first = entry_from_state("cust-1", None, state(metered_item()), NOW)
         second = entry_from_state("cust-2", None, state(metered_item()), NOW)
         a, b = first.features["feature-api-calls"], second.features["feature-api-calls"]
-        self.assertIs(a._terms, b._terms)
+        self.assertIs(a._terms, b._terms)  # type: ignore[attr-defined]  # the shared plan terms behind each record
         self.assertEqual(a, b)
         self.assertEqual(hash(a), hash(b))
 

@@ -5,16 +5,20 @@ registered (no interceptor)."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import grpc
 from prometheus_client import generate_latest
 from twisted.trial.unittest import SynchronousTestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.cache.memory import EntitlementCache
+from stigg_sidecar.contracts import EntitlementSource
 from stigg_sidecar.entitlements.records import CustomerEntry, Feature, FeatureEntitlement
 from stigg_sidecar.grpc.intake import CHECKS, InvalidArgument, sidecar_method_handlers
 from stigg_sidecar.grpc.servicer import SidecarServicer
 from stigg_sidecar.grpc.timing import TimedServer
+from stigg_sidecar.offline import OfflineSidecar
 from stigg_sidecar.ops.metrics import Metrics
 
 NOW = 1_790_000_000_000
@@ -77,12 +81,18 @@ def call(handlers, method: str, data: bytes) -> bytes:
     return answer
 
 
+
+def _source(source: object) -> EntitlementSource:
+    """The counting source where the servicer wants an EntitlementSource (it has every method)."""
+    return cast(EntitlementSource, source)
+
+
 class OnePeekPerReadTests(SynchronousTestCase):
     def setUp(self):
         self.source = CountingSource()
         self.fallbacks: list[str] = []
         self.handlers = sidecar_method_handlers(
-            SidecarServicer(self.source, None, {}, 1, 1, on_fallback=self.fallbacks.append)
+            SidecarServicer(_source(self.source), OfflineSidecar(), {}, 1, 1, on_fallback=self.fallbacks.append)
         )
 
     def test_a_hit_peeks_once_and_never_looks_up(self):
@@ -113,7 +123,12 @@ class MemoKeyedByRawBytesTests(SynchronousTestCase):
     def setUp(self):
         self.source = CountingSource()
         self.source.cache.put(acme())
-        self.handlers = sidecar_method_handlers(SidecarServicer(self.source, None, {}, 1, 1))
+        self.handlers = sidecar_method_handlers(SidecarServicer(_source(self.source), OfflineSidecar(), {}, 1, 1))
+
+    def memo_keys(self) -> list[Any]:
+        entry = self.source.cache.get_entry("c_acme")
+        assert entry is not None and entry.memo is not None
+        return list(entry.memo)
 
     def test_the_key_is_the_bytes_as_they_arrived(self):
         # feature_id (field 2) before customer_id (field 1): valid protobuf, but not what
@@ -122,8 +137,7 @@ class MemoKeyedByRawBytesTests(SynchronousTestCase):
         canonical = pb.GetBooleanEntitlementRequest.FromString(raw).SerializeToString()
         self.assertNotEqual(raw, canonical)
         first = call(self.handlers, "GetBooleanEntitlement", raw)
-        memo = self.source.cache.get_entry("c_acme").memo
-        self.assertEqual(list(memo), [("boolean", raw)])
+        self.assertEqual(self.memo_keys(), [("boolean", raw)])
         self.assertIs(call(self.handlers, "GetBooleanEntitlement", raw), first)
         answer = pb.GetBooleanEntitlementResponse.FromString(first)
         self.assertEqual((answer.has_access, answer.is_fallback), (True, False))
@@ -136,7 +150,7 @@ class MemoKeyedByRawBytesTests(SynchronousTestCase):
         # "seats" is a boolean feature: a numeric check of it is a type mismatch, not the boolean answer.
         self.assertEqual((numeric.has_access, numeric.access_denied_reason),
                          (False, pb.ACCESS_DENIED_REASON_FEATURE_TYPE_MISMATCH))
-        self.assertEqual(list(self.source.cache.get_entry("c_acme").memo), [("boolean", raw)])
+        self.assertEqual(self.memo_keys(), [("boolean", raw)])
 
 
 class IntakeIsTheOnlyValidatorTests(SynchronousTestCase):
@@ -193,7 +207,7 @@ class TimedAtRegistrationTests(SynchronousTestCase):
             def code(self):
                 return grpc.StatusCode.INVALID_ARGUMENT
 
-        handlers = {"Check": grpc.unary_unary_rpc_method_handler(ok),
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {"Check": grpc.unary_unary_rpc_method_handler(ok),
                     "Bad": grpc.unary_unary_rpc_method_handler(refuse)}
         self.timed.add_registered_method_handlers("svc.Service", handlers)
         wrapped = self.server.registered["svc.Service"]
@@ -210,8 +224,8 @@ class TimedAtRegistrationTests(SynchronousTestCase):
                       generate_latest(self.metrics.registry))
 
     def test_generic_handlers_are_wrapped_once_per_method_and_streams_pass_through(self):
-        unary = grpc.unary_unary_rpc_method_handler(lambda request, context: b"ok")
-        stream = grpc.unary_stream_rpc_method_handler(lambda request, context: iter(()))
+        unary: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(lambda request, context: b"ok")
+        stream: grpc.RpcMethodHandler[Any, Any] = grpc.unary_stream_rpc_method_handler(lambda request, context: iter(()))
         generic = grpc.method_handlers_generic_handler("svc.Service", {"Check": unary, "Watch": stream})
         self.timed.add_generic_rpc_handlers((generic,))
         (wrapped,) = self.server.generic
