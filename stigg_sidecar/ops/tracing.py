@@ -242,8 +242,10 @@ class Tracing:
     def interceptor(self) -> grpc.ServerInterceptor:
         return ServerSpans(unparented_dropped=drops_every_root(self.provider.sampler))
 
-    def service(self, reactor: IReactor) -> Service:
-        return _FlushOnStop(self.provider, reactor)
+    def service(self, reactor: IReactor, seconds_left: Callable[[], float] = lambda: FLUSH_ON_STOP_SECS) -> Service:
+        """Flushes the queued spans at stop, within FLUSH_ON_STOP_SECS and what `seconds_left()`
+        says remains of the stop's budget then."""
+        return _FlushOnStop(self.provider, reactor, seconds_left)
 
 
 def drops_every_root(sampler: Sampler) -> bool:
@@ -302,31 +304,39 @@ def describe(environ: Mapping[str, str] | None = None) -> str:
 
 
 class _FlushOnStop(Service):
-    """At stop, the spans still queued go to the collector, for at most FLUSH_ON_STOP_SECS: a
+    """At stop, the spans still queued go to the collector, for at most FLUSH_ON_STOP_SECS and
+    never past the stop's budget (it stops last, so what the budget has left is its own): a
     collector that is down must not hold the process up."""
 
     name = "tracing"
 
-    def __init__(self, provider: TracerProvider, reactor: IReactor) -> None:
+    def __init__(self, provider: TracerProvider, reactor: IReactor, seconds_left: Callable[[], float]) -> None:
         self._provider = provider
         self._reactor = reactor
+        self._seconds_left = seconds_left
 
     def stopService(self) -> Deferred:
         super().stopService()
         done: Deferred = Deferred()
+        allowed = max(0.0, min(FLUSH_ON_STOP_SECS, self._seconds_left()))
+        if allowed <= 0:
+            done.callback(None)
+            return done
 
         def flush() -> None:
             try:
-                self._provider.force_flush(int(FLUSH_ON_STOP_SECS * 1000))
+                self._provider.force_flush(int(allowed * 1000))
             finally:
                 self._reactor.callFromThread(fire)
 
         def fire() -> None:
+            if timer.active():
+                timer.cancel()
             if not done.called:
                 done.callback(None)
 
+        timer = self._reactor.callLater(allowed, fire)
         threading.Thread(target=flush, name="tracing-flush", daemon=True).start()
-        self._reactor.callLater(FLUSH_ON_STOP_SECS + 0.5, fire)
         return done
 
 

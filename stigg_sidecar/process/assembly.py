@@ -44,7 +44,7 @@ from stigg_sidecar.online.refresh import Poller, Refresher
 from stigg_sidecar.online.store import EntitlementStore
 from stigg_sidecar.online.updates import RealtimeUpdates
 from stigg_sidecar.ops import tracing as tracing_setup
-from stigg_sidecar.ops.metrics import Metrics, MetricsInterceptor
+from stigg_sidecar.ops.metrics import Metrics
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.ops.web import HttpService, health_app
 from stigg_sidecar.process import descriptors
@@ -113,7 +113,7 @@ def assemble(settings: Settings, reactor: IReactor | None = None, tracing: traci
     budget = StopBudget(settings.shutdown_grace_secs, reactor)
     top = SidecarService(readiness, make_observer(settings.log_level, settings.log_format, log_stream), budget)
     metrics = _metrics(settings, readiness)
-    edge, http = _edge(settings, reactor, readiness, metrics, tracing)
+    edge, http = _edge(settings, reactor, readiness, metrics, tracing, budget)
     state_dir = StateDirectory(settings.state_dir).lock() if settings.state_dir else None
     sources, delivery = Phase("sources"), Phase("delivery")
     online: Online | None = None
@@ -148,10 +148,11 @@ def _metrics(settings: Settings, readiness: Readiness) -> Metrics | None:
 
 
 def _edge(settings: Settings, reactor: IReactor, readiness: Readiness, metrics: Metrics | None,
-          tracing: tracing_setup.Tracing | None) -> tuple[Phase, HttpService]:
+          tracing: tracing_setup.Tracing | None, budget: StopBudget) -> tuple[Phase, HttpService]:
     edge = Phase("edge")
     if tracing is not None:
-        tracing.service(reactor).setServiceParent(edge)  # first in, stops last: flushes the last spans
+        # First in, so it stops last and flushes the last spans, within what the stop has left.
+        tracing.service(reactor, budget.remaining_for_last_step).setServiceParent(edge)
     http = HttpService(
         health_app(settings.health_endpoint_url, settings.ready_endpoint_url, readiness, metrics,
                    settings.metrics_max_age_ms / 1000),
@@ -211,7 +212,7 @@ def _read_counters(metrics: Metrics | None) -> ReadCounters:
     if metrics is None:
         return ReadCounters()
     fast_failed = {reason: metrics.fast_failed_reads.labels(reason) for reason in ("overloaded", "upstream_down")}
-    return ReadCounters(metrics.cache_hit, metrics.cache_miss, lambda reason: fast_failed[reason].inc())
+    return ReadCounters(metrics.hot.count_hit, metrics.cache_miss, lambda reason: fast_failed[reason].inc())
 
 
 def _sources(settings: Settings, reactor: IReactor, online: Online, state_dir: StateDirectory | None,
@@ -300,12 +301,13 @@ def _serving(settings: Settings, reactor: IReactor, readiness: Readiness, metric
         reactor=reactor,
         on_serving=lambda port: readiness.unblock("grpc"),
         # Tracing outermost (off, no interceptor at all), so a refused token is a span too; then the
-        # token check: MetricsInterceptor answers cached handlers without asking further in.
+        # token check. Metrics are no interceptor: the handlers are counted and timed where they
+        # are registered, so by default a call runs no interceptor pipeline at all.
         interceptors=[
             *([tracing.interceptor()] if tracing is not None else []),
             *access.interceptors,
-            *([MetricsInterceptor(metrics)] if metrics else []),
         ],
+        timed=metrics.hot.timed if metrics is not None else None,
         limits=connection_limits(settings),
         credentials=access.credentials,
     )

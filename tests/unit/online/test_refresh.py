@@ -26,7 +26,7 @@ class RecordingBackend:
 
     def fetch(self, customer_id, resource_id, mode="miss"):
         assert mode == "refresh"
-        d = Deferred()
+        d: Deferred[None] = Deferred()
         self.pending.append((customer_id, d))
         return d
 

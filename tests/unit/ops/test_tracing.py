@@ -10,14 +10,24 @@ from __future__ import annotations
 import logging
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.sampling import DEFAULT_OFF, Decision, ParentBasedTraceIdRatio
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
-from twisted.logger import globalLogPublisher
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar import spans
-from stigg_sidecar.ops.tracing import LinkAwareSampler, ThrottledComplaints, TracingConfigError, check, wanted
+from stigg_sidecar.ops.tracing import (
+    FLUSH_ON_STOP_SECS,
+    LinkAwareSampler,
+    ThrottledComplaints,
+    TracingConfigError,
+    _FlushOnStop,
+    check,
+    wanted,
+)
+from tests.fixtures.logs import log_events
+from tests.fixtures.reactor import reactor
 
 ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4318"}
 
@@ -99,9 +109,7 @@ class ThrottledComplaintsTests(TestCase):
     def test_one_line_per_interval_saying_how_many_were_held_back(self):
         now = [100.0]
         complaints = ThrottledComplaints(interval=60, clock=lambda: now[0])
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = log_events(self)
         sdk = logging.getLogger("opentelemetry.test-complaints")
         sdk.addHandler(complaints)
         sdk.propagate = False
@@ -170,3 +178,44 @@ class DescribeTests(TestCase):
         self.assertEqual(describe({**ENDPOINT, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://traces:9/x?token=secret"}),
                          "traces to http://traces:9/x")
         self.assertEqual(describe({"OTEL_TRACES_EXPORTER": "otlp"}), "traces to http://localhost:4318/v1/traces")
+
+
+class _RecordingProcessor(SpanProcessor):
+    """A span processor that records the time each flush was given."""
+
+    def __init__(self) -> None:
+        self.flush_timeouts: list[int] = []
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        self.flush_timeouts.append(timeout_millis)
+        return True
+
+
+class FlushOnStopTests(TestCase):
+    """The last spans are flushed at stop, but never past what the stop's budget has left: the
+    tracing service stops last, after the snapshot, and the orchestrator's SIGKILL follows."""
+
+    def flushing(self, seconds_left: float) -> tuple[_RecordingProcessor, Deferred]:
+        provider = TracerProvider()
+        processor = _RecordingProcessor()
+        provider.add_span_processor(processor)
+        service = _FlushOnStop(provider, reactor, lambda: seconds_left)
+        service.startService()
+        return processor, service.stopService()
+
+    async def test_the_flush_gets_what_the_budget_has_left(self):
+        processor, stopped = self.flushing(0.3)
+        await stopped
+        (given,) = processor.flush_timeouts
+        self.assertTrue(0 < given <= 300, given)
+
+    async def test_the_flush_is_capped_when_the_budget_is_generous(self):
+        processor, stopped = self.flushing(60)
+        await stopped
+        (given,) = processor.flush_timeouts
+        self.assertTrue(FLUSH_ON_STOP_SECS * 1000 - 100 < given <= FLUSH_ON_STOP_SECS * 1000, given)
+
+    def test_no_flush_once_the_budget_is_spent(self):
+        processor, stopped = self.flushing(0)
+        self.assertTrue(stopped.called)
+        self.assertEqual(processor.flush_timeouts, [])
