@@ -28,6 +28,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from stigg_sidecar.crossing.pool import HandlerPool
+from stigg_sidecar.grpc.timing import Timed, TimedServer
 from stigg_sidecar.process.listening import ListenError, probe_bind
 from stigg_sidecar.process.reactor import IReactor, default_reactor
 from stigg_sidecar.process.stopping import StopBudget
@@ -117,8 +118,11 @@ class GrpcService(Service):
         interceptors: Sequence[grpc.ServerInterceptor] = (),
         budget: StopBudget | None = None,
         credentials: grpc.ServerCredentials | None = None,
+        timed: Timed | None = None,
     ) -> None:
-        """`budget`: the stop's deadline shared with the other parts (else `grace` seconds of its own)."""
+        """`budget`: the stop's deadline shared with the other parts (else `grace` seconds of its own).
+        `timed(method, behaviour)`: wraps every unary handler registered, to count and time its calls
+        (`timing.TimedServer`; no interceptor)."""
         self._reactor = reactor if reactor is not None else default_reactor()
         self._registrations = registrations
         self._address = address
@@ -130,6 +134,7 @@ class GrpcService(Service):
         self._interceptors = list(interceptors)
         self._limits = limits
         self._credentials = credentials  # TLS only when given: plaintext is then refused
+        self._timed = timed
         self._server: grpc.Server | None = None
         self.pool: HandlerPool | None = None
         self.port: int | None = None
@@ -143,8 +148,9 @@ class GrpcService(Service):
             maximum_concurrent_rpcs=None,
             interceptors=self._interceptors,
         )
+        target = server if self._timed is None else cast(grpc.Server, TimedServer(server, self._timed))
         for register in self._registrations:
-            register(server)
+            register(target)
         return server
 
     def privilegedStartService(self) -> None:
