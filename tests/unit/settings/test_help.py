@@ -14,7 +14,7 @@ from stigg_sidecar.tap import Options
 
 class OptionHelpTests(SynchronousTestCase):
     def test_each_option_names_its_variable_and_default_once(self) -> None:
-        helps = {option: text for option, _short, _default, text in Options.optParameters}
+        helps = {option: str(text) for option, _short, _default, text in Options.optParameters}
         self.assertEqual(set(helps), {spec.option for spec in SPECS})
         for spec in SPECS:
             text = helps[spec.option]
@@ -24,7 +24,7 @@ class OptionHelpTests(SynchronousTestCase):
                 self.assertIn(f"default: {spec.default}", text)
 
     def test_computed_defaults_are_said_in_words(self) -> None:
-        helps = {option: text for option, _short, _default, text in Options.optParameters}
+        helps = {option: str(text) for option, _short, _default, text in Options.optParameters}
         self.assertIn("default: half the available memory]", helps["cache-max-size-bytes"])
         self.assertIn("default: BIND_ADDRESS]", helps["http-bind-address"])
         self.assertIn(
