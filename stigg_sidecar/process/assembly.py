@@ -191,7 +191,7 @@ def _online(settings: Settings, reactor: IReactor, metrics: Metrics | None) -> O
     # Decisions and expiries on Stigg's time when the local clock is off (each response's Date).
     now_ms = api.stigg_clock.now_ms
     fetcher = Fetcher(api, store, malformed, fetch_timeout, fleet=mirror, background_limit=waiting_reads.limit,
-                      now_ms=now_ms)
+                      now_ms=now_ms, clock=reactor, redis_budget=settings.redis_timeout_ms / 1000)
     key = ApiKeyState()
     reads = Reads(reactor, store, fetcher, key, waiting_reads, _read_counters(metrics), now_ms=now_ms)
     refresher = Refresher(reactor, store, fetcher.fetch)
