@@ -75,7 +75,7 @@ class RecoveryTests(TestCase):
         await self.start(realtime=True, STATE_DIR=state_dir, SPOOL_WRITES="1", SPOOL_FLUSH_MS="20")
         realtime = self.h.parts.online.realtime
         delivery = self.h.parts.writer
-        await until(lambda: realtime.is_connected and delivery._loaded, 10, "socket and spool up")
+        await until(lambda: realtime.is_connected and delivery.loaded, 10, "socket and spool up")
         self.h.emulator.state.faults.update({"down": True})
         for value in (1, 2, 3):  # acknowledged once durable, delivered later
             await self.h.call("ReportUsage", pb.ReportUsageRequest(customer_id="cold-0", feature_id="api-calls",

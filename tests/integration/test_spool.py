@@ -68,7 +68,7 @@ class DeliveryTimingTests(TestCase):
         )
         self.delivery.startService()
         self.addCleanup(self.delivery.stopService)
-        await until(lambda: self.delivery._loaded, what="spool loaded")
+        await until(lambda: self.delivery.loaded, what="spool loaded")
 
     def sent(self) -> int:
         counts = self.emulator.state.request_counts()
@@ -76,7 +76,7 @@ class DeliveryTimingTests(TestCase):
 
     async def test_a_partial_batch_waits_for_the_flush_interval_a_full_one_goes_at_once(self):
         await self.start(batch_size=3, flush=1.0)
-        acks = await self.delivery._accept_usage([usage(), usage()], 1.0)
+        acks = await self.delivery.acceptor.accept_usage([usage(), usage()], 1.0)
         self.assertEqual(len(acks), 2)
         await deferLater(reactor, 0.1, lambda: None)  # the network has time; the flush timer has not fired
         self.assertEqual(self.sent(), 0)
@@ -87,7 +87,7 @@ class DeliveryTimingTests(TestCase):
         await until(lambda: self.delivery.delivered == 2, what="the partial batch delivered")
         self.assertEqual(self.emulator.state.request_counts().get("ReportUsageBulk"), 1)
 
-        await self.delivery._accept_usage([usage(), usage(), usage()], 1.0)  # a full batch: no waiting
+        await self.delivery.acceptor.accept_usage([usage(), usage(), usage()], 1.0)  # a full batch: no waiting
         await until(lambda: self.delivery.delivered == 5, what="the full batch delivered")
         self.assertEqual(self.emulator.state.request_counts().get("ReportUsageBulk"), 2)
         self.assertEqual(self.delivery.records, 0)
@@ -96,8 +96,8 @@ class DeliveryTimingTests(TestCase):
     async def test_retries_back_off_capped_then_deliver_once_stigg_is_back(self):
         await self.start(batch_size=1, backoff=RetryPolicy(initial=1.0, factor=2.0, max_delay=4.0), rng=lambda: 1.0)
         self.emulator.state.faults.update({"down": True})
-        await self.delivery._accept_usage([usage()], 1.0)  # a full batch of one: sent at once
-        await until(lambda: self.sent() == 1 and self.delivery._waiting["usage"] is not None, what="first failure")
+        await self.delivery.acceptor.accept_usage([usage()], 1.0)  # a full batch of one: sent at once
+        await until(lambda: self.sent() == 1 and self.delivery.sender._waiting["usage"] is not None, what="first failure")
         for expected_delay, attempts in ((1.0, 2), (2.0, 3), (4.0, 4), (4.0, 5)):  # doubling, capped at 4
             self.clock.advance(expected_delay - 0.01)
             await deferLater(reactor, 0.05, lambda: None)
@@ -105,19 +105,19 @@ class DeliveryTimingTests(TestCase):
             self.clock.advance(0.01)
 
             def retried(n: int = attempts) -> bool:
-                return self.sent() == n and self.delivery._waiting["usage"] is not None
+                return self.sent() == n and self.delivery.sender._waiting["usage"] is not None
 
             await until(retried, what=f"attempt {attempts}")
         self.emulator.state.faults.update({"down": False})
         self.clock.advance(4.0)
         await until(lambda: self.delivery.delivered == 1, what="delivered after the outage")
         self.assertEqual(len(self.emulator.state.usage_log()), 1)
-        self.assertEqual(self.delivery._failures["usage"], 0)
+        self.assertEqual(self.delivery.sender._failures["usage"], 0)
 
     async def test_a_stop_with_no_time_left_keeps_the_record_and_says_so_in_the_singular(self):
         await self.start(batch_size=10, flush=60.0)
         events = log_events(self)
-        await self.delivery._accept_usage([usage()], 1.0)
+        await self.delivery.acceptor.accept_usage([usage()], 1.0)
         await self.delivery.stopService()  # grace 0: nothing is sent
         self.assertEqual(self.sent(), 0)
         lines = [formatEvent(e) for e in events if "on disk for the next start" in formatEvent(e)]
@@ -134,11 +134,11 @@ class DeliveryTimingTests(TestCase):
         await self.start(batch_size=1000, flush=60.0)
         # SPOOL_MAX_BYTES counts what the files take on disk: room for a few commits past the empty spool's.
         limit = self.delivery.spool.disk_bytes + 200_000
-        self.delivery._max_bytes = limit
+        self.delivery.acceptor._max_bytes = limit
         accepted = 0
         with self.assertRaises(WriteError) as refused:
             for _ in range(100):
-                await self.delivery._accept_usage([usage()], 1.0)
+                await self.delivery.acceptor.accept_usage([usage()], 1.0)
                 accepted += 1
         self.assertEqual(refused.exception.failure, WriteFailure.RESOURCE_EXHAUSTED)
         self.assertIn("write spool full", refused.exception.message)
@@ -147,7 +147,7 @@ class DeliveryTimingTests(TestCase):
         self.assertEqual(self.delivery.records, accepted)
         self.clock.advance(60.0)
         await until(lambda: self.delivery.delivered == accepted, what="the spool delivered")
-        await self.delivery._accept_usage([usage()], 1.0)  # room again
+        await self.delivery.acceptor.accept_usage([usage()], 1.0)  # room again
 
 
 class SpooledSidecarTests(TestCase):

@@ -39,7 +39,7 @@ class SpoolDiskTests(TestCase):
         h = await OnlineHarness(self, reactor).start(
             data.SEED, STATE_DIR=state_dir, SPOOL_WRITES="1", SPOOL_FLUSH_MS="20", **settings)
         self.delivery = h.parts.writer
-        await until(lambda: self.delivery._loaded, what="spool loaded")
+        await until(lambda: self.delivery.loaded, what="spool loaded")
         await h.faults(down=True)
         return h
 

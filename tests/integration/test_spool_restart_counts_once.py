@@ -36,7 +36,7 @@ class RestartCountsOnceTests(TestCase):
         first_dir = self.directory()
         a = await OnlineHarness(self, reactor).start(
             data.SEED, STATE_DIR=first_dir, SPOOL_WRITES="1", SPOOL_FLUSH_MS="60000", SPOOL_BATCH_SIZE="1000")
-        await until(lambda: a.parts.writer._loaded, what="the spool loaded")
+        await until(lambda: a.parts.writer.loaded, what="the spool loaded")
         before = (await a.call("GetMeteredEntitlement", METERED)).entitlement.current_usage
         for _ in range(3):
             await a.call("ReportUsage", pb.ReportUsageRequest(customer_id="acme", feature_id="api-calls", value=1))
@@ -55,7 +55,7 @@ class RestartCountsOnceTests(TestCase):
         b = await OnlineHarness(self, reactor).start(
             data.SEED, emulator=a.emulator, STATE_DIR=second_dir, SPOOL_WRITES="1", SPOOL_FLUSH_MS="20")
         again = b.parts.writer
-        await until(lambda: again._loaded and again.records == 3, what="the spool loaded")
+        await until(lambda: again.loaded and again.records == 3, what="the spool loaded")
         shown = (await b.call("GetMeteredEntitlement", METERED)).entitlement.current_usage
         self.assertEqual(shown, stigg)  # not stigg + 3
         await until(lambda: again.records == 0, timeout=20, what="re-delivered")

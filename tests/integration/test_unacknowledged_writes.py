@@ -33,7 +33,7 @@ class UnacknowledgedWriteTests(TestCase):
             data.SEED, STATE_DIR=self.state_dir, SPOOL_WRITES="1", SPOOL_FLUSH_MS="20"
         )
         self.delivery = self.h.parts.writer
-        await until(lambda: self.delivery._loaded, what="spool loaded")
+        await until(lambda: self.delivery.loaded, what="spool loaded")
         self.released = threading.Event()
         self.addCleanup(self.released.set)
 
