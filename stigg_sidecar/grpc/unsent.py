@@ -1,0 +1,135 @@
+"""UnsentAnswers: a call whose client does not take its answer within a bound is cancelled.
+
+A client may open a connection with an HTTP/2 flow-control window of 0 and never read. Each of its
+calls is then answered but never sent: grpc-core keeps the call (its arena, its HTTP/2 stream, the
+answer) and grpcio its Python state, about 10-25 KB a call, until the connection closes. Capped
+only by GRPC_MAX_CONCURRENT_STREAMS per connection, 60 such connections pinned hundreds of MB.
+
+So the interceptor notes every call whose handler has returned, and grpc-core's end of the call
+(`add_callback`) forgets it. A well-behaved client takes its answer at once (its library reads and
+opens the window whatever the application does), so an answer still unsent `grace` seconds after
+its handler returned is one the client is not reading: `sweep` cancels the call (RST_STREAM), which
+frees it. What one connection can pin is then the answers it was given in the last `grace` seconds,
+not its streams times the connections' lifetime. After a sweep that freed many calls, glibc is
+asked to give the freed heap back to the system (`malloc_trim`), else RSS never comes down.
+
+Owns the bookkeeping and the cancelling; the GrpcService runs `sweep` on its reactor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+# An answer not taken within this many seconds after its handler returned: the call is cancelled.
+UNSENT_ANSWER_SECS = 1.0
+# Sweeps run this often (so an unsent answer lives at most grace + this).
+SWEEP_SECS = 0.25
+# A sweep that cancelled at least this many calls gives freed memory back to the system.
+TRIM_AFTER = 256
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim(0), or nothing where there is no glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+
+    def run() -> None:
+        trim(0)
+
+    return run
+
+
+class UnsentAnswers(grpc.ServerInterceptor):
+    """Remembers answered-but-unfinished unary calls; `sweep` cancels those older than `grace`."""
+
+    def __init__(self, grace: float = UNSENT_ANSWER_SECS, clock: Callable[[], float] = time.monotonic,
+                 trim: Callable[[], None] | None = None) -> None:
+        self.grace = grace
+        self._clock = clock
+        self._trim = trim if trim is not None else _malloc_trim()
+        self._lock = threading.Lock()
+        self._keys = itertools.count()
+        # key -> (when the handler returned, the call's context); insertion order is time order.
+        self._waiting: dict[int, tuple[float, grpc.ServicerContext]] = {}
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.cancelled = 0  # calls cancelled since start
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        wrapped = self._handlers.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streaming methods (health Watch, reflection) are left alone
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            self._watched(handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        if len(self._handlers) < 1000:  # method names come from clients: bounded
+            self._handlers[method] = wrapped
+        return wrapped
+
+    def _watched(self, behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def watched(request: Any, context: grpc.ServicerContext) -> Any:
+            response = behaviour(request, context)
+            self._answered(context)
+            return response
+
+        return watched
+
+    def _answered(self, context: grpc.ServicerContext) -> None:
+        """The handler returned; grpcio sends the answer next. Remember the call until it ends."""
+        key = next(self._keys)
+        with self._lock:
+            self._waiting[key] = (self._clock(), context)
+        # The callback runs when grpc-core ends the call: answer sent, or the call cancelled.
+        if not context.add_callback(lambda: self._ended(key)):
+            self._ended(key)  # already over
+
+    def _ended(self, key: int) -> None:
+        with self._lock:
+            self._waiting.pop(key, None)
+
+    def sweep(self) -> int:
+        """Cancel every call whose answer has waited longer than `grace`; how many were."""
+        stale: list[grpc.ServicerContext] = []
+        limit = self._clock() - self.grace
+        with self._lock:
+            keys = []
+            for key, (since, context) in self._waiting.items():
+                if since > limit:
+                    break
+                keys.append(key)
+                stale.append(context)
+            for key in keys:
+                del self._waiting[key]
+        for context in stale:
+            context.cancel()  # RST_STREAM: grpc-core frees the call and its stream
+        self.cancelled += len(stale)
+        if len(stale) >= TRIM_AFTER:
+            self._trim()
+        return len(stale)
