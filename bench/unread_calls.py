@@ -5,7 +5,8 @@
 Starts an OFFLINE sidecar (pinned to core 0), reads its RSS, then opens --connections HTTP/2
 connections that announce a flow-control window of 0, send as many GetBooleanEntitlement calls as
 the sidecar allows on each (784 attempted) and never read a byte. Prints the RSS growth, per
-connection and per unread call, after the calls settle. --env passes settings to the sidecar, e.g.
+connection, after the calls settle, and a well-behaved client's p99 latency before and while the
+connections are open. --env passes settings to the sidecar, e.g.
 `--env MAX_WAITING_READS=40 --env MAX_WAITING_WRITES=16 --env GRPC_MAX_WORKERS=8` (which makes
 GRPC_MAX_CONCURRENT_STREAMS 64). Run by hand, never in CI.
 """
@@ -17,16 +18,19 @@ import socket
 import sys
 import time
 
+import grpc
 import h2.config
 import h2.connection
 import h2.settings
 
 from bench.harness import Children, rss_kib, run_with_children, start_sidecar
 from stigg_sidecar._proto import sidecar_pb2 as pb
+from stigg_sidecar._proto.sidecar_pb2_grpc import SidecarServiceStub
 
 SIDECAR_CPU = 0
 CALLS_PER_CONNECTION = 784
 SETTLE_MAX = 90.0  # seconds at most for RSS to stop growing
+WELL_BEHAVED_CALLS = 300
 
 
 def settled_rss(pid: int) -> int:
@@ -39,6 +43,21 @@ def settled_rss(pid: int) -> int:
         if len(readings) > 3 and readings[-1] - readings[-4] < 1024:
             break
     return readings[-1]
+
+
+def p99_ms(port: int) -> float:
+    """p99 of WELL_BEHAVED_CALLS sequential GetBooleanEntitlement calls on one grpcio channel, in ms."""
+    request = pb.GetBooleanEntitlementRequest(customer_id="customer", feature_id="feature")
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = SidecarServiceStub(channel)
+        stub.GetBooleanEntitlement(request, timeout=30)
+        times = []
+        for _ in range(WELL_BEHAVED_CALLS):
+            started = time.perf_counter()
+            stub.GetBooleanEntitlement(request, timeout=30)
+            times.append(time.perf_counter() - started)
+    times.sort()
+    return times[int(len(times) * 0.99) - 1] * 1000
 
 
 def unread_connection(port: int, calls: int) -> socket.socket:
@@ -64,13 +83,17 @@ def unread_connection(port: int, calls: int) -> socket.socket:
 def bench(children: Children, connections: int, env: dict[str, str]) -> int:
     sidecar = start_sidecar(children, SIDECAR_CPU, None, env)
     time.sleep(1.0)
+    baseline = p99_ms(sidecar.grpc_port)
     before = rss_kib(sidecar.child.popen.pid)
     held = [unread_connection(sidecar.grpc_port, CALLS_PER_CONNECTION) for _ in range(connections)]
     after = settled_rss(sidecar.child.popen.pid)
+    during = p99_ms(sidecar.grpc_port)
     grown = after - before
     print(f"settings {env or '(defaults)'}: {connections} connections never reading")
     print(f"RSS {before / 1024:.0f} -> {after / 1024:.0f} MiB: +{grown / 1024:.0f} MiB, "
           f"{grown / connections / 1024:.1f} MiB per connection")
+    print(f"well-behaved client, {WELL_BEHAVED_CALLS} calls: p99 {baseline:.2f} ms before, {during:.2f} ms "
+          "while the connections are open")
     for sock in held:
         sock.close()
     return 0

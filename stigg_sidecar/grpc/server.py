@@ -23,12 +23,12 @@ from typing import Any, cast
 import grpc
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from stigg_sidecar.crossing.pool import HandlerPool
-from stigg_sidecar.grpc.unsent import SWEEP_SECS, UnsentAnswers
+from stigg_sidecar.grpc.unsent import UnsentAnswers
 from stigg_sidecar.process.listening import ListenError, probe_bind
 from stigg_sidecar.process.reactor import IReactor, default_reactor
 from stigg_sidecar.process.stopping import StopBudget
@@ -133,7 +133,6 @@ class GrpcService(Service):
         self._credentials = credentials  # TLS only when given: plaintext is then refused
         # Innermost: it sees a handler return, and cancels calls whose client never takes the answer.
         self.unsent = UnsentAnswers()
-        self._sweeping: LoopingCall | None = None
         self._server: grpc.Server | None = None
         self.pool: HandlerPool | None = None
         self.port: int | None = None
@@ -177,9 +176,6 @@ class GrpcService(Service):
             self.privilegedStartService()
         assert self._server is not None
         self._server.start()
-        self._sweeping = LoopingCall(self.unsent.sweep)
-        self._sweeping.clock = self._reactor
-        self._sweeping.start(SWEEP_SECS, now=False)
         log.info("gRPC listening on {address}:{port}{tls}", address=self._address, port=self.port,
                  tls=" (TLS)" if self._credentials is not None else "")
         if self._on_serving is not None:
@@ -189,9 +185,6 @@ class GrpcService(Service):
     def stopService(self) -> Deferred | None:
         super().stopService()
         server, self._server = self._server, None
-        sweeping, self._sweeping = self._sweeping, None
-        if sweeping is not None and sweeping.running:
-            sweeping.stop()
         if server is None:
             return None
         self._budget.begin()

@@ -13,7 +13,9 @@ frees it. What one connection can pin is then the answers it was given in the la
 not its streams times the connections' lifetime. After a sweep that freed many calls, glibc is
 asked to give the freed heap back to the system (`malloc_trim`), else RSS never comes down.
 
-Owns the bookkeeping and the cancelling; the GrpcService runs `sweep` on its reactor.
+Owns the bookkeeping and the cancelling. The sweeps run on a thread of their own that exists only
+while answers wait (a server that is stopped or idle has none), so they need neither the reactor
+nor a stop.
 """
 
 from __future__ import annotations
@@ -58,8 +60,11 @@ class UnsentAnswers(grpc.ServerInterceptor):
     """Remembers answered-but-unfinished unary calls; `sweep` cancels those older than `grace`."""
 
     def __init__(self, grace: float = UNSENT_ANSWER_SECS, clock: Callable[[], float] = time.monotonic,
-                 trim: Callable[[], None] | None = None) -> None:
+                 trim: Callable[[], None] | None = None, background: bool = True) -> None:
+        """`background`: sweep on a thread every SWEEP_SECS (off: only when `sweep` is called)."""
         self.grace = grace
+        self._background = background
+        self._sweeper: threading.Thread | None = None
         self._clock = clock
         self._trim = trim if trim is not None else _malloc_trim()
         self._lock = threading.Lock()
@@ -104,8 +109,13 @@ class UnsentAnswers(grpc.ServerInterceptor):
     def _answered(self, context: grpc.ServicerContext) -> None:
         """The handler returned; grpcio sends the answer next. Remember the call until it ends."""
         key = next(self._keys)
+        start = None
         with self._lock:
             self._waiting[key] = (self._clock(), context)
+            if self._background and self._sweeper is None:
+                start = self._sweeper = threading.Thread(target=self._sweeping, name="grpc-unsent-sweep", daemon=True)
+        if start is not None:
+            start.start()
         # The callback runs when grpc-core ends the call: answer sent, or the call cancelled.
         if not context.add_callback(lambda: self._ended(key)):
             self._ended(key)  # already over
@@ -113,6 +123,16 @@ class UnsentAnswers(grpc.ServerInterceptor):
     def _ended(self, key: int) -> None:
         with self._lock:
             self._waiting.pop(key, None)
+
+    def _sweeping(self) -> None:
+        """The sweeper thread: sweeps until no answer waits."""
+        while True:
+            time.sleep(SWEEP_SECS)
+            self.sweep()
+            with self._lock:
+                if not self._waiting:
+                    self._sweeper = None
+                    return
 
     def sweep(self) -> int:
         """Cancel every call whose answer has waited longer than `grace`; how many were."""

@@ -52,7 +52,7 @@ class UnsentAnswersTests(SynchronousTestCase):
         def trim() -> None:
             self.trims += 1
 
-        self.unsent = UnsentAnswers(grace=1.0, clock=self.clock, trim=trim)
+        self.unsent = UnsentAnswers(grace=1.0, clock=self.clock, trim=trim, background=False)
         self.handler = self.unsent._watched(lambda request, context: f"answer to {request}")
 
     def answer(self, context: Context, request: str = "r") -> None:
