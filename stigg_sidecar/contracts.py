@@ -152,7 +152,8 @@ class EntitlementSource(Protocol):
         """The entry if it is in memory and fresh: no I/O, no waiting."""
 
     def lookup(self, customer_id: str, resource_id: str | None, timeout: float) -> CustomerEntry | None:
-        """The entry, or None when the answer must come from fallbacks."""
+        """After `peek` missed: the entry from further away, or None when the answer must come
+        from fallbacks. Readers peek once, then look up only on a miss."""
 
     def memo_grew(self, entry: CustomerEntry, nbytes: int) -> None:
         """A reader memoized `nbytes` more on `entry`: count them against the cache's budget."""

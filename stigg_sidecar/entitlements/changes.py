@@ -30,26 +30,20 @@ _ENTRY_FIELDS = ("customer_id", "resource_id", "access_denied_reason", "features
 
 
 
-def apply_usage(
-    entry: CustomerEntry,
-    kind: str,
-    ref_id: str,
-    current_usage: float,
-    usage_period_start: int | None,
-    usage_period_end: int | None,
-    updated_at: int,
-) -> CustomerEntry | None:
-    """A copy of `entry` with one entitlement's usage replaced, or None when nothing applies.
+def apply_usage(entry: CustomerEntry, kind: str, ref_id: str, usage: Usage) -> CustomerEntry | None:
+    """A copy of `entry` with one entitlement's usage replaced by `usage`, or None when nothing applies.
 
     `kind` is "FEATURE" (ref_id is a feature refId) or "CREDIT" (a currency id; credits have no
-    period start, so `usage_period_start` is ignored). None when the entitlement is not in the
-    entry, the kind is unknown, or the stored usage is newer than `updated_at`; equal applies.
+    period start, so `usage.usage_period_start` is ignored). None when the entitlement is not in
+    the entry, the kind is unknown, or the stored usage is newer than `usage.updated_at`; equal
+    applies.
     """
+    updated_at = usage.updated_at
     if kind == "FEATURE":
         feature = entry.features.get(ref_id)
         if feature is None or feature.usage.updated_at > updated_at:
             return None
-        changed = replace(feature, usage=Usage(current_usage, usage_period_start, usage_period_end, updated_at))
+        changed = replace(feature, usage=usage)
         size = entry.size - usage_bytes(feature._usage) + usage_bytes(changed._usage)  # type: ignore[attr-defined]
         features = entry.features
         assert isinstance(features, FrozenMap)  # __post_init__ makes it one
@@ -59,7 +53,8 @@ def apply_usage(
         if credit is None or credit.usage_updated_at > updated_at:
             return None
         changed_credit = replace(
-            credit, current_usage=current_usage, usage_period_end=usage_period_end, usage_updated_at=updated_at
+            credit, current_usage=usage.current_usage, usage_period_end=usage.usage_period_end,
+            usage_updated_at=updated_at,
         )
         return replace(entry, credits={**entry.credits, ref_id: changed_credit})
     return None

@@ -5,8 +5,10 @@ with no deserializer: each handler receives the raw bytes, parses them itself an
 INVALID_ARGUMENT naming the problem (the field whose string is not UTF-8, the truncated varint).
 A parsed request is then held to the documented limits (README, "Input limits"): ids non-empty
 where required and at most MAX_ID_BYTES, bounded repeated fields and maps, finite numbers, known
-enum values, timestamps in a plausible range. Only then does the servicer see it, so a hostile
-request costs a parse and a few length checks, never a lookup, an upstream call or a log line.
+enum values, timestamps in a plausible range, exactly one of GetEntitlementV2's feature and
+currency ids. Only then does the servicer see it, so a hostile request costs a parse and a few
+length checks, never a lookup, an upstream call or a log line. This is the only validator: the
+servicer relies on it and checks nothing again.
 
 Owns the limits and `InvalidArgument`; never touches the cache or the upstream.
 """
@@ -148,6 +150,11 @@ def _v2_read(request: pb.GetEntitlementV2Request) -> None:
     check_optional_id(request, "currency_id")
     check_optional_id(request, "resource_id")
     _check_options(request)
+    # Set means set and non-empty (an empty optional id means absent).
+    if bool(request.HasField("feature_id") and request.feature_id) == bool(
+        request.HasField("currency_id") and request.currency_id
+    ):
+        raise InvalidArgument("exactly one of feature_id and currency_id must be set")
 
 
 def _customer_read(request: Any) -> None:
@@ -304,9 +311,18 @@ def _abort(context: grpc.ServicerContext, message: str) -> None:
     context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-def _intake(name: str, request_type: Any, behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable:
+# The typed checks memoize their answers keyed by the request's bytes: their handlers are given
+# the bytes as they arrived too (`behaviour(request, context, data)`), so nothing serializes the
+# parsed request again to key the memo.
+KEYED_BY_BYTES = frozenset(
+    ("GetBooleanEntitlement", "GetNumericEntitlement", "GetMeteredEntitlement", "GetEnumEntitlement")
+)
+
+
+def _intake(name: str, request_type: Any, behaviour: Callable[..., Any]) -> Callable:
     parse = request_type.FromString
     check = CHECKS[name]
+    with_bytes = name in KEYED_BY_BYTES
 
     def handle(data: bytes, context: grpc.ServicerContext) -> Any:
         try:
@@ -317,35 +333,27 @@ def _intake(name: str, request_type: Any, behaviour: Callable[[Any, grpc.Service
             check(request)
         except InvalidArgument as e:
             _abort(context, str(e))
-        return behaviour(request, context)
+        response = behaviour(request, context, data) if with_bytes else behaviour(request, context)
+        # Serialized here, so grpcio calls no serializer of ours: a memoized answer is bytes already.
+        return response if response.__class__ is bytes else response.SerializeToString()
 
     handle.__name__ = name
     return handle
 
 
 def sidecar_method_handlers(servicer: Any) -> dict[str, grpc.RpcMethodHandler]:
-    """SidecarService's handlers, each taking raw bytes (see the module docstring)."""
+    """SidecarService's handlers, each taking raw bytes and answering serialized ones (see the
+    module docstring): grpcio neither parses nor serializes for them."""
     service = pb.DESCRIPTOR.services_by_name["SidecarService"]
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
         request_type = GetMessageClass(method.input_type)
-        response_type = GetMessageClass(method.output_type)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             _intake(method.name, request_type, getattr(servicer, method.name)),
             request_deserializer=None,
-            response_serializer=_serializer(response_type),
+            response_serializer=None,
         )
     return handlers
-
-
-def _serializer(response_type: Any) -> Callable[[Any], bytes]:
-    """The response's wire form; an answer the servicer memoized arrives serialized already."""
-    serialize = response_type.SerializeToString
-
-    def to_wire(response: Any) -> bytes:
-        return response if response.__class__ is bytes else serialize(response)
-
-    return to_wire
 
 
 def add_sidecar_service(servicer: Any, server: grpc.Server) -> None:

@@ -28,6 +28,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from stigg_sidecar.crossing.pool import HandlerPool
+from stigg_sidecar.grpc.timing import Behaviour, Timed, TimedServer
 from stigg_sidecar.grpc.unsent import UnsentAnswers
 from stigg_sidecar.process.listening import ListenError, probe_bind
 from stigg_sidecar.process.reactor import IReactor, default_reactor
@@ -118,8 +119,11 @@ class GrpcService(Service):
         interceptors: Sequence[grpc.ServerInterceptor] = (),
         budget: StopBudget | None = None,
         credentials: grpc.ServerCredentials | None = None,
+        timed: Timed | None = None,
     ) -> None:
-        """`budget`: the stop's deadline shared with the other parts (else `grace` seconds of its own)."""
+        """`budget`: the stop's deadline shared with the other parts (else `grace` seconds of its own).
+        `timed(method, behaviour)`: wraps every unary handler registered, to count and time its calls
+        (`timing.TimedServer`; no interceptor)."""
         self._reactor = reactor if reactor is not None else default_reactor()
         self._registrations = registrations
         self._address = address
@@ -131,7 +135,9 @@ class GrpcService(Service):
         self._interceptors = list(interceptors)
         self._limits = limits
         self._credentials = credentials  # TLS only when given: plaintext is then refused
-        # Innermost: it sees a handler return, and cancels calls whose client never takes the answer.
+        self._timed = timed
+        # Innermost wrapper of every unary handler: it sees the handler return, and cancels calls
+        # whose client does not take the answer (grpc/unsent.py).
         self.unsent = UnsentAnswers()
         self._server: grpc.Server | None = None
         self.pool: HandlerPool | None = None
@@ -144,11 +150,17 @@ class GrpcService(Service):
             cast(futures.ThreadPoolExecutor, self.pool),
             options=server_options(self._max_message_bytes, self._limits),
             maximum_concurrent_rpcs=None,
-            interceptors=[*self._interceptors, self.unsent],
+            interceptors=self._interceptors,
         )
+        target = cast(grpc.Server, TimedServer(server, self._wrap))
         for register in self._registrations:
-            register(server)
+            register(target)
         return server
+
+    def _wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
+        """Each unary handler: watched for unsent answers, then counted and timed (`timed`)."""
+        watched = self.unsent.wrap(method, behaviour)
+        return watched if self._timed is None else self._timed(method, watched)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()

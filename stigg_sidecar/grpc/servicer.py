@@ -1,14 +1,15 @@
 """The twelve RPCs of stigg.sidecar.v1.SidecarService.
 
-Runs on grpcio's handler threads. Validates requests (INVALID_ARGUMENT naming the field), asks the
-EntitlementSource for an immutable entry, decides with the pure rules and converts the decision.
-Reads never fail: anything unexpected answers the fallback. Writes go to the Writer and fail with
-a precise status. Never mutates shared state: that is the reactor's job, behind the source/writer.
+Runs on grpcio's handler threads, on requests `intake` has already parsed and held to the input
+limits (it is the only validator: nothing here checks a field again). Asks the EntitlementSource
+for an immutable entry (one peek of the cache per read; a miss then waits for the fetch), decides
+with the pure rules and converts the decision. Reads never fail: anything unexpected answers the
+fallback. Writes go to the Writer and fail with a precise status. Never mutates shared state: that
+is the reactor's job, behind the source/writer.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
@@ -33,7 +34,6 @@ from stigg_sidecar.entitlements.decide import (
 from stigg_sidecar.entitlements.fallback import FallbackValues
 from stigg_sidecar.entitlements.records import CustomerEntry
 from stigg_sidecar.grpc import convert
-from stigg_sidecar.grpc.intake import InvalidArgument as _InvalidArgument
 from stigg_sidecar.quoting import clipped, quoted
 
 log = Logger()
@@ -59,13 +59,6 @@ _DEADLINE_MARGIN_SHARE = 0.1
 _DEADLINE_MARGIN_MIN = 0.05
 _DEADLINE_MARGIN_MAX = 0.5
 
-
-def _required(value: str, name: str) -> str:
-    if not value:
-        raise _InvalidArgument(f"{name} must not be empty")
-    return value
-
-
 def _optional_id(message: Any, name: str) -> str | None:
     """An `optional string` field; unset and empty both mean absent."""
     if not message.HasField(name):
@@ -73,17 +66,11 @@ def _optional_id(message: Any, name: str) -> str | None:
     return getattr(message, name) or None
 
 
-def _timestamp(message: Any, name: str) -> int | None:
-    try:
-        return convert.request_timestamp(message)
-    except ValueError:
-        raise _InvalidArgument(f"{name} is out of range") from None
-
-
-def _finite(value: float, name: str) -> float:
-    if not math.isfinite(value):
-        raise _InvalidArgument(f"{name} must be a finite number")
-    return value
+def _requested_usage(options: Any) -> float | None:
+    """`options.requested_usage` when set (intake has held it finite)."""
+    if options is not None and options.HasField("requested_usage"):
+        return options.requested_usage
+    return None
 
 
 def _generic_kind(requested_usage: float | None, requested_values: tuple[str, ...], fb: FallbackValues | None) -> str:
@@ -141,16 +128,17 @@ class SidecarServicer(SidecarServiceServicer):
             return convert.fallback_values(options.fallback)
         return self._fallbacks.get(feature_id)
 
-    def _read(self, context: grpc.ServicerContext, answer: Callable[[], R], fallback: Callable[[], R]) -> R:
-        """Run a read; bad input aborts with INVALID_ARGUMENT, anything else answers the fallback."""
+    def _read(self, answer: Callable[[], R], fallback: Callable[[], R]) -> R:
+        """Run a read; anything unexpected answers the fallback (and logs why)."""
         try:
             return answer()
-        except _InvalidArgument as e:
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Exception:
-            log.failure("Read failed; answering the fallback")
-            self._on_fallback("error")
-            return fallback()
+            return self._failed(fallback)
+
+    def _failed(self, fallback: Callable[[], R]) -> R:
+        log.failure("Read failed; answering the fallback")
+        self._on_fallback("error")
+        return fallback()
 
     def _counted(self, decision: Decision) -> Decision:
         if decision.is_fallback:
@@ -163,12 +151,16 @@ class SidecarServicer(SidecarServiceServicer):
         context.abort(code, clipped(message, _MAX_DETAILS))
         raise AssertionError("context.abort returned")  # pragma: no cover
 
+    def _lookup(self, context: grpc.ServicerContext, customer_id: str, resource_id: str | None) -> CustomerEntry | None:
+        """After a peek missed: wait (within the caller's deadline) for the fetch; None: fallback."""
+        return self._source.lookup(customer_id, resource_id, self._budget(context, self._read_timeout))
+
     def _entry(self, context: grpc.ServicerContext, customer_id: str, resource_id: str | None) -> CustomerEntry | None:
-        # The fast path asks for nothing but the cache; the deadline is read only for a miss.
+        # One peek; the deadline is read only for a miss.
         entry = self._source.peek(customer_id, resource_id)
         if entry is not None:
             return entry
-        return self._source.lookup(customer_id, resource_id, self._budget(context, self._read_timeout))
+        return self._lookup(context, customer_id, resource_id)
 
     def _feature_decision(
         self,
@@ -178,12 +170,10 @@ class SidecarServicer(SidecarServiceServicer):
         requested_usage: float | None = None,
         requested_values: tuple[str, ...] = (),
     ) -> Decision:
-        customer_id = _required(request.customer_id, "customer_id")
-        feature_id = _required(request.feature_id, "feature_id")
-        resource_id = _optional_id(request, "resource_id")
+        feature_id = request.feature_id
         options = request.options if request.HasField("options") else None
         fb = self._fallback_for(feature_id, options)
-        entry = self._entry(context, customer_id, resource_id)
+        entry = self._entry(context, request.customer_id, _optional_id(request, "resource_id"))
         if entry is None:
             fallback_kind = kind or _generic_kind(requested_usage, requested_values, fb)
             return self._counted(fallback_decision(fallback_kind, feature_id, fb, requested_usage, requested_values))
@@ -194,105 +184,108 @@ class SidecarServicer(SidecarServiceServicer):
         self,
         context: grpc.ServicerContext,
         request: Any,
+        raw: bytes | None,
         kind: str,
         build: Callable[[Decision], M],
         requested_usage: float | None = None,
         requested_values: tuple[str, ...] = (),
     ) -> M | bytes:
         """A typed check. Its answer from a cached entry is memoized on that entry, serialized
-        (the server's serializer passes bytes through), keyed by the request's bytes: entries are
-        immutable and replaced whole, so a new entry starts with an empty memo. A metered answer
-        is reused only within its usage period (not past a roll-over, nor after the clock went back
-        before it). A memoized answer costs ~150 bytes where the message object cost ~900, and is
-        never serialized again."""
-
-        # The fast path, most calls: the customer is cached and this request's answer memoized.
-        # Nothing is built for it (no closures, no decision); anything else takes the full path.
+        (the server's serializer passes bytes through), keyed by the request's bytes as they came
+        off the wire (`raw`, from intake; a request passed without them is serialized for the
+        key): entries are immutable and replaced whole, so a new entry starts with an empty memo.
+        A metered answer is reused only within its usage period (not past a roll-over, nor after
+        the clock went back before it). A memoized answer costs ~150 bytes where the message
+        object cost ~900, and is never serialized again."""
+        memo_key = (kind, request.SerializeToString() if raw is None else raw)
+        source = self._source
         try:
             customer_id = request.customer_id
-            cached = self._source.peek(customer_id, request.resource_id or None) if customer_id else None
-        except Exception:
-            cached = None  # the full path answers (or falls back, and logs why)
-        if cached is not None:
-            memo_key = (kind, request.SerializeToString())
-            memo = cached.memo
-            if memo is not None:
-                memoized = memo.get(memo_key)
-                if memoized is not None and _memo_holds(memoized, self._source.now_ms()):
-                    return memoized[0]
-
-        def fallback() -> M | bytes:
-            fb = self._fallback_for(request.feature_id, request.options if request.HasField("options") else None)
-            return build(fallback_decision(kind, request.feature_id, fb, requested_usage, requested_values))
-
-        def answer() -> M | bytes:
-            customer_id = _required(request.customer_id, "customer_id")
-            feature_id = _required(request.feature_id, "feature_id")
-            options = request.options if request.HasField("options") else None
-            entry = cached or self._entry(context, customer_id, _optional_id(request, "resource_id"))
-            fb = self._fallback_for(feature_id, options)
+            resource_id = request.resource_id or None  # unset reads as empty, and empty means absent
+            entry = source.peek(customer_id, resource_id)
             if entry is None:
-                return build(self._counted(fallback_decision(kind, feature_id, fb, requested_usage, requested_values)))
-            memo_key = (kind, request.SerializeToString())
-            now = self._source.now_ms()
-            memo = entry.memo
-            if memo is not None:
-                memoized = memo.get(memo_key)
-                if memoized is not None and _memo_holds(memoized, now):
-                    return memoized[0]
-            decision = self._counted(decide_feature(entry, feature_id, kind, requested_usage, requested_values, fb, now))
-            response = build(decision)
-            if decision.is_fallback or (memo is not None and len(memo) >= _MEMO_LIMIT):
-                return response
-            wire = response.SerializeToString()
-            value = (wire, *_memo_window(kind, decision, now))
-            charge = sum(map(sys.getsizeof, (memo_key, memo_key[1], value, wire)))
-            if memo is None:
-                # The entry's first memoized answer: the memo itself is charged with it. Two
-                # threads racing here each set a memo; the loser's answer is recomputed later.
-                memo = {}
-                object.__setattr__(entry, "memo", memo)
-                charge += _MEMO_DICT_BYTES
+                entry = self._lookup(context, customer_id, resource_id)
             else:
-                charge += _MEMO_SLOT_BYTES
-            memo[memo_key] = value
-            self._source.memo_grew(entry, charge)
-            return wire
+                # The fast path, most calls: cached, and this request's answer memoized. Nothing
+                # is built for it (no closures, no decision).
+                memo = entry.memo
+                if memo is not None:
+                    memoized = memo.get(memo_key)
+                    if memoized is not None and _memo_holds(memoized, source.now_ms()):
+                        return memoized[0]
+            return self._answer_typed(entry, request, memo_key, kind, build, requested_usage, requested_values)
+        except Exception:
+            def fallback() -> M:
+                feature_id = request.feature_id
+                fb = self._fallback_for(feature_id, request.options if request.HasField("options") else None)
+                return build(fallback_decision(kind, feature_id, fb, requested_usage, requested_values))
 
-        return self._read(context, answer, fallback)
+            return self._failed(fallback)
 
-    # -- typed checks ---------------------------------------------------------------------------
+    def _answer_typed(
+        self,
+        entry: CustomerEntry | None,
+        request: Any,
+        memo_key: tuple[str, bytes],
+        kind: str,
+        build: Callable[[Decision], M],
+        requested_usage: float | None,
+        requested_values: tuple[str, ...],
+    ) -> M | bytes:
+        """Decide a typed check (a fallback when `entry` is None), memoizing a cached answer."""
+        feature_id = request.feature_id
+        fb = self._fallback_for(feature_id, request.options if request.HasField("options") else None)
+        if entry is None:
+            return build(self._counted(fallback_decision(kind, feature_id, fb, requested_usage, requested_values)))
+        now = self._source.now_ms()
+        memo = entry.memo
+        if memo is not None:
+            memoized = memo.get(memo_key)
+            if memoized is not None and _memo_holds(memoized, now):
+                return memoized[0]
+        decision = self._counted(decide_feature(entry, feature_id, kind, requested_usage, requested_values, fb, now))
+        response = build(decision)
+        if decision.is_fallback or (memo is not None and len(memo) >= _MEMO_LIMIT):
+            return response
+        wire = response.SerializeToString()
+        value = (wire, *_memo_window(kind, decision, now))
+        charge = sum(map(sys.getsizeof, (memo_key, memo_key[1], value, wire)))
+        if memo is None:
+            # The entry's first memoized answer: the memo itself is charged with it. Two
+            # threads racing here each set a memo; the loser's answer is recomputed later.
+            memo = {}
+            object.__setattr__(entry, "memo", memo)
+            charge += _MEMO_DICT_BYTES
+        else:
+            charge += _MEMO_SLOT_BYTES
+        memo[memo_key] = value
+        self._source.memo_grew(entry, charge)
+        return wire
 
-    def GetBooleanEntitlement(self, request: pb.GetBooleanEntitlementRequest, context: grpc.ServicerContext) -> pb.GetBooleanEntitlementResponse | bytes:
-        return self._typed(context, request, "boolean", convert.boolean_response)
+    # -- typed checks: `raw` is the request's bytes as they arrived (intake passes them) ----------
 
-    def GetNumericEntitlement(self, request: pb.GetNumericEntitlementRequest, context: grpc.ServicerContext) -> pb.GetNumericEntitlementResponse | bytes:
-        return self._typed(context, request, "numeric", convert.numeric_response)
+    def GetBooleanEntitlement(self, request: pb.GetBooleanEntitlementRequest, context: grpc.ServicerContext,
+                              raw: bytes | None = None) -> pb.GetBooleanEntitlementResponse | bytes:
+        return self._typed(context, request, raw, "boolean", convert.boolean_response)
 
-    def GetMeteredEntitlement(self, request: pb.GetMeteredEntitlementRequest, context: grpc.ServicerContext) -> pb.GetMeteredEntitlementResponse | bytes:
-        requested = None
-        if request.HasField("options") and request.options.HasField("requested_usage"):
-            try:
-                requested = _finite(request.options.requested_usage, "options.requested_usage")
-            except _InvalidArgument as e:
-                self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return self._typed(context, request, "metered", convert.metered_response, requested_usage=requested)
+    def GetNumericEntitlement(self, request: pb.GetNumericEntitlementRequest, context: grpc.ServicerContext,
+                              raw: bytes | None = None) -> pb.GetNumericEntitlementResponse | bytes:
+        return self._typed(context, request, raw, "numeric", convert.numeric_response)
 
-    def GetEnumEntitlement(self, request: pb.GetEnumEntitlementRequest, context: grpc.ServicerContext) -> pb.GetEnumEntitlementResponse | bytes:
+    def GetMeteredEntitlement(self, request: pb.GetMeteredEntitlementRequest, context: grpc.ServicerContext,
+                              raw: bytes | None = None) -> pb.GetMeteredEntitlementResponse | bytes:
+        requested = _requested_usage(request.options if request.HasField("options") else None)
+        return self._typed(context, request, raw, "metered", convert.metered_response, requested_usage=requested)
+
+    def GetEnumEntitlement(self, request: pb.GetEnumEntitlementRequest, context: grpc.ServicerContext,
+                           raw: bytes | None = None) -> pb.GetEnumEntitlementResponse | bytes:
         values = tuple(request.options.requested_values) if request.HasField("options") else ()
-        return self._typed(context, request, "enum", convert.enum_response, requested_values=values)
+        return self._typed(context, request, raw, "enum", convert.enum_response, requested_values=values)
 
     def GetEntitlement(self, request: pb.GetEntitlementRequest, context: grpc.ServicerContext) -> pb.GetEntitlementResponse:
         options = request.options if request.HasField("options") else None
-        requested = None
-        values: tuple[str, ...] = ()
-        if options is not None:
-            if options.HasField("requested_usage"):
-                try:
-                    requested = _finite(options.requested_usage, "options.requested_usage")
-                except _InvalidArgument as e:
-                    self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            values = tuple(options.requested_values)
+        requested = _requested_usage(options)
+        values: tuple[str, ...] = tuple(options.requested_values) if options is not None else ()
 
         def fallback() -> pb.GetEntitlementResponse:
             fb = self._fallback_for(request.feature_id, options)
@@ -300,30 +293,19 @@ class SidecarServicer(SidecarServiceServicer):
             return convert.generic_response(fallback_decision(kind, request.feature_id, fb, requested, values))
 
         return self._read(
-            context,
             lambda: convert.generic_response(self._feature_decision(context, request, None, requested, values)),
             fallback,
         )
 
     def GetEntitlementV2(self, request: pb.GetEntitlementV2Request, context: grpc.ServicerContext) -> pb.GetEntitlementV2Response:
         options = request.options if request.HasField("options") else None
+        # Exactly one of the two ids is set (intake): `feature_id` whenever `currency_id` is None.
         feature_id = _optional_id(request, "feature_id")
         currency_id = _optional_id(request, "currency_id")
-        requested = None
-        values: tuple[str, ...] = ()
-        try:
-            _required(request.customer_id, "customer_id")
-            if (feature_id is None) == (currency_id is None):
-                raise _InvalidArgument("exactly one of feature_id and currency_id must be set")
-            if options is not None:
-                if options.HasField("requested_usage"):
-                    requested = _finite(options.requested_usage, "options.requested_usage")
-                values = tuple(options.requested_values)
-        except _InvalidArgument as e:
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        requested = _requested_usage(options)
+        values: tuple[str, ...] = tuple(options.requested_values) if options is not None else ()
 
         # Credits have no configured fallback (Stigg's creditEntitlementsFallback is not a setting).
-        # Exactly one of the two ids is set (checked above): `feature_id` whenever `currency_id` is None.
         if currency_id is not None:
             has_own = options is not None and options.HasField("fallback")
             fb = convert.fallback_values(options.fallback) if options is not None and has_own else None
@@ -349,7 +331,6 @@ class SidecarServicer(SidecarServiceServicer):
             return pb.GetEntitlementV2Response(entitlement=convert.entitlement_v2(self._counted(decision)))
 
         return self._read(
-            context,
             answer,
             lambda: pb.GetEntitlementV2Response(entitlement=convert.entitlement_v2(fallback_decision_v2())),
         )
@@ -368,8 +349,7 @@ class SidecarServicer(SidecarServiceServicer):
             return response_type(entitlements=[item(d) for d in fallback_state(self._fallbacks)])
 
         def answer() -> M:
-            customer_id = _required(request.customer_id, "customer_id")
-            entry = self._entry(context, customer_id, _optional_id(request, "resource_id"))
+            entry = self._entry(context, request.customer_id, _optional_id(request, "resource_id"))
             if entry is None:
                 self._on_fallback("Unknown")
                 return fallback()
@@ -379,7 +359,7 @@ class SidecarServicer(SidecarServiceServicer):
                 access_denied_reason=convert.reason(entry.access_denied_reason),
             )
 
-        return self._read(context, answer, fallback)
+        return self._read(answer, fallback)
 
     def GetEntitlements(self, request: pb.GetEntitlementsRequest, context: grpc.ServicerContext) -> pb.GetEntitlementsResponse:
         return self._state(context, request, state_v1, convert.entitlement_v1, pb.GetEntitlementsResponse)
@@ -392,33 +372,33 @@ class SidecarServicer(SidecarServiceServicer):
     def _write(self, context: grpc.ServicerContext, action: Callable[[], R]) -> R:
         try:
             return action()
-        except _InvalidArgument as e:
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except WriteError as e:
             self._abort(context, getattr(grpc.StatusCode, e.failure.value), e.message)
 
-    def _usage(self, request: pb.ReportUsageRequest, where: str) -> UsageReport:
+    @staticmethod
+    def _usage(request: pb.ReportUsageRequest) -> UsageReport:
         return UsageReport(
-            customer_id=_required(request.customer_id, f"{where}customer_id"),
-            feature_id=_required(request.feature_id, f"{where}feature_id"),
-            value=_finite(request.value, f"{where}value"),
+            customer_id=request.customer_id,
+            feature_id=request.feature_id,
+            value=request.value,
             resource_id=_optional_id(request, "resource_id"),
             update_behavior=convert.update_behavior(request),
             dimensions=convert.dimensions(request.dimensions),
-            timestamp=_timestamp(request, f"{where}timestamp"),
+            timestamp=convert.request_timestamp(request),
         )
 
     def ReportUsage(self, request: pb.ReportUsageRequest, context: grpc.ServicerContext) -> pb.ReportUsageResponse:
         def action() -> pb.ReportUsageResponse:
-            usage = self._usage(request, "")
-            (ack,) = self._writer.report_usage([usage], self._budget(context, self._write_timeout), context.is_active)
+            (ack,) = self._writer.report_usage(
+                [self._usage(request)], self._budget(context, self._write_timeout), context.is_active
+            )
             return convert.usage_ack(ack)
 
         return self._write(context, action)
 
     def ReportUsageBulk(self, request: pb.ReportUsageBulkRequest, context: grpc.ServicerContext) -> pb.ReportUsageBulkResponse:
         def action() -> pb.ReportUsageBulkResponse:
-            usages = [self._usage(u, f"usages[{i}].") for i, u in enumerate(request.usages)]
+            usages = [self._usage(u) for u in request.usages]
             if not usages:
                 return pb.ReportUsageBulkResponse()
             acks = self._writer.report_usage(usages, self._budget(context, self._write_timeout), context.is_active)
@@ -428,19 +408,17 @@ class SidecarServicer(SidecarServiceServicer):
 
     def ReportEvents(self, request: pb.ReportEventsRequest, context: grpc.ServicerContext) -> Empty:
         def action() -> Empty:
-            events: list[EventReport] = []
-            for i, e in enumerate(request.events):
-                where = f"events[{i}]."
-                events.append(
-                    EventReport(
-                        event_name=_required(e.event_name, f"{where}event_name"),
-                        customer_id=_required(e.customer_id, f"{where}customer_id"),
-                        idempotency_key=_required(e.idempotency_key, f"{where}idempotency_key"),
-                        resource_id=_optional_id(e, "resource_id"),
-                        dimensions=convert.dimensions(e.dimensions),
-                        timestamp=_timestamp(e, f"{where}timestamp"),
-                    )
+            events = [
+                EventReport(
+                    event_name=e.event_name,
+                    customer_id=e.customer_id,
+                    idempotency_key=e.idempotency_key,
+                    resource_id=_optional_id(e, "resource_id"),
+                    dimensions=convert.dimensions(e.dimensions),
+                    timestamp=convert.request_timestamp(e),
                 )
+                for e in request.events
+            ]
             if events:
                 self._writer.report_events(events, self._budget(context, self._write_timeout), context.is_active)
             return Empty()
@@ -449,10 +427,10 @@ class SidecarServicer(SidecarServiceServicer):
 
     def ReloadEntitlements(self, request: pb.ReloadEntitlementsRequest, context: grpc.ServicerContext) -> pb.ReloadEntitlementsResponse:
         def action() -> pb.ReloadEntitlementsResponse:
-            customer_id = _required(request.customer_id, "customer_id")
-            resource_id = _optional_id(request, "resource_id")
+            customer_id = request.customer_id
             try:
-                exists = self._source.reload(customer_id, resource_id, self._budget(context, self._read_timeout))
+                exists = self._source.reload(customer_id, _optional_id(request, "resource_id"),
+                                             self._budget(context, self._read_timeout))
             except ReloadFailed as e:
                 # Stigg's contract: a reload that fails reports false rather than an error.
                 log.warn("Reload of {customer} failed: {why}", customer=quoted(customer_id), why=e.message)

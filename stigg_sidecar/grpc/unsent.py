@@ -5,7 +5,8 @@ calls is then answered but never sent: grpc-core keeps the call (its arena, its 
 answer) and grpcio its Python state, about 10-25 KB a call, until the connection closes. Capped
 only by GRPC_MAX_CONCURRENT_STREAMS per connection, 60 such connections pinned hundreds of MB.
 
-So the interceptor notes every call whose handler has returned, and grpc-core's end of the call
+So every unary handler is wrapped (where it is registered, as `timing.TimedServer` does: no
+interceptor) to note each call whose handler has returned, and grpc-core's end of the call
 (`add_callback`) forgets it. A well-behaved client takes its answer at once (its library reads and
 opens the window whatever the application does), so an answer still unsent `grace` seconds after
 its handler returned is one the client is not reading: `sweep` cancels the call (RST_STREAM), which
@@ -29,6 +30,8 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+
+from stigg_sidecar.grpc.timing import Behaviour
 
 # An answer not taken within this many seconds after its handler returned: the call is cancelled.
 UNSENT_ANSWER_SECS = 1.0
@@ -56,7 +59,7 @@ def _malloc_trim() -> Callable[[], None]:
     return run
 
 
-class UnsentAnswers(grpc.ServerInterceptor):
+class UnsentAnswers:
     """Remembers answered-but-unfinished unary calls; `sweep` cancels those older than `grace`."""
 
     def __init__(self, grace: float = UNSENT_ANSWER_SECS, clock: Callable[[], float] = time.monotonic,
@@ -71,34 +74,14 @@ class UnsentAnswers(grpc.ServerInterceptor):
         self._keys = itertools.count()
         # key -> (when the handler returned, the call's context); insertion order is time order.
         self._waiting: dict[int, tuple[float, grpc.ServicerContext]] = {}
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self.cancelled = 0  # calls cancelled since start
 
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        method = handler_call_details.method
-        wrapped = self._handlers.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streaming methods (health Watch, reflection) are left alone
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            self._watched(handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-        if len(self._handlers) < 1000:  # method names come from clients: bounded
-            self._handlers[method] = wrapped
-        return wrapped
+    def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
+        """`behaviour` (a unary handler), its answered calls watched (a `timing.Timed`)."""
 
-    def _watched(self, behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
         def watched(request: Any, context: grpc.ServicerContext) -> Any:
             response = behaviour(request, context)
             self._answered(context)

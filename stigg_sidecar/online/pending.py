@@ -20,7 +20,7 @@ would then hold them already. Redis and snapshots hold the base, never the overl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from stigg_sidecar.contracts import UsageReport
 from stigg_sidecar.entitlements.changes import apply_usage
@@ -107,8 +107,7 @@ class PendingUsage:
             value = tracked.value()
             base = tracked.base
             if value is not None and base is not None:
-                entry = apply_usage(entry, "FEATURE", feature_id, value, base.usage_period_start,
-                                    base.usage_period_end, base.updated_at) or entry
+                entry = apply_usage(entry, "FEATURE", feature_id, replace(base, current_usage=value)) or entry
         return entry
 
     def with_bases(self, entry: CustomerEntry) -> CustomerEntry:
@@ -119,8 +118,7 @@ class PendingUsage:
         for feature_id in list(entry.features):
             base = self.base(entry.key, feature_id)
             if base is not None:
-                entry = apply_usage(entry, "FEATURE", feature_id, base.current_usage, base.usage_period_start,
-                                    base.usage_period_end, base.updated_at) or entry
+                entry = apply_usage(entry, "FEATURE", feature_id, base) or entry
         return entry
 
     def adjust_usage(self, key: str, kind: str, ref_id: str, usage: Usage) -> Usage:

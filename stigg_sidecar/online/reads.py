@@ -94,25 +94,26 @@ class Reads:
         # threads that serve.
         self.waiting = waiting
         self._counters = counters
+        self._fresh = store.fresh
+        self._hit = counters.hit
         self._fallback_log = _ThrottledWarning(interval=10.0)
 
     def now_ms(self) -> int:
         return self._now_ms()
 
     def peek(self, customer_id: str, resource_id: str | None) -> CustomerEntry | None:
-        entry = self._store.fresh(cache_key(customer_id, resource_id), self.now_ms())
+        # Every cached read: the cache's own method and the counter, with no call in between.
+        entry = self._fresh(cache_key(customer_id, resource_id), int(time.time() * 1000))
         if entry is not None:
-            self._counters.hit()
+            self._hit()
         return entry
 
     def memo_grew(self, entry: CustomerEntry, nbytes: int) -> None:
         self._reactor.callFromThread(self._store.charge, entry, nbytes)
 
     def lookup(self, customer_id: str, resource_id: str | None, timeout: float) -> CustomerEntry | None:
-        """Memory, else (crossing to the reactor under `timeout`) Redis and the API; None: fallback."""
-        entry = self.peek(customer_id, resource_id)
-        if entry is not None:
-            return entry
+        """After `peek` missed: (crossing to the reactor under `timeout`) Redis and the API; None:
+        fallback. Memory is not looked at again (the reader just did: one peek per read)."""
         self._counters.miss()
         if self._key.rejected:
             return None

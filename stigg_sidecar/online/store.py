@@ -36,8 +36,7 @@ class SharedCache(Protocol):
 
     def write(self, entry: CustomerEntry, only_if_cached: bool = False) -> Deferred: ...
 
-    def write_usage(self, customer_id: str, resource_id: str | None, kind: str, ref_id: str, current_usage: float,
-                    usage_period_start: int | None, usage_period_end: int | None, updated_at: int) -> Deferred: ...
+    def write_usage(self, customer_id: str, resource_id: str | None, kind: str, ref_id: str, usage: Usage) -> Deferred: ...
 
     def purge(self, customer_id: str, resource_id: str | None = None) -> Deferred: ...
 
@@ -152,10 +151,7 @@ class EntitlementStore:
             shown = self._pending.adjust_usage(key, change.kind, change.ref_id, shown)
         self._show(key, change.kind, change.ref_id, shown)
         if self._mirror is not None:
-            usage = change.usage
-            self._mirror.write_usage(change.customer_id, change.resource_id, change.kind, change.ref_id,
-                                     usage.current_usage, usage.usage_period_start, usage.usage_period_end,
-                                     usage.updated_at)
+            self._mirror.write_usage(change.customer_id, change.resource_id, change.kind, change.ref_id, change.usage)
 
     def pending_added(self, seq: int, usage: UsageReport) -> Usage | None:
         """Count an acknowledged, spooled record; the usage the cache shows now (None: not cached)."""
@@ -183,5 +179,4 @@ class EntitlementStore:
         return shown if self._show(key, "FEATURE", feature_id, shown) is not None else None
 
     def _show(self, key: str, kind: str, ref_id: str, usage: Usage) -> CustomerEntry | None:
-        return self._cache.update(key, lambda e: apply_usage(
-            e, kind, ref_id, usage.current_usage, usage.usage_period_start, usage.usage_period_end, usage.updated_at))
+        return self._cache.update(key, lambda e: apply_usage(e, kind, ref_id, usage))

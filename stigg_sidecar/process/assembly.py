@@ -44,7 +44,7 @@ from stigg_sidecar.online.refresh import Poller, Refresher
 from stigg_sidecar.online.store import EntitlementStore
 from stigg_sidecar.online.updates import RealtimeUpdates
 from stigg_sidecar.ops import tracing as tracing_setup
-from stigg_sidecar.ops.metrics import Metrics, MetricsInterceptor
+from stigg_sidecar.ops.metrics import Metrics
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.ops.web import HttpService, health_app
 from stigg_sidecar.process import descriptors
@@ -212,7 +212,7 @@ def _read_counters(metrics: Metrics | None) -> ReadCounters:
     if metrics is None:
         return ReadCounters()
     fast_failed = {reason: metrics.fast_failed_reads.labels(reason) for reason in ("overloaded", "upstream_down")}
-    return ReadCounters(metrics.cache_hit, metrics.cache_miss, lambda reason: fast_failed[reason].inc())
+    return ReadCounters(metrics.hot.count_hit, metrics.cache_miss, lambda reason: fast_failed[reason].inc())
 
 
 def _sources(settings: Settings, reactor: IReactor, online: Online, state_dir: StateDirectory | None,
@@ -301,12 +301,13 @@ def _serving(settings: Settings, reactor: IReactor, readiness: Readiness, metric
         reactor=reactor,
         on_serving=lambda port: readiness.unblock("grpc"),
         # Tracing outermost (off, no interceptor at all), so a refused token is a span too; then the
-        # token check: MetricsInterceptor answers cached handlers without asking further in.
+        # token check. Metrics are no interceptor: the handlers are counted and timed where they
+        # are registered, so by default a call runs no interceptor pipeline at all.
         interceptors=[
             *([tracing.interceptor()] if tracing is not None else []),
             *access.interceptors,
-            *([MetricsInterceptor(metrics)] if metrics else []),
         ],
+        timed=metrics.hot.timed if metrics is not None else None,
         limits=connection_limits(settings),
         credentials=access.credentials,
     )

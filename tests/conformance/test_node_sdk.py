@@ -232,6 +232,7 @@ class NodeSdkTests(TestCase):
         self.assertEqual(fallbacks, [])
         mismatches = [(c, s, a) for c, s, a in zip(CHECKS, by_sdk, answers, strict=True) if s != a]
         self.assertEqual(mismatches, [])
+        assert h.parts.online is not None and h.parts.online.mirror is not None
         self.assertEqual(h.parts.online.mirror.errors, 0)  # every entry read, none unreadable
         print(f"\nNode SDK 3.95.0 -> sidecar: {len(CHECKS) - len(mismatches)} of {len(CHECKS)} answers match, "
               f"{len(fallbacks)} fallbacks")

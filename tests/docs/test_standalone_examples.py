@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import trustme
 from twisted.internet import reactor
@@ -86,7 +87,7 @@ class StandaloneOverlayTests(TestCase):
 
     def test_tls_and_tokens_come_from_the_secrets_the_readme_names(self):
         pod = workload("standalone")
-        env = {name: entry.get("value") for name, entry in pod.env.items()}
+        env: dict[str, Any] = {name: entry.get("value") for name, entry in pod.env.items()}
         self.assertEqual(env["TLS_CERT_FILE"], "/etc/stigg-sidecar/tls/tls.crt")
         self.assertEqual(env["TLS_KEY_FILE"], "/etc/stigg-sidecar/tls/tls.key")
         self.assertEqual(env["CALLER_TOKENS_FILE"], "/etc/stigg-sidecar/callers/tokens")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from pathlib import Path
+from typing import Any
 
 import grpc
 import stigg_sidecar_sdk as sdk
@@ -99,7 +100,7 @@ class CallerTokenTests(TestCase):
         try:
             await in_thread(call, self.ch, method, {**READS, **WRITES}[method], metadata)
         except grpc.RpcError as e:
-            return e.details()
+            return e.details() or ""
         raise AssertionError(f"{method} was answered")
 
     async def test_no_token_or_an_unknown_one_is_unauthenticated_on_every_method(self):
@@ -141,11 +142,11 @@ class CallerTokenTests(TestCase):
 
     async def test_health_is_open_and_reflection_needs_a_token(self):
         self.start()
-        health = health_pb2_grpc.HealthStub(self.ch)
+        health: Any = health_pb2_grpc.HealthStub(self.ch)  # the stubs' HealthStub lists no methods
         answer = await in_thread(health.Check, health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT)
         self.assertEqual(answer.status, health_pb2.HealthCheckResponse.SERVING)
 
-        reflection = reflection_pb2_grpc.ServerReflectionStub(self.ch)
+        reflection: Any = reflection_pb2_grpc.ServerReflectionStub(self.ch)
 
         def list_services(metadata=None) -> list[str]:
             responses = reflection.ServerReflectionInfo(

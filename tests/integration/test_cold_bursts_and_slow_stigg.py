@@ -71,6 +71,7 @@ class SlowStiggStormTests(TestCase):
 
 
 def metric(h: OnlineHarness, name: str, **labels: str) -> float | None:
+    assert h.parts.metrics is not None  # METRICS_ENABLED is on in these tests
     return h.parts.metrics.registry.get_sample_value(name, labels)
 
 

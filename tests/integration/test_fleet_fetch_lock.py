@@ -38,6 +38,7 @@ class FleetFetchLockTests(TestCase):
         a = await self.sidecar()
         b = await self.sidecar(emulator=a.emulator)
         request = pb.GetBooleanEntitlementRequest(customer_id="acme", feature_id="sso")
+        assert b.parts.online is not None and b.parts.online.mirror is not None
         mirror = b.parts.online.mirror
         acquire = mirror.acquire_fetch_lock
         peer_answers = []
@@ -48,7 +49,7 @@ class FleetFetchLockTests(TestCase):
             peer_answers.append(await a.call("GetBooleanEntitlement", request))
             return await acquire(*args, **kwargs)
 
-        mirror.acquire_fetch_lock = lambda *args, **kwargs: ensureDeferred(peer_fetches_first(*args, **kwargs))
+        mirror.acquire_fetch_lock = lambda *args, **kwargs: ensureDeferred(peer_fetches_first(*args, **kwargs))  # type: ignore[method-assign]
         a.emulator.state.reset_request_counts()
         answer = await b.call("GetBooleanEntitlement", request)
         self.assertEqual([(r.has_access, r.is_fallback) for r in (*peer_answers, answer)], [(True, False)] * 2)

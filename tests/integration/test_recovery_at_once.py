@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
@@ -35,7 +36,7 @@ def boolean(customer: str) -> pb.GetBooleanEntitlementRequest:
 class RecoveryTests(TestCase):
     timeout = 90
 
-    async def start(self, **settings: str) -> OnlineHarness:
+    async def start(self, **settings: Any) -> OnlineHarness:
         self.h = await OnlineHarness(self, reactor).start({"apiKeys": ["test-key"], "customers": CUSTOMERS}, **settings)
         self.next_customer = 0
         return self.h

@@ -248,7 +248,7 @@ class ReadWriteTests(MirrorTestCase):
         entry = sample_entry()
         broken = replace(entry.features[METERED], usage=Usage(current_usage=float("nan")))
         self.assertFalse((yield mirror.write(replace(entry, features={METERED: broken}))))
-        self.assertFalse((yield mirror.write_usage("cust-1", None, "SEAT", "x", 1, None, None, 1)))
+        self.assertFalse((yield mirror.write_usage("cust-1", None, "SEAT", "x", Usage(1, None, None, 1))))
         self.assertEqual(mirror.errors, 2)
         self.assertEqual(self.server.command("KEYS", "*"), [])
 
@@ -257,7 +257,7 @@ class UsageAndPurgeTests(MirrorTestCase):
     @inlineCallbacks
     def test_write_usage_only_for_a_cached_customer(self) -> Steps:
         mirror = yield self.mirror()
-        written = yield mirror.write_usage("cust-1", None, "FEATURE", METERED, 5, None, None, 10)
+        written = yield mirror.write_usage("cust-1", None, "FEATURE", METERED, Usage(5, None, None, 10))
         self.assertFalse(written)
         self.assertEqual(self.server.command("KEYS", f"{PREFIX}:*"), [])
 
@@ -268,14 +268,14 @@ class UsageAndPurgeTests(MirrorTestCase):
         yield mirror.write(entry)
         stamp = entry.features[METERED].usage.updated_at
         credit_stamp = entry.credits[CREDIT].usage_updated_at
-        self.assertTrue((yield mirror.write_usage("cust-1", None, "FEATURE", METERED, 77, 1, 2, stamp + 10)))
-        self.assertFalse((yield mirror.write_usage("cust-1", None, "FEATURE", METERED, 55, 1, 2, stamp + 5)))
-        self.assertFalse((yield mirror.write_usage("cust-1", None, "CREDIT", CREDIT, 1, None, 4, credit_stamp - 1)))
-        self.assertTrue((yield mirror.write_usage("cust-1", None, "CREDIT", CREDIT, 300, 9, 4, credit_stamp + 1)))
+        self.assertTrue((yield mirror.write_usage("cust-1", None, "FEATURE", METERED, Usage(77, 1, 2, stamp + 10))))
+        self.assertFalse((yield mirror.write_usage("cust-1", None, "FEATURE", METERED, Usage(55, 1, 2, stamp + 5))))
+        self.assertFalse((yield mirror.write_usage("cust-1", None, "CREDIT", CREDIT, Usage(1, None, 4, credit_stamp - 1))))
+        self.assertTrue((yield mirror.write_usage("cust-1", None, "CREDIT", CREDIT, Usage(300, 9, 4, credit_stamp + 1))))
         read = yield mirror.read("cust-1", None)
-        expected = apply_usage(entry, "FEATURE", METERED, 77, 1, 2, stamp + 10)
+        expected = apply_usage(entry, "FEATURE", METERED, Usage(77, 1, 2, stamp + 10))
         assert expected is not None
-        expected = apply_usage(expected, "CREDIT", CREDIT, 300, None, 4, credit_stamp + 1)
+        expected = apply_usage(expected, "CREDIT", CREDIT, Usage(300, None, 4, credit_stamp + 1))
         self.assertEqual(read, expected)
         # A later fetch with older usage keeps the newer usage stored (usage is versioned alone).
         yield mirror.write(replace(entry, timestamp=entry.timestamp + 1))
@@ -369,7 +369,7 @@ class CrossInstanceTests(MirrorTestCase):
         second = yield self.mirror(on_peer_change=lambda key, kind: heard_second.append((key, kind)))
         entry = sample_entry(resource="site-9")
         yield first.write(entry)
-        yield first.write_usage("cust-1", "site-9", "FEATURE", METERED, 1, None, None, 2**42)
+        yield first.write_usage("cust-1", "site-9", "FEATURE", METERED, Usage(1, None, None, 2**42))
         yield first.purge("cust-1", "site-9")
         expected = [("c_cust-1:r_site-9", "entry"), ("c_cust-1:r_site-9", "usage"), ("c_cust-1:r_site-9", "purge")]
         yield until(lambda: len(heard_second) == 3, 5, what="three peer notifications", interval=0.02)

@@ -11,7 +11,7 @@ import json
 import shutil
 import sqlite3
 import tempfile
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from twisted.internet.task import Clock, deferLater
@@ -21,6 +21,7 @@ from twisted.trial.unittest import TestCase
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.contracts import UsageReport, WriteError, WriteFailure
+from stigg_sidecar.crossing.gate import WriteGate
 from stigg_sidecar.delivery.spool import SpoolFile
 from stigg_sidecar.delivery.spooled import SpooledDelivery
 from stigg_sidecar.delivery.upstream import UpstreamWrites
@@ -61,7 +62,7 @@ class DeliveryTimingTests(TestCase):
         store = EntitlementStore(cache, pending=PendingUsage())
         self.clock = Clock()
         self.delivery = SpooledDelivery(
-            self.clock, None, UpstreamWrites(api, store), SpoolFile(reactor, f"{tempfile.mkdtemp()}/spool.sqlite3"),
+            self.clock, cast(WriteGate, None), UpstreamWrites(api, store), SpoolFile(reactor, f"{tempfile.mkdtemp()}/spool.sqlite3"),
             store, max_bytes=1 << 20, batch_size=batch_size, flush_interval=flush,
             send_timeout=10.0, grace=0.0, backoff=backoff or RetryPolicy(initial=1.0, max_delay=4.0), rng=rng,
         )

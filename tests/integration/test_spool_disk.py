@@ -12,11 +12,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+from typing import Any
 
 import grpc
 from twisted.internet import reactor
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SkipTest, TestCase
+from zope.interface import provider
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from tests.fixtures import data
@@ -33,7 +35,7 @@ def disk_use(directory: str) -> int:
 class SpoolDiskTests(TestCase):
     timeout = 120
 
-    async def start(self, state_dir: str, **settings: str) -> OnlineHarness:
+    async def start(self, state_dir: str, **settings: Any) -> OnlineHarness:
         h = await OnlineHarness(self, reactor).start(
             data.SEED, STATE_DIR=state_dir, SPOOL_WRITES="1", SPOOL_FLUSH_MS="20", **settings)
         self.delivery = h.parts.writer
@@ -76,7 +78,8 @@ class SpoolDiskTests(TestCase):
         self.addCleanup(subprocess.run, ["umount", "-l", state_dir], capture_output=True)
         lines: list[str] = []
 
-        def observe(event):
+        @provider(ILogObserver)
+        def observe(event: dict[str, Any]) -> None:
             if event.get("log_namespace", "").startswith("stigg_sidecar.delivery"):
                 lines.append(str(event.get("log_format")))
 

@@ -31,7 +31,7 @@ def used(entry: CustomerEntry | None) -> float | None:
 class StoreWritesTests(TestCase):
     timeout = 30
 
-    async def setUp(self) -> None:
+    async def setUp(self) -> None:  # type: ignore[override]  # trial waits on what setUp/tearDown return
         self.server = RedisServer().start()
         self.addCleanup(self.server.cleanup)
         self.mirror = RedisMirror(reactor, prefix="store-test", host="127.0.0.1", port=self.server.port,
@@ -51,6 +51,7 @@ class StoreWritesTests(TestCase):
         self.assertEqual(used(await self.mirror.read("acme")), 42)
 
         shown = self.store.pending_added(1, UsageReport("acme", METERED, 5, update_behavior="DELTA"))
+        assert shown is not None
         self.assertEqual(shown.current_usage, 47)
         self.assertEqual(used(self.store.entry("c_acme")), 47)
         self.assertEqual(used(await self.mirror.read("acme")), 42)  # Redis holds Stigg's number only
@@ -75,7 +76,9 @@ class StoreWritesTests(TestCase):
         await self.store.fetched(self.entry())
         newer = entry_from_state("acme", None, state(metered_item(usageLimit=7)), 0)
         self.store.pushed(newer, keep=True)
-        self.assertEqual(self.store.entry("c_acme").features[METERED].usage_limit, 7)
+        stored = self.store.entry("c_acme")
+        assert stored is not None
+        self.assertEqual(stored.features[METERED].usage_limit, 7)
 
         # The store does not wait for Redis; the mirror's commands share one connection, in order.
         self.assertEqual((await self.mirror.read("acme")).features[METERED].usage_limit, 7)

@@ -16,8 +16,10 @@ import os
 import re
 import tempfile
 import urllib.request
+from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -84,13 +86,13 @@ class ClockStepTests(TestCase):
         await until_ready(self.sidecar)
         return self.sidecar
 
-    def metered(self, customer: str, requested: float = 1) -> object:
+    def metered(self, customer: str, requested: float = 1) -> Deferred[Any]:
         request = pb.GetMeteredEntitlementRequest(
             customer_id=customer, feature_id="api-calls", options=pb.MeteredEntitlementOptions(requested_usage=requested)
         )
         return grpc_deferred(reactor, self.sidecar.stub.GetMeteredEntitlement.future(request, timeout=5))
 
-    def boolean(self, customer: str) -> object:
+    def boolean(self, customer: str) -> Deferred[Any]:
         request = pb.GetBooleanEntitlementRequest(customer_id=customer, feature_id="sso")
         return grpc_deferred(reactor, self.sidecar.stub.GetBooleanEntitlement.future(request, timeout=5))
 
@@ -146,6 +148,7 @@ class ClockStepTests(TestCase):
         self.assertEqual((answer.entitlement.current_usage, answer.has_access), (100, True))
         skew = self.metric("sidecar_clock_skew_seconds")
         self.assertIsNotNone(skew)
+        assert skew is not None
         self.assertLess(abs(skew - 40 * 86400), 30)
         self.sidecar.wait_for(r"The local clock is 40.0 days ahead of Stigg's", 5)
         self.step("+0")

@@ -25,8 +25,8 @@ class DaemonLogTests(TestCase):
     def setUp(self):
         self.directory = Path(tempfile.mkdtemp())
 
-    async def daemon(self, *twistd_options: str) -> Path:
-        """Start a daemonized offline sidecar; once it runs, stop it; the directory's log file."""
+    async def daemon(self, *twistd_options: str) -> int:
+        """Start a daemonized offline sidecar; its pid."""
         pidfile = self.directory / "sidecar.pid"
         started = subprocess.run(
             [sys.executable, "-c", _TWISTD, f"--pidfile={pidfile}", *twistd_options, "stigg-sidecar", "--offline"],

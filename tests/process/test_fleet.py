@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from twisted.internet import reactor
@@ -236,7 +237,7 @@ class FleetTests(TestCase):
         changed = data.customer(data.metered("api-calls", 5000, 90))
         self.emulator.state.replace(WARM[0], None, parse_customer(changed).state)
         began = time.monotonic()
-        seen = []
+        seen: list[Any] = []
 
         async def everywhere() -> bool:
             seen[:] = await deferToThread(usage_limits)

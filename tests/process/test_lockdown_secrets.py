@@ -165,6 +165,7 @@ class LockdownSecretsTests(TestCase):
         await deferToThread(process.wait_for, re.escape("caller tokens reloaded"), BOUND)  # the tokens reload logged
         await deferToThread(traffic)  # again, on the rotated certificate and the new tokens
 
+        assert process.http_port is not None  # it serves HTTP
         code, metrics_text = await deferToThread(http_get, process.http_port, "metrics")
         self.assertEqual(code, 200)
         values = label_values(metrics_text)
@@ -193,9 +194,11 @@ class LockdownSecretsTests(TestCase):
 
     async def test_a_rejected_key_is_a_readiness_reason_without_the_key(self):
         process = await self.start(WRONG_KEY, CALLER_TOKENS_FILE=self.tokens_file())
+        port = process.http_port
+        assert port is not None  # it serves HTTP
 
         async def down_with_a_reason() -> bool:
-            code, body = await deferToThread(http_get, process.http_port, "readyz")
+            code, body = await deferToThread(http_get, port, "readyz")
             self.reasons = json.loads(body).get("reasons", [])
             return code == 503 and any("rejected the API key" in r for r in self.reasons)
 

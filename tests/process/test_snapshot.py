@@ -37,7 +37,7 @@ from stigg_sidecar.upstream.wire import entry_from_state
 from tests.fixtures import data
 from tests.fixtures.clients import grpc_deferred
 from tests.fixtures.polling import until
-from tests.fixtures.processes import SidecarProcess, base_env, sidecar_with_stub, until_ready
+from tests.fixtures.processes import SidecarProcess, StubbedSidecar, base_env, sidecar_with_stub, until_ready
 
 KEY = "snapshot-test-key"
 CUSTOMERS = [f"cust-{i}" for i in range(50)]
@@ -112,7 +112,9 @@ class SnapshotFileTests(SynchronousTestCase):
         store.put(entry)
         before = entry.features["api-calls"].usage.current_usage
         store.pending_added(1, UsageReport(entry.customer_id, "api-calls", 7, update_behavior="DELTA"))
-        self.assertEqual(cache.get_entry(entry.key).features["api-calls"].usage.current_usage, before + 7)
+        cached = cache.get_entry(entry.key)
+        assert cached is not None
+        self.assertEqual(cached.features["api-calls"].usage.current_usage, before + 7)
         (captured,) = store.snapshot_entries()  # what SnapshotService.write writes
         self.assertEqual(captured.features["api-calls"].usage.current_usage, before)
 
@@ -125,7 +127,7 @@ class WarmRestartTests(TestCase):
         self.addCleanup(stop_emulator, self.emulator)
         self.state_dir = tempfile.mkdtemp()
 
-    def sidecar(self, **settings: str) -> SidecarProcess:
+    def sidecar(self, **settings: str) -> StubbedSidecar:
         env = base_env(SERVER_API_KEY=KEY, API_URL=self.emulator.url, EDGE_API_URL=self.emulator.url, WS_ENABLED="0",
                        STATE_DIR=self.state_dir, ENTITLEMENTS_TIMEOUT_MS="500", **settings)
         return sidecar_with_stub(self, env)
@@ -149,7 +151,9 @@ class WarmRestartTests(TestCase):
     def metric(self, process, name: str) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{process.http_port}/metrics", timeout=2) as r:
             text = r.read().decode()
-        return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+        found = re.search(rf"^{name} (\S+)$", text, re.M)
+        assert found is not None, f"{name} is not in /metrics"
+        return float(found.group(1))
 
     async def terminate(self, process) -> int:
         process.process.send_signal(signal.SIGTERM)

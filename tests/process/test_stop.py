@@ -25,7 +25,7 @@ from stigg_sidecar.settings import Settings
 from tests.fixtures import data
 from tests.fixtures.clients import grpc_deferred
 from tests.fixtures.polling import until
-from tests.fixtures.processes import SidecarProcess, base_env, sidecar_with_stub, until_ready
+from tests.fixtures.processes import StubbedSidecar, base_env, sidecar_with_stub, until_ready
 
 KEY = "stop-test-key-0123456789"
 CUSTOMERS = [f"c{i}" for i in range(4)]
@@ -35,14 +35,14 @@ STOPPED = re.compile(r"stigg-sidecar stopped in ([0-9.]+)s \(SHUTDOWN_GRACE_SECS
 class StopWithinTheBudgetTests(TestCase):
     timeout = 120
 
-    async def setUp(self):
+    async def setUp(self):  # type: ignore[override]  # trial waits on what setUp/tearDown return
         seed = {"apiKeys": [KEY], "customers": {c: data.customer(data.metered("api-calls", 1_000_000, 0))
                                                 for c in CUSTOMERS}}
         self.emulator = await start_emulator(reactor, seed)
         self.addCleanup(stop_emulator, self.emulator)
         self.state_dir = tempfile.mkdtemp()
 
-    def sidecar(self) -> SidecarProcess:
+    def sidecar(self) -> StubbedSidecar:
         # SHUTDOWN_GRACE_SECS and ENTITLEMENTS_TIMEOUT_MS (a send to Stigg may take 10 s) at their defaults.
         env = base_env(SERVER_API_KEY=KEY, API_URL=self.emulator.url, EDGE_API_URL=self.emulator.url, WS_ENABLED="0",
                        STATE_DIR=self.state_dir, SPOOL_WRITES="1")

@@ -66,7 +66,7 @@ def json_lines(process: SidecarProcess) -> list[dict]:
 class TracingTests(TestCase):
     timeout = 120
 
-    async def setUp(self):
+    async def setUp(self):  # type: ignore[override]  # trial waits on what setUp/tearDown return
         self.emulator = await start_emulator(reactor, {"apiKeys": [KEY], "customers": CUSTOMERS})
         self.addCleanup(stop_emulator, self.emulator)
         self.receiver = OtlpReceiver()

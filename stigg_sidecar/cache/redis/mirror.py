@@ -50,7 +50,7 @@ from stigg_sidecar.cache.redis.locks import FetchLocks
 from stigg_sidecar.cache.redis.reads import read_entry
 from stigg_sidecar.cache.redis.scripts import PURGE, WRITE
 from stigg_sidecar.cache.redis.sentinel import SentinelEndpoint, Sentinels
-from stigg_sidecar.entitlements.records import CustomerEntry
+from stigg_sidecar.entitlements.records import CustomerEntry, Usage
 from stigg_sidecar.process.reactor import IReactor
 
 log = Logger()
@@ -251,28 +251,18 @@ class RedisMirror(MultiService):
 
         return self._call(work, []).addCallback(lambda written: bool(written) and written[0] == 1)
 
-    def write_usage(
-        self,
-        customer_id: str,
-        resource_id: str | None,
-        kind: str,
-        ref_id: str,
-        current_usage: float,
-        usage_period_start: int | None,
-        usage_period_end: int | None,
-        updated_at: int,
-    ) -> Deferred:
+    def write_usage(self, customer_id: str, resource_id: str | None, kind: str, ref_id: str, usage: Usage) -> Deferred:
         """Deferred[bool]: store one entitlement's usage ("FEATURE" refId or "CREDIT" currency
         id) if Redis holds the entry and its stored usage is not newer. Credits have no period
         start: store None there."""
         keys = EntryKeys(self.prefix, customer_id, resource_id or None)
         message = encode_change(keys.cache_key, self.instance_id, "usage")
-        start = usage_period_start if kind == FEATURE else None
+        start = usage.usage_period_start if kind == FEATURE else None
 
         def work(p: Any) -> Deferred:
             key = keys.usage(kind, ref_id)  # ValueError for an unknown kind: counted, skipped
-            value = encode_usage(float(current_usage), start, usage_period_end)
-            return self._eval_write(p, keys, [(key, value, updated_at)], True, message)
+            value = encode_usage(float(usage.current_usage), start, usage.usage_period_end)
+            return self._eval_write(p, keys, [(key, value, usage.updated_at)], True, message)
 
         return self._call(work, []).addCallback(lambda written: bool(written) and written[0] == 1)
 

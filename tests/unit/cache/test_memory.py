@@ -79,7 +79,7 @@ class NewerWinsTests(SynchronousTestCase):
     def test_refetch_keeps_newer_usage(self):
         cache = EntitlementCache(max_bytes=10**9)
         cache.put(entry("c", usage=5, usage_at=1000))
-        cache.update("c_c", lambda e: apply_usage(e, "FEATURE", "api-calls", 9, None, None, 3000))
+        cache.update("c_c", lambda e: apply_usage(e, "FEATURE", "api-calls", Usage(9, None, None, 3000)))
         cache.put(entry("c", usage=6, usage_at=2000))  # a fetch that started before the update
         self.assertEqual(_entry(cache, "c_c").features["api-calls"].usage.current_usage, 9)
         cache.put(entry("c", usage=11, usage_at=4000))
@@ -185,7 +185,7 @@ class RefreshWalkTests(SynchronousTestCase):
                     cache.purge(rng.choice(cache._order))
                 elif step < 0.45 and cache._order:  # a replacement keeps the key where it is
                     key = rng.choice(cache._order)
-                    cache.update(key, lambda e: apply_usage(e, "FEATURE", "api-calls", 1, None, None, 2000))
+                    cache.update(key, lambda e: apply_usage(e, "FEATURE", "api-calls", Usage(1, None, None, 2000)))
                 elif step < 0.55 and cache._order:
                     cache.get(rng.choice(cache._order))
                 else:

@@ -7,8 +7,12 @@ Every wait is bounded.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from typing import Any
 
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.trial.unittest import TestCase
+from zope.interface import implementer
 
 from stigg_sidecar.crossing.pool import HandlerPool, blocking
 from stigg_sidecar.crossing.wait import BudgetExhausted, WaitBudget, wait_on_reactor
@@ -175,9 +179,10 @@ class WaitBudgetTests(TestCase):
     def test_wait_on_reactor_refuses_past_the_budget_before_crossing(self):
         crossed = []
 
+        @implementer(IReactorFromThreads)
         class NoReactor:
-            def callFromThread(self, fn, *args):
-                crossed.append(fn)
+            def callFromThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None:
+                crossed.append(callable)
 
         budget = WaitBudget(1, "writes")
         self.assertTrue(budget.try_enter())
@@ -188,8 +193,9 @@ class WaitBudgetTests(TestCase):
         self.assertEqual(budget.in_use, 1)
 
     def test_wait_on_reactor_gives_its_place_back_after_a_timeout(self):
+        @implementer(IReactorFromThreads)
         class SilentReactor:
-            def callFromThread(self, fn, *args):
+            def callFromThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None:
                 pass  # never runs: the wait must end by its deadline
 
         budget = WaitBudget(1, "reads")

@@ -305,7 +305,7 @@ class ApplyUsageTests(SynchronousTestCase):
         self.usage_at = self.entry.features["feature-api-calls"].usage.updated_at
 
     def test_newer_feature_usage_applies(self) -> None:
-        updated = apply_usage(self.entry, "FEATURE", "feature-api-calls", 77, OCT_1, NOV_1, self.usage_at + 1)
+        updated = apply_usage(self.entry, "FEATURE", "feature-api-calls", Usage(77, OCT_1, NOV_1, self.usage_at + 1))
         assert updated is not None
         self.assertEqual(updated.features["feature-api-calls"].usage, Usage(77, OCT_1, NOV_1, self.usage_at + 1))
         self.assertEqual(updated.timestamp, self.entry.timestamp)
@@ -313,21 +313,21 @@ class ApplyUsageTests(SynchronousTestCase):
         self.assertEqual(self.entry.features["feature-api-calls"].usage.current_usage, 42)
 
     def test_equal_timestamp_applies(self) -> None:
-        updated = apply_usage(self.entry, "FEATURE", "feature-api-calls", 5, None, None, self.usage_at)
+        updated = apply_usage(self.entry, "FEATURE", "feature-api-calls", Usage(5, None, None, self.usage_at))
         assert updated is not None
         self.assertEqual(updated.features["feature-api-calls"].usage.current_usage, 5)
 
     def test_older_usage_is_ignored(self) -> None:
-        self.assertIsNone(apply_usage(self.entry, "FEATURE", "feature-api-calls", 5, None, None, self.usage_at - 1))
+        self.assertIsNone(apply_usage(self.entry, "FEATURE", "feature-api-calls", Usage(5, None, None, self.usage_at - 1)))
 
     def test_unknown_entitlement_is_ignored(self) -> None:
-        self.assertIsNone(apply_usage(self.entry, "FEATURE", "feature-nope", 5, None, None, NOW))
-        self.assertIsNone(apply_usage(self.entry, "CREDIT", "cred-nope", 5, None, None, NOW))
-        self.assertIsNone(apply_usage(self.entry, "SEAT", "feature-api-calls", 5, None, None, NOW))
+        self.assertIsNone(apply_usage(self.entry, "FEATURE", "feature-nope", Usage(5, None, None, NOW)))
+        self.assertIsNone(apply_usage(self.entry, "CREDIT", "cred-nope", Usage(5, None, None, NOW)))
+        self.assertIsNone(apply_usage(self.entry, "SEAT", "feature-api-calls", Usage(5, None, None, NOW)))
 
     def test_credit_usage_applies_and_ignores_start(self) -> None:
         stamp = self.entry.credits["cred-tokens"].usage_updated_at + 10
-        updated = apply_usage(self.entry, "CREDIT", "cred-tokens", 499, OCT_1, NOV_1 + 1, stamp)
+        updated = apply_usage(self.entry, "CREDIT", "cred-tokens", Usage(499, OCT_1, NOV_1 + 1, stamp))
         assert updated is not None
         credit = updated.credits["cred-tokens"]
         self.assertEqual(
@@ -337,11 +337,11 @@ class ApplyUsageTests(SynchronousTestCase):
 
     def test_older_credit_usage_is_ignored(self) -> None:
         stamp = self.entry.credits["cred-tokens"].usage_updated_at - 1
-        self.assertIsNone(apply_usage(self.entry, "CREDIT", "cred-tokens", 0, None, None, stamp))
+        self.assertIsNone(apply_usage(self.entry, "CREDIT", "cred-tokens", Usage(0, None, None, stamp)))
 
     def test_size_is_recomputed(self) -> None:
         entry = CustomerEntry("c", features={"f": FeatureEntitlement(Feature("f", "NUMBER", "Incremental"))})
-        updated = apply_usage(entry, "FEATURE", "f", 1.5, 10**15, 10**16, 1)
+        updated = apply_usage(entry, "FEATURE", "f", Usage(1.5, 10**15, 10**16, 1))
         assert updated is not None
         self.assertGreater(updated.size, entry.size)
 
@@ -358,7 +358,7 @@ class ApplyUsageTests(SynchronousTestCase):
             },
             credits={"f": CreditEntitlement(Currency("f"), 10, 1, usage_updated_at=stored)},
         )
-        updated = apply_usage(entry, kind, "f", 9, None, None, incoming)
+        updated = apply_usage(entry, kind, "f", Usage(9, None, None, incoming))
         if incoming < stored:
             self.assertIsNone(updated)
         else:
@@ -411,7 +411,7 @@ class CompactRecordTests(SynchronousTestCase):
         first = entry_from_state("cust-1", None, state(metered_item()), NOW)
         second = entry_from_state("cust-2", None, state(metered_item()), NOW)
         a, b = first.features["feature-api-calls"], second.features["feature-api-calls"]
-        self.assertIs(a._terms, b._terms)
+        self.assertIs(a._terms, b._terms)  # type: ignore[attr-defined]  # the shared plan terms behind each record
         self.assertEqual(a, b)
         self.assertEqual(hash(a), hash(b))
 
@@ -437,7 +437,7 @@ class CompactRecordTests(SynchronousTestCase):
         entry = entry_from_state("cust-1", None, state(metered_item(), boolean_item("b"), credit_item()), NOW)
         at = entry.features["feature-api-calls"].usage.updated_at
         for step, value in enumerate((1.5, 0.0, 10**6, 2.25), start=1):
-            updated = apply_usage(entry, "FEATURE", "feature-api-calls", value, OCT_1, NOV_1 + step, at + step)
+            updated = apply_usage(entry, "FEATURE", "feature-api-calls", Usage(value, OCT_1, NOV_1 + step, at + step))
             assert updated is not None
             self.assertEqual(updated.size, entry_bytes(updated))
             rebuilt = replace(entry, features={**entry.features, "feature-api-calls": updated.features["feature-api-calls"]})

@@ -25,8 +25,10 @@ class ParseTests(SynchronousTestCase):
         table = parse_callers(f"# who\n\n  app read {TOKEN_A}  \n\tbilling\twrite\t{TOKEN_B}\n   # indented comment\n", "f")
         self.assertEqual(table.find(TOKEN_A), Caller("app", "read"))
         self.assertEqual(table.find(TOKEN_B), Caller("billing", "write"))
-        self.assertTrue(table.find(TOKEN_B).may_write)
-        self.assertFalse(table.find(TOKEN_A).may_write)
+        reader, writer = table.find(TOKEN_A), table.find(TOKEN_B)
+        assert reader is not None and writer is not None
+        self.assertTrue(writer.may_write)
+        self.assertFalse(reader.may_write)
         self.assertIsNone(table.find(TOKEN_A[:-1]))
         self.assertIsNone(table.find(""))
         self.assertEqual(table.describe(), "app (read), billing (write)")

@@ -3,12 +3,17 @@ answer dropped when its usage period rolls over or the clock goes back before it
 
 from __future__ import annotations
 
+from typing import cast
+
+import grpc
 from twisted.trial.unittest import SynchronousTestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
 from stigg_sidecar.cache.memory import EntitlementCache
+from stigg_sidecar.contracts import EntitlementSource
 from stigg_sidecar.entitlements.records import CustomerEntry, Feature, FeatureEntitlement, Usage
 from stigg_sidecar.grpc.servicer import SidecarServicer
+from stigg_sidecar.offline import OfflineSidecar
 
 DAY = 86_400_000
 START = 1_790_000_000_000
@@ -61,12 +66,12 @@ class MemoTests(SynchronousTestCase):
     def setUp(self):
         self.cache = EntitlementCache(max_bytes=10**9)
         self.source = CacheSource(self.cache)
-        self.servicer = SidecarServicer(self.source, None, {}, 1, 1)
+        self.servicer = SidecarServicer(cast(EntitlementSource, self.source), OfflineSidecar(), {}, 1, 1)
 
     def raw(self):
         """The handler's return: a message, or a memoized answer's bytes (the server's serializer
         passes those through)."""
-        return self.servicer.GetMeteredEntitlement(REQUEST, Context())
+        return self.servicer.GetMeteredEntitlement(REQUEST, cast(grpc.ServicerContext, Context()))
 
     def check(self):
         answer = self.raw()

@@ -53,7 +53,7 @@ class UnsentAnswersTests(SynchronousTestCase):
             self.trims += 1
 
         self.unsent = UnsentAnswers(grace=1.0, clock=self.clock, trim=trim, background=False)
-        self.handler = self.unsent._watched(lambda request, context: f"answer to {request}")
+        self.handler = self.unsent.wrap("Method", lambda request, context: f"answer to {request}")
 
     def answer(self, context: Context, request: str = "r") -> None:
         self.assertEqual(self.handler(request, context), f"answer to {request}")
@@ -89,7 +89,7 @@ class UnsentAnswersTests(SynchronousTestCase):
         def refuse(request, context):
             raise ValueError("refused")
 
-        handler = self.unsent._watched(refuse)
+        handler = self.unsent.wrap("Method", refuse)
         with self.assertRaises(ValueError):
             handler("r", Context())
         self.assertEqual(len(self.unsent), 0)

@@ -48,6 +48,7 @@ class ReconciliationTests(SynchronousTestCase):
     def test_a_report_moves_the_cached_usage_at_once(self):
         self.store.put(entry(90, usage_at=100))
         shown = self.store.pending_added(1, delta(5))
+        assert shown is not None
         self.assertEqual((shown.current_usage, shown.updated_at), (95, 100))
         self.assertEqual(self.shown(), 95)
         self.store.pending_added(2, set_to(40))

@@ -13,9 +13,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.sampling import DEFAULT_OFF, Decision, ParentBasedTraceIdRatio
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar import spans
@@ -28,6 +26,8 @@ from stigg_sidecar.ops.tracing import (
     check,
     wanted,
 )
+from tests.fixtures.logs import log_events
+from tests.fixtures.reactor import reactor
 
 ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4318"}
 
@@ -109,9 +109,7 @@ class ThrottledComplaintsTests(TestCase):
     def test_one_line_per_interval_saying_how_many_were_held_back(self):
         now = [100.0]
         complaints = ThrottledComplaints(interval=60, clock=lambda: now[0])
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = log_events(self)
         sdk = logging.getLogger("opentelemetry.test-complaints")
         sdk.addHandler(complaints)
         sdk.propagate = False

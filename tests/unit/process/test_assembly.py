@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from typing import cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -18,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.process.assembly import PHASES, assemble
+from stigg_sidecar.process.reactor import IReactor
 from stigg_sidecar.process.service import Phase, SidecarService
 from stigg_sidecar.settings import load_settings
 
@@ -32,11 +34,17 @@ def _tree(service) -> list[tuple[str, list[str]]]:
     return [(phase.name, [type(part).__name__ for part in phase]) for phase in service]
 
 
+
+def _clock() -> IReactor:
+    """A Clock where the assembly wants a reactor: building the tree only schedules, never runs."""
+    return cast(IReactor, Clock())
+
+
 class AssembledTreeTests(SynchronousTestCase):
     def test_an_online_sidecar_with_every_source_is_built_in_the_four_phases(self):
         state_dir = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, state_dir, True)
-        sidecar = assemble(_settings(STATE_DIR=state_dir, SPOOL_WRITES="1", REDIS_ENVIRONMENT_PREFIX="p"), Clock())
+        sidecar = assemble(_settings(STATE_DIR=state_dir, SPOOL_WRITES="1", REDIS_ENVIRONMENT_PREFIX="p"), _clock())
         self.assertEqual([phase.name for phase in sidecar.service], list(PHASES))
         self.assertEqual(_tree(sidecar.service), [
             ("edge", ["HttpService"]),
@@ -51,14 +59,14 @@ class AssembledTreeTests(SynchronousTestCase):
         self.assertIs(sidecar.parts.writer, sidecar.service.getServiceNamed("delivery").getServiceNamed("delivery"))
 
     def test_an_offline_sidecar_has_empty_sources_and_delivery(self):
-        sidecar = assemble(load_settings({"OFFLINE": "1", "PORT": "0", "HTTP_PORT": "0"}), Clock())
+        sidecar = assemble(load_settings({"OFFLINE": "1", "PORT": "0", "HTTP_PORT": "0"}), _clock())
         self.assertEqual(_tree(sidecar.service), [
             ("edge", ["HttpService"]), ("sources", []), ("delivery", []), ("serving", ["GrpcService"]),
         ])
         self.assertIsNone(sidecar.parts.online)
 
     def test_direct_writes_need_no_service(self):
-        sidecar = assemble(_settings(WS_ENABLED="0"), Clock())
+        sidecar = assemble(_settings(WS_ENABLED="0"), _clock())
         self.assertEqual(_tree(sidecar.service)[1:3], [("sources", ["KeyCheck", "Poller", "ClockSkewCheck"]), ("delivery", [])])
 
 
@@ -105,6 +113,8 @@ class StopOrderTests(SynchronousTestCase):
             # Each part starts stopping only once the one before it finished.
             self.assertEqual(log[-1], f"stop {name}")
             self.assertFalse(stopped.called)
-            parts[name].stopping.callback(None)
+            stopping = parts[name].stopping
+            assert stopping is not None
+            stopping.callback(None)
         self.assertEqual(log, ["stop grpc", "stop spool", "stop snapshot", "stop key-check", "stop mirror", "stop http"])
         self.successResultOf(stopped)

@@ -160,10 +160,10 @@ class CachedRecordsAreUntrackedTests(SynchronousTestCase):
 
     def test_after_a_usage_update_and_a_merge(self):
         entry = _entry()
-        updated = apply_usage(entry, "FEATURE", "feature-api-calls", 7.0, None, None, NOW + 1)
+        updated = apply_usage(entry, "FEATURE", "feature-api-calls", Usage(7.0, None, None, NOW + 1))
         assert updated is not None
         self.assertUntracked(updated)
-        credited = apply_usage(entry, "CREDIT", "cred-tokens", 3.0, None, None, NOW + 1)
+        credited = apply_usage(entry, "CREDIT", "cred-tokens", Usage(3.0, None, None, NOW + 1))
         assert credited is not None
         self.assertUntracked(credited)
         self.assertUntracked(keep_newer_usage(entry, updated))
