@@ -7,12 +7,13 @@ only by GRPC_MAX_CONCURRENT_STREAMS per connection, 60 such connections pinned h
 
 So every unary handler is wrapped (where it is registered, as `timing.TimedServer` does: no
 interceptor) to note each call whose handler has returned, and grpc-core's end of the call
-(`add_callback`) forgets it. A well-behaved client takes its answer at once (its library reads and
-opens the window whatever the application does), so an answer still unsent `grace` seconds after
-its handler returned is one the client is not reading: `sweep` cancels the call (RST_STREAM), which
-frees it. What one connection can pin is then the answers it was given in the last `grace` seconds,
-not its streams times the connections' lifetime. After a sweep that freed many calls, glibc is
-asked to give the freed heap back to the system (`malloc_trim`), else RSS never comes down.
+(`add_callback`) forgets it. A well-behaved client takes its answers as they come (its library
+reads and opens the window whatever the application does). A connection with more than
+`per_connection` answers unsent for over `grace` seconds, that took no answer in that time, is not
+being read: `sweep` cancels those calls (RST_STREAM), which frees them. What one connection can pin
+is then `per_connection` answers plus those of the last `grace` seconds, not its streams for the
+connection's lifetime. After a sweep that freed many calls, glibc is asked to give the freed heap
+back to the system (`malloc_trim`), else RSS never comes down.
 
 Owns the bookkeeping and the cancelling. The sweeps run on a thread of their own that exists only
 while answers wait (a server that is stopped or idle has none), so they need neither the reactor
@@ -33,8 +34,11 @@ import grpc
 
 from stigg_sidecar.grpc.timing import Behaviour
 
-# An answer not taken within this many seconds after its handler returned: the call is cancelled.
-UNSENT_ANSWER_SECS = 1.0
+# An answer not taken within this many seconds after its handler returned is unsent...
+UNSENT_ANSWER_SECS = 2.0
+# ...and a connection with more unsent answers than this, that took none for as long, has them
+# cancelled. A sequential client, however slow the sidecar, never has more than one waiting.
+UNSENT_PER_CONNECTION = 16
 # Sweeps run this often (so an unsent answer lives at most grace + this).
 SWEEP_SECS = 0.25
 # A sweep that cancelled at least this many calls gives freed memory back to the system.
@@ -62,18 +66,22 @@ def _malloc_trim() -> Callable[[], None]:
 class UnsentAnswers:
     """Remembers answered-but-unfinished unary calls; `sweep` cancels those older than `grace`."""
 
-    def __init__(self, grace: float = UNSENT_ANSWER_SECS, clock: Callable[[], float] = time.monotonic,
-                 trim: Callable[[], None] | None = None, background: bool = True) -> None:
+    def __init__(self, grace: float = UNSENT_ANSWER_SECS, per_connection: int = UNSENT_PER_CONNECTION,
+                 clock: Callable[[], float] = time.monotonic, trim: Callable[[], None] | None = None,
+                 background: bool = True) -> None:
         """`background`: sweep on a thread every SWEEP_SECS (off: only when `sweep` is called)."""
         self.grace = grace
+        self.per_connection = per_connection
         self._background = background
         self._sweeper: threading.Thread | None = None
         self._clock = clock
         self._trim = trim if trim is not None else _malloc_trim()
         self._lock = threading.Lock()
         self._keys = itertools.count()
-        # key -> (when the handler returned, the call's context); insertion order is time order.
-        self._waiting: dict[int, tuple[float, grpc.ServicerContext]] = {}
+        # key -> (when the handler returned, the call's connection, its context); in time order.
+        self._waiting: dict[int, tuple[float, str, grpc.ServicerContext]] = {}
+        # connection (the peer's address) -> when it last took an answer, within the last `grace`.
+        self._taken: dict[str, float] = {}
         self.cancelled = 0  # calls cancelled since start
 
     def __len__(self) -> int:
@@ -92,9 +100,10 @@ class UnsentAnswers:
     def _answered(self, context: grpc.ServicerContext) -> None:
         """The handler returned; grpcio sends the answer next. Remember the call until it ends."""
         key = next(self._keys)
+        peer = context.peer()
         start = None
         with self._lock:
-            self._waiting[key] = (self._clock(), context)
+            self._waiting[key] = (self._clock(), peer, context)
             if self._background and self._sweeper is None:
                 start = self._sweeper = threading.Thread(target=self._sweeping, name="grpc-unsent-sweep", daemon=True)
         if start is not None:
@@ -105,7 +114,9 @@ class UnsentAnswers:
 
     def _ended(self, key: int) -> None:
         with self._lock:
-            self._waiting.pop(key, None)
+            entry = self._waiting.pop(key, None)
+            if entry is not None:  # not cancelled here: its connection is taking answers
+                self._taken[entry[1]] = self._clock()
 
     def _sweeping(self) -> None:
         """The sweeper thread: sweeps until no answer waits."""
@@ -118,18 +129,27 @@ class UnsentAnswers:
                     return
 
     def sweep(self) -> int:
-        """Cancel every call whose answer has waited longer than `grace`; how many were."""
+        """Cancel the calls whose answers waited longer than `grace` on each connection that has more
+        than `per_connection` of them and took no answer for as long; how many were.
+
+        A connection that is read, however slowly the process runs, keeps taking answers, and a
+        client calling one call at a time never has more than one waiting: their calls are spared,
+        so an overloaded sidecar does not cancel well-behaved clients' calls."""
         stale: list[grpc.ServicerContext] = []
         limit = self._clock() - self.grace
         with self._lock:
-            keys = []
-            for key, (since, context) in self._waiting.items():
+            by_peer: dict[str, list[int]] = {}
+            for key, (since, peer, _) in self._waiting.items():
                 if since > limit:
                     break
-                keys.append(key)
-                stale.append(context)
-            for key in keys:
-                del self._waiting[key]
+                if self._taken.get(peer, limit) <= limit:
+                    by_peer.setdefault(peer, []).append(key)
+            for keys in by_peer.values():
+                if len(keys) > self.per_connection:
+                    for key in keys:
+                        stale.append(self._waiting.pop(key)[2])
+            for peer in [peer for peer, taken in self._taken.items() if taken <= limit]:
+                del self._taken[peer]  # older than the grace: it spares nothing now
         for context in stale:
             context.cancel()  # RST_STREAM: grpc-core frees the call and its stream
         self.cancelled += len(stale)
