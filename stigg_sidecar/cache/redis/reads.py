@@ -1,8 +1,10 @@
 """How the mirror reads one entry: the keys it asks for, and the miss rules that need Redis.
 
 The entitlements key, its metadata and `#timestamp` (and, for a resource, the customer-level
-entry's `#timestamp`: Stigg's rule §3.4 Read 3) in one MGET, then every usage key the records
-name in a second; `format` decodes what comes back.
+entry's `#timestamp`: Stigg's rule §3.4 Read 3) in one script (an MGET behind a size check: a
+value past `max_bytes` is a miss and never leaves Redis), then every usage key the records name in
+an MGET; `format` decodes what comes back. An entry stamped past `trusted_until` (the future,
+beyond a small skew) is a miss: planted, or written by a clock far ahead.
 """
 
 from __future__ import annotations
@@ -21,25 +23,33 @@ from stigg_sidecar.cache.redis.format import (
     decode_timestamp,
     timestamp_key,
 )
+from stigg_sidecar.cache.redis.scripts import READ
 from stigg_sidecar.entitlements.records import CustomerEntry
 
 
 @inlineCallbacks
 def read_entry(
-    p: Any, keys: EntryKeys, require_customer_entry: bool, unreadable: Callable[[str, FormatError], None]
+    p: Any, keys: EntryKeys, require_customer_entry: bool, unreadable: Callable[[str, FormatError], None],
+    max_bytes: int = 1 << 62, trusted_until: int = 1 << 62,
 ) -> Generator[Deferred, Any, CustomerEntry | None]:
-    """The entry under `keys` through the connection `p` (two MGETs at most), or None on a miss
-    (see `RedisMirror.read`). An unreadable entry is handed to `unreadable` and misses."""
+    """The entry under `keys` through the connection `p` (two round trips at most), or None on a
+    miss (see `RedisMirror.read`). An unreadable entry (too large included) is handed to
+    `unreadable` and misses."""
     names = [keys.entitlements, keys.metadata, timestamp_key(keys.entitlements)]
     check_customer = bool(keys.resource_id) and require_customer_entry
     if check_customer:
         names.append(keys.customer_timestamp)
-    values = yield p.execute_command("MGET", *names)
+    values = yield p.eval(READ, names, [str(max_bytes)])
+    if isinstance(values, int):
+        unreadable(keys.entitlements, FormatError(f"{values} bytes, over the {max_bytes} read"))
+        return None
     text, metadata, stamp = values[0], values[1], values[2]
     if text is None or stamp is None:
         return None
     try:
         entry_stamp = decode_timestamp(stamp, "#timestamp")
+        if entry_stamp > trusted_until:
+            return None  # stamped in the future: not trusted (a write of Stigg's answer replaces it)
         if check_customer:
             customer_stamp = values[3]
             if customer_stamp is None:
