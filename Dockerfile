@@ -22,7 +22,7 @@ VOLUME /var/lib/stigg-sidecar
 WORKDIR /tmp
 ENV PORT=8443 HTTP_PORT=8080 PYTHONUNBUFFERED=1
 EXPOSE 8443 8080
-# Reads BIND_ADDRESS, HTTP_PORT and HEALTH_ENDPOINT_URL like the sidecar does.
+# Reads BIND_ADDRESS, HTTP_BIND_ADDRESS, HTTP_PORT and HEALTH_ENDPOINT_URL like the sidecar does.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-m", "stigg_sidecar.healthcheck"]
 STOPSIGNAL SIGTERM

@@ -4,7 +4,7 @@ through passes of eviction churn, usage reports and an outage of Stigg.
     python -m bench.gc_leak [--customers 4000] [--cache-entries 1000] [--passes 6]
 
 An object the collector never walks (frozen by `gc.freeze()`, or untracked) that ends up inside a
-reference cycle is never freed. `stigg_sidecar.process.gcpolicy` freezes the heap once at start and
+reference cycle is never freed. `stigg_sidecar.lifecycle.gcpolicy` freezes the heap once at start and
 untracks only cache records, which never form cycles; its first version froze the survivors of
 every full collection, and with them whatever was in flight (a fetch's HTTP client objects, a
 handler's frames and gRPC call during an outage). This runs the real thing to show which:

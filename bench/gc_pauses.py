@@ -17,7 +17,7 @@ import time
 
 from bench.reactor_pause import parse
 from stigg_sidecar.cache.memory import EntitlementCache
-from stigg_sidecar.process import gcpolicy
+from stigg_sidecar.lifecycle import gcpolicy
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ from bench.seed import customer_id, entitlements
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.entitlements.changes import apply_usage
 from stigg_sidecar.entitlements.records import cache_key
-from stigg_sidecar.process import gcpolicy
+from stigg_sidecar.lifecycle import gcpolicy
 from stigg_sidecar.upstream.wire import entry_from_state
 
 NOW_MS = 1_795_000_000_000
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=2)
     parser.add_argument("--reads-per-sec", type=int, default=2000, help="per reader thread")
     parser.add_argument("--gc-policy", choices=("on", "off"), default="on",
-                        help="the sidecar's garbage-collector policy (stigg_sidecar.process.gcpolicy), as twistd runs it")
+                        help="the sidecar's garbage-collector policy (stigg_sidecar.lifecycle.gcpolicy), as twistd runs it")
     args = parser.parse_args()
 
     from twisted.internet import reactor, task

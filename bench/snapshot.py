@@ -27,9 +27,9 @@ from bench import seed
 from stigg_sidecar.cache.memory import EntitlementCache
 from stigg_sidecar.emulator.data import parse_data
 from stigg_sidecar.emulator.state import EmulatorState
+from stigg_sidecar.lifecycle import gcpolicy
 from stigg_sidecar.online.store import EntitlementStore
 from stigg_sidecar.ops.readiness import Readiness
-from stigg_sidecar.process import gcpolicy
 from stigg_sidecar.state.snapshot import FILE_NAME, SnapshotService
 from stigg_sidecar.upstream.wire import entry_from_state
 
@@ -120,7 +120,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--customers", type=int, default=100_000)
     parser.add_argument("--gc-policy", choices=("on", "off"), default="on",
-                        help="the sidecar's garbage-collector policy (stigg_sidecar.process.gcpolicy), as twistd runs it")
+                        help="the sidecar's garbage-collector policy (stigg_sidecar.lifecycle.gcpolicy), as twistd runs it")
     args = parser.parse_args()
     if args.gc_policy == "on":
         gcpolicy.install()

@@ -165,7 +165,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("ENTITLEMENTS_TIMEOUT_MS", "10000", _parse_int(1, 600_000), "budget for one entitlements fetch, retries included (ms)"),
     Spec("POLL_INTERVAL_SECS", "30", _parse_seconds, "refresh cached entries this often while the socket is down"),
     Spec("ENTITLEMENTS_FALLBACK", "", _parse_fallback, "JSON object featureId -> {hasAccess, value, usageLimit, isUnlimited, enumValues}"),
-    Spec("CACHE_MAX_SIZE_BYTES", None, _parse_int(1), "memory budget of the cache in bytes (default: half the memory available)"),
+    Spec("CACHE_MAX_SIZE_BYTES", None, _parse_int(1), "memory budget of the cache in bytes"),
     Spec("REDIS_ENVIRONMENT_PREFIX", "", _parse_str, "set to mirror the cache to Redis under this key prefix"),
     Spec("REDIS_HOST", "localhost", _parse_str, "Redis host"),
     Spec("REDIS_PORT", "6379", _parse_int(1, 65535), "Redis port"),
@@ -186,7 +186,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("REDIS_SENTINEL_PASSWORD_FILE", "", _parse_str, "file holding the Sentinels' password (instead of REDIS_SENTINEL_PASSWORD)"),
     Spec("BIND_ADDRESS", "0.0.0.0", _parse_str, "interface the gRPC server (and by default the HTTP server) listens on"),
     Spec("PORT", "8443", _parse_int(0, 65535), "gRPC port"),
-    Spec("HTTP_BIND_ADDRESS", None, _parse_str, "interface the HTTP server (probes, metrics) listens on (default: BIND_ADDRESS)"),
+    Spec("HTTP_BIND_ADDRESS", None, _parse_str, "interface the HTTP server (probes, metrics) listens on"),
     Spec("HTTP_PORT", "8080", _parse_int(0, 65535), "HTTP port for health, readiness and metrics"),
     Spec("TLS_CERT_FILE", "", _parse_str, "PEM certificate (chain allowed) served on PORT: gRPC over TLS only; re-read when it changes"),
     Spec("TLS_KEY_FILE", "", _parse_str, "PEM private key of TLS_CERT_FILE; re-read when it changes"),
@@ -205,7 +205,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("GRPC_MAX_CONNECTION_IDLE_SECS", "300", _parse_positive_seconds, "close a gRPC connection without calls for this long (clients reconnect on their next call)"),
     Spec(
         "GRPC_MAX_CONCURRENT_STREAMS", None, _parse_int(1, 2**31 - 1),
-        "calls at once on one gRPC connection (default: MAX_WAITING_READS + MAX_WAITING_WRITES + GRPC_MAX_WORKERS)",
+        "calls at once on one gRPC connection",
     ),
     Spec(
         "GRPC_MAX_CONNECTIONS", "0", _parse_int(0, 2**31 - 1),

@@ -19,12 +19,13 @@ from twisted.python import usage
 
 from stigg_sidecar.grpc.callers import CallerTokensError
 from stigg_sidecar.grpc.tls import TlsError
+from stigg_sidecar.lifecycle import gcpolicy
+from stigg_sidecar.lifecycle.reactor import default_reactor
 from stigg_sidecar.ops import tracing as tracing_setup
-from stigg_sidecar.process import descriptors, gcpolicy
+from stigg_sidecar.process import descriptors
 from stigg_sidecar.process.assembly import assemble
 from stigg_sidecar.process.clock import use_monotonic_time
 from stigg_sidecar.process.native_output import route_native_output
-from stigg_sidecar.process.reactor import default_reactor
 from stigg_sidecar.process.service import SidecarService
 from stigg_sidecar.process.startup import exit_with, starting_line, version_text
 from stigg_sidecar.settings import SPECS, SettingsError, Spec, load_settings, parse_bool

@@ -56,9 +56,9 @@ from stigg_sidecar.crossing.wait import Handoff
 from stigg_sidecar.delivery import bodies as bodies
 from stigg_sidecar.delivery.spool import SpoolFile, StoredRecord, is_disk_full
 from stigg_sidecar.delivery.upstream import UpstreamWrites
+from stigg_sidecar.lifecycle.stopping import StopBudget
 from stigg_sidecar.ops.metrics import Metrics
 from stigg_sidecar.ops.readiness import Readiness
-from stigg_sidecar.process.stopping import StopBudget
 from stigg_sidecar.quoting import quoted
 from stigg_sidecar.upstream.api import RetryPolicy
 from stigg_sidecar.upstream.errors import UpstreamError

@@ -20,7 +20,7 @@ from twisted.python import usage
 from stigg_sidecar.emulator.data import DataError, load_data_file
 from stigg_sidecar.emulator.state import EmulatorState
 from stigg_sidecar.emulator.web import EmulatorSite
-from stigg_sidecar.process.reactor import default_reactor
+from stigg_sidecar.lifecycle.reactor import default_reactor
 
 DEFAULT_PORT = 8090
 

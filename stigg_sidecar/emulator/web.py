@@ -45,7 +45,7 @@ from stigg_sidecar.emulator import graphql
 from stigg_sidecar.emulator.data import DataError, parse_customer, parse_entity_state
 from stigg_sidecar.emulator.state import EmulatorState
 from stigg_sidecar.emulator.websocket import SocketHub
-from stigg_sidecar.process.reactor import default_reactor
+from stigg_sidecar.lifecycle.reactor import default_reactor
 
 EDGE_ENTITLEMENTS_STATE = "/v1/c/{customerId}/entitlements-state.json"
 EDGE_ENTITLEMENTS = "/v1/c/{customerId}/entitlements.json"

@@ -1,7 +1,7 @@
 """Taking cached records out of the cyclic garbage collector's view (`untrack`).
 
 A leaf the records' constructors call, so `entitlements` needs nothing above it; the process's
-collector policy as a whole (what is frozen at start, and why) is `process/gcpolicy.py`.
+collector policy as a whole (what is frozen at start, and why) is `lifecycle/gcpolicy.py`.
 """
 
 from __future__ import annotations

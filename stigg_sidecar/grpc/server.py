@@ -29,9 +29,9 @@ from twisted.logger import Logger
 
 from stigg_sidecar.crossing.pool import HandlerPool
 from stigg_sidecar.grpc.timing import Timed, TimedServer
-from stigg_sidecar.process.listening import ListenError, probe_bind
-from stigg_sidecar.process.reactor import IReactor, default_reactor
-from stigg_sidecar.process.stopping import StopBudget
+from stigg_sidecar.lifecycle.listening import ListenError, probe_bind
+from stigg_sidecar.lifecycle.reactor import IReactor, default_reactor
+from stigg_sidecar.lifecycle.stopping import StopBudget
 
 log = Logger()
 

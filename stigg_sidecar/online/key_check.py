@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from stigg_sidecar.contracts import ApiKeyState
-from stigg_sidecar.process.stopping import StopBudget
+from stigg_sidecar.lifecycle.stopping import StopBudget
 from stigg_sidecar.upstream.errors import Problem, UpstreamError
 
 log = Logger()

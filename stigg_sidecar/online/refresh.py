@@ -44,8 +44,10 @@ class Refresher:
         self._concurrency = concurrency
         self._pause = concurrency / rate  # per worker, so all workers together stay under `rate`
         self._running: Deferred | None = None
+        self._queued: Deferred | None = None  # a revalidation waiting for the running pass to end
         self._pauses: set[Deferred] = set()
         self._stopped = False
+        self._closing = False
         self.refreshed = 0
         self.failed = 0
 
@@ -75,8 +77,37 @@ class Refresher:
         done.addBoth(finished)
         return done
 
+    def revalidate(self) -> Deferred:
+        """A whole pass that starts now, never joined to one already running: that pass began
+        while the socket (or Stigg) was down, what it fetched may predate changes made since, and
+        what it failed to fetch is not fetched again. It is cut short after its fetches in flight,
+        and the new pass starts when it has ended; fires when the new pass has."""
+        if self._running is None:
+            return self.refresh()
+        if self._queued is None:
+            queued = self._queued = Deferred()
+            self._running.addBoth(self._start_queued)  # (cutting it short may end it at once)
+            self._cut_short()
+            return queued
+        return self._queued
+
+    def _start_queued(self, result: object) -> object:
+        queued, self._queued = self._queued, None
+        if queued is not None:
+            if self._closing:
+                queued.callback(None)
+            else:
+                self.refresh().chainDeferred(queued)
+        return result
+
+    def _cut_short(self) -> None:
+        self._stopped = True
+        for pause in list(self._pauses):
+            pause.cancel()
+
     def stop(self) -> Deferred:
         """End the running refresh after the fetches already in flight; fires when it has."""
+        self._closing = True
         self._stopped = True
         for pause in list(self._pauses):
             pause.cancel()

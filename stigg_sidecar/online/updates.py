@@ -47,7 +47,8 @@ class RealtimeUpdates:
         self._ups += 1
         self._poller.stand_down()
         if self._ups > 1 or len(self._store):
-            self._refresher.refresh()
+            # Not refresh(): a poll running now began while the socket was down (issue 20, 10).
+            self._refresher.revalidate()
 
     def socket_down(self) -> None:
         self._poller.activate()

@@ -57,7 +57,7 @@ from twisted.logger import Logger
 
 from stigg_sidecar import spans
 from stigg_sidecar._proto import sidecar_pb2
-from stigg_sidecar.process.reactor import IReactor
+from stigg_sidecar.lifecycle.reactor import IReactor
 
 log = Logger()
 

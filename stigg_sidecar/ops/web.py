@@ -26,9 +26,9 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException
 
+from stigg_sidecar.lifecycle.listening import listen_error
 from stigg_sidecar.ops.metrics import CONTENT_TYPE, CachedPage, Metrics
 from stigg_sidecar.ops.readiness import Readiness
-from stigg_sidecar.process.listening import listen_error
 
 log = Logger()
 

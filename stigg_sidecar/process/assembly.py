@@ -34,6 +34,8 @@ from stigg_sidecar.grpc.health import add_health_and_reflection
 from stigg_sidecar.grpc.intake import add_sidecar_service
 from stigg_sidecar.grpc.server import ConnectionLimits, GrpcService
 from stigg_sidecar.grpc.servicer import SidecarServicer
+from stigg_sidecar.lifecycle.reactor import IReactor, default_reactor
+from stigg_sidecar.lifecycle.stopping import StopBudget
 from stigg_sidecar.offline import OfflineSidecar
 from stigg_sidecar.online.fetcher import Fetcher
 from stigg_sidecar.online.key_check import KeyCheck
@@ -50,9 +52,7 @@ from stigg_sidecar.ops.web import HttpService, health_app
 from stigg_sidecar.process import descriptors
 from stigg_sidecar.process.access import grpc_access
 from stigg_sidecar.process.logs import make_observer
-from stigg_sidecar.process.reactor import IReactor, default_reactor
 from stigg_sidecar.process.service import Phase, SidecarService
-from stigg_sidecar.process.stopping import StopBudget
 from stigg_sidecar.settings import Settings
 from stigg_sidecar.state.directory import StateDirectory
 from stigg_sidecar.state.snapshot import FILE_NAME as SNAPSHOT_FILE
@@ -191,7 +191,7 @@ def _online(settings: Settings, reactor: IReactor, metrics: Metrics | None) -> O
     # Decisions and expiries on Stigg's time when the local clock is off (each response's Date).
     now_ms = api.stigg_clock.now_ms
     fetcher = Fetcher(api, store, malformed, fetch_timeout, fleet=mirror, background_limit=waiting_reads.limit,
-                      now_ms=now_ms)
+                      now_ms=now_ms, clock=reactor, redis_budget=settings.redis_timeout_ms / 1000)
     key = ApiKeyState()
     reads = Reads(reactor, store, fetcher, key, waiting_reads, _read_counters(metrics), now_ms=now_ms)
     refresher = Refresher(reactor, store, fetcher.fetch)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from twisted.logger import Logger, LogLevel
 
-from stigg_sidecar.process.reactor import IReactor
+from stigg_sidecar.lifecycle.reactor import IReactor
 
 log = Logger(namespace="stigg_sidecar.grpc_core")
 

@@ -17,11 +17,11 @@ from twisted.application.service import IServiceCollection, MultiService, Servic
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.logger import ILogObserver, Logger
 
+from stigg_sidecar.lifecycle.listening import ListenError
+from stigg_sidecar.lifecycle.reactor import default_reactor
+from stigg_sidecar.lifecycle.stopping import StopBudget
 from stigg_sidecar.ops.readiness import Readiness
-from stigg_sidecar.process.listening import ListenError
-from stigg_sidecar.process.reactor import default_reactor
 from stigg_sidecar.process.startup import exit_with
-from stigg_sidecar.process.stopping import StopBudget
 
 log = Logger()
 

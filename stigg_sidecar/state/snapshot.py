@@ -53,8 +53,8 @@ from stigg_sidecar.cache.redis.format import (
     timestamp_key,
 )
 from stigg_sidecar.entitlements.records import CustomerEntry
-from stigg_sidecar.process.reactor import IReactor
-from stigg_sidecar.process.stopping import StopBudget
+from stigg_sidecar.lifecycle.reactor import IReactor
+from stigg_sidecar.lifecycle.stopping import StopBudget
 
 log = Logger()
 T = TypeVar("T")

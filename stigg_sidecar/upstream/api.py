@@ -31,7 +31,7 @@ from twisted.web.http_headers import Headers
 import stigg_sidecar
 from stigg_sidecar import spans
 from stigg_sidecar.contracts import EventReport, UsageReport, measurement_id
-from stigg_sidecar.process.reactor import IReactor
+from stigg_sidecar.lifecycle.reactor import IReactor
 from stigg_sidecar.upstream import operations, wire
 from stigg_sidecar.upstream.breaker import BreakerOpen, BreakerPolicy, CircuitBreaker
 from stigg_sidecar.upstream.errors import Problem, UpstreamError

@@ -27,7 +27,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 
 from stigg_sidecar import spans
-from stigg_sidecar.process.reactor import IReactor
+from stigg_sidecar.lifecycle.reactor import IReactor
 from stigg_sidecar.quoting import clipped
 from stigg_sidecar.upstream import wire
 from stigg_sidecar.upstream.operations import SUBSCRIPTIONS

@@ -5,8 +5,8 @@ probes, the write spool between delivery attempts, the real-time socket between 
 Without a common signal each finds out on its own schedule (up to 30 s apart), and reads answered
 fallbacks and writes sat on disk long after Stigg was back. Any success from Stigg (an API call of
 any kind) after a failure, or the socket's acknowledgement, is the evidence: the listeners (the
-spool delivers now; on the socket's word every breaker closes) are told once, on the next reactor
-turn, with where the evidence came from: "socket", or the upstream that answered ("edge",
+spool delivers now; on the socket's word every breaker closes) are told once (on the next reactor
+turn after a call's success; at once for the socket), with where the evidence came from: "socket", or the upstream that answered ("edge",
 "graphql"). An answer from one upstream does not close the other's breaker: Edge can be down while
 GraphQL answers, and it probes on its own every 1-2 s.
 """
@@ -38,8 +38,11 @@ class StiggRecovery:
             self._announce(upstream)
 
     def reconnected(self) -> None:
-        """Stigg acknowledged the real-time socket (reactor): the listeners are told."""
-        self._announce("socket")
+        """Stigg acknowledged the real-time socket (reactor): the listeners are told at once, so
+        the breakers are closed before the socket's revalidation starts fetching."""
+        self._doubted = False
+        for listener in self._listeners:
+            listener("socket")
 
     def _announce(self, source: str) -> None:
         self._doubted = False

@@ -51,7 +51,7 @@ from stigg_sidecar.cache.redis.reads import read_entry
 from stigg_sidecar.cache.redis.scripts import PURGE, WRITE
 from stigg_sidecar.cache.redis.sentinel import SentinelEndpoint, Sentinels
 from stigg_sidecar.entitlements.records import CustomerEntry, Usage
-from stigg_sidecar.process.reactor import IReactor
+from stigg_sidecar.lifecycle.reactor import IReactor
 
 log = Logger()
 

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from stigg_sidecar.process.reactor import IReactor
+from stigg_sidecar.lifecycle.reactor import IReactor
 
 log = Logger()
 

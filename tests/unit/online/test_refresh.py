@@ -38,6 +38,29 @@ class RecordingBackend:
 
 
 class RefresherTests(SynchronousTestCase):
+    def test_a_revalidation_cuts_the_running_pass_short_and_starts_its_own(self):
+        clock = Clock()
+        backend = RecordingBackend(10)
+        refresher = Refresher(clock, backend.store, backend.fetch, concurrency=2)
+        outage_pass = refresher.refresh()
+        first = [c for c, _ in backend.pending]
+        revalidated = refresher.revalidate()
+        self.assertIsNot(revalidated, outage_pass)
+        self.assertIs(refresher.revalidate(), revalidated)  # asked twice: one pass
+        in_flight, backend.pending = backend.pending, []
+        for _, d in in_flight:
+            d.errback(RuntimeError("Stigg was down"))  # the fetches in flight end the old pass
+        self.assertTrue(outage_pass.called)
+        fetched: list[str] = []
+        for _ in range(100):
+            fetched += backend.finish_all()
+            clock.advance(1)
+            if revalidated.called:
+                break
+        self.assertTrue(revalidated.called)
+        self.assertEqual(sorted(fetched), sorted(f"c{i}" for i in range(10)))  # all, those failed included
+        self.assertEqual(sorted(first), sorted(fetched[:2]))  # most recent first again
+
     def test_a_refresh_of_an_empty_cache_ends_and_the_next_one_runs(self):
         """A refresh with nothing to fetch finishes at once; it used to stay "running" for good,
         so every later poll joined it and none ever fetched again."""

@@ -17,9 +17,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from stigg_sidecar.lifecycle.reactor import IReactor
 from stigg_sidecar.ops.readiness import Readiness
 from stigg_sidecar.process.assembly import PHASES, assemble
-from stigg_sidecar.process.reactor import IReactor
 from stigg_sidecar.process.service import Phase, SidecarService
 from stigg_sidecar.settings import load_settings
 

@@ -3,7 +3,7 @@
 Defaults live in the table; `Settings`' own field defaults are what code gets from `Settings()`
 (tests, benchmarks, in-process users). These tests make the two provably the same, field by field,
 so a default changed in one place and not the other fails here. The README's table is checked
-against SPECS by tests/test_readme.py.
+against SPECS by tests/docs/test_readme.py.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from stigg_sidecar.process.stopping import StopBudget
+from stigg_sidecar.lifecycle.stopping import StopBudget
 
 
 class StopBudgetTests(TestCase):

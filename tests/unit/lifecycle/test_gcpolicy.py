@@ -23,7 +23,7 @@ from stigg_sidecar.entitlements.records import (
     Malformed,
     Usage,
 )
-from stigg_sidecar.process import gcpolicy
+from stigg_sidecar.lifecycle import gcpolicy
 from stigg_sidecar.state.snapshot import read_snapshot, write_snapshot
 from stigg_sidecar.upstream.wire import entry_from_state
 from tests.fixtures.edge import NOW, boolean_item, credit_item, metered_item, state
