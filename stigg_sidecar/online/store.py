@@ -34,7 +34,7 @@ class SharedCache(Protocol):
 
     def read(self, customer_id: str, resource_id: str | None = None) -> Deferred: ...
 
-    def write(self, entry: CustomerEntry, only_if_cached: bool = False) -> Deferred: ...
+    def write(self, entry: CustomerEntry, only_if_cached: bool = False, force: bool = False) -> Deferred: ...
 
     def write_usage(self, customer_id: str, resource_id: str | None, kind: str, ref_id: str, usage: Usage) -> Deferred: ...
 
@@ -100,7 +100,7 @@ class EntitlementStore:
         even when its timestamp went backwards (an entitlement removed)."""
         current = self.put(entry, force=force)
         if self._mirror is not None:
-            yield self._mirror.write(entry)
+            yield self._mirror.write(entry, force=force)  # a reload replaces Redis's copy too
         return current
 
     def pushed(self, entry: CustomerEntry, keep: bool) -> None:
@@ -112,7 +112,7 @@ class EntitlementStore:
             self.put(entry, force=True)
         if self._mirror is not None:
             # Redis may hold customers this sidecar never read (a peer's, or from before a restart).
-            self._mirror.write(entry, only_if_cached=True)
+            self._mirror.write(entry, only_if_cached=True, force=True)
 
     def drop(self, customer_id: str, resource_id: str | None) -> None:
         """Stigg says the entry is gone: from memory and from Redis."""

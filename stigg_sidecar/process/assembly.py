@@ -182,6 +182,7 @@ def _online(settings: Settings, reactor: IReactor, metrics: Metrics | None) -> O
             reactor, settings, on_peer_change=lambda key, kind: store.peer_changed(key, kind),
             require_customer_entry=False,
             max_reconnect_delay=2.0,  # a Redis back from an outage is used within ~2 s
+            now_ms=api.stigg_clock.now_ms,  # future #timestamps judged on Stigg's time
         )
     cache = EntitlementCache(settings.cache_max_size_bytes)
     store = EntitlementStore(cache, mirror, PendingUsage() if settings.spool_writes else None)

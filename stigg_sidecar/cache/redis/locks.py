@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 
 from stigg_sidecar.cache.redis.format import EntryKeys, encode_fetch_result
 from stigg_sidecar.cache.redis.links import Link
-from stigg_sidecar.cache.redis.scripts import RELEASE
+from stigg_sidecar.cache.redis.scripts import ACQUIRE, RELEASE
 
 Call = Callable[[Callable[[Any], Deferred], Any], Deferred]
 
@@ -56,7 +56,8 @@ class FetchLocks:
         Redis could not be asked); None when another instance holds the lock: `wait_for_fetch`."""
         keys = EntryKeys(self.prefix, customer_id, resource_id or None)
         token = secrets.token_hex(16)
-        d = self._call(lambda p: p.execute_command("SET", keys.fetch_lock, token, "NX", "PX", int(ttl_ms)), "OK")
+        # A lock without an expiry is taken over: every lock carries one (ACQUIRE).
+        d = self._call(lambda p: p.eval(ACQUIRE, [keys.fetch_lock], [token, str(int(ttl_ms))]), "OK")
         return d.addCallback(lambda reply: token if reply == "OK" else None)
 
     def release_fetch_lock(

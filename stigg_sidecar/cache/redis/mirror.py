@@ -21,6 +21,7 @@ error text is never logged, and logged texts are scrubbed.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -55,6 +57,12 @@ from stigg_sidecar.lifecycle.reactor import IReactor
 
 log = Logger()
 
+# A `#timestamp` further in the future than this (ms) is not trusted: such an entry is a miss, and
+# writes replace it (a clock far ahead or a planted denial would otherwise stand for the keys' TTL).
+FUTURE_SKEW_MS = 60_000
+# The largest entitlements value read (bytes); past it the entry is a miss, and the value never
+# leaves Redis. A customer's entitlements take a few KB (hundreds of KB for the very largest).
+MAX_VALUE_BYTES = 4 * 1024 * 1024
 _SENTINEL_MAX_RECONNECT_DELAY = 0.5  # after a failover the new master is used within this
 
 
@@ -85,6 +93,8 @@ class RedisMirror(MultiService):
         sentinel_master: str = "mymaster",
         sentinel_username: str = "",
         sentinel_password: str = "",
+        now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        max_value_bytes: int = MAX_VALUE_BYTES,
     ) -> None:
         """`on_peer_change(cache_key, kind)` hears the entries other sidecars changed ("entry",
         "usage", "purge"). `require_customer_entry`: a resource read misses unless the
@@ -108,6 +118,10 @@ class RedisMirror(MultiService):
         self.sentinel_username = sentinel_username
         self.ttl_secs = ttl_secs
         self.timeout = timeout_ms / 1000
+        # The time `#timestamp`s are checked against (Stigg's when the local clock is off), and
+        # the largest entitlements value read: see `read`.
+        self._now_ms = now_ms
+        self.max_value_bytes = max_value_bytes
         self.require_customer_entry = require_customer_entry
         self.instance_id = secrets.token_hex(8)
         self._errors = RedisErrors(reactor, (password, sentinel_password), timeout=self.timeout)
@@ -236,18 +250,26 @@ class RedisMirror(MultiService):
         resource whose customer-level entry is missing or newer (`require_customer_entry`), or
         Redis down/slow."""
         keys = EntryKeys(self.prefix, customer_id, resource_id or None)
-        return self._call(lambda p: read_entry(p, keys, self.require_customer_entry, self._errors.unreadable), None)
+        return self._call(lambda p: read_entry(
+            p, keys, self.require_customer_entry, self._errors.unreadable,
+            max_bytes=self.max_value_bytes, trusted_until=self._now_ms() + FUTURE_SKEW_MS, offload=self._offload,
+        ), None)
 
-    def write(self, entry: CustomerEntry, only_if_cached: bool = False) -> Deferred:
+    def _offload(self, work: Callable[..., Any], *args: Any) -> Deferred:
+        """`work(*args)` on the reactor's thread pool (a large value's decoding)."""
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work, *args)
+
+    def write(self, entry: CustomerEntry, only_if_cached: bool = False, force: bool = False) -> Deferred:
         """Deferred[bool]: store `entry`, each key only if not older than what Redis holds
-        (newer wins, atomically); True when the entitlements key was written. With
-        `only_if_cached`, nothing is written unless Redis already holds the entry."""
+        (newer wins, atomically) or what it holds is stamped in the future past FUTURE_SKEW_MS, or
+        `force`d; True when the entitlements key was written. With `only_if_cached`, nothing is
+        written unless Redis already holds the entry."""
         keys = EntryKeys(self.prefix, entry.customer_id, entry.resource_id)
         message = encode_change(keys.cache_key, self.instance_id, "entry")
 
         def work(p: Any) -> Deferred:
             items = [(i.key, i.value, i.timestamp) for i in encode_entry(self.prefix, entry)]
-            return self._eval_write(p, keys, items, only_if_cached, message)
+            return self._eval_write(p, keys, items, only_if_cached, message, force)
 
         return self._call(work, []).addCallback(lambda written: bool(written) and written[0] == 1)
 
@@ -267,10 +289,12 @@ class RedisMirror(MultiService):
         return self._call(work, []).addCallback(lambda written: bool(written) and written[0] == 1)
 
     def _eval_write(
-        self, p: Any, keys: EntryKeys, items: list[tuple[str, str, int]], guarded: bool, message: str
+        self, p: Any, keys: EntryKeys, items: list[tuple[str, str, int]], guarded: bool, message: str,
+        force: bool = False,
     ) -> Deferred:
         names = [timestamp_key(keys.entitlements)]
-        args = [str(self.ttl_secs), "1" if guarded else "0", self._changes, message]
+        args = [str(self.ttl_secs), "1" if guarded else "0", self._changes, message,
+                str(self._now_ms() + FUTURE_SKEW_MS), "1" if force else "0"]
         for key, value, stamp in items:
             names.extend((key, timestamp_key(key)))
             args.extend((value, str(int(stamp))))
