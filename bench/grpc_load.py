@@ -8,6 +8,8 @@ against Stigg's Node SDK behind grpc-js.
 `--variant` adds another sidecar with extra environment to the same run (the tracing overhead:
 `--variant 'nopar:OTEL_EXPORTER_OTLP_ENDPOINT={otlp},OTEL_TRACES_SAMPLER=parentbased_always_off'
 --variant 'sampled:OTEL_EXPORTER_OTLP_ENDPOINT={otlp}'`, exporting to a sink run by this script).
+`SIDECAR_SOURCE=DIR` in a variant runs another checkout's code (an A/B of two trees in one run:
+`--variant 'before:SIDECAR_SOURCE=../stigg-sidecar-main'`).
 
 Starts the emulator seeded with a few customers of ten features each, the sidecar as a real
 `twistd stigg-sidecar` process (online, against the emulator), bench/bare_server.py and the Node
@@ -457,7 +459,7 @@ def main() -> int:
         "--repeat",
         type=int,
         default=1,
-        help="runs per server and setting, alternating; the median is shown (default 1)",
+        help="runs per server and setting, alternating; each run and the median are shown (default 1)",
     )
     parser.add_argument("--rpc", default="boolean", help="boolean, metered or both comma-separated (default boolean)")
     parser.add_argument("--customers", type=int, default=4, help="seeded customers, all checked (default 4)")
@@ -647,6 +649,11 @@ def bench(children: Children, args: argparse.Namespace, calls: list[LoadCall]) -
                         )
                     )
                     log.unlink()
+                    if args.repeat > 1:  # each run too: on a shared machine the spread is the story
+                        one = runs[name][-1]
+                        print(f"   run {attempt + 1}/{args.repeat} {name:<9} {one.rps:8.0f} req/s, {one.cpu_percent:3.0f}% CPU"
+                              f" (other {one.other_percent:3.0f}%), {one.per_cpu_second:6.0f} req/cpu-s, p99 {one.p99_ms:.2f} ms",
+                              flush=True)
             medians = {name: median_run(server_runs) for name, server_runs in runs.items()}
             side = medians["sidecar"]
             for run in medians.values():

@@ -162,8 +162,10 @@ class Children:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Child:
+        """`SIDECAR_SOURCE=DIR` in `env`: the child runs the code of another checkout (an A/B of
+        two trees in one run, e.g. `grpc_load --variant 'before:SIDECAR_SOURCE=../main'`)."""
         child_env = dict(os.environ if env is None else env)
-        child_env["PYTHONPATH"] = str(REPO)
+        child_env["PYTHONPATH"] = str(Path(child_env.pop("SIDECAR_SOURCE", REPO)).resolve())
         same = sum(1 for c in self._children if c.name == name)
         child = Child(name, argv, child_env, self.workdir / (f"{name}-{same}.log" if same else f"{name}.log"))
         self._children.append(child)

@@ -28,7 +28,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from stigg_sidecar.crossing.pool import HandlerPool
-from stigg_sidecar.grpc.timing import Timed, TimedServer
+from stigg_sidecar.grpc.timing import Behaviour, Timed, TimedServer
+from stigg_sidecar.grpc.unsent import UnsentAnswers
 from stigg_sidecar.lifecycle.listening import ListenError, probe_bind
 from stigg_sidecar.lifecycle.reactor import IReactor, default_reactor
 from stigg_sidecar.lifecycle.stopping import StopBudget
@@ -135,6 +136,9 @@ class GrpcService(Service):
         self._limits = limits
         self._credentials = credentials  # TLS only when given: plaintext is then refused
         self._timed = timed
+        # Innermost wrapper of every unary handler: it sees the handler return, and cancels calls
+        # whose client does not take the answer (grpc/unsent.py).
+        self.unsent = UnsentAnswers()
         self._server: grpc.Server | None = None
         self.pool: HandlerPool | None = None
         self.port: int | None = None
@@ -148,10 +152,15 @@ class GrpcService(Service):
             maximum_concurrent_rpcs=None,
             interceptors=self._interceptors,
         )
-        target = server if self._timed is None else cast(grpc.Server, TimedServer(server, self._timed))
+        target = cast(grpc.Server, TimedServer(server, self._wrap))
         for register in self._registrations:
             register(target)
         return server
+
+    def _wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
+        """Each unary handler: watched for unsent answers, then counted and timed (`timed`)."""
+        watched = self.unsent.wrap(method, behaviour)
+        return watched if self._timed is None else self._timed(method, watched)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()

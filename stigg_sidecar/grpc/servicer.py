@@ -191,7 +191,7 @@ class SidecarServicer(SidecarServiceServicer):
         requested_values: tuple[str, ...] = (),
     ) -> M | bytes:
         """A typed check. Its answer from a cached entry is memoized on that entry, serialized
-        (the server's serializer passes bytes through), keyed by the request's bytes as they came
+        (intake's handler sends bytes as they are), keyed by the request's bytes as they came
         off the wire (`raw`, from intake; a request passed without them is serialized for the
         key): entries are immutable and replaced whole, so a new entry starts with an empty memo.
         A metered answer is reused only within its usage period (not past a roll-over, nor after

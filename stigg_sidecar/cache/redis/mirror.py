@@ -31,6 +31,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -251,8 +252,12 @@ class RedisMirror(MultiService):
         keys = EntryKeys(self.prefix, customer_id, resource_id or None)
         return self._call(lambda p: read_entry(
             p, keys, self.require_customer_entry, self._errors.unreadable,
-            max_bytes=self.max_value_bytes, trusted_until=self._now_ms() + FUTURE_SKEW_MS,
+            max_bytes=self.max_value_bytes, trusted_until=self._now_ms() + FUTURE_SKEW_MS, offload=self._offload,
         ), None)
+
+    def _offload(self, work: Callable[..., Any], *args: Any) -> Deferred:
+        """`work(*args)` on the reactor's thread pool (a large value's decoding)."""
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work, *args)
 
     def write(self, entry: CustomerEntry, only_if_cached: bool = False, force: bool = False) -> Deferred:
         """Deferred[bool]: store `entry`, each key only if not older than what Redis holds
