@@ -17,9 +17,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from stigg_sidecar.entitlements.records import CustomerEntry
+from stigg_sidecar.entitlements.records import CustomerEntry, cache_key
 
 log = Logger()
+
+_FAILED_KEYS = 100_000  # customers remembered as failed at most
 
 # fetch(customer_id, resource_id, mode): the Fetcher's, which stores what it gets.
 Fetch = Callable[[str, "str | None", str], Deferred]
@@ -48,6 +50,9 @@ class Refresher:
         self._pauses: set[Deferred] = set()
         self._stopped = False
         self._closing = False
+        # Customers whose last refetch failed (insertion-ordered, bounded): retried the moment
+        # Stigg answers again, not only at the next pass (issue 20, finding 10).
+        self._failed_keys: dict[str, None] = {}
         self.refreshed = 0
         self.failed = 0
 
@@ -59,12 +64,23 @@ class Refresher:
         """Refetch all cached entries; a refresh already running is joined, not repeated."""
         if self._running is not None:
             return self._running
-        self._stopped = False
         cached = self._cached
-        count = len(cached)
         # Entries are looked up as workers reach them: no Python pass over the whole cache here,
         # and a customer evicted meanwhile is skipped rather than refetched.
-        work = ((e.customer_id, e.resource_id) for e in map(cached.entry, cached.keys_by_recency()) if e is not None)
+        return self._pass(map(cached.entry, cached.keys_by_recency()), len(cached))
+
+    def retry_failed(self) -> Deferred:
+        """Refetch the customers whose last refetch failed (Stigg answers again), unless a pass is
+        running: it reaches them too. Fires when done."""
+        if self._running is not None or not self._failed_keys:
+            return succeed(None)
+        cached = self._cached
+        keys = list(self._failed_keys)
+        return self._pass(map(cached.entry, keys), len(keys))
+
+    def _pass(self, entries: Iterator[CustomerEntry | None], count: int) -> Deferred:
+        self._stopped = False
+        work = ((e.customer_id, e.resource_id) for e in entries if e is not None)
         done = gatherResults([self._worker(work) for _ in range(min(self._concurrency, count) or 1)])
         # Running from here: with nothing to fetch `done` has fired already, and `finished` must
         # come after this, or the refresh would stay "running" and every later poll join it.
@@ -118,11 +134,15 @@ class Refresher:
         for customer_id, resource_id in work:
             if self._stopped:
                 return
+            key = cache_key(customer_id, resource_id)
             try:
                 yield self._fetch(customer_id, resource_id, "refresh")
                 self.refreshed += 1
+                self._failed_keys.pop(key, None)
             except Exception:
                 self.failed += 1
+                if len(self._failed_keys) < _FAILED_KEYS:
+                    self._failed_keys[key] = None
             if self._stopped:
                 return
             pause = deferLater(self._reactor, self._pause, lambda: None)

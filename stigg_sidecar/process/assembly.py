@@ -196,6 +196,11 @@ def _online(settings: Settings, reactor: IReactor, metrics: Metrics | None) -> O
     key = ApiKeyState()
     reads = Reads(reactor, store, fetcher, key, waiting_reads, _read_counters(metrics), now_ms=now_ms)
     refresher = Refresher(reactor, store, fetcher.fetch)
+
+    def retry_failed(source: str) -> None:
+        refresher.retry_failed()  # Stigg answers again: the customers whose refetch failed, at once
+
+    api.recovery.subscribe(retry_failed)
     poller = Poller(reactor, refresher, settings.poll_interval_secs, active=True)
     realtime = None
     if settings.ws_enabled:

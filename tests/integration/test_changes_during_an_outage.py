@@ -5,7 +5,8 @@ A whole sidecar in this process with the real-time socket, against the emulator,
 customers are cached; Stigg goes down (connections and the socket dropped), the poller starts a
 pass that fails, customers change at Stigg meanwhile, and Stigg returns while that pass still
 runs. The socket's reconnect must start a pass of its own rather than join the failing one, so
-every change is served once that pass has reached it.
+every change is served once that pass has reached it. Without the socket, the customers whose
+refetch failed are refetched the moment Stigg answers anything again, not at the next poll.
 """
 
 from __future__ import annotations
@@ -61,3 +62,25 @@ class ChangesDuringAnOutageTests(TestCase):
 
         # One pass of 400 customers at 50/s (8 s), with room for a loaded machine.
         await until(all_served, 25, "every change made during the outage served", interval=0.5)
+
+    async def test_customers_whose_refetch_failed_are_refetched_the_moment_stigg_answers(self):
+        h = await OnlineHarness(self, reactor).start(
+            {"apiKeys": ["test-key"], "customers": {c: data.ACME for c in CUSTOMERS[:20]}},
+            POLL_INTERVAL_SECS="3600",  # no poll during the test: only the retry can refetch
+        )
+        for customer in CUSTOMERS[:10]:
+            self.assertTrue((await h.call("GetBooleanEntitlement", boolean(customer))).has_access)
+        h.emulator.state.faults.update({"down": True})
+        await h.parts.online.refresher.refresh()  # a pass during the outage: every refetch fails
+        code, _ = await h.admin("PUT", f"customers/{CUSTOMERS[0]}", data.customer(data.feature("other")))
+        self.assertEqual(code, 200)
+        h.emulator.state.faults.update({"down": False})
+        # Any answer from Stigg after the failures (here a cold read, once the breaker lets it probe).
+        await until(lambda: h.call("GetBooleanEntitlement", boolean(CUSTOMERS[15]))
+                    .addCallback(lambda a: not a.is_fallback), 10, "Stigg answering", interval=0.2)
+
+        async def served() -> bool:
+            answer = await h.call("GetBooleanEntitlement", boolean(CUSTOMERS[0]))
+            return not answer.has_access and not answer.is_fallback
+
+        await until(served, 5, "the change, refetched once Stigg answered", interval=0.2)

@@ -32,7 +32,7 @@ YEAR_MS = 365 * 86_400_000
 class PoisonedRedisTests(TestCase):
     timeout = 90
 
-    async def setUp(self):
+    async def setUp(self):  # type: ignore[override]  # trial waits on what setUp returns
         self.redis = RedisServer().start()
         self.addCleanup(self.redis.cleanup)
         self.h = await OnlineHarness(self, reactor).start(

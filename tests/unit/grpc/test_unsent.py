@@ -6,8 +6,9 @@ back) is tests/process/test_unread_calls_keep_no_memory.py.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
+import grpc
 from twisted.trial.unittest import SynchronousTestCase
 
 from stigg_sidecar.grpc.unsent import TRIM_AFTER, UnsentAnswers
@@ -64,7 +65,7 @@ class UnsentAnswersTests(SynchronousTestCase):
 
     def answer(self, *contexts: Context) -> None:
         for context in contexts:
-            self.assertEqual(self.handler("r", context), "answer to r")
+            self.assertEqual(self.handler("r", cast(grpc.ServicerContext, context)), "answer to r")
 
     def test_answers_taken_in_time_are_never_cancelled(self):
         contexts = [Context() for _ in range(5)]
@@ -130,7 +131,7 @@ class UnsentAnswersTests(SynchronousTestCase):
 
         handler = self.unsent.wrap("Method", refuse)
         with self.assertRaises(ValueError):
-            handler("r", Context())
+            handler("r", cast(grpc.ServicerContext, Context()))
         self.assertEqual(len(self.unsent), 0)
 
     def test_memory_is_given_back_after_a_large_sweep_only(self):

@@ -38,6 +38,27 @@ class RecordingBackend:
 
 
 class RefresherTests(SynchronousTestCase):
+    def test_the_customers_whose_refetch_failed_are_retried_alone(self):
+        clock = Clock()
+        backend = RecordingBackend(6)
+        refresher = Refresher(clock, backend.store, backend.fetch, concurrency=6)
+        done = refresher.refresh()
+        for customer, d in backend.pending:
+            if customer in ("c1", "c4"):
+                d.errback(RuntimeError("Stigg is down"))
+            else:
+                d.callback(None)
+        backend.pending = []
+        clock.advance(1)
+        self.assertTrue(done.called)
+        retried = refresher.retry_failed()
+        self.assertEqual(sorted(c for c, _ in backend.pending), ["c1", "c4"])
+        backend.finish_all()
+        clock.advance(1)
+        self.assertTrue(retried.called)
+        refresher.retry_failed()
+        self.assertEqual(backend.pending, [])  # nothing failed any more: no pass
+
     def test_a_revalidation_cuts_the_running_pass_short_and_starts_its_own(self):
         clock = Clock()
         backend = RecordingBackend(10)
