@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
@@ -124,7 +125,7 @@ class Reads:
 
     def _wait_for_fetch(self, customer_id: str, resource_id: str | None, timeout: float) -> CustomerEntry | None:
         try:
-            return wait_on_reactor(self._reactor, self.waiting, self._fetcher.fetch, customer_id, resource_id,
+            return wait_on_reactor(self._reactor, self.waiting, self._stored_or_fetched, customer_id, resource_id,
                                    timeout=timeout)
         except BudgetExhausted:
             # MAX_WAITING_READS reads already wait (Stigg is slow and very many customers are
@@ -141,6 +142,12 @@ class Reads:
         except MalformedState as e:
             self._fallback_log.warn(customer_id, f"malformed: {clipped(str(e))}")
         return None
+
+    def _stored_or_fetched(self, customer_id: str, resource_id: str | None) -> CustomerEntry | Deferred:
+        """On the reactor: a fetch that landed between the reader's peek and this crossing has
+        stored the entry already; answer it rather than ask Stigg again (the hot path peeks once)."""
+        entry = self._fresh(cache_key(customer_id, resource_id), int(time.time() * 1000))
+        return entry if entry is not None else self._fetcher.fetch(customer_id, resource_id)
 
     def reload(self, customer_id: str, resource_id: str | None, timeout: float) -> bool:
         """Refetch through GraphQL on the reactor; true unless the customer is gone. A rejected

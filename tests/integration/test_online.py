@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from stigg_sidecar._proto import sidecar_pb2 as pb
@@ -227,6 +228,25 @@ class SingleFlightTests(TestCase):
         self.assertTrue(all(a.has_access and not a.is_fallback for a in answers))
         counts = await self.h.requests()
         self.assertEqual(counts.get("/v1/c/{customerId}/entitlements-state.json"), 1)
+
+
+class MissRacingALandedFetchTests(TestCase):
+    """A reader peeks once; a fetch that lands between its missed peek and its crossing to the
+    reactor has stored the entry, and the crossing answers that instead of asking Stigg again."""
+
+    timeout = 30
+
+    async def setUp(self):  # type: ignore[override]  # trial waits on what setUp/tearDown return
+        self.h = await OnlineHarness(self, reactor).start(data.SEED)
+
+    async def test_a_lookup_after_the_entry_was_stored_asks_stigg_nothing(self):
+        await self.h.call("GetBooleanEntitlement", boolean("acme", "sso"))
+        await self.h.admin("POST", "requests/reset")
+        # The reader's peek missed just before the entry was stored: it looks up (on its thread).
+        entry = await deferToThread(self.h.parts.source.lookup, "acme", None, 5.0)
+        self.assertIsNotNone(entry)
+        counts = await self.h.requests()
+        self.assertIsNone(counts.get("/v1/c/{customerId}/entitlements-state.json"))
 
 
 class EdgeOffTests(TestCase):
