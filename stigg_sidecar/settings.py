@@ -15,6 +15,7 @@ from typing import Generic, TypeVar, cast
 from urllib.parse import urlsplit
 
 from stigg_sidecar.entitlements.fallback import FallbackError, FallbackValues, parse_entitlements_fallback
+from stigg_sidecar.lifecycle.files import UnreadableFile, read_text
 
 T = TypeVar("T")
 
@@ -310,18 +311,9 @@ def read_secret_file(setting: str, path: str) -> str:
     Errors name the setting and the path, never any of the file's content.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            value = f.read().strip()
-    except FileNotFoundError:
-        raise SettingsError(f"{setting}: {path} does not exist") from None
-    except PermissionError:
-        raise SettingsError(f"{setting}: {path} is not readable by this process") from None
-    except IsADirectoryError:
-        raise SettingsError(f"{setting}: {path} is a directory, not a file") from None
-    except UnicodeDecodeError:
-        raise SettingsError(f"{setting}: {path} is not UTF-8 text") from None
-    except OSError as e:
-        raise SettingsError(f"{setting}: cannot read {path}: {e.strerror or type(e).__name__}") from None
+        value = read_text(path).strip()
+    except UnreadableFile as e:
+        raise SettingsError(f"{setting}: {e}") from None
     if not value:
         raise SettingsError(f"{setting}: {path} is empty")
     return value

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 
+from stigg_sidecar.lifecycle.files import UnreadableFile, read_text
+
 log = Logger()
 
 READ, WRITE = "read", "write"
@@ -103,20 +105,9 @@ def parse_callers(text: str, where: str) -> CallerTable:
 
 def read_callers(path: str) -> CallerTable:
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise CallerTokensError(f"CALLER_TOKENS_FILE: {path} does not exist") from None
-    except PermissionError:
-        raise CallerTokensError(f"CALLER_TOKENS_FILE: {path} is not readable by this process") from None
-    except IsADirectoryError:
-        raise CallerTokensError(f"CALLER_TOKENS_FILE: {path} is a directory, not a file") from None
-    except OSError as e:
-        raise CallerTokensError(f"CALLER_TOKENS_FILE: cannot read {path}: {e.strerror or type(e).__name__}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CallerTokensError(f"CALLER_TOKENS_FILE: {path} is not UTF-8 text") from None
+        text = read_text(path)
+    except UnreadableFile as e:
+        raise CallerTokensError(f"CALLER_TOKENS_FILE: {e}") from None
     return parse_callers(text, path)
 
 

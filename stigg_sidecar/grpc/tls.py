@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from twisted.logger import Logger
 
+from stigg_sidecar.lifecycle.files import UnreadableFile, read_bytes
+
 log = Logger()
 
 
@@ -57,16 +59,9 @@ class TlsMaterial:
 
 def _read(setting: str, path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise TlsError(f"{setting}: {path} does not exist") from None
-    except PermissionError:
-        raise TlsError(f"{setting}: {path} is not readable by this process") from None
-    except IsADirectoryError:
-        raise TlsError(f"{setting}: {path} is a directory, not a file") from None
-    except OSError as e:
-        raise TlsError(f"{setting}: cannot read {path}: {e.strerror or type(e).__name__}") from None
+        return read_bytes(path)
+    except UnreadableFile as e:
+        raise TlsError(f"{setting}: {e}") from None
 
 
 def _certificates(setting: str, path: str, pem: bytes) -> list[x509.Certificate]:
